@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmarks: machine description and JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+
+import torch
+
+
+def machine() -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def emit(result: dict) -> None:
+    print(json.dumps({**result, "machine": machine()}, indent=2))

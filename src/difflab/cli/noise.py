@@ -1,0 +1,50 @@
+"""difflab noise: show how a noise schedule destroys images (the course's "add noise" exercise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.config import DATA_SPEC_HELP
+from difflab.diffusion.schedules import SCHEDULES
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "noise", help="draw images noised at evenly spaced timesteps, with the schedule's curves",
+        description="Noise a few training images with q(x_t | x_0) at evenly spaced timesteps and plot "
+                    "sqrt(alpha_bar) and sqrt(1 - alpha_bar) for the schedule.",
+    )
+    p.add_argument("--data", default="digits", help=f"{DATA_SPEC_HELP} (default digits)")
+    p.add_argument("--schedule", default="linear", help=f"one of {', '.join(SCHEDULES)} (default linear)")
+    p.add_argument("--out", type=Path, default=Path("noise.png"), help="figure to write (default noise.png)")
+    p.add_argument("--images", type=int, default=3, help="rows: how many images (default 3)")
+    p.add_argument("--columns", type=int, default=8, help="timesteps per row (default 8)")
+    p.add_argument("--timesteps", type=int, default=1000, help="training timesteps of the schedule (default 1000)")
+    p.add_argument("--image-size", type=int, help="resize images to this (default: the data's own)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the noise (default 0)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import logging
+
+    import torch
+
+    from difflab.data import open_dataset
+    from difflab.diffusion.schedules import noise_scheduler
+    from difflab.errors import ConfigError
+    from difflab.plots import noise_figure
+
+    if args.images < 1 or args.columns < 2 or args.timesteps < 2:
+        raise ConfigError("--images must be at least 1, --columns and --timesteps at least 2")
+    schedule = noise_scheduler(args.schedule, timesteps=args.timesteps)
+    data = open_dataset(args.data, args.image_size, split="all")
+    picks = torch.linspace(0, len(data) - 1, args.images).long()
+    x0 = data.batch(picks)["images"]
+    timesteps = torch.linspace(0, args.timesteps - 1, args.columns).round().long()
+    noise = torch.randn((args.images, args.columns, *x0.shape[1:]), generator=torch.Generator().manual_seed(args.seed))
+    noised = torch.stack([schedule.add_noise(x0, noise[:, c], timesteps[c].repeat(args.images))
+                          for c in range(args.columns)], dim=1)
+    noise_figure((noised + 1) / 2, timesteps.tolist(), schedule.alphas_cumprod, args.schedule, args.out)
+    logging.getLogger("difflab").info("wrote %s", args.out)
+    return 0

@@ -1,0 +1,62 @@
+"""difflab sample: generate images from a model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="generate images from a trained model",
+        description="Generate images from a difflab model folder, a run folder, any diffusers "
+                    "DDPMPipeline/DDIMPipeline folder, or a Hub id. Image i uses seed SEED+i.",
+    )
+    p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
+    p.add_argument("-n", "--count", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER,
+                   help=f"one of {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid image to write (default samples.png)")
+    p.add_argument("--out-dir", type=Path, help="also write each image as its own PNG here")
+    p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .bin/.ckpt weights (with torch.load(weights_only=True)) when there are no safetensors")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import logging
+
+    from difflab.devices import pick_device
+    from difflab.diffusion.generate import generate
+    from difflab.diffusion.schedules import check_choice
+    from difflab.errors import ConfigError
+    from difflab.images import make_grid, save_png, to_pil
+    from difflab.pipelines.folder import load_model
+
+    log = logging.getLogger("difflab")
+    check_choice("sampler", args.sampler, SAMPLERS)
+    for name in ("count", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eta is not None and args.eta < 0:
+        raise ConfigError("--eta must be 0 or more")
+    model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device))
+    images = generate(model, args.count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
+                      batch_size=args.batch_size, progress=True)
+    settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
+    if args.eta is not None:
+        settings["eta"] = args.eta
+    save_png(make_grid(images, args.columns), args.out, {**settings, "count": args.count})
+    log.info("wrote %d images to %s", args.count, args.out)
+    if args.out_dir:
+        for i, image in enumerate(images):
+            save_png(to_pil(image), args.out_dir / f"{args.seed + i:06d}.png", {**settings, "seed": args.seed + i})
+        log.info("and one PNG each in %s", args.out_dir)
+    return 0

@@ -1,0 +1,58 @@
+"""difflab train: train a diffusion model from scratch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.config import TrainConfig, add_config_flags, apply_flags, load_config
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a diffusion model from scratch on a folder or dataset",
+        description="Train a diffusion model. Settings come from the defaults, then --config FILE.toml, "
+                    "then the flags below; the resolved settings are saved as config.toml in the run folder.",
+    )
+    p.add_argument("--out", type=Path, help="run folder (default: runs/DATA-MODEL)")
+    p.add_argument("--config", type=Path, help="TOML file of settings (for example a run's config.toml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+    add_config_flags(p)
+    p.set_defaults(run=run)
+
+
+def default_out(config: TrainConfig) -> Path:
+    data = Path(config.data.spec.split(":", 1)[-1].rstrip("/")).name or "data"
+    return Path("runs") / f"{data}-{Path(config.model.preset).stem}"
+
+
+def resolve_config(args) -> tuple[TrainConfig, Path]:
+    if args.config:
+        base = load_config(args.config)
+    elif args.resume and args.out and (args.out / "config.toml").is_file():
+        base = load_config(args.out / "config.toml")  # resume a run as it was set up
+    else:
+        base = TrainConfig()
+    config = apply_flags(base, args).validate()
+    return config, args.out or default_out(config)
+
+
+def print_outputs(model_dir: Path, log) -> None:
+    run = model_dir.parent
+    grids = sorted((run / "samples").glob("step_*.png"))
+    log.info("model:    %s  (diffusers DDPMPipeline folder with a model card)", model_dir)
+    if grids:
+        log.info("samples:  %s", grids[-1])
+    log.info("metrics:  %s, %s", run / "metrics.csv", run / "loss.png")
+    log.info("sample more with: difflab sample --model %s -n 16 --out grid.png", model_dir)
+
+
+def run(args) -> int:
+    import logging
+
+    from difflab.training.trainer import train
+
+    config, out = resolve_config(args)
+    model_dir = train(config, out, resume=args.resume, overwrite=args.overwrite)
+    print_outputs(model_dir, logging.getLogger("difflab"))
+    return 0

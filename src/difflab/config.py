@@ -1,0 +1,245 @@
+"""Training configuration.
+
+The dataclasses below are the single source of truth: each field declares its default, its
+command-line flag and its help text. A run's config is built from the defaults, then a TOML file
+(`--config`), then flags; the fully resolved config is saved as `config.toml` in the run folder and
+can be run again as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difflab.diffusion.samplers import SAMPLERS
+from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
+from difflab.errors import ConfigError
+
+DATA_SPEC_HELP = (
+    "a folder of images (labels from sub-folder names), digits, mnist:PATH, fashion-mnist:PATH, "
+    "imagefolder:PATH, or a Hugging Face dataset id (owner/name)"
+)
+
+
+def option(default, help: str, *, flag: str | None = None, choices=None):
+    """A config field with its command-line flag (default: --field-name) and help text."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass
+class DataConfig:
+    spec: str = option("digits", f"training images: {DATA_SPEC_HELP}", flag="--data")
+    image_size: int | None = option(None, "side of the square training images in pixels (default: the data's own, at most 64; 16 for digits)")
+    channels: int | None = option(None, "1 (grey) or 3 (RGB); default: the data's own", choices=(1, 3))
+    split: str = option("train", "which part of the data to use", choices=("train", "test", "all"))
+    flip: bool = option(False, "random horizontal flips")
+    strict: bool = option(False, "stop at the first unreadable image instead of skipping it with a warning")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = option("small", "UNet preset (tiny, small, course) or a diffusers UNet config.json", flag="--model")
+    schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES))
+    prediction: str = option("v", "what the network predicts (v is robust at every noise level)", choices=tuple(PREDICTIONS))
+    timesteps: int = option(1000, "number of training timesteps")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    lr_schedule: str = option("cosine", "learning-rate decay after warmup", choices=("cosine", "constant"))
+    warmup_steps: int = option(100, "linear learning-rate warmup, in optimizer steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    batch_size: int = option(64, "images per device per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (the loss is averaged over them)")
+    clip_grad: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    ema_decay: float = option(0.999, "decay of the weights' moving average used for samples and the saved model (0 = off)")
+    min_snr_gamma: float = option(0.0, "min-SNR-γ loss weighting (5 is typical; 0 = off)")
+    precision: str = option("auto", "mixed precision (auto: bf16/fp16 on GPUs that have it, none on CPU)", choices=("auto", "no", "fp16", "bf16"))
+
+
+@dataclass
+class RunConfig:
+    steps: int | None = option(None, "stop after this many optimizer steps (default 1000 when no budget is given)")
+    epochs: float | None = option(None, "stop after this many passes over the data")
+    minutes: float | None = option(None, "stop after this many minutes of training")
+    seed: int = option(0, "seed for weights, data order and noise")
+    sample_every: int = option(500, "write a sample grid every N steps (0 = only at the end)")
+    sample_count: int = option(16, "images in each sample grid")
+    sample_sampler: str = option("dpm++2m", "sampler for the grids", choices=tuple(SAMPLERS))
+    sample_steps: int = option(20, "sampler steps for the grids")
+    checkpoint_every: int = option(500, "save a full checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    log_every: int = option(10, "append a row to metrics.csv every N steps")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> TrainConfig:
+        for section in sections(self):
+            for f in dataclasses.fields(section):
+                choices, value = f.metadata["choices"], getattr(section, f.name)
+                if choices is not None and value is not None and value not in choices:
+                    raise ConfigError(
+                        f"{flag_of(f)} {value!r} is not an option; choose one of: {', '.join(map(str, choices))}"
+                    )
+        positive = {
+            "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--grad-accum": self.optim.grad_accum,
+            "--timesteps": self.model.timesteps, "--sample-steps": self.run.sample_steps,
+            "--keep-checkpoints": self.run.keep_checkpoints, "--log-every": self.run.log_every,
+        }
+        for budget in ("steps", "epochs", "minutes", "image_size"):
+            section = self.data if budget == "image_size" else self.run
+            if getattr(section, budget) is not None:
+                positive[f"--{budget.replace('_', '-')}"] = getattr(section, budget)
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{name} must be greater than 0 (got {value})")
+        if not 0 <= self.optim.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.optim.ema_decay})")
+        return self
+
+
+# Sections that may change when a run is resumed (its length, logging, device); the rest must match.
+RESUMABLE_CHANGES = {"run": {"steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler",
+                             "sample_steps", "checkpoint_every", "keep_checkpoints", "log_every", "device"}}
+
+
+def sections(config) -> list:
+    return [getattr(config, f.name) for f in dataclasses.fields(config)]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(hint) -> type:
+    """`int | None` -> int."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _field_types(cls) -> dict[str, type]:
+    return {name: _base_type(hint) for name, hint in typing.get_type_hints(cls).items()}
+
+
+# ---- TOML ------------------------------------------------------------------------------------------
+
+def to_dict(config) -> dict[str, dict[str, Any]]:
+    """Nested dict for TOML, without unset (None) values."""
+    return {
+        f.name: {k: v for k, v in dataclasses.asdict(getattr(config, f.name)).items() if v is not None}
+        for f in dataclasses.fields(config)
+    }
+
+
+def from_dict(cls, data: dict, source: str):
+    """Build a config from a nested dict, rejecting unknown sections and keys and wrong types."""
+    kwargs = {}
+    section_types = _field_types(cls)
+    for name, values in data.items():
+        if name not in section_types:
+            raise ConfigError(f"{source}: unknown section [{name}]; known: {', '.join(section_types)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {name!r} must be a [section]")
+        section_cls = section_types[name]
+        types_ = _field_types(section_cls)
+        unknown = [key for key in values if key not in types_]
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting {unknown[0]!r} in [{name}]; known: {', '.join(types_)}")
+        kwargs[name] = section_cls(
+            **{key: _coerce(value, types_[key], f"{source}: [{name}] {key}") for key, value in values.items()}
+        )
+    return cls(**kwargs)
+
+
+def _coerce(value, typ: type, where: str):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {typ.__name__}, not {value!r}")
+    return value
+
+
+def load_config(path: str | Path, cls=TrainConfig):
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return from_dict(cls, data, str(path))
+
+
+def dumps_config(config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(config))
+
+
+def differences(a, b, allowed: dict[str, set[str]] = RESUMABLE_CHANGES) -> list[str]:
+    """Settings that differ between two configs, except those in `allowed`."""
+    out = []
+    da, db = to_dict(a), to_dict(b)
+    for section in da:
+        for key in sorted(set(da[section]) | set(db[section])):
+            if key in allowed.get(section, ()):
+                continue
+            va, vb = da[section].get(key), db[section].get(key)
+            if va != vb:
+                out.append(f"[{section}] {key} = {va!r} (saved) vs {vb!r} (now)")
+    return out
+
+
+# ---- command-line flags ----------------------------------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per config field, grouped by section. Flags left out keep the file's/default value."""
+    for section in dataclasses.fields(cls):
+        section_cls = _field_types(cls)[section.name]
+        group = parser.add_argument_group(f"[{section.name}] settings")
+        types_ = _field_types(section_cls)
+        for f in dataclasses.fields(section_cls):
+            typ = types_[f.name]
+            help_ = f.metadata["help"]
+            if f.metadata["choices"]:
+                help_ += f" ({', '.join(map(str, f.metadata['choices']))})"
+            if f.default is not None and f.default is not False:
+                help_ += f"; default {f.default}"
+            dest = f"{section.name}.{f.name}"
+            if typ is bool:
+                group.add_argument(flag_of(f), dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_)
+            else:
+                group.add_argument(flag_of(f), dest=dest, type=typ, default=argparse.SUPPRESS,
+                                   metavar=typ.__name__.upper(), help=help_)
+
+
+def apply_flags(config, args: argparse.Namespace):
+    """A copy of `config` with every flag the user gave applied."""
+    given = {k: v for k, v in vars(args).items() if "." in k}
+    updates: dict[str, dict[str, Any]] = {}
+    for dest, value in given.items():
+        section, name = dest.split(".", 1)
+        updates.setdefault(section, {})[name] = value
+    return dataclasses.replace(
+        config, **{s: dataclasses.replace(getattr(config, s), **kv) for s, kv in updates.items()}
+    )
+
+
+def given_flags(args: argparse.Namespace) -> set[str]:
+    return {k for k in vars(args) if "." in k}

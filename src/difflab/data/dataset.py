@@ -1,0 +1,81 @@
+"""The in-memory image dataset every source decodes into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ImageDataset:
+    """Images decoded once and kept as a uint8 tensor [N, C, H, W], with optional integer labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    class_names: list[str] | None = None
+    source: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Images as floats in [-1, 1] (`flips`: a bool per image to mirror), and labels if any."""
+        x = self.images[indices].float().div_(127.5).sub_(1.0)
+        if flips is not None and flips.any():
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        out = {"images": x}
+        if self.labels is not None:
+            out["labels"] = self.labels[indices]
+        return out
+
+    def subset(self, indices: torch.Tensor) -> ImageDataset:
+        labels = None if self.labels is None else self.labels[indices]
+        return ImageDataset(self.images[indices], labels, self.class_names, self.source, self.skipped)
+
+
+def split_indices(n: int, split: str) -> torch.Tensor:
+    """Sources without an official split hold out every tenth item (positions 9, 19, ...) as 'test'."""
+    index = torch.arange(n)
+    if split == "all":
+        return index
+    held_out = index % 10 == 9
+    return index[held_out] if split == "test" else index[~held_out]
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 batch [N, C, h, w] of square images to size x size (antialiased)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey -> RGB by repeating; RGB -> grey by ITU-R 601 luma (as PIL's 'L')."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {have} channels to {channels}")

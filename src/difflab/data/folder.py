@@ -1,0 +1,129 @@
+"""A folder of images, searched recursively; labels come from first-level sub-folder names."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.data.dataset import ImageDataset, split_indices
+from difflab.data.decode import IMAGE_EXTENSIONS, UnreadableImage, is_grey, open_image, read_image_array
+from difflab.errors import DataError
+
+log = logging.getLogger("difflab")
+
+MAX_DEFAULT_SIZE = 64  # default training size for folders of larger images
+PARALLEL_FROM = 2000  # decode with worker processes from this many files on
+
+
+@dataclass
+class FolderListing:
+    files: list[Path]
+    labels: list[int] | None
+    class_names: list[str] | None
+
+
+def list_images(root: Path) -> FolderListing:
+    """Every image file under `root` in a stable order. Symbolic links are followed, loops are not."""
+    files: list[Path] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames)
+                  if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".")]
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    tops = [p.relative_to(root).parts for p in files]
+    if files and all(len(parts) > 1 for parts in tops):
+        class_names = sorted({parts[0] for parts in tops})
+        index = {name: i for i, name in enumerate(class_names)}
+        return FolderListing(files, [index[parts[0]] for parts in tops], class_names)
+    return FolderListing(files, None, None)
+
+
+def guess_size_and_channels(files: list[Path]) -> tuple[int, int]:
+    """From the first readable images: the shorter side (capped) and grey (1) or colour (3)."""
+    sizes, colour = [], False
+    for path in files:
+        try:
+            img = open_image(path)
+        except UnreadableImage:
+            continue
+        sizes.append(min(img.size))
+        colour = colour or not is_grey(img)
+        if len(sizes) == 16:
+            break
+    if not sizes:
+        raise DataError("none of the first images in the folder can be read")
+    size = min(sizes)
+    if size > MAX_DEFAULT_SIZE:
+        log.info("resizing images to %d px (their own size is %d); use --image-size to choose", MAX_DEFAULT_SIZE, size)
+        size = MAX_DEFAULT_SIZE
+    return size, 3 if colour else 1
+
+
+def _decode(args) -> np.ndarray | str:
+    path, size, channels = args
+    try:
+        return read_image_array(path, size, channels)
+    except UnreadableImage as e:
+        return str(e)
+
+
+def load_folder(folder: str, image_size: int | None, channels: int | None, split: str,
+                strict: bool = False) -> ImageDataset:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {folder} does not exist")
+    listing = list_images(root)
+    if not listing.files:
+        raise DataError(
+            f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in it and its sub-folders)"
+        )
+    index = split_indices(len(listing.files), split).tolist()
+    files = [listing.files[i] for i in index]
+    if not files:
+        raise DataError(f"{folder} has too few images for a '{split}' split; use --split all")
+    if image_size is None or channels is None:
+        guessed_size, guessed_channels = guess_size_and_channels(files)
+        image_size = image_size or guessed_size
+        channels = channels or guessed_channels
+
+    jobs = [(path, image_size, channels) for path in files]
+    if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
+        with ProcessPoolExecutor() as pool:
+            results = list(pool.map(_decode, jobs, chunksize=256))
+    else:
+        results = [_decode(job) for job in jobs]
+
+    arrays, labels, skipped = [], [], []
+    for position, (path, result) in enumerate(zip(files, results)):
+        if isinstance(result, str):
+            if strict:
+                raise DataError(f"cannot read {path}: {result} (remove it, or drop --strict to skip unreadable images)")
+            skipped.append(f"{path.relative_to(root)} ({result})")
+            continue
+        arrays.append(result)
+        if listing.labels is not None:
+            labels.append(listing.labels[index[position]])
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("skipped %d unreadable image%s in %s: %s", len(skipped), "s" * (len(skipped) > 1), folder, shown)
+    if not arrays:
+        raise DataError(f"none of the {len(files)} images in {folder} could be read (first: {skipped[0]})")
+    return ImageDataset(
+        torch.from_numpy(np.stack(arrays)),
+        torch.tensor(labels, dtype=torch.int64) if listing.labels is not None else None,
+        listing.class_names,
+        str(folder),
+        skipped,
+    )

@@ -1,0 +1,39 @@
+"""Samplers by name. Each is a diffusers scheduler built from the model's training noise schedule,
+so that `difflab sample --sampler X` and plain diffusers with the same scheduler agree exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difflab.diffusion.schedules import check_choice
+
+# Heun, LMS and PNDM combine predictions across steps in ways that amplify errors by up to
+# sqrt(1/ᾱ) at the first step, which is ~10^4 when the schedule ends at ᾱ ≈ 0 (cosine does): they
+# start one step below pure noise ("leading" spacing) instead of at the last timestep.
+_LEADING = {"timestep_spacing": "leading", "steps_offset": 1}
+
+# name -> (diffusers scheduler class, settings on top of the model's noise-schedule config)
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", _LEADING),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True, **_LEADING}),
+    "lms": ("LMSDiscreteScheduler", _LEADING),
+}
+# Samplers with no x̂₀ clipping of their own: difflab clips for them (see sampling.clip_x0).
+UNCLIPPED = {"euler", "euler-a", "heun", "lms", "pndm"}
+DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_STEPS = 20
+
+
+def make_sampler(name: str, noise_schedule_config):
+    """A fresh scheduler for sampler `name` (schedulers keep per-run state, so never share one)."""
+    import diffusers
+
+    check_choice("sampler", name, SAMPLERS)
+    class_name, settings = SAMPLERS[name]
+    return getattr(diffusers, class_name).from_config(noise_schedule_config, **settings)

@@ -1,0 +1,1 @@
+"""Model folders in the diffusers format, and their model cards."""

@@ -1,0 +1,152 @@
+"""Model folders in the diffusers format.
+
+A difflab model folder is a diffusers `DDPMPipeline` folder (model_index.json, unet/, scheduler/)
+plus difflab.json (what the model is and was made from) and a README.md model card, so it loads in
+plain diffusers. `load_model` also takes any diffusers DDPMPipeline/DDIMPipeline folder, a run
+folder (its model/), or a Hub id (through the normal Hugging Face cache).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from difflab.errors import ModelError
+from difflab.models.model import DiffusionModel, ModelInfo
+
+PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
+PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
+INFO_FILE = "difflab.json"
+
+
+# ---- saving ----------------------------------------------------------------------------------------
+
+def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
+    """Write the model folder; an existing one is replaced only once the new one is complete."""
+    from diffusers import DDPMPipeline
+
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
+    (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
+    (partial / "README.md").write_text(card, encoding="utf-8")
+    previous = folder.with_name(folder.name + ".previous")
+    if folder.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    partial.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    return folder
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def resolve_model_folder(spec: str | Path, allow_pickle: bool = False) -> Path:
+    """A local model folder (or a run folder's model/), or a Hub id fetched into the HF cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.toml").is_file() and (path / "model").is_dir():
+            return path / "model"  # a run folder
+        return path
+    if path.exists():
+        raise ModelError(f"{spec} is a file; give the model folder that holds it")
+    parts = str(spec).split("/")
+    if len(parts) == 2 and all(parts) and not str(spec).startswith((".", "~")):
+        return _download(str(spec), allow_pickle)
+    raise ModelError(f"model folder {spec} does not exist")
+
+
+def _download(repo_id: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.md", "*.txt"] + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo: all mean "not available"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(
+            f"{repo_id} is not a local folder and could not be fetched from the Hugging Face Hub ({reason})"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({e}); the model folder is damaged") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} should hold a JSON object; the model folder is damaged")
+    return data
+
+
+def check_pipeline_kind(folder: Path, spec) -> None:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        return
+    kind = _read_json(index_file).get("_class_name", "?")
+    if kind in PIXEL_PIPELINES:
+        return
+    if "StableDiffusion" in kind:
+        raise ModelError(
+            f"{spec} is a {kind} (latent text-to-image); this command takes pixel-space diffusion models "
+            "(DDPMPipeline/DDIMPipeline folders), and difflab has no Stable Diffusion command yet"
+        )
+    raise ModelError(f"{spec} holds a {kind}; this command takes DDPMPipeline or DDIMPipeline folders")
+
+
+def unet_folder(folder: Path, spec) -> Path:
+    if (folder / "unet" / "config.json").is_file():
+        return folder / "unet"
+    if (folder / "config.json").is_file() and "block_out_channels" in _read_json(folder / "config.json"):
+        return folder  # a bare UNet folder
+    raise ModelError(f"{spec} has no UNet (no unet/config.json); is it a diffusers DDPMPipeline folder?")
+
+
+def check_weights(unet_dir: Path, allow_pickle: bool) -> bool:
+    """True if the weights are safetensors. A pickle is refused unless the user opted in (it is then
+    loaded with torch.load(weights_only=True), which does not run code)."""
+    files = [p for p in unet_dir.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return True
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not pickles:
+        raise ModelError(f"{unet_dir} has no weights file (expected diffusion_pytorch_model.safetensors)")
+    if not allow_pickle:
+        raise ModelError(
+            f"{pickles[0]} is a pickle, and unpickling can run code hidden in it: convert it to safetensors, "
+            "or pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+    return False
+
+
+def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu") -> DiffusionModel:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from difflab.models.denoiser import Denoiser
+
+    folder = resolve_model_folder(spec, allow_pickle)
+    check_pipeline_kind(folder, spec)
+    unet_dir = unet_folder(folder, spec)
+    unet_kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+    if unet_kind != "UNet2DModel":
+        raise ModelError(f"{spec} has a {unet_kind}; this command takes pixel-space UNet2DModel pipelines")
+    safetensors = check_weights(unet_dir, allow_pickle)
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=safetensors)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load the UNet weights in {unet_dir} ({reason}); the file may be damaged: "
+                         "save or download it again") from None
+
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    schedule = DDPMScheduler.from_config(_read_json(scheduler_file)) if scheduler_file.is_file() else DDPMScheduler()
+    info_file = folder / INFO_FILE
+    if info_file.is_file():
+        info = ModelInfo.from_json(_read_json(info_file))
+    else:
+        size = unet.config.sample_size
+        info = ModelInfo(image_size=size if isinstance(size, int) else size[0],
+                         channels=unet.config.in_channels, data="(unknown)", base_model=str(spec))
+    return DiffusionModel(Denoiser(unet).eval().to(device), schedule, info)

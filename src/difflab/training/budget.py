@@ -1,0 +1,39 @@
+"""How long a run trains: steps, epochs or minutes, whichever ends first."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_STEPS = 1000
+
+
+@dataclass
+class Budget:
+    steps: int | None = None
+    epochs: float | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def from_config(cls, run) -> Budget:
+        if run.steps is None and run.epochs is None and run.minutes is None:
+            return cls(steps=DEFAULT_STEPS)
+        return cls(run.steps, run.epochs, None if run.minutes is None else run.minutes * 60)
+
+    def fraction(self, step: int, epochs: float, seconds: float) -> float:
+        """How much of the budget is used, in [0, 1]: the furthest of the budgets given."""
+        parts = [step / self.steps if self.steps else 0.0,
+                 epochs / self.epochs if self.epochs else 0.0,
+                 seconds / self.seconds if self.seconds else 0.0]
+        return min(1.0, max(parts))
+
+    def done(self, step: int, epochs: float, seconds: float) -> bool:
+        return self.fraction(step, epochs, seconds) >= 1.0
+
+
+def lr_factor(step: int, fraction: float, warmup_steps: int, schedule: str) -> float:
+    """Linear warmup over `warmup_steps`, then constant or a cosine decay to zero over the budget."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "constant":
+        return warm
+    return warm * 0.5 * (1 + math.cos(math.pi * fraction))

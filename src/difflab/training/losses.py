@@ -1,0 +1,38 @@
+"""The denoising loss: the network's target for each prediction type, and min-SNR-γ weighting."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prediction_target(schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = schedule.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return schedule.get_velocity(x0, noise, t)
+    return x0
+
+
+def min_snr_weights(schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-γ (Hang et al., 2023): weight min(SNR, γ) on the x0 error, rewritten for the
+    network's own target (ε: divide by SNR; v: divide by SNR + 1)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(schedule, t)
+    clipped = snr.clamp(max=gamma)
+    kind = schedule.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per image, optionally weighted per image, averaged over the batch."""
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    if weights is not None:
+        per_image = per_image * weights
+    return per_image.mean()

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny configs, image folders made on the fly, one small trained model per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import gzip  # noqa: E402
+import struct  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from difflab.config import TrainConfig  # noqa: E402
+
+
+def tiny_config(steps: int = 30, **run) -> TrainConfig:
+    """A tiny model on the built-in digits: a few seconds of training."""
+    config = TrainConfig()
+    config.data.spec = "digits"
+    config.data.image_size = 8
+    config.model.preset = "tiny"
+    config.optim.batch_size = 16
+    config.optim.warmup_steps = 5
+    config.run.steps = steps
+    config.run.sample_every = 0
+    config.run.checkpoint_every = 0
+    config.run.sample_count = 4
+    config.run.sample_steps = 4
+    config.run.log_every = 5
+    for key, value in run.items():
+        setattr(config.run, key, value)
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps on digits (8x8, grey); its model folder."""
+    from difflab.training.trainer import train
+
+    return train(tiny_config(steps=20), tmp_path_factory.mktemp("runs") / "tiny")
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> None:
+    """Write images and labels in the MNIST idx format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    blobs = {
+        f"{prefix}-images-idx3-ubyte": struct.pack(">HBBIII", 0, 8, 3, n, h, w) + images.astype(np.uint8).tobytes(),
+        f"{prefix}-labels-idx1-ubyte": struct.pack(">HBBI", 0, 8, 1, n) + labels.astype(np.uint8).tobytes(),
+    }
+    for name, blob in blobs.items():
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+        else:
+            (folder / name).write_bytes(blob)
+
+
+def solid(colour, size=(12, 10), mode="RGB") -> Image.Image:
+    return Image.new(mode, size, colour)
+
+
+@pytest.fixture
+def labelled_folder(tmp_path) -> Path:
+    """red/ and blue/ sub-folders of small RGB images, one nested a level deeper."""
+    root = tmp_path / "shapes"
+    for name, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (root / name / "deeper").mkdir(parents=True)
+        for i in range(6):
+            solid(colour).save(root / name / f"{i}.png")
+        solid(colour).save(root / name / "deeper" / "x.jpg")
+    return root

@@ -1,0 +1,95 @@
+"""The command line: help, outputs, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from difflab.cli import main
+from difflab.images import png_settings
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_the_training_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("quickstart", "train", "sample", "noise"))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--min-snr-gamma" in out and "--grad-accum" in out and "[optim] settings" in out
+
+
+def test_a_bad_input_is_one_line_with_status_2_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "difflab", "train", "--data", "nowhere-spec", "--out", tmp_path],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "difflab: error: unknown data spec 'nowhere-spec'; use a folder of images (labels from sub-folder names), "
+        "digits, mnist:PATH, fashion-mnist:PATH, imagefolder:PATH, or a Hugging Face dataset id (owner/name)"
+    ]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--model", "huge"], "unknown model preset 'huge'"),
+    (["train", "--schedule", "quadratic"], "--schedule 'quadratic' is not an option"),
+    (["train", "--image-size", "30", "--model", "course"], "image size 30 does not fit"),
+    (["sample", "--model", "{tmp}/none"], "model folder {tmp}/none does not exist"),
+    (["sample", "--model", "{tmp}", "--sampler", "fast"], "unknown sampler 'fast'; choose one of"),
+    (["sample", "--model", "{tmp}", "-n", "0"], "--count must be at least 1"),
+    (["noise", "--schedule", "quadratic"], "unknown noise schedule 'quadratic'"),
+    (["noise", "--data", "{tmp}"], "no images in {tmp}"),
+])
+def test_errors_are_reported_not_raised(capsys, tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] == "train":
+        args += ["--out", str(tmp_path / "run"), "--steps", "1"]
+    code, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("difflab: error: ") and message.replace("{tmp}", str(tmp_path)) in err
+    assert "Traceback" not in err
+
+
+def test_train_then_sample_from_the_command_line(capsys, tmp_path):
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "train", "--data", "digits", "--image-size", "8", "--model", "tiny", "--steps", "6",
+                        "--batch-size", "8", "--sample-count", "4", "--sample-steps", "3", "--out", run)
+    assert code == 0 and f"model:    {run / 'model'}" in err
+    code, err = run_cli(capsys, "train", "--out", run, "--steps", "6")
+    assert code == 2 and "already holds a run" in err
+    code, _ = run_cli(capsys, "train", "--out", run, "--resume", "--steps", "9")  # settings come from the run
+    assert code == 0 and "steps = 9" in (run / "config.toml").read_text()
+
+    code, err = run_cli(capsys, "sample", "--model", run, "-n", "3", "--steps", "4", "--seed", "10",
+                        "--out", tmp_path / "grid.png", "--out-dir", tmp_path / "each")
+    assert code == 0 and "wrote 3 images" in err
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["000010.png", "000011.png", "000012.png"]
+    settings = png_settings(tmp_path / "each" / "000011.png")
+    assert settings == {"model": str(run), "sampler": "dpm++2m", "steps": 4, "seed": 11}
+    assert Image.open(tmp_path / "grid.png").size[0] >= 2 * 64
+
+
+def test_a_config_file_reruns_a_run(capsys, tmp_path):
+    code, _ = run_cli(capsys, "train", "--data", "digits", "--image-size", "8", "--model", "tiny", "--steps", "3",
+                      "--batch-size", "4", "--sample-count", "2", "--sample-steps", "2", "--out", tmp_path / "a")
+    code, _ = run_cli(capsys, "train", "--config", tmp_path / "a" / "config.toml", "--out", tmp_path / "b")
+    assert code == 0
+    a = (tmp_path / "a" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_noise_command_draws_the_schedule(capsys, tmp_path):
+    code, err = run_cli(capsys, "noise", "--data", "digits", "--schedule", "cosine", "--out", tmp_path / "n.png",
+                        "--images", "2", "--columns", "5")
+    assert code == 0 and (tmp_path / "n.png").is_file()
+    width, height = Image.open(tmp_path / "n.png").size
+    assert width > 300 and height > 300
+
