@@ -26,7 +26,7 @@ def test_the_saved_folder_is_a_diffusers_pipeline_with_a_card(trained_model):
 
 def test_a_run_folder_loads_its_model(trained_model):
     model = load_model(trained_model.parent)
-    assert model.info.image_size == 8 and model.prediction == "epsilon"
+    assert model.info.image_size == 8 and model.prediction == "v"
 
 
 def test_a_plain_ddim_pipeline_folder_from_elsewhere(tmp_path, trained_model):

