@@ -18,6 +18,12 @@ from PIL import Image  # noqa: E402
 from difflab.config import TrainConfig  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Evaluation classifiers are cached per test session, never in the user's cache."""
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def tiny_config(steps: int = 30, **run) -> TrainConfig:
     """A tiny model on the built-in digits: a few seconds of training."""
     config = TrainConfig()
@@ -43,6 +49,21 @@ def trained_model(tmp_path_factory) -> Path:
     from difflab.training.trainer import train
 
     return train(tiny_config(steps=20), tmp_path_factory.mktemp("runs") / "tiny")
+
+
+def conditional_config(method: str = "embedding", steps: int = 30, **run) -> TrainConfig:
+    config = tiny_config(steps, **run)
+    config.model.conditioning = "class"
+    config.model.class_method = method
+    return config
+
+
+@pytest.fixture(scope="session")
+def conditional_model(tmp_path_factory) -> Path:
+    """A tiny class-conditional model (label embedding) trained briefly on digits; its model folder."""
+    from difflab.training.trainer import train
+
+    return train(conditional_config(steps=40), tmp_path_factory.mktemp("runs") / "conditional")
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> None:

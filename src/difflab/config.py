@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difflab.diffusion.samplers import SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, SAMPLERS
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
 
@@ -48,6 +48,12 @@ class ModelConfig:
     schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES))
     prediction: str = option("v", "what the network predicts (v is robust at every noise level)", choices=tuple(PREDICTIONS))
     timesteps: int = option(1000, "number of training timesteps")
+    conditioning: str = option("none", "condition the model on class labels (needs labelled data)", choices=("none", "class"))
+    class_method: str = option("embedding", "how labels enter the UNet: added to the timestep embedding, or as "
+                                            "extra input channels (the course's way)", choices=("embedding", "channels"))
+    class_embed_dim: int = option(4, "width of the class embedding for --class-method channels")
+    cond_dropout: float = option(0.1, "chance of dropping a label to the null class in training, which "
+                                      "classifier-free guidance needs (0 = never)")
 
 
 @dataclass
@@ -74,6 +80,9 @@ class RunConfig:
     sample_count: int = option(16, "images in each sample grid")
     sample_sampler: str = option("dpm++2m", "sampler for the grids", choices=tuple(SAMPLERS))
     sample_steps: int = option(20, "sampler steps for the grids")
+    sample_cfg_scale: float = option(DEFAULT_CFG_SCALE, "classifier-free guidance scale for grids and evaluations of class-conditional models")
+    eval_every: int = option(0, "evaluate (Fréchet distance, class accuracy) every N steps and at the end (0 = never)")
+    eval_count: int = option(500, "images generated for each evaluation")
     checkpoint_every: int = option(500, "save a full checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     log_every: int = option(10, "append a row to metrics.csv every N steps")
@@ -109,12 +118,18 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be greater than 0 (got {value})")
         if not 0 <= self.optim.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.optim.ema_decay})")
+        if not 0 <= self.model.cond_dropout < 1:
+            raise ConfigError(f"--cond-dropout must be in [0, 1) (got {self.model.cond_dropout})")
+        if self.run.sample_cfg_scale < 0:
+            raise ConfigError(f"--sample-cfg-scale must be 0 or more (got {self.run.sample_cfg_scale})")
         return self
 
 
 # Sections that may change when a run is resumed (its length, logging, device); the rest must match.
-RESUMABLE_CHANGES = {"run": {"steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler",
-                             "sample_steps", "checkpoint_every", "keep_checkpoints", "log_every", "device"}}
+RESUMABLE_CHANGES = {"run": {
+    "steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
+    "sample_cfg_scale", "eval_every", "eval_count", "checkpoint_every", "keep_checkpoints", "log_every", "device",
+}}
 
 
 def sections(config) -> list:

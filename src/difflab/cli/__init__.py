@@ -16,7 +16,7 @@ import warnings
 from difflab import __version__
 from difflab.errors import DifflabError
 
-COMMANDS = ["quickstart", "train", "sample", "noise"]
+COMMANDS = ["quickstart", "train", "sample", "eval", "noise"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def setup_logging(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # progress bars too
+        os.environ["DIFFLAB_QUIET"] = "1"  # progress bars too (see progress.py)
     # Libraries' own chatter (deprecations of their internals) is not the user's business.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

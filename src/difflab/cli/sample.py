@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 
 def add_parser(subparsers) -> None:
@@ -20,6 +20,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
+    p.add_argument("--class", dest="classes", metavar="CLASS",
+                   help="class-conditional models: a class name or index, a comma-separated list, or 'all' "
+                        "for one row per class with -n images each (default: all)")
+    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
+                   help=f"classifier-free guidance: 1 plain conditional, 0 unconditional (default {DEFAULT_CFG_SCALE})")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid image to write (default samples.png)")
     p.add_argument("--out-dir", type=Path, help="also write each image as its own PNG here")
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
@@ -32,6 +37,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import logging
+
+    import torch
 
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
@@ -47,16 +54,28 @@ def run(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eta is not None and args.eta < 0:
         raise ConfigError("--eta must be 0 or more")
+    if args.cfg_scale < 0:
+        raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale}); 1 is plain conditional sampling")
     model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device))
-    images = generate(model, args.count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
-                      batch_size=args.batch_size, progress=True)
     settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
     if args.eta is not None:
         settings["eta"] = args.eta
-    save_png(make_grid(images, args.columns), args.out, {**settings, "count": args.count})
-    log.info("wrote %d images to %s", args.count, args.out)
+    labels = columns = names = None
+    if model.class_names or args.classes is not None:
+        classes = model.class_indices(args.classes or "all")
+        labels = torch.tensor(classes).repeat_interleave(args.count)  # one row per class
+        columns, names = args.count, [model.class_names[c] for c in classes]
+        settings["cfg_scale"] = args.cfg_scale
+    images = generate(model, len(labels) if labels is not None else args.count, sampler=args.sampler,
+                      steps=args.steps, seed=args.seed, eta=args.eta, class_labels=labels, cfg_scale=args.cfg_scale,
+                      batch_size=args.batch_size, progress=True)
+    save_png(make_grid(images, columns or args.columns, names), args.out, {**settings, "count": len(images)})
+    log.info("wrote %d images to %s", len(images), args.out)
     if args.out_dir:
         for i, image in enumerate(images):
-            save_png(to_pil(image), args.out_dir / f"{args.seed + i:06d}.png", {**settings, "seed": args.seed + i})
+            each = {**settings, "seed": args.seed + i}
+            if labels is not None:
+                each["class"] = model.class_names[int(labels[i])]
+            save_png(to_pil(image), args.out_dir / f"{args.seed + i:06d}.png", each)
         log.info("and one PNG each in %s", args.out_dir)
     return 0

@@ -28,6 +28,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 UNCLIPPED = {"euler", "euler-a", "heun", "lms", "pndm"}
 DEFAULT_SAMPLER = "dpm++2m"
 DEFAULT_STEPS = 20
+DEFAULT_CFG_SCALE = 2.0  # classifier-free guidance for class-conditional models
 
 
 def make_sampler(name: str, noise_schedule_config):

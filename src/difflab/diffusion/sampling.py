@@ -12,7 +12,6 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from difflab.diffusion.predictions import alpha_bar, from_x0, to_x0
 
@@ -46,8 +45,7 @@ def clip_x0(model_fn: ModelFn, noise_schedule) -> ModelFn:
 
 
 def denoise(model_fn: ModelFn, scheduler, x: torch.Tensor, steps: int, *,
-            generators: list[torch.Generator] | None = None, eta: float | None = None,
-            progress: bool = False) -> torch.Tensor:
+            generators: list[torch.Generator] | None = None, eta: float | None = None) -> torch.Tensor:
     """Run `scheduler` for `steps` steps from the pure-noise sample `x` (unit variance)."""
     scheduler.set_timesteps(steps, device=x.device)
     x = x * scheduler.init_noise_sigma
@@ -57,7 +55,7 @@ def denoise(model_fn: ModelFn, scheduler, x: torch.Tensor, steps: int, *,
         extra["generator"] = generators
     if eta is not None and "eta" in step_args:
         extra["eta"] = eta
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+    for t in scheduler.timesteps:
         prediction = model_fn(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(prediction, t, x, **extra).prev_sample
     return x

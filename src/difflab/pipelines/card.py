@@ -12,6 +12,7 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     training = info.training
     parameters = sum(p.numel() for p in model.denoiser.parameters())
     colour = "grey" if info.channels == 1 else "RGB"
+    classes = model.class_names
     origin = f"fine-tuned from `{info.base_model}`" if info.base_model else "trained from scratch"
     rows = [
         ("data", f"`{info.data}`" + (f" ({training['images']:,} images)" if "images" in training else "")),
@@ -23,15 +24,25 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     if "steps" in training:
         rows.append(("training", f"{training['steps']:,} optimizer steps, {training.get('images_seen', 0):,} "
                                  f"images seen, {training.get('minutes', 0):.1f} minutes on {training.get('device', '?')}"))
+    if classes:
+        door = ("an embedding added to the timestep embedding" if info.class_method == "embedding"
+                else f"a {info.class_embed_dim}-channel embedding concatenated to the input")
+        dropout = training.get("cond_dropout")
+        rows.append(("classes", f"{len(classes)} ({', '.join(classes[:10])}{', …' if len(classes) > 10 else ''}), "
+                                f"through {door}" + (f"; labels dropped with chance {dropout} in training, for "
+                                                     "classifier-free guidance" if dropout else "")))
     if training.get("ema_decay"):
         rows.append(("weights", f"exponential moving average (decay {training['ema_decay']})"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    use = _conditional_use(model, name) if classes else _unconditional_use(name)
+    kind = "class-conditional" if classes else "unconditional"
     config_block = f"\n## Settings\n\nThe run's full `config.toml`:\n\n```toml\n{config_toml}```\n" if config_toml else ""
     return f"""---
 library_name: diffusers
 pipeline_tag: unconditional-image-generation
 tags:
 - difflab
+- {kind}
 - diffusion-models-class
 - pytorch
 ---
@@ -45,7 +56,11 @@ difflab on `{info.data}`.
 |---|---|
 {table}
 
-## Use
+{use}{config_block}"""
+
+
+def _unconditional_use(name: str) -> str:
+    return f"""## Use
 
 With difflab (image *i* of a batch uses seed `SEED + i`):
 
@@ -66,4 +81,45 @@ images = pipe(batch_size=16, generator=generators, num_inference_steps=1000).ima
 
 Any diffusers scheduler can replace the DDPM one, for example
 `pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` for 20-step sampling.
-{config_block}"""
+"""
+
+
+def _conditional_use(model: DiffusionModel, name: str) -> str:
+    null = len(model.class_names)
+    if model.info.class_method == "embedding":
+        call = "unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample"
+        load_extra = ""
+    else:
+        call = ("unet(torch.cat([torch.cat([x, x]), embed(torch.cat([labels, null]))], dim=1), t).sample")
+        load_extra = f"""from safetensors.torch import load_file
+table = load_file("{name}/conditioning.safetensors")["class_embedding.weight"]
+embed = lambda c: table[c][:, :, None, None].expand(-1, -1, *x.shape[-2:])  # label -> extra input channels
+"""
+    return f"""## Use
+
+With difflab (`--class all` draws one row per class; `--cfg-scale` sets classifier-free guidance):
+
+```bash
+difflab sample --model {name} --class all -n 8 --cfg-scale 2 --out grid.png
+difflab sample --model {name} --class {model.class_names[0]} -n 16 --out one-class.png
+```
+
+With plain diffusers, classifier-free guidance by hand (the null class, "no label", is {null}):
+
+```python
+import torch
+from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{name}", subfolder="unet").eval()
+scheduler = DPMSolverMultistepScheduler.from_pretrained("{name}", subfolder="scheduler")
+{load_extra}labels = torch.tensor([0, 0, 1, 1])
+null = torch.full_like(labels, {null})
+x = torch.randn(len(labels), {model.info.channels}, {model.info.image_size}, {model.info.image_size})
+scheduler.set_timesteps(20)
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        conditional, unconditional = {call}.chunk(2)
+        x = scheduler.step(unconditional + 2.0 * (conditional - unconditional), t, x).prev_sample
+images = (x / 2 + 0.5).clamp(0, 1)
+```
+"""

@@ -18,6 +18,7 @@ from difflab.models.model import DiffusionModel, ModelInfo
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 INFO_FILE = "difflab.json"
+CONDITIONING_FILE = "conditioning.safetensors"  # weights of the denoiser outside the UNet
 
 
 # ---- saving ----------------------------------------------------------------------------------------
@@ -31,6 +32,11 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
     (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
+    extra = model.denoiser.extra_state()
+    if extra:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(partial / CONDITIONING_FILE))
     (partial / "README.md").write_text(card, encoding="utf-8")
     previous = folder.with_name(folder.name + ".previous")
     if folder.exists():
@@ -124,7 +130,7 @@ def check_weights(unet_dir: Path, allow_pickle: bool) -> bool:
 def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu") -> DiffusionModel:
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from difflab.models.denoiser import Denoiser
+    from difflab.models.build import denoiser_for
 
     folder = resolve_model_folder(spec, allow_pickle)
     check_pipeline_kind(folder, spec)
@@ -149,4 +155,22 @@ def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu") ->
         size = unet.config.sample_size
         info = ModelInfo(image_size=size if isinstance(size, int) else size[0],
                          channels=unet.config.in_channels, data="(unknown)", base_model=str(spec))
-    return DiffusionModel(Denoiser(unet).eval().to(device), schedule, info)
+    denoiser = denoiser_for(unet, info)
+    load_conditioning(denoiser, folder, spec)
+    return DiffusionModel(denoiser.eval().to(device), schedule, info)
+
+
+def load_conditioning(denoiser, folder: Path, spec) -> None:
+    expected = {k for k in denoiser.state_dict() if not k.startswith("unet.")}
+    if not expected:
+        return
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(folder / CONDITIONING_FILE))
+    except (OSError, SafetensorError) as e:
+        raise ModelError(f"cannot load {folder / CONDITIONING_FILE} ({e}); the model folder {spec} is damaged") from None
+    if set(weights) != expected:
+        raise ModelError(f"{folder / CONDITIONING_FILE} does not match difflab.json; the model folder {spec} is damaged")
+    denoiser.load_state_dict(weights, strict=False)

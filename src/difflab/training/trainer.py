@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
-from difflab.diffusion.generate import generate
-from difflab.errors import TrainingError
+from difflab.diffusion.generate import generate, row_labels
+from difflab.errors import DataError, TrainingError
 from difflab.images import make_grid, save_png
 from difflab.models.build import build_model
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
 from difflab.plots import loss_curve
+from difflab.progress import progress_bar
 from difflab.training import checkpoints
 from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
@@ -70,8 +70,21 @@ class Trainer:
         checkpoint = self.run.prepare(config, resume=resume, overwrite=overwrite, write=acc.is_main_process)
         acc.wait_for_everyone()
 
-        self.model = build_model(config.model, data.image_size, data.channels, data.source, config.run.seed)
+        conditional = config.model.conditioning == "class"
+        if conditional and not data.has_labels:
+            raise DataError(f"--conditioning class needs labelled data, and {d.spec} has no labels "
+                            "(put each class's images in its own sub-folder)")
+        self.model = build_model(config.model, data.image_size, data.channels, data.source, config.run.seed,
+                                 data.class_names if conditional else None)
+        self.evaluator = None
+        self.last_evaluation: dict | None = None
+        if config.run.eval_every and acc.is_main_process:
+            from difflab.metrics.evaluate import Evaluator
+
+            self.evaluator = Evaluator.for_data(d.spec, data.image_size, data.channels)
         self.model.info.training = {"preset": config.model.preset, "images": len(data)}
+        if conditional:
+            self.model.info.training["cond_dropout"] = config.model.cond_dropout
         denoiser = self.model.denoiser.to(acc.device)
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
@@ -99,8 +112,7 @@ class Trainer:
     def fit(self) -> Path:
         run = self.config.run
         main = self.accelerator.is_main_process
-        bar = tqdm(total=self.budget.steps, initial=self.state.step, unit="step", desc="training",
-                   disable=not main, dynamic_ncols=True)
+        bar = progress_bar(total=self.budget.steps, initial=self.state.step, unit="step", desc="training", enabled=main)
         losses: list[torch.Tensor] = []  # since the last log row, kept on the device
         window_start, window_seconds = self.state.step, 0.0
         try:
@@ -122,6 +134,8 @@ class Trainer:
                     self.save_checkpoint(losses)
                 if run.sample_every and step % run.sample_every == 0 and not finished:
                     self.write_samples()
+                if run.eval_every and step % run.eval_every == 0 and not finished:
+                    self.evaluate()
         except KeyboardInterrupt:
             bar.close()
             self.save_checkpoint(losses)
@@ -129,6 +143,8 @@ class Trainer:
         bar.close()
         self.save_checkpoint(losses)
         self.write_samples()
+        if run.eval_every:
+            self.evaluate()
         return self.save_model()
 
     def train_step(self) -> torch.Tensor:
@@ -137,7 +153,9 @@ class Trainer:
         schedule = self.model.noise_schedule
         total = torch.zeros((), device=acc.device)
         for micro in range(o.grad_accum):
-            x0 = next(self.stream)["images"].to(acc.device, non_blocking=True)
+            batch = next(self.stream)
+            x0 = batch["images"].to(acc.device, non_blocking=True)
+            labels = self.training_labels(batch)
             noise = torch.randn(x0.shape, generator=self.noise_rng).to(acc.device)
             t = torch.randint(0, schedule.config.num_train_timesteps, (x0.shape[0],), generator=self.noise_rng)
             t = t.to(acc.device)
@@ -145,7 +163,7 @@ class Trainer:
             last = micro == o.grad_accum - 1
             with nullcontext() if last else acc.no_sync(self.denoiser):
                 with acc.autocast():
-                    prediction = self.denoiser(x_t, t)
+                    prediction = self.denoiser(x_t, t, labels)
                 weights = min_snr_weights(schedule, t, o.min_snr_gamma) if o.min_snr_gamma else None
                 loss = diffusion_loss(prediction, prediction_target(schedule, x0, noise, t), weights)
                 acc.backward(loss / o.grad_accum)
@@ -160,6 +178,15 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.params)
         return total
+
+    def training_labels(self, batch: dict) -> torch.Tensor | None:
+        """Class labels, each dropped to the null class with chance `cond_dropout` (for guidance)."""
+        denoiser = self.model.denoiser
+        if denoiser.num_classes is None:
+            return None
+        labels = batch["labels"].clone()
+        labels[torch.rand(labels.shape, generator=self.noise_rng) < self.config.model.cond_dropout] = denoiser.null_class
+        return labels.to(self.accelerator.device)
 
     # ---- what the loop writes ----------------------------------------------------------------------
     def check_finite(self, losses: list[torch.Tensor]) -> torch.Tensor:
@@ -206,14 +233,39 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         run = self.config.run
+        names = self.model.class_names
+        labels = columns = None
+        if names:  # one row per class
+            columns = max(1, -(-run.sample_count // len(names)))
+            labels = row_labels(len(names), columns)
         with self.ema_weights():
-            images = generate(self.model, run.sample_count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0)
+            images = generate(self.model, len(labels) if names else run.sample_count, sampler=run.sample_sampler,
+                              steps=run.sample_steps, seed=0, class_labels=labels, cfg_scale=run.sample_cfg_scale)
         self.model.denoiser.train()
         settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
-        save_png(make_grid(images), self.run.samples / f"step_{self.state.step:06d}.png", settings)
+        if names:
+            settings["cfg_scale"] = run.sample_cfg_scale
+        save_png(make_grid(images, columns, names), self.run.samples / f"step_{self.state.step:06d}.png", settings)
         steps, values = self.metrics.series("loss")
         if values:
             loss_curve(steps, values, self.run.loss_plot)
+
+    def evaluate(self) -> dict | None:
+        """Fréchet distance and class accuracy of the moving-average model, logged to metrics.csv."""
+        if self.evaluator is None:
+            return None
+        run = self.config.run
+        with self.ema_weights():
+            result = self.evaluator(self.model, run.eval_count, sampler=run.sample_sampler, steps=run.sample_steps,
+                                    cfg_scale=run.sample_cfg_scale)
+        self.model.denoiser.train()
+        row = {"step": self.state.step, "frechet_distance": result["frechet_distance"]}
+        if "class_accuracy" in result:
+            row["class_accuracy"] = result["class_accuracy"]
+        self.metrics.append(row)
+        log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
+        self.last_evaluation = result
+        return result
 
     def save_checkpoint(self, pending_losses: list[torch.Tensor]) -> None:
         from accelerate.utils import gather_object

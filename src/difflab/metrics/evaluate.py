@@ -1,0 +1,109 @@
+"""Evaluate a model against held-out real images: Fréchet distance, class accuracy, and the yardsticks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from difflab.data import ImageDataset, open_dataset
+from difflab.diffusion.generate import generate
+from difflab.errors import DataError
+from difflab.metrics.classifier import TrainedClassifier, load_or_train
+from difflab.metrics.frechet import frechet_distance
+from difflab.models.model import DiffusionModel
+
+log = logging.getLogger("difflab")
+
+
+@dataclass
+class Evaluator:
+    """Everything about the real data an evaluation needs, prepared once (reused during training)."""
+
+    data_spec: str
+    train: ImageDataset
+    test: ImageDataset
+    classifier: TrainedClassifier | None  # None for unlabelled data
+    extractor: object | None = None  # None: the classifier's features; else e.g. ClipFeatures
+    _test_features: torch.Tensor | None = None
+
+    @classmethod
+    def for_data(cls, spec: str, image_size: int, channels: int, features: str = "classifier") -> Evaluator:
+        train = open_dataset(spec, image_size, channels, split="train")
+        test = open_dataset(spec, image_size, channels, split="test")
+        classifier = load_or_train(spec, train, test) if train.has_labels and test.has_labels else None
+        extractor = None
+        if features.startswith("clip:"):
+            from difflab.metrics.clip_features import ClipFeatures
+
+            extractor = ClipFeatures(features.split(":", 1)[1])
+        elif features != "classifier":
+            raise DataError(f"unknown feature space {features!r}; use classifier or clip:PATH_OR_ID")
+        elif classifier is None:
+            raise DataError(f"{spec} has no labels to train the evaluation classifier on; "
+                            "use --features clip:PATH for unlabelled data")
+        return cls(spec, train, test, classifier, extractor)
+
+    @property
+    def feature_space(self) -> str:
+        return self.extractor.name if self.extractor is not None else "classifier"
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> feature vectors."""
+        if self.extractor is not None:
+            return self.extractor(images)
+        return self.classifier.features_and_predictions(images)[0]
+
+    def test_features(self) -> torch.Tensor:
+        if self._test_features is None:
+            self._test_features = self.features(self.test.batch(torch.arange(len(self.test)))["images"])
+        return self._test_features
+
+    def floor(self, n: int, seed: int = 0) -> float:
+        """The same distance for n real training images: what a perfect model would score."""
+        index = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:n]
+        return frechet_distance(self.features(self.train.batch(index)["images"]).numpy(), self.test_features().numpy())
+
+    def __call__(self, model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float,
+                 seed: int = 0, batch_size: int = 250, progress: bool = False) -> dict:
+        started = time.perf_counter()
+        class_names = model.class_names
+        labels = torch.arange(n) % len(class_names) if class_names else None
+        images = generate(model, n, sampler=sampler, steps=steps, seed=seed, class_labels=labels,
+                          cfg_scale=cfg_scale, batch_size=batch_size, progress=progress) * 2 - 1
+        result = {
+            "n": n,
+            "frechet_distance": round(frechet_distance(self.features(images).numpy(), self.test_features().numpy()), 4),
+            "feature_space": self.feature_space,
+            "sampler": sampler, "steps": steps, "seed": seed,
+        }
+        if labels is not None and self.classifier is not None:
+            if list(class_names) != self.classifier.class_names:
+                raise DataError(f"the model's classes ({', '.join(class_names[:5])}, ...) are not those of "
+                                f"{self.data_spec}; evaluate it on the data it was trained on")
+            predictions = self.classifier.features_and_predictions(images)[1]
+            correct = predictions == labels
+            result["cfg_scale"] = cfg_scale
+            result["class_accuracy"] = round(correct.float().mean().item(), 4)
+            result["class_accuracy_per_class"] = {
+                name: round(correct[labels == i].float().mean().item(), 4) for i, name in enumerate(class_names)
+            }
+        if self.classifier is not None:
+            result["classifier_test_accuracy"] = round(self.classifier.test_accuracy, 4)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        return result
+
+
+def summary_line(result: dict) -> str:
+    parts = [f"Fréchet distance {result['frechet_distance']:.3f} ({result['feature_space']} features"]
+    if "frechet_floor" in result:
+        parts[0] += f"; real-data floor {result['frechet_floor']:.3f}"
+    parts[0] += ")"
+    if "class_accuracy" in result:
+        parts.append(f"class accuracy {100 * result['class_accuracy']:.1f}%")
+    if "classifier_test_accuracy" in result:
+        parts.append(f"yardstick classifier {100 * result['classifier_test_accuracy']:.1f}% on held-out images")
+    parts.append(f"n={result['n']}, {result['sampler']} {result['steps']} steps")
+    return " · ".join(parts)
