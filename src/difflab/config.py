@@ -67,7 +67,8 @@ class OptimConfig:
     clip_grad: float = option(1.0, "clip the gradient norm to this (0 = off)")
     ema_decay: float = option(0.999, "decay of the weights' moving average used for samples and the saved model (0 = off)")
     min_snr_gamma: float = option(0.0, "min-SNR-γ loss weighting (5 is typical; 0 = off)")
-    precision: str = option("auto", "mixed precision (auto: bf16/fp16 on GPUs that have it, none on CPU)", choices=("auto", "no", "fp16", "bf16"))
+    precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 on older "
+                                    "GPUs, else none)", choices=("auto", "no", "fp16", "bf16"))
 
 
 @dataclass

