@@ -97,13 +97,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:
-        for section in sections(self):
-            for f in dataclasses.fields(section):
-                choices, value = f.metadata["choices"], getattr(section, f.name)
-                if choices is not None and value is not None and value not in choices:
-                    raise ConfigError(
-                        f"{flag_of(f)} {value!r} is not an option; choose one of: {', '.join(map(str, choices))}"
-                    )
+        check_choices(self)
         positive = {
             "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--grad-accum": self.optim.grad_accum,
             "--timesteps": self.model.timesteps, "--sample-steps": self.run.sample_steps,
@@ -113,9 +107,7 @@ class TrainConfig:
             section = self.data if budget == "image_size" else self.run
             if getattr(section, budget) is not None:
                 positive[f"--{budget.replace('_', '-')}"] = getattr(section, budget)
-        for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{name} must be greater than 0 (got {value})")
+        check_positive(positive)
         if not 0 <= self.optim.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.optim.ema_decay})")
         if not 0 <= self.model.cond_dropout < 1:
@@ -130,6 +122,24 @@ RESUMABLE_CHANGES = {"run": {
     "steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
     "sample_cfg_scale", "eval_every", "eval_count", "checkpoint_every", "keep_checkpoints", "log_every", "device",
 }}
+
+
+def check_choices(config) -> None:
+    """Every setting that has a list of choices holds one of them."""
+    for section in sections(config):
+        for f in dataclasses.fields(section):
+            choices, value = f.metadata["choices"], getattr(section, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ConfigError(
+                    f"{flag_of(f)} {value!r} is not an option; choose one of: {', '.join(map(str, choices))}"
+                )
+
+
+def check_positive(values: dict[str, Any]) -> None:
+    """{flag: value}: each value given (not None) is greater than 0."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be greater than 0 (got {value})")
 
 
 def sections(config) -> list:
