@@ -117,6 +117,47 @@ class TrainConfig:
         return self
 
 
+# ---- the from-scratch teaching model (difflab scratch train) -----------------------------------------
+
+SCRATCH_SAMPLE_STEPS = 40  # the course's final grid uses 40 steps of the naive sampler
+
+
+@dataclass
+class ScratchOptimConfig:
+    lr: float = option(1e-3, "learning rate (Adam, constant, as in the course)")
+    batch_size: int = option(128, "images per step")
+
+
+@dataclass
+class ScratchRunConfig:
+    steps: int | None = option(None, "stop after this many steps (default 1000 when no budget is given)")
+    epochs: float | None = option(None, "stop after this many passes over the data")
+    minutes: float | None = option(None, "stop after this many minutes of training")
+    seed: int = option(0, "seed for weights, data order and noise")
+    sample_every: int = option(500, "write a sample grid every N steps (0 = only at the end)")
+    sample_count: int = option(16, "images in each sample grid")
+    sample_steps: int = option(SCRATCH_SAMPLE_STEPS, "steps of the naive sampler for the grids")
+    log_every: int = option(10, "append a row to metrics.csv every N steps")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class ScratchConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: ScratchOptimConfig = field(default_factory=ScratchOptimConfig)
+    run: ScratchRunConfig = field(default_factory=ScratchRunConfig)
+
+    def validate(self) -> ScratchConfig:
+        check_choices(self)
+        r = self.run
+        check_positive({
+            "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--image-size": self.data.image_size,
+            "--steps": r.steps, "--epochs": r.epochs, "--minutes": r.minutes, "--sample-count": r.sample_count,
+            "--sample-steps": r.sample_steps, "--log-every": r.log_every,
+        })
+        return self
+
+
 # Sections that may change when a run is resumed (its length, logging, device); the rest must match.
 RESUMABLE_CHANGES = {"run": {
     "steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",

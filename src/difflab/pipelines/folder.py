@@ -118,6 +118,10 @@ def unet_folder(folder: Path, spec) -> Path:
         return folder / "unet"
     if (folder / "config.json").is_file() and "block_out_channels" in _read_json(folder / "config.json"):
         return folder  # a bare UNet folder
+    from difflab.models.scratch_model import INFO_FILE as SCRATCH_INFO_FILE
+
+    if (folder / SCRATCH_INFO_FILE).is_file():
+        raise ModelError(f"{spec} is a from-scratch teaching model (BasicUNet); sample it with difflab scratch sample")
     raise ModelError(f"{spec} has no UNet (no unet/config.json); is it a diffusers DDPMPipeline folder?")
 
 
