@@ -34,8 +34,8 @@ def last_row(run: Path) -> dict:
 
 def figures(run: Path, parameters: int) -> dict:
     row = last_row(run)
-    return {"parameters": parameters, "train_seconds": float(row["seconds"]), "images_per_s": float(row["images_per_s"]),
-            "final_loss": float(row["loss"])}
+    return {"parameters": parameters, "train_seconds": float(row["seconds"]),
+            "images_per_s": float(row["images_per_s"]), "final_loss": float(row["loss"])}
 
 
 def side_by_side(left: Path, right: Path, titles: tuple[str, str]) -> Image.Image:
@@ -89,13 +89,14 @@ def main() -> None:
     from difflab.models.scratch import BasicUNet
 
     image_size = trainer.config.data.image_size
-    basic_params = sum(p.numel() for p in BasicUNet(trainer.config.data.channels, trainer.config.data.channels).parameters())
+    channels = trainer.config.data.channels
+    basic_params = sum(p.numel() for p in BasicUNet(channels, channels).parameters())
     unet_params = sum(p.numel() for p in trainer.model.unet.parameters())
     grid = f"step_{args.steps:06d}.png"
     titles = (f"BasicUNet (difflab.scratch), {basic_params / 1e6:.2f} M\n"
-              f"naive sampler, {scratch.run.sample_steps} steps",
+              + f"naive sampler, {scratch.run.sample_steps} steps",
               f"diffusers UNet2DModel ({args.preset}), {unet_params / 1e6:.2f} M\n"
-              f"{real.run.sample_sampler}, {real.run.sample_steps} steps")
+              + f"{real.run.sample_sampler}, {real.run.sample_steps} steps")
     picture = side_by_side(workdir / "scratch" / "samples" / grid, workdir / "diffusers" / "samples" / grid, titles)
     save_png(picture, args.out, {"data": args.data, "steps": args.steps, "batch": args.batch, "seed": args.seed,
                                  "preset": args.preset})

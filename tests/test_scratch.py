@@ -68,7 +68,17 @@ def test_the_naive_sampler_moves_1_over_n_minus_i_of_the_way_to_the_prediction()
     assert torch.allclose(out, target)  # the last step lands on the prediction
 
 
-def test_training_the_basic_unet_on_digits_lowers_the_loss():
+@pytest.fixture
+def one_thread():
+    """Batches of 8×8 images are too small to gain from a second thread, and one thread is not slowed
+    down many times over when other work shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_the_basic_unet_on_digits_lowers_the_loss(one_thread):
     data = open_dataset("digits", 8)
     stream = BatchStream(data, 8, seed=0)
     torch.manual_seed(0)
@@ -124,7 +134,8 @@ def test_diffusers_default_clipping_is_what_the_textbook_step_leaves_out():
     g = torch.Generator().manual_seed(0)
     x_t, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     clipped = DDPMScheduler().step(eps, 900, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
-    ours = scratch.ddpm_step(eps, 900, x_t, alpha_bar, torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7)))
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))
+    ours = scratch.ddpm_step(eps, 900, x_t, alpha_bar, noise)
     assert (ours - clipped).abs().max() > 1e-2
 
 
@@ -244,10 +255,10 @@ def test_a_scratch_run_folder_is_never_silently_reused(capsys, scratch_run):
     (["scratch", "sample", "--model", "{tmp}"], "{tmp} is not a from-scratch model (it has no scratch.json)"),
     (["scratch", "sample", "--model", "{run}", "-n", "0"], "--count must be at least 1"),
     (["scratch", "sample", "--model", "{run}", "--steps", "0"], "--steps must be at least 1"),
-    (["scratch", "sample", "--model", "{diffusers}"], "is a diffusers model, not a from-scratch one; "
-                                                      "sample it with difflab sample"),
-    (["sample", "--model", "{run}"], "is a from-scratch teaching model (BasicUNet); sample it with "
-                                     "difflab scratch sample"),
+    (["scratch", "sample", "--model", "{diffusers}"],
+     "is a diffusers model, not a from-scratch one; sample it with difflab sample"),
+    (["sample", "--model", "{run}"],
+     "is a from-scratch teaching model (BasicUNet); sample it with difflab scratch sample"),
 ])
 def test_scratch_errors_are_one_line_with_status_2(capsys, tmp_path, scratch_run, trained_model, args, message):
     def fill(text):

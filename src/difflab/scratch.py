@@ -13,5 +13,5 @@ from difflab.models.scratch import (
     train,
 )
 
-__all__ = ["corrupt", "BasicUNet", "train", "sample", "beta_schedule", "alphas_cumprod", "add_noise",
-           "ddpm_step", "ddpm_sample"]
+__all__ = ["BasicUNet", "add_noise", "alphas_cumprod", "beta_schedule", "corrupt", "ddpm_sample", "ddpm_step",
+           "sample", "train"]

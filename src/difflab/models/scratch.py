@@ -132,7 +132,8 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Sample q(x_t | x_0) in one go: x_t = √ᾱ_t · x_0 + √(1 - ᾱ_t) · ε, with ε ~ N(0, I) given as `noise`."""
+    """Sample q(x_t | x_0) in one go: x_t = √ᾱ_t · x_0 + √(1 - ᾱ_t) · ε, with ε ~ N(0, I) given
+    as `noise`."""
     a = alpha_bar[t].view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 

@@ -122,7 +122,8 @@ class ScratchModel:
         try:
             info = ScratchInfo(**{k: v for k, v in data.items() if k in ScratchInfo.__dataclass_fields__})
         except TypeError:
-            raise ModelError(f"{folder / INFO_FILE} lacks the image size or channels; the model folder is damaged") from None
+            raise ModelError(f"{folder / INFO_FILE} lacks the image size or channels; "
+                             "the model folder is damaged") from None
         if info.network != NETWORK or info.channels not in (1, 3):
             raise ModelError(f"{folder / INFO_FILE} describes a {info.network} with {info.channels} channels; "
                              f"this version of difflab makes {NETWORK}s with 1 or 3")
@@ -139,12 +140,13 @@ class ScratchModel:
 def readme(model: ScratchModel) -> str:
     info, training = model.info, model.info.training
     parameters = sum(p.numel() for p in model.net.parameters())
-    trained = (f"{training['steps']:,} steps on `{info.data}`, batch {training.get('batch_size', '?')}"
+    channels = f"{info.channels} channel{'s' if info.channels > 1 else ''}"
+    trained = (f"for {training['steps']:,} steps of {training.get('batch_size', '?')} images from `{info.data}`"
                if "steps" in training else f"on `{info.data}`")
     return f"""# {NETWORK}: the from-scratch teaching model
 
 The minimal UNet of the Hugging Face Diffusion Models Course, unit 1 ({parameters:,} parameters,
-{info.channels} channel{'s' if info.channels > 1 else ''}, {info.image_size}×{info.image_size} images), trained {trained} to
+{channels}, {info.image_size}×{info.image_size} images), trained {trained} to
 predict clean images from images mixed with uniform noise. Made with `difflab scratch train`; see
 difflab's docs/from-scratch.md.
 

@@ -29,6 +29,7 @@ from difflab.training.budget import Budget
 from difflab.training.reporting import finite_losses, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
 
+
 class ScratchTrainer:
     def __init__(self, config: ScratchConfig, out: str | Path, *, overwrite: bool = False):
         config.validate()
@@ -60,9 +61,13 @@ class ScratchTrainer:
     # ---- the loop: difflab.scratch.train, fed and watched from here ----------------------------------
     def fit(self) -> Path:
         self.bar = progress_bar(total=self.budget.steps, unit="step", desc="training (BasicUNet)")
-        with self.bar:
-            train(self.model.net, self.batches(), lr=self.config.optim.lr, generator=self.noise_rng,
-                  on_step=self.on_step)
+        try:
+            with self.bar:
+                train(self.model.net, self.batches(), lr=self.config.optim.lr, generator=self.noise_rng,
+                      on_step=self.on_step)
+        except KeyboardInterrupt:
+            self.save_model()  # keep what was learnt: the run cannot be resumed, but its model can be sampled
+            raise
         self.write_samples()
         return self.save_model()
 
