@@ -233,11 +233,25 @@ def test_scratch_sample_gives_the_training_grid_and_repeats_itself(capsys, scrat
 
 
 def test_a_scratch_config_file_reruns_the_run(capsys, scratch_run, tmp_path):
-    code, _ = run_cli(capsys, "scratch", "train", "--config", scratch_run / "config.toml", "--out", tmp_path / "again")
-    assert code == 0
+    code, err = run_cli(capsys, "scratch", "train", "--config", scratch_run / "config.toml", "--out", tmp_path / "again")
+    assert code == 0 and f"model:    {tmp_path / 'again' / 'model'}  (BasicUNet weights" in err
+    assert f"sample more with: difflab scratch sample --model {tmp_path / 'again' / 'model'}" in err
     a = load_file(scratch_run / "model" / "basic_unet.safetensors")
     b = load_file(tmp_path / "again" / "model" / "basic_unet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scratch_train_takes_rgb_images(capsys, labelled_folder, tmp_path):
+    code, _ = run_cli(capsys, "scratch", "train", "--data", labelled_folder, "--image-size", "8", "--steps", "3",
+                      "--batch-size", "4", "--sample-count", "2", "--sample-steps", "2", "--out", tmp_path / "rgb")
+    assert code == 0
+    weights = load_file(tmp_path / "rgb" / "model" / "basic_unet.safetensors")
+    assert weights["down_layers.0.weight"].shape == (32, 3, 5, 5) and weights["up_layers.2.weight"].shape[0] == 3
+    code, _ = run_cli(capsys, "scratch", "sample", "--model", tmp_path / "rgb", "-n", "2", "--steps", "2",
+                      "--out", tmp_path / "rgb.png")
+    grid = np.asarray(Image.open(tmp_path / "rgb.png"))
+    assert code == 0 and grid.shape[-1] == 3
+    assert np.abs(grid[..., 0].astype(int) - grid[..., 2].astype(int)).max() > 0  # colour, not grey
 
 
 def test_a_scratch_run_folder_is_never_silently_reused(capsys, scratch_run):

@@ -53,20 +53,16 @@ def add_sample_parser(commands) -> None:
 def run_train(args) -> int:
     import logging
 
+    from difflab.cli.train import data_name, print_outputs
     from difflab.config import ScratchConfig, apply_flags, load_config
     from difflab.training.scratch_trainer import train_scratch
 
-    log = logging.getLogger("difflab")
     base = load_config(args.config, ScratchConfig) if args.config else ScratchConfig()
     config = apply_flags(base, args).validate()
-    out = args.out or Path("runs") / f"scratch-{Path(config.data.spec.split(':', 1)[-1].rstrip('/')).name or 'data'}"
+    out = args.out or Path("runs") / f"scratch-{data_name(config.data.spec)}"
     model_dir = train_scratch(config, out, overwrite=args.overwrite)
-    grids = sorted((out / "samples").glob("step_*.png"))
-    log.info("model:    %s  (BasicUNet weights as safetensors + scratch.json)", model_dir)
-    if grids:
-        log.info("samples:  %s", grids[-1])
-    log.info("metrics:  %s, %s", out / "metrics.csv", out / "loss.png")
-    log.info("sample more with: difflab scratch sample --model %s -n 16 --out grid.png", model_dir)
+    print_outputs(model_dir, logging.getLogger("difflab"), "BasicUNet weights as safetensors + scratch.json",
+                  "difflab scratch sample")
     return 0
 
 
