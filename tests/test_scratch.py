@@ -68,17 +68,7 @@ def test_the_naive_sampler_moves_1_over_n_minus_i_of_the_way_to_the_prediction()
     assert torch.allclose(out, target)  # the last step lands on the prediction
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of 8×8 images are too small to gain from a second thread, and one thread is not slowed
-    down many times over when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_training_the_basic_unet_on_digits_lowers_the_loss(one_thread):
+def test_training_the_basic_unet_on_digits_lowers_the_loss():
     data = open_dataset("digits", 8)
     stream = BatchStream(data, 8, seed=0)
     torch.manual_seed(0)
