@@ -98,13 +98,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:
-        for section in sections(self):
-            for f in dataclasses.fields(section):
-                choices, value = f.metadata["choices"], getattr(section, f.name)
-                if choices is not None and value is not None and value not in choices:
-                    raise ConfigError(
-                        f"{flag_of(f)} {value!r} is not an option; choose one of: {', '.join(map(str, choices))}"
-                    )
+        check_choices(self)
         positive = {
             "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--grad-accum": self.optim.grad_accum,
             "--timesteps": self.model.timesteps, "--sample-steps": self.run.sample_steps,
@@ -114,9 +108,7 @@ class TrainConfig:
             section = self.data if budget == "image_size" else self.run
             if getattr(section, budget) is not None:
                 positive[f"--{budget.replace('_', '-')}"] = getattr(section, budget)
-        for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{name} must be greater than 0 (got {value})")
+        check_positive(positive)
         if not 0 <= self.optim.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.optim.ema_decay})")
         if not 0 <= self.model.cond_dropout < 1:
@@ -126,11 +118,70 @@ class TrainConfig:
         return self
 
 
+# ---- the from-scratch teaching model (difflab scratch train) -----------------------------------------
+
+SCRATCH_SAMPLE_STEPS = 40  # the course's final grid uses 40 steps of the naive sampler
+
+
+@dataclass
+class ScratchOptimConfig:
+    lr: float = option(1e-3, "learning rate (Adam, constant, as in the course)")
+    batch_size: int = option(128, "images per step")
+
+
+@dataclass
+class ScratchRunConfig:
+    steps: int | None = option(None, "stop after this many steps (default 1000 when no budget is given)")
+    epochs: float | None = option(None, "stop after this many passes over the data")
+    minutes: float | None = option(None, "stop after this many minutes of training")
+    seed: int = option(0, "seed for weights, data order and noise")
+    sample_every: int = option(500, "write a sample grid every N steps (0 = only at the end)")
+    sample_count: int = option(16, "images in each sample grid")
+    sample_steps: int = option(SCRATCH_SAMPLE_STEPS, "steps of the naive sampler for the grids")
+    log_every: int = option(10, "append a row to metrics.csv every N steps")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class ScratchConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: ScratchOptimConfig = field(default_factory=ScratchOptimConfig)
+    run: ScratchRunConfig = field(default_factory=ScratchRunConfig)
+
+    def validate(self) -> ScratchConfig:
+        check_choices(self)
+        r = self.run
+        check_positive({
+            "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--image-size": self.data.image_size,
+            "--steps": r.steps, "--epochs": r.epochs, "--minutes": r.minutes, "--sample-count": r.sample_count,
+            "--sample-steps": r.sample_steps, "--log-every": r.log_every,
+        })
+        return self
+
+
 # Sections that may change when a run is resumed (its length, logging, device); the rest must match.
 RESUMABLE_CHANGES = {"run": {
     "steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
     "sample_cfg_scale", "eval_every", "eval_count", "checkpoint_every", "keep_checkpoints", "log_every", "device",
 }}
+
+
+def check_choices(config) -> None:
+    """Every setting that has a list of choices holds one of them."""
+    for section in sections(config):
+        for f in dataclasses.fields(section):
+            choices, value = f.metadata["choices"], getattr(section, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ConfigError(
+                    f"{flag_of(f)} {value!r} is not an option; choose one of: {', '.join(map(str, choices))}"
+                )
+
+
+def check_positive(values: dict[str, Any]) -> None:
+    """{flag: value}: each value given (not None) is greater than 0."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be greater than 0 (got {value})")
 
 
 def sections(config) -> list:

@@ -21,9 +21,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def data_name(spec: str) -> str:
+    """A short name for a data spec, for default run folders: mnist:/data/mnist -> mnist."""
+    return Path(spec.split(":", 1)[-1].rstrip("/")).name or "data"
+
+
 def default_out(config: TrainConfig) -> Path:
-    data = Path(config.data.spec.split(":", 1)[-1].rstrip("/")).name or "data"
-    return Path("runs") / f"{data}-{Path(config.model.preset).stem}"
+    return Path("runs") / f"{data_name(config.data.spec)}-{Path(config.model.preset).stem}"
 
 
 def resolve_config(args) -> tuple[TrainConfig, Path]:
@@ -37,14 +41,15 @@ def resolve_config(args) -> tuple[TrainConfig, Path]:
     return config, args.out or default_out(config)
 
 
-def print_outputs(model_dir: Path, log) -> None:
+def print_outputs(model_dir: Path, log, kind: str = "diffusers DDPMPipeline folder with a model card",
+                  sample_command: str = "difflab sample") -> None:
     run = model_dir.parent
     grids = sorted((run / "samples").glob("step_*.png"))
-    log.info("model:    %s  (diffusers DDPMPipeline folder with a model card)", model_dir)
+    log.info("model:    %s  (%s)", model_dir, kind)
     if grids:
         log.info("samples:  %s", grids[-1])
     log.info("metrics:  %s, %s", run / "metrics.csv", run / "loss.png")
-    log.info("sample more with: difflab sample --model %s -n 16 --out grid.png", model_dir)
+    log.info("sample more with: %s --model %s -n 16 --out grid.png", sample_command, model_dir)
 
 
 def run(args) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from difflab.errors import ModelError
@@ -28,23 +30,32 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
     from diffusers import DDPMPipeline
 
     folder = Path(folder)
+    with atomic_folder(folder) as partial:
+        DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
+        (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
+        extra = model.denoiser.extra_state()
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(partial / CONDITIONING_FILE))
+        (partial / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """A sibling folder to write into, which replaces `folder` only once the block completes, so a
+    crash mid-write never leaves half a model."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
-    (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
-    extra = model.denoiser.extra_state()
-    if extra:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(partial / CONDITIONING_FILE))
-    (partial / "README.md").write_text(card, encoding="utf-8")
+    partial.mkdir(parents=True)
+    yield partial
     previous = folder.with_name(folder.name + ".previous")
     if folder.exists():
         shutil.rmtree(previous, ignore_errors=True)
         folder.rename(previous)
     partial.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
-    return folder
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -107,6 +118,10 @@ def unet_folder(folder: Path, spec) -> Path:
         return folder / "unet"
     if (folder / "config.json").is_file() and "block_out_channels" in _read_json(folder / "config.json"):
         return folder  # a bare UNet folder
+    from difflab.models.scratch_model import INFO_FILE as SCRATCH_INFO_FILE
+
+    if (folder / SCRATCH_INFO_FILE).is_file():
+        raise ModelError(f"{spec} is a from-scratch teaching model (BasicUNet); sample it with difflab scratch sample")
     raise ModelError(f"{spec} has no UNet (no unet/config.json); is it a diffusers DDPMPipeline folder?")
 
 

@@ -30,9 +30,21 @@ class RunFolder:
     def latest_checkpoint(self) -> Path | None:
         return find_latest(self.checkpoints)
 
-    def prepare(self, config, *, resume: bool, overwrite: bool, write: bool = True) -> Path | None:
+    def save_samples(self, grid, step: int, settings: dict, metrics: MetricsLog) -> Path:
+        """samples/step_NNNNNN.png (with its settings in the PNG), and loss.png redrawn with it."""
+        from difflab.images import save_png
+        from difflab.plots import loss_curve
+
+        path = save_png(grid, self.samples / f"step_{step:06d}.png", settings)
+        steps, values = metrics.series("loss")
+        if values:
+            loss_curve(steps, values, self.loss_plot)
+        return path
+
+    def prepare(self, config, *, resume: bool, overwrite: bool, write: bool = True,
+                resumable: bool = True) -> Path | None:
         """Check the folder may be used for this run; returns the checkpoint to resume from, if any.
-        Only the main process writes (`write`)."""
+        Only the main process writes (`write`). Runs that cannot be resumed say so (`resumable`)."""
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"{self.root} is a file; give a folder for the run")
         occupied = self.root.is_dir() and any(self.root.iterdir())
@@ -51,9 +63,8 @@ class RunFolder:
                 )
             checkpoint = self.latest_checkpoint()
         elif occupied:
-            raise RunFolderError(
-                f"{self.root} already holds a run; add --resume to continue it or --overwrite to start again"
-            )
+            choices = "add --resume to continue it or --overwrite" if resumable else "add --overwrite"
+            raise RunFolderError(f"{self.root} already holds a run; {choices} to start again")
         if write:
             self.root.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.config, dumps_config(config))

@@ -19,16 +19,16 @@ import torch
 from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.diffusion.generate import generate, row_labels
-from difflab.errors import DataError, TrainingError
-from difflab.images import make_grid, save_png
+from difflab.errors import DataError
+from difflab.images import make_grid
 from difflab.models.build import build_model
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
-from difflab.plots import loss_curve
 from difflab.progress import progress_bar
 from difflab.training import checkpoints
 from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
+from difflab.training.reporting import finite_losses, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
 
 log = logging.getLogger("difflab")
@@ -194,25 +194,19 @@ class Trainer:
     # ---- what the loop writes ----------------------------------------------------------------------
     def check_finite(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """Stop before a diverged model is logged or saved, naming the step where it went wrong."""
-        values = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):
-            step = self.state.step - len(values) + int(bad[0]) + 1
+        def advice() -> str:
             last = self.run.latest_checkpoint()
             resume = f"the last good checkpoint is {last.name}" if last else "no checkpoint was saved yet"
-            raise TrainingError(
-                f"the loss became {values[int(bad[0])].item()} at step {step} and training stopped; {resume}: "
-                f"lower --lr (now {self.config.optim.lr}) or lengthen --warmup-steps, then run again with --resume"
-            )
-        return values
+            return (f"{resume}: lower --lr (now {self.config.optim.lr}) or lengthen --warmup-steps, "
+                    "then run again with --resume")
+
+        return finite_losses(losses, self.state.step, advice)
 
     def log(self, losses: list[torch.Tensor], images_per_s: float, bar) -> None:
         values = self.check_finite(losses)
         loss = values.mean().item()
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
-        if self.budget.steps is None and self.fraction_done() > 0:
-            bar.total = max(self.state.step, round(self.state.step / self.fraction_done()))
-            bar.refresh()
+        show_progress(bar, loss, images_per_s, step=self.state.step, fraction_done=self.fraction_done(),
+                      step_budget=self.budget.steps)
         if self.accelerator.is_main_process:
             self.metrics.append({
                 "step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
@@ -248,10 +242,7 @@ class Trainer:
         settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
         if names:
             settings["cfg_scale"] = run.sample_cfg_scale
-        save_png(make_grid(images, columns, names), self.run.samples / f"step_{self.state.step:06d}.png", settings)
-        steps, values = self.metrics.series("loss")
-        if values:
-            loss_curve(steps, values, self.run.loss_plot)
+        self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
 
     def evaluate(self) -> dict | None:
         """Fréchet distance and class accuracy of the moving-average model, logged to metrics.csv."""

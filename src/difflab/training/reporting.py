@@ -1,0 +1,32 @@
+"""What a training loop reports while it runs: the figures on its progress bar, and a clear stop when
+the loss is no longer a number. Shared by the real trainer and the teaching loop (`difflab scratch train`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from difflab.errors import TrainingError
+
+
+def finite_losses(losses: list[torch.Tensor], last_step: int, advice: Callable[[], str]) -> torch.Tensor:
+    """The losses of the steps up to `last_step` as a CPU tensor. If one is not finite, stop before a
+    diverged model is logged or saved: a TrainingError names its step, then says `advice()`."""
+    values = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        first = int(bad[0])
+        step = last_step - len(values) + first + 1
+        raise TrainingError(f"the loss became {values[first].item()} at step {step} and training stopped; {advice()}")
+    return values
+
+
+def show_progress(bar, loss: float, images_per_s: float, *, step: int, fraction_done: float,
+                  step_budget: int | None) -> None:
+    """Loss and images/s on the bar. Without a step budget (minutes or epochs), the bar's length is
+    estimated from how much of the budget is used."""
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+    if step_budget is None and fraction_done > 0:
+        bar.total = max(step, round(step / fraction_done))
+        bar.refresh()
