@@ -103,11 +103,12 @@ def test_the_saved_model_holds_the_moving_average(tmp_path):
     assert torch.equal(saved["conv_in.weight"], ema[name]) and not torch.equal(saved["conv_in.weight"], raw[name])
 
 
-@pytest.mark.parametrize("prediction,gamma", [("v", 5.0), ("x0", 0.0)])
-def test_other_targets_and_min_snr_weighting_train(tmp_path, prediction, gamma):
+@pytest.mark.parametrize("prediction,gamma,precision", [("v", 5.0, "no"), ("x0", 0.0, "no"), ("epsilon", 0.0, "bf16")])
+def test_other_targets_weighting_and_precision_train(tmp_path, prediction, gamma, precision):
     config = tiny_config(steps=40)
     config.model.prediction = prediction
     config.optim.min_snr_gamma = gamma
+    config.optim.precision = precision
     train(config, tmp_path / "run")
     losses = [float(r["loss"]) for r in rows(tmp_path / "run")]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

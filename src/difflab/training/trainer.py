@@ -58,14 +58,25 @@ def mixed_precision(choice: str, device: str = "auto") -> str:
     return "bf16" if amx else "no"
 
 
+def make_accelerator(config: TrainConfig):
+    """A fresh Accelerator for this run. accelerate keeps one state per process and refuses a second
+    run with other settings (say, another precision); clearing its per-run part, not the distributed
+    part, lets one process train several runs (a notebook, the tests)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(cpu=config.run.device == "cpu",
+                       mixed_precision=mixed_precision(config.optim.precision, config.run.device))
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False):
-        from accelerate import Accelerator
         from diffusers.training_utils import EMAModel
 
         config.validate()
-        self.accelerator = acc = Accelerator(cpu=config.run.device == "cpu",
-                                             mixed_precision=mixed_precision(config.optim.precision, config.run.device))
+        self.accelerator = acc = make_accelerator(config)
         d = config.data
         data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict)
         self.config = config = resolve_data_settings(config, data)
