@@ -41,13 +41,12 @@ def run(name: str, recipe: dict, args) -> dict:
     difflab("train", "--data", args.data, "--conditioning", "class", "--minutes", str(args.minutes),
             "--sample-every", "0", "--checkpoint-every", "0", "--sample-count", "80", "--seed", str(args.seed),
             "--out", str(out), "--overwrite", *recipe["train"])
-    rows = (out / "metrics.csv").read_text().splitlines()
-    last = dict(zip(rows[0].split(","), rows[-1].split(",")))
+    training = json.loads((out / "model" / "difflab.json").read_text())["training"]
     result = json.loads(difflab("eval", "--model", str(out), "-n", str(args.n), "--seed", str(args.seed),
                                 *recipe["eval"], *args.eval_args).stdout)
-    return {"recipe": name, "train_flags": recipe["train"], "optimizer_steps": int(last["step"]),
-            "training_seconds": float(last["seconds"]), "images_seen": None, **result,
-            "grid": str(next(iter(sorted((out / "samples").glob("*.png"))), ""))}
+    return {"recipe": name, "train_flags": recipe["train"], "optimizer_steps": training["steps"],
+            "images_seen": training["images_seen"], "training_minutes": training["minutes"], **result,
+            "grid": str(sorted((out / "samples").glob("*.png"))[-1])}
 
 
 def main() -> None:
@@ -62,8 +61,6 @@ def main() -> None:
     args = parser.parse_args()
     recipes = {"course": COURSE, "difflab": DIFFLAB}
     rows = [run(name, recipes[name], args) for name in args.recipes.split(",")]
-    for row in rows:
-        row["images_seen"] = None
     emit({"benchmark": "class_conditional", "data": args.data, "minutes": args.minutes, "n": args.n,
           "seed": args.seed, "rows": rows,
           "targets": {"class_accuracy": ">= 0.97", "frechet_distance": "<= 5 x frechet_floor"}})

@@ -44,7 +44,7 @@ def test_any_diffusers_unet_config_json(tmp_path):
 
 
 def test_bad_presets(tmp_path):
-    with pytest.raises(ModelError, match="unknown model preset 'huge'; choose one of: tiny, small, course"):
+    with pytest.raises(ModelError, match="unknown model preset 'huge'; choose one of: tiny, small, medium, course"):
         build_unet("huge", 32, 3)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):

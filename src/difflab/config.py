@@ -44,7 +44,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = option("small", "UNet preset (tiny, small, course) or a diffusers UNet config.json", flag="--model")
+    preset: str = option("small", "UNet preset (tiny, small, medium, course) or a diffusers UNet config.json",
+                         flag="--model")
     schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES))
     prediction: str = option("v", "what the network predicts (v is robust at every noise level)", choices=tuple(PREDICTIONS))
     timesteps: int = option(1000, "number of training timesteps")

@@ -99,12 +99,12 @@ class MetricsLog:
             self._rewrite()
         else:
             with open(self.path, "a", newline="", encoding="utf-8") as f:
-                csv.DictWriter(f, self.columns).writerow(row)
+                csv.DictWriter(f, self.columns, lineterminator="\n").writerow(row)
 
     def _rewrite(self) -> None:
         partial = self.path.with_name(f".{self.path.name}.partial")
         with open(partial, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, self.columns)
+            writer = csv.DictWriter(f, self.columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.rows)
         partial.replace(self.path)
