@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 
 from difflab.errors import ModelError
+from difflab.files import safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
+from difflab.testhooks import pause_point
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
@@ -23,19 +25,30 @@ INFO_FILE = "difflab.json"
 # ---- saving ----------------------------------------------------------------------------------------
 
 def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
-    """Write the model folder; an existing one is replaced only once the new one is complete."""
+    """Write the model folder; an existing one is replaced only once the new one is complete. A failed
+    write (disk full, read-only folder) raises OSError and leaves the existing folder as it was."""
     from diffusers import DDPMPipeline
+    from safetensors import SafetensorError
 
     folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
+    partial = folder.with_name(f".{folder.name}.partial")
+    previous = folder.with_name(f".{folder.name}.previous")
     shutil.rmtree(partial, ignore_errors=True)
-    DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
-    (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
-    (partial / "README.md").write_text(card, encoding="utf-8")
-    previous = folder.with_name(folder.name + ".previous")
+    try:
+        try:
+            DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
+        except SafetensorError as e:
+            raise safetensors_os_error(e, partial) from None
+        (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
+        (partial / "README.md").write_text(card, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    pause_point("model:assembled")
     if folder.exists():
         shutil.rmtree(previous, ignore_errors=True)
         folder.rename(previous)
+        pause_point("model:moved-aside")
     partial.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
     return folder

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 from pathlib import Path
 
 from difflab.config import differences, dumps_config, load_config
 from difflab.errors import RunFolderError
-from difflab.training.checkpoints import find_latest, write_text_atomic
+from difflab.files import atomic_path, write_text_atomic
+from difflab.training.checkpoints import find_latest
 
 
 class RunFolder:
@@ -30,19 +32,17 @@ class RunFolder:
     def latest_checkpoint(self) -> Path | None:
         return find_latest(self.checkpoints)
 
-    def prepare(self, config, *, resume: bool, overwrite: bool, write: bool = True) -> Path | None:
+    def prepare(self, config, *, resume: bool, overwrite: bool, write: bool = True,
+                barrier=lambda: None) -> Path | None:
         """Check the folder may be used for this run; returns the checkpoint to resume from, if any.
-        Only the main process writes (`write`)."""
+        Only the main process writes (`write`), and only after every process has looked (`barrier`)."""
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"{self.root} is a file; give a folder for the run")
-        occupied = self.root.is_dir() and any(self.root.iterdir())
+        occupied = self.root.is_dir() and any(not _leftover(p) for p in self.root.iterdir())
         if occupied and not self.holds_run():
             raise RunFolderError(f"{self.root} is not empty and is not a difflab run; choose another --out")
         checkpoint = None
-        if occupied and overwrite:
-            if write:
-                shutil.rmtree(self.root)
-        elif occupied and resume:
+        if occupied and resume and not overwrite:
             changed = differences(load_config(self.config, type(config)), config)
             if changed:
                 raise RunFolderError(
@@ -50,14 +50,29 @@ class RunFolder:
                     "or choose another --out"
                 )
             checkpoint = self.latest_checkpoint()
-        elif occupied:
+        elif occupied and not overwrite:
             raise RunFolderError(
                 f"{self.root} already holds a run; add --resume to continue it or --overwrite to start again"
             )
+        barrier()  # every process has looked before the main one changes anything
         if write:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.config, dumps_config(config))
+            try:
+                if occupied and overwrite:
+                    shutil.rmtree(self.root)
+                elif checkpoint is None:
+                    self.metrics.unlink(missing_ok=True)  # nothing to resume from: the run starts over
+                self.root.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.config, dumps_config(config))
+            except OSError as e:
+                raise RunFolderError(
+                    f"cannot write the run folder {self.root} ({e.strerror or e}); make it writable or choose another --out"
+                ) from None
         return checkpoint
+
+
+def _leftover(path: Path) -> bool:
+    """A hidden half-written file of ours (a crash before the first config.toml was in place)."""
+    return path.name.startswith(".") and path.name.endswith(".partial")
 
 
 class MetricsLog:
@@ -67,17 +82,26 @@ class MetricsLog:
         self.path = path
         self.columns: list[str] = []
         self.rows: list[dict[str, str]] = []
+        self.torn = False  # a row cut short by a crash or a full disk, dropped on reading
         if path.is_file():
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or [])
-                self.rows = list(reader)
+            text = path.read_text(encoding="utf-8", errors="replace")
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            self.columns = list(reader.fieldnames or [])
+            rows = list(reader)
+            if rows and not text.endswith("\n"):  # the last row may be cut short
+                rows.pop()
+                self.torn = True
+            for row in rows:
+                if _complete(row, self.columns):
+                    self.rows.append(row)
+                else:
+                    self.torn = True
 
     def truncate_after(self, step: int) -> None:
-        """Forget rows logged after the checkpoint a run resumes from."""
+        """Forget rows logged after the checkpoint a run resumes from (and torn rows)."""
         kept = [row for row in self.rows if int(row["step"]) <= step]
-        if len(kept) != len(self.rows):
-            self.rows = kept
+        if len(kept) != len(self.rows) or self.torn:
+            self.rows, self.torn = kept, False
             self._rewrite()
 
     def append(self, row: dict) -> None:
@@ -91,16 +115,24 @@ class MetricsLog:
                 csv.DictWriter(f, self.columns).writerow(row)
 
     def _rewrite(self) -> None:
-        partial = self.path.with_name(f".{self.path.name}.partial")
-        with open(partial, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(self.path) as partial, open(partial, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        partial.replace(self.path)
 
     def series(self, column: str) -> tuple[list[int], list[float]]:
         pairs = [(int(r["step"]), float(r[column])) for r in self.rows if r.get(column) not in (None, "")]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _complete(row: dict, columns: list[str]) -> bool:
+    if None in row or any(row.get(c) is None for c in columns):  # too many or too few fields
+        return False
+    try:
+        int(row["step"])
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def _fmt(value) -> str:

@@ -67,7 +67,8 @@ class Trainer:
         data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict)
         self.config = config = resolve_data_settings(config, data)
         self.run = RunFolder(out)
-        checkpoint = self.run.prepare(config, resume=resume, overwrite=overwrite, write=acc.is_main_process)
+        checkpoint = self.run.prepare(config, resume=resume, overwrite=overwrite, write=acc.is_main_process,
+                                      barrier=acc.wait_for_everyone)
         acc.wait_for_everyone()
 
         self.model = build_model(config.model, data.image_size, data.channels, data.source, config.run.seed)
