@@ -112,9 +112,14 @@ class TrainConfig:
         return self
 
 
-# Sections that may change when a run is resumed (its length, logging, device); the rest must match.
-RESUMABLE_CHANGES = {"run": {"steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler",
-                             "sample_steps", "checkpoint_every", "keep_checkpoints", "log_every", "device"}}
+# Settings that may change when a run is resumed: its length, logging and device (none of which
+# changes the weights), and the learning rate, warmup and clipping, so that a run that diverged can
+# go on from its last good checkpoint. The rest must match.
+RESUMABLE_CHANGES = {
+    "run": {"steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
+            "checkpoint_every", "keep_checkpoints", "log_every", "device"},
+    "optim": {"lr", "warmup_steps", "clip_grad"},
+}
 
 
 def sections(config) -> list:

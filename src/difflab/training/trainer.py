@@ -133,7 +133,8 @@ class Trainer:
         return self.save_model()
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss (on the device)."""
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and the gradients'
+        norm (on the device, checked by `check_finite`)."""
         o, acc = self.config.optim, self.accelerator
         schedule = self.model.noise_schedule
         total = torch.zeros((), device=acc.device)
@@ -151,8 +152,7 @@ class Trainer:
                 loss = diffusion_loss(prediction, prediction_target(schedule, x0, noise, t), weights)
                 acc.backward(loss / o.grad_accum)
             total += loss.detach() / o.grad_accum
-        if o.clip_grad:
-            acc.clip_grad_norm_(self.params, o.clip_grad)
+        grad_norm = self.gradient_norm(o.clip_grad)
         self.lr = o.lr * lr_factor(self.state.step, self.fraction_done(), o.warmup_steps, o.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
@@ -160,22 +160,37 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        return total
+        return torch.stack([total, grad_norm])
+
+    def gradient_norm(self, clip: float) -> torch.Tensor:
+        """The gradients' total norm, after clipping it to `clip` if that is set. With fp16 loss scaling
+        an overflow is routine (the scaler skips that step), so it is not reported: zero is returned."""
+        acc = self.accelerator
+        norm = acc.clip_grad_norm_(self.params, clip) if clip else None
+        if acc.scaler is not None:
+            return torch.zeros((), device=acc.device)
+        if norm is None:
+            grads = [p.grad.detach() for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+        return torch.zeros((), device=acc.device) if norm is None else norm.detach().float()
 
     # ---- what the loop writes ----------------------------------------------------------------------
     def check_finite(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """Stop before a diverged model is logged or saved, naming the step where it went wrong."""
-        values = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+        """Stop before a diverged model is logged or saved, naming the step where it went wrong.
+        `losses` holds train_step's (loss, gradient norm) pairs; returns the losses."""
+        values = torch.stack(losses).float().cpu() if losses else torch.zeros(0, 2)
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
-            step = self.state.step - len(values) + int(bad[0]) + 1
-            last = self.run.latest_checkpoint()
-            resume = f"the last good checkpoint is {last.name}" if last else "no checkpoint was saved yet"
+            row, column = bad[0].tolist()
+            step = self.state.step - len(values) + row + 1
+            what = ("the loss", "the gradients' norm")[column]
+            o = self.config.optim
             raise TrainingError(
-                f"the loss became {values[int(bad[0])].item()} at step {step} and training stopped; {resume}: "
-                f"lower --lr (now {self.config.optim.lr}) or lengthen --warmup-steps, then run again with --resume"
+                f"{what} became {values[row, column].item()} at step {step} and training stopped; "
+                f"{checkpoints.last_good(self.run.checkpoints)}: lower --lr (now {o.lr}), lengthen --warmup-steps "
+                f"or set --clip-grad, then run again with --resume"
             )
-        return values
+        return values[:, 0]
 
     def log(self, losses: list[torch.Tensor], images_per_s: float, bar) -> None:
         values = self.check_finite(losses)
@@ -185,10 +200,23 @@ class Trainer:
             bar.total = max(self.state.step, round(self.state.step / self.fraction_done()))
             bar.refresh()
         if self.accelerator.is_main_process:
-            self.metrics.append({
-                "step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
-                "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2),
-            })
+            with self.writing(self.run.metrics):
+                self.metrics.append({
+                    "step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
+                    "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2),
+                })
+
+    @contextmanager
+    def writing(self, path: Path):
+        """A failed write (a full disk, a read-only folder) stops training with one line that says what
+        to do; checkpoints.save_checkpoint reports its own."""
+        try:
+            yield
+        except OSError as e:
+            raise TrainingError(
+                f"could not write {path} ({e.strerror or e}); {checkpoints.last_good(self.run.checkpoints)}: "
+                "free some disk space or make the run folder writable, then run again with --resume"
+            ) from None
 
     @contextmanager
     def ema_weights(self):
@@ -211,10 +239,13 @@ class Trainer:
             images = generate(self.model, run.sample_count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0)
         self.model.denoiser.train()
         settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
-        save_png(make_grid(images), self.run.samples / f"step_{self.state.step:06d}.png", settings)
+        grid = self.run.samples / f"step_{self.state.step:06d}.png"
+        with self.writing(grid):
+            save_png(make_grid(images), grid, settings)
         steps, values = self.metrics.series("loss")
         if values:
-            loss_curve(steps, values, self.run.loss_plot)
+            with self.writing(self.run.loss_plot):
+                loss_curve(steps, values, self.run.loss_plot)
 
     def save_checkpoint(self, pending_losses: list[torch.Tensor]) -> None:
         from accelerate.utils import gather_object
@@ -261,7 +292,7 @@ class Trainer:
             self.model.info.training.update(
                 steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
                 device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay)
-            with self.ema_weights():
+            with self.ema_weights(), self.writing(self.run.model):
                 card = model_card(self.model, str(self.run.model), dumps_config(self.config))
                 save_model(self.model, self.run.model, card)
         self.accelerator.wait_for_everyone()
