@@ -8,6 +8,8 @@ be decoded raises `UnreadableImage` with a short reason; decompression bombs cou
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -24,6 +26,7 @@ class UnreadableImage(Exception):
 
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image, turning every failure into `UnreadableImage`."""
+    _check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,6 +41,15 @@ def open_image(path: str | Path) -> Image.Image:
         raise UnreadableImage("not an image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UnreadableImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def _check_regular_file(path: str | Path) -> None:
+    try:
+        info = os.stat(path)  # follows links
+    except OSError as e:
+        raise UnreadableImage(e.strerror or type(e).__name__) from None  # a broken or looping link
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableImage("not a regular file")  # reading a pipe or a device could block forever
 
 
 def _to_srgb(img: Image.Image) -> Image.Image:
@@ -98,7 +110,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 def image_to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
     """uint8 array [channels, size, size]."""
     arr = np.asarray(resize_center_crop(to_mode(img, channels), size), dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    # a plain (C-ordered) copy: a transposed view would carry a channels-last layout into the batches,
+    # where convolutions round differently
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
 def read_image_array(path: str | Path, size: int, channels: int) -> np.ndarray:

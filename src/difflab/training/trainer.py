@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from difflab import testhooks
 from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.diffusion.generate import generate
@@ -64,7 +65,7 @@ class Trainer:
         self.accelerator = acc = Accelerator(cpu=config.run.device == "cpu",
                                              mixed_precision=mixed_precision(config.optim.precision))
         d = config.data
-        data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict)
+        data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict, d.memory_limit_mb)
         self.config = config = resolve_data_settings(config, data)
         self.run = RunFolder(out)
         checkpoint = self.run.prepare(config, resume=resume, overwrite=overwrite, write=acc.is_main_process,
@@ -301,4 +302,11 @@ class Trainer:
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a model; returns the folder of the saved model."""
-    return Trainer(config, out, resume=resume, overwrite=overwrite).fit()
+    testhooks.watch_writes(out)
+    trainer = Trainer(config, out, resume=resume, overwrite=overwrite)
+    try:
+        model_dir = trainer.fit()
+    finally:
+        trainer.stream.close()  # stops the processes that read a large folder ahead
+    testhooks.report(trainer)
+    return model_dir
