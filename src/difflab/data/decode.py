@@ -2,7 +2,9 @@
 
 Handles what real folders hold: grey, RGB, RGBA/LA (composited over white), palette, CMYK, 16-bit,
 EXIF orientation, ICC profiles (converted to sRGB), animated files (first frame). A file that cannot
-be decoded raises `UnreadableImage` with a short reason; decompression bombs count as unreadable.
+be decoded raises `UnreadableImage` with a short reason. Files are untrusted input: only the formats
+that IMAGE_EXTENSIONS promise are decoded, whatever a file is named; decompression bombs, pipes,
+devices and broken or looping links count as unreadable; no file's shape can make a resize explode.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+# Pillow's names for those formats (JPEG includes cameras' MPO files). No other decoder sees a file;
+# some, such as EPS, would start external programs.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "GIF")
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MAX_RESIZED_PIXELS = 1 << 24  # past this, only the centre of an image is resized (see resize_center_crop)
 
 
 class UnreadableImage(Exception):
@@ -27,10 +33,12 @@ class UnreadableImage(Exception):
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image, turning every failure into `UnreadableImage`."""
     _check_regular_file(path)
+    Image.init()  # registers every format, so that `formats` can name them
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            warnings.simplefilter("ignore", UserWarning)  # "corrupt EXIF data": the pixels are still good
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
                 img.seek(0)
                 img.load()
                 img = ImageOps.exif_transpose(img)
@@ -38,9 +46,11 @@ def open_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage("too many pixels (possible decompression bomb)") from None
     except UnidentifiedImageError:
-        raise UnreadableImage("not an image file") from None
+        raise UnreadableImage("not an image file (PNG, JPEG, WebP, BMP or GIF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UnreadableImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except Exception as e:  # Pillow's decoders raise many other kinds on malformed data
+        raise UnreadableImage(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot decode'}") from None
 
 
 def _check_regular_file(path: str | Path) -> None:
@@ -101,8 +111,11 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     if (w, h) != (size, size):
         scale = size / min(w, h)
         new = (max(size, round(w * scale)), max(size, round(h * scale)))
-        img = img.resize(new, Image.Resampling.BICUBIC)
         left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        if new[0] * new[1] > MAX_RESIZED_PIXELS:  # a very long, thin image: resizing all of it could take GBs
+            box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+            return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        img = img.resize(new, Image.Resampling.BICUBIC)
         img = img.crop((left, top, left + size, top + size))
     return img
 

@@ -21,6 +21,7 @@ log = logging.getLogger("difflab")
 
 MAX_DEFAULT_SIZE = 64  # default training size for folders of larger images
 PARALLEL_FROM = 2000  # decode with worker processes from this many files on
+NAMED = 20  # unreadable files named in the warning (the rest are counted)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
         if listing.labels is not None:
             labels.append(listing.labels[index[position]])
     if skipped:
-        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        shown = "; ".join(skipped[:NAMED]) + (f"; and {len(skipped) - NAMED} more" if len(skipped) > NAMED else "")
         log.warning("skipped %d unreadable image%s in %s: %s", len(skipped), "s" * (len(skipped) > 1), folder, shown)
     if not kept:
         raise DataError(f"none of the {len(files)} images in {folder} could be read (first: {skipped[0]})")
