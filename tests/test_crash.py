@@ -36,8 +36,9 @@ ARGS = ["-q", "train", "--data", "digits", "--image-size", "8", "--model", "tiny
         "--log-every", "1", "--sample-every", "0", "--sample-count", "2", "--sample-steps", "2"]
 
 # When each process is killed, in order, and the newest complete checkpoint that must then be found.
-# ("pause", POINT): at that point of the checkpoint or model writer; ("logged", N): once metrics.csv
-# has step N (the kill lands somewhere in the steps after it); ("after", S): S seconds after the start.
+# ("pause", POINT): at that point of the checkpoint or model writer; ("logged", N[, S]): once metrics.csv
+# has step N (and S seconds more; the kill lands in the steps after it); ("after", S): S seconds after
+# the start.
 KILLS = [
     (("after", 0.05), None),                                # starting up: maybe nothing written yet
     (("pause", "step_00000002:started"), None),             # an empty hidden .partial folder
@@ -52,7 +53,7 @@ KILLS = [
     (("pause", "step_00000012:ema-written"), 10),           # the final checkpoint, its last file
     (("pause", "model:assembled"), 12),                     # the model, not yet moved into place
 ]
-RANDOM_KILLS = 6  # then, in a second run, at random times within an uninterrupted run's duration
+RANDOM_KILLS = 6  # then, in a second run, at random moments
 
 
 ZYGOTE = r"""
@@ -116,14 +117,16 @@ def kill_at(zygote: Zygote, argv: list[str], moment: tuple, run: Path, tmp: Path
     env = {"DIFFLAB_TEST_PAUSE_AT": moment[1], "DIFFLAB_TEST_PAUSED_FILE": str(paused)} if moment[0] == "pause" else {}
     log = tmp / f"process-{index}.log"
     pid = zygote.start(argv, env, log)
-    started = time.monotonic()
+    started, logged = time.monotonic(), None
     while True:
         code = zygote.exit_code(0.005)
         if code == 0 and may_finish:
             return False
         assert code is None, f"kill {index} {moment}: the process ended by itself ({code}):\n{log.read_text()}"
+        if moment[0] == "logged" and logged is None and moment[1] in metrics_steps(run):
+            logged = time.monotonic()
         if ((moment[0] == "pause" and paused.exists()) or (moment[0] == "after" and time.monotonic() - started >= moment[1])
-                or (moment[0] == "logged" and moment[1] in metrics_steps(run))):
+                or (logged is not None and time.monotonic() - logged >= (moment[2] if len(moment) > 2 else 0))):
             break
         if time.monotonic() - started > 120:
             os.kill(pid, signal.SIGKILL)
@@ -187,7 +190,10 @@ def test_killed_at_any_moment_resumed_with_nothing_lost(tmp_path):
 
         rng, killed = random.Random(0), 0
         for index in range(RANDOM_KILLS):
-            moment = ("after", rng.uniform(0.05, 0.7) * whole_run)  # scaled to this machine's speed
+            # a random time, up to about two steps long, after one of the next three steps is logged
+            latest = find_latest(fuzzed / "checkpoints")
+            start = int(latest.name.removeprefix("step_")) if latest else 0
+            moment = ("logged", min(start + rng.randrange(1, 4), STEPS - 2), rng.uniform(0, 2 * whole_run / STEPS))
             killed += kill_at(zygote, [*ARGS, "--out", str(fuzzed), "--resume"], moment, fuzzed, tmp_path, 100 + index,
                               may_finish=True)
             check_after_kill(fuzzed, None, 100 + index)
