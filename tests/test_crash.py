@@ -13,6 +13,7 @@ SIGKILLed with no chance to clean up. The final resume runs as a plain `python -
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -51,6 +52,7 @@ KILLS = [
     (("logged", 9), 8),                                     # training, between checkpoints
     (("logged", 10), 8),                                    # at once if it resumed from step 10
     (("pause", "step_00000012:ema-written"), 10),           # the final checkpoint, its last file
+    (("pause", "step_00000012:renamed"), 12),               # complete; `latest` still names step 10
     (("pause", "model:assembled"), 12),                     # the model, not yet moved into place
 ]
 RANDOM_KILLS = 6  # then, in a second run, at random moments
@@ -85,19 +87,26 @@ class Zygote:
     def __init__(self, env: dict):
         self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)
+        self.child: int | None = None
 
     def start(self, argv: list[str], env: dict, log: Path) -> int:
         self.process.stdin.write(json.dumps({"argv": argv, "env": env, "log": str(log)}) + "\n")
         self.process.stdin.flush()
-        return int(self.process.stdout.readline())
+        self.child = int(self.process.stdout.readline())
+        return self.child
 
     def exit_code(self, timeout: float) -> int | None:
         """The exit status of the process started last, if it has ended within `timeout` seconds."""
         if select.select([self.process.stdout], [], [], timeout)[0]:
+            self.child = None
             return int(self.process.stdout.readline())
         return None
 
     def close(self) -> None:
+        """Stop the zygote, and a process of its that a failed test left running (paused, perhaps)."""
+        if self.child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, signal.SIGKILL)
         self.process.stdin.close()
         self.process.wait(timeout=60)
 

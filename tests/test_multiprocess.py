@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,11 +41,15 @@ def launch(out: Path, report: Path, *extra: str) -> dict[int, dict]:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), *ARGS, "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "DIFFLAB_TEST_REPORT_DIR": str(report)}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group: a hang is killed whole
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:  # run() has killed the launcher; its workers die with it
-        pytest.fail(f"accelerate launch hung:\n{e.stderr}")
-    assert done.returncode == 0, done.stderr[-3000:]
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        _, stderr = launcher.communicate()
+        pytest.fail(f"accelerate launch hung:\n{stderr[-3000:]}")
+    assert launcher.returncode == 0, stderr[-3000:]
     reports = {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in report.glob("rank*.json")}
     assert sorted(reports) == [0, 1] and all(r["world_size"] == 2 for r in reports.values())
     return reports
