@@ -17,7 +17,7 @@ from pathlib import Path
 from difflab.errors import ModelError
 from difflab.files import safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
-from difflab.testhooks import pause_point
+from difflab.testhooks import pause_point  # test-only: a no-op unless a crash test asks to stop there
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from difflab.errors import TrainingError
 from difflab.files import safetensors_os_error, write_text_atomic
-from difflab.testhooks import pause_point
+from difflab.testhooks import pause_point  # test-only: a no-op unless a crash test asks to stop there
 
 log = logging.getLogger("difflab")
 
