@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# One thread per test process: the models are tiny, and on a shared machine two OpenMP threads that
+# wait for each other made in-process training tests 10-20 times slower. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tests use tiny tensors: one thread is as fast as two, and two are slowed many times over when other

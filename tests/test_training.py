@@ -130,8 +130,8 @@ def test_a_run_folder_is_never_silently_reused(tmp_path):
     train(config, tmp_path / "run")
     with pytest.raises(RunFolderError, match="already holds a run; add --resume .* or --overwrite"):
         train(config, tmp_path / "run")
-    changed = dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=0.5))
-    with pytest.raises(RunFolderError, match=r"holds a different run \(\[optim\] lr = 0.001 \(saved\) vs 0.5"):
+    changed = dataclasses.replace(config, optim=dataclasses.replace(config.optim, batch_size=5))
+    with pytest.raises(RunFolderError, match=r"holds a different run \(\[optim\] batch_size = 16 \(saved\) vs 5"):
         train(changed, tmp_path / "run", resume=True)
     train(changed, tmp_path / "run", overwrite=True)
     (tmp_path / "mine").mkdir()

@@ -27,6 +27,9 @@ DATA_SPEC_HELP = (
 )
 
 
+DEFAULT_MEMORY_LIMIT_MB = 2048
+
+
 def option(default, help: str, *, flag: str | None = None, choices=None):
     """A config field with its command-line flag (default: --field-name) and help text."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
@@ -40,6 +43,8 @@ class DataConfig:
     split: str = option("train", "which part of the data to use", choices=("train", "test", "all"))
     flip: bool = option(False, "random horizontal flips")
     strict: bool = option(False, "stop at the first unreadable image instead of skipping it with a warning")
+    memory_limit_mb: int = option(DEFAULT_MEMORY_LIMIT_MB, "keep a folder's decoded images in memory up to this many MB; a larger "
+                                        "folder is read from disk by worker processes as training goes (0: always)")
 
 
 @dataclass
@@ -110,6 +115,8 @@ class TrainConfig:
             if getattr(section, budget) is not None:
                 positive[f"--{budget.replace('_', '-')}"] = getattr(section, budget)
         check_positive(positive)
+        if self.data.memory_limit_mb < 0:
+            raise ConfigError(f"--memory-limit-mb must be 0 or more (got {self.data.memory_limit_mb})")
         if not 0 <= self.optim.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.optim.ema_decay})")
         if not 0 <= self.model.cond_dropout < 1:
@@ -160,11 +167,16 @@ class ScratchConfig:
         return self
 
 
-# Sections that may change when a run is resumed (its length, logging, device); the rest must match.
-RESUMABLE_CHANGES = {"run": {
-    "steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
-    "sample_cfg_scale", "eval_every", "eval_count", "checkpoint_every", "keep_checkpoints", "log_every", "device",
-}}
+# Settings that may change when a run is resumed: its length, logging, evaluation, device and how
+# images are held (none of which changes the weights), and the learning rate, warmup and clipping, so
+# that a run that diverged can go on from its last good checkpoint. The rest must match.
+RESUMABLE_CHANGES = {
+    "run": {"steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
+            "sample_cfg_scale", "eval_every", "eval_count", "checkpoint_every", "keep_checkpoints", "log_every",
+            "device"},
+    "optim": {"lr", "warmup_steps", "clip_grad"},
+    "data": {"memory_limit_mb"},
+}
 
 
 def check_choices(config) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
+
+from difflab.files import atomic_path
 
 MIN_GRID_CELL = 64  # small images are enlarged (nearest neighbour) so a grid is easy to see
 
@@ -48,9 +49,8 @@ def save_png(image: Image.Image, path: str | Path, settings: dict | None = None)
     info = PngImagePlugin.PngInfo()
     if settings:
         info.add_text("difflab", json.dumps(settings, sort_keys=True))
-    partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format="PNG", pnginfo=info)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        image.save(partial, format="PNG", pnginfo=info)
     return path
 
 

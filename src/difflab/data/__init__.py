@@ -1,6 +1,7 @@
 """Open image data by spec: `open_dataset("digits")`, a folder path, `mnist:PATH`, ...
 
-Every source decodes into an `ImageDataset` of uint8 tensors at the requested size and channels.
+Every source decodes into an `ImageDataset` of uint8 tensors at the requested size and channels,
+except image folders too large for memory, which become a `StreamedImages` that decodes from disk.
 """
 
 from __future__ import annotations
@@ -9,18 +10,22 @@ from pathlib import Path
 
 from difflab.data.dataset import ImageDataset, match_channels, resize_uint8
 from difflab.data.stream import BatchStream
+from difflab.data.streaming import StreamedImages
 from difflab.config import DATA_SPEC_HELP as SPEC_HELP
+from difflab.config import DEFAULT_MEMORY_LIMIT_MB
 from difflab.errors import DataError
 
 SPLITS = ("train", "test", "all")
 NATIVE_SIZE = {"digits": 16}  # default training size where the source's own size is not the best one
 
-__all__ = ["ImageDataset", "BatchStream", "open_dataset", "SPEC_HELP"]
+__all__ = ["ImageDataset", "StreamedImages", "BatchStream", "open_dataset", "SPEC_HELP"]
 
 
 def open_dataset(spec: str, image_size: int | None = None, channels: int | None = None,
-                 split: str = "train", strict: bool = False) -> ImageDataset:
-    """Images from `spec` as a uint8 [N, C, size, size] tensor (with labels where the source has them)."""
+                 split: str = "train", strict: bool = False,
+                 memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB) -> ImageDataset | StreamedImages:
+    """Images from `spec` as a uint8 [N, C, size, size] tensor (with labels where the source has them);
+    a folder whose decoded images would take more than `memory_limit_mb` is read from disk instead."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     kind, _, arg = spec.partition(":")
@@ -35,7 +40,7 @@ def open_dataset(spec: str, image_size: int | None = None, channels: int | None 
     elif Path(spec).expanduser().is_dir():
         from difflab.data.folder import load_folder
 
-        return load_folder(spec, image_size, channels, split, strict)  # decoded at the size asked
+        return load_folder(spec, image_size, channels, split, strict, memory_limit_mb)  # decoded at the size asked
     elif kind in ("imagefolder", "hf") and arg or _looks_like_hub_id(spec):
         from difflab.data.hub import load_hub_dataset
 

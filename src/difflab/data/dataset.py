@@ -35,17 +35,29 @@ class ImageDataset:
 
     def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Images as floats in [-1, 1] (`flips`: a bool per image to mirror), and labels if any."""
-        x = self.images[indices].float().div_(127.5).sub_(1.0)
-        if flips is not None and flips.any():
-            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-        out = {"images": x}
-        if self.labels is not None:
-            out["labels"] = self.labels[indices]
-        return out
+        return as_batch(self.images[indices], None if self.labels is None else self.labels[indices], flips)
+
+    def read_ahead(self, plan) -> None:
+        """Datasets read from disk prefetch the index batches `plan` will ask for; in memory there is
+        nothing to do."""
+
+    def close(self) -> None:
+        """Datasets read from disk stop their reading processes; in memory there is nothing to do."""
 
     def subset(self, indices: torch.Tensor) -> ImageDataset:
         labels = None if self.labels is None else self.labels[indices]
         return ImageDataset(self.images[indices], labels, self.class_names, self.source, self.skipped)
+
+
+def as_batch(images: torch.Tensor, labels: torch.Tensor | None, flips: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A training batch from uint8 images [B, C, H, W]: floats in [-1, 1], mirrored where `flips` says."""
+    x = images.float().div_(127.5).sub_(1.0)
+    if flips is not None and flips.any():
+        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    out = {"images": x}
+    if labels is not None:
+        out["labels"] = labels
+    return out
 
 
 def split_indices(n: int, split: str) -> torch.Tensor:

@@ -2,12 +2,16 @@
 
 Handles what real folders hold: grey, RGB, RGBA/LA (composited over white), palette, CMYK, 16-bit,
 EXIF orientation, ICC profiles (converted to sRGB), animated files (first frame). A file that cannot
-be decoded raises `UnreadableImage` with a short reason; decompression bombs count as unreadable.
+be decoded raises `UnreadableImage` with a short reason. Files are untrusted input: only the formats
+that IMAGE_EXTENSIONS promise are decoded, whatever a file is named; decompression bombs, pipes,
+devices and broken or looping links count as unreadable; no file's shape can make a resize explode.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -15,7 +19,11 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+# Pillow's names for those formats (JPEG includes cameras' MPO files). No other decoder sees a file;
+# some, such as EPS, would start external programs.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "GIF")
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MAX_RESIZED_PIXELS = 1 << 24  # past this, only the centre of an image is resized (see resize_center_crop)
 
 
 class UnreadableImage(Exception):
@@ -24,10 +32,13 @@ class UnreadableImage(Exception):
 
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image, turning every failure into `UnreadableImage`."""
+    _check_regular_file(path)
+    Image.init()  # registers every format, so that `formats` can name them
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            warnings.simplefilter("ignore", UserWarning)  # "corrupt EXIF data": the pixels are still good
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
                 img.seek(0)
                 img.load()
                 img = ImageOps.exif_transpose(img)
@@ -35,9 +46,20 @@ def open_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage("too many pixels (possible decompression bomb)") from None
     except UnidentifiedImageError:
-        raise UnreadableImage("not an image file") from None
+        raise UnreadableImage("not an image file (PNG, JPEG, WebP, BMP or GIF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UnreadableImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except Exception as e:  # Pillow's decoders raise many other kinds on malformed data
+        raise UnreadableImage(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot decode'}") from None
+
+
+def _check_regular_file(path: str | Path) -> None:
+    try:
+        info = os.stat(path)  # follows links
+    except OSError as e:
+        raise UnreadableImage(e.strerror or type(e).__name__) from None  # a broken or looping link
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableImage("not a regular file")  # reading a pipe or a device could block forever
 
 
 def _to_srgb(img: Image.Image) -> Image.Image:
@@ -89,8 +111,11 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     if (w, h) != (size, size):
         scale = size / min(w, h)
         new = (max(size, round(w * scale)), max(size, round(h * scale)))
-        img = img.resize(new, Image.Resampling.BICUBIC)
         left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        if new[0] * new[1] > MAX_RESIZED_PIXELS:  # a very long, thin image: resizing all of it could take GBs
+            box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+            return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        img = img.resize(new, Image.Resampling.BICUBIC)
         img = img.crop((left, top, left + size, top + size))
     return img
 
@@ -98,7 +123,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 def image_to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
     """uint8 array [channels, size, size]."""
     arr = np.asarray(resize_center_crop(to_mode(img, channels), size), dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    # a plain (C-ordered) copy: a transposed view would carry a channels-last layout into the batches,
+    # where convolutions round differently
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
 def read_image_array(path: str | Path, size: int, channels: int) -> np.ndarray:

@@ -11,14 +11,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.config import DEFAULT_MEMORY_LIMIT_MB
 from difflab.data.dataset import ImageDataset, split_indices
 from difflab.data.decode import IMAGE_EXTENSIONS, UnreadableImage, is_grey, open_image, read_image_array
+from difflab.data.streaming import StreamedImages
 from difflab.errors import DataError
 
 log = logging.getLogger("difflab")
 
 MAX_DEFAULT_SIZE = 64  # default training size for folders of larger images
 PARALLEL_FROM = 2000  # decode with worker processes from this many files on
+NAMED = 20  # unreadable files named in the warning (the rest are counted)
 
 
 @dataclass
@@ -79,8 +82,16 @@ def _decode(args) -> np.ndarray | str:
         return str(e)
 
 
+def _check(args) -> str | None:
+    """Decode a file only to learn whether it is readable (for folders streamed from disk)."""
+    result = _decode(args)
+    return result if isinstance(result, str) else None
+
+
 def load_folder(folder: str, image_size: int | None, channels: int | None, split: str,
-                strict: bool = False) -> ImageDataset:
+                strict: bool = False, memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB) -> ImageDataset | StreamedImages:
+    """The folder's images, decoded into memory, or, when they would take more than `memory_limit_mb`
+    (0: always), a dataset that decodes them from disk as training goes (the same batches either way)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {folder} does not exist")
@@ -98,32 +109,36 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
         image_size = image_size or guessed_size
         channels = channels or guessed_channels
 
+    streamed = len(files) * channels * image_size ** 2 > memory_limit_mb * 2 ** 20
     jobs = [(path, image_size, channels) for path in files]
+    work = _check if streamed else _decode
     if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
         with ProcessPoolExecutor() as pool:
-            results = list(pool.map(_decode, jobs, chunksize=256))
+            results = list(pool.map(work, jobs, chunksize=256))
     else:
-        results = [_decode(job) for job in jobs]
+        results = [work(job) for job in jobs]
 
-    arrays, labels, skipped = [], [], []
+    kept, arrays, labels, skipped = [], [], [], []
     for position, (path, result) in enumerate(zip(files, results)):
         if isinstance(result, str):
             if strict:
                 raise DataError(f"cannot read {path}: {result} (remove it, or drop --strict to skip unreadable images)")
             skipped.append(f"{path.relative_to(root)} ({result})")
             continue
-        arrays.append(result)
+        kept.append(path)
+        if not streamed:
+            arrays.append(result)
         if listing.labels is not None:
             labels.append(listing.labels[index[position]])
     if skipped:
-        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        shown = "; ".join(skipped[:NAMED]) + (f"; and {len(skipped) - NAMED} more" if len(skipped) > NAMED else "")
         log.warning("skipped %d unreadable image%s in %s: %s", len(skipped), "s" * (len(skipped) > 1), folder, shown)
-    if not arrays:
+    if not kept:
         raise DataError(f"none of the {len(files)} images in {folder} could be read (first: {skipped[0]})")
-    return ImageDataset(
-        torch.from_numpy(np.stack(arrays)),
-        torch.tensor(labels, dtype=torch.int64) if listing.labels is not None else None,
-        listing.class_names,
-        str(folder),
-        skipped,
-    )
+    label_tensor = torch.tensor(labels, dtype=torch.int64) if listing.labels is not None else None
+    if streamed:
+        log.info("reading the %d images of %s from disk as training goes (decoded, they would take %d MB; "
+                 "--memory-limit-mb is %d)", len(kept), folder, len(kept) * channels * image_size ** 2 >> 20,
+                 memory_limit_mb)
+        return StreamedImages(kept, image_size, channels, label_tensor, listing.class_names, str(folder), skipped)
+    return ImageDataset(torch.from_numpy(np.stack(arrays)), label_tensor, listing.class_names, str(folder), skipped)

@@ -8,6 +8,8 @@ takes its own slice of every global batch.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -23,6 +25,7 @@ class BatchStream:
         self.epoch = 0
         self.cursor = 0
         self._order: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._planned = False  # whether the dataset knows the batches to come (datasets read from disk)
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
@@ -30,6 +33,7 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._planned = False
 
     @property
     def epochs_done(self) -> float:
@@ -62,6 +66,23 @@ class BatchStream:
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """Stop reading ahead (a dataset read from disk has worker processes doing it)."""
+        self.dataset.close()
+        self._planned = False
+
+    def upcoming(self):
+        """The index batches this stream will yield from here on (without moving it), for read-ahead."""
+        # Only the dataset's length decides the order; holding the dataset itself would make a cycle
+        # (dataset -> plan -> dataset) that leaves its reading processes to the garbage collector.
+        ahead = BatchStream(range(len(self.dataset)), self.batch_size, seed=self.seed, rank=self.rank,
+                            world_size=self.world_size)
+        ahead.load_state_dict(self.state_dict())  # now, not when the generator first runs
+        return (ahead.next_indices()[0] for _ in itertools.count())
+
     def __next__(self) -> dict[str, torch.Tensor]:
+        if not self._planned:
+            self.dataset.read_ahead(self.upcoming())
+            self._planned = True
         indices, flips = self.next_indices()
         return self.dataset.batch(indices, flips if self.flip else None)

@@ -9,51 +9,66 @@ folder (its model/), or a Hub id (through the normal Hugging Face cache).
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from difflab.errors import ModelError
+from difflab.files import safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
+from difflab.testhooks import pause_point  # test-only: a no-op unless a crash test asks to stop there
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 INFO_FILE = "difflab.json"
 CONDITIONING_FILE = "conditioning.safetensors"  # weights of the denoiser outside the UNet
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
 # ---- saving ----------------------------------------------------------------------------------------
 
 def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
-    """Write the model folder; an existing one is replaced only once the new one is complete."""
+    """Write the model folder; an existing one is replaced only once the new one is complete. A failed
+    write (disk full, read-only folder) raises OSError and leaves the existing folder as it was."""
     from diffusers import DDPMPipeline
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     folder = Path(folder)
     with atomic_folder(folder) as partial:
-        DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
+        try:
+            DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
+            extra = model.denoiser.extra_state()
+            if extra:
+                save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(partial / CONDITIONING_FILE))
+        except SafetensorError as e:
+            raise safetensors_os_error(e, partial) from None
         (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
-        extra = model.denoiser.extra_state()
-        if extra:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(partial / CONDITIONING_FILE))
         (partial / "README.md").write_text(card, encoding="utf-8")
     return folder
 
 
 @contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
-    """A sibling folder to write into, which replaces `folder` only once the block completes, so a
-    crash mid-write never leaves half a model."""
-    partial = folder.with_name(folder.name + ".partial")
+    """A hidden sibling folder to write into, which replaces `folder` only once the block completes: a
+    crash or a failed write never leaves half a model, and the old one stays until then."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    previous = folder.with_name(f".{folder.name}.previous")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    yield partial
-    previous = folder.with_name(folder.name + ".previous")
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    pause_point("model:assembled")
     if folder.exists():
         shutil.rmtree(previous, ignore_errors=True)
         folder.rename(previous)
+        pause_point("model:moved-aside")
     partial.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
 
@@ -125,25 +140,69 @@ def unet_folder(folder: Path, spec) -> Path:
     raise ModelError(f"{spec} has no UNet (no unet/config.json); is it a diffusers DDPMPipeline folder?")
 
 
-def check_weights(unet_dir: Path, allow_pickle: bool) -> bool:
-    """True if the weights are safetensors. A pickle is refused unless the user opted in (it is then
-    loaded with torch.load(weights_only=True), which does not run code)."""
-    files = [p for p in unet_dir.iterdir() if p.is_file()]
+def pickled_weights(unet_dir: Path, allow_pickle: bool) -> Path | None:
+    """None if the weights are safetensors; else the pickle that holds them, refused unless the user
+    opted in (it is then read by `load_pickled_weights`, which does not run code)."""
+    files = sorted((p for p in unet_dir.iterdir() if p.is_file()), key=lambda p: (p.stem != DIFFUSERS_WEIGHTS, p.name))
     if any(p.suffix == ".safetensors" for p in files):
-        return True
+        return None
     pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
     if not pickles:
-        raise ModelError(f"{unet_dir} has no weights file (expected diffusion_pytorch_model.safetensors)")
+        raise ModelError(f"{unet_dir} has no weights file (expected {DIFFUSERS_WEIGHTS}.safetensors)")
     if not allow_pickle:
         raise ModelError(
             f"{pickles[0]} is a pickle, and unpickling can run code hidden in it: convert it to safetensors, "
             "or pass --allow-pickle to load it with torch.load(weights_only=True)"
         )
-    return False
+    return pickles[0]
+
+
+def load_pickled_weights(path: Path) -> dict:
+    """A state dict from a pickle, read with torch.load(weights_only=True): that unpickler builds only
+    tensors and plain containers, and refuses anything else without running it."""
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # about pickle protocols; the outcome is what counts
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it calls {found[1]}" if found else "it holds more than tensors"
+        raise ModelError(
+            f"{path} was refused: {what}, which could run code when unpickled; load only weights you trust, "
+            "converted to safetensors"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot read {path} ({reason}); the file may be damaged") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint that wraps the weights
+    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+        raise ModelError(f"{path} does not hold model weights (a mapping of names to tensors)")
+    return state
+
+
+def load_unet(unet_dir: Path, allow_pickle: bool):
+    from diffusers import UNet2DModel
+
+    pickled = pickled_weights(unet_dir, allow_pickle)
+    try:
+        if pickled is None:
+            return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+        unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
+        unet.load_state_dict(load_pickled_weights(pickled))
+        return unet
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load the UNet weights in {unet_dir} ({reason}); the file may be damaged: "
+                         "save or download it again") from None
 
 
 def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu") -> DiffusionModel:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     from difflab.models.build import denoiser_for
 
@@ -153,13 +212,7 @@ def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu") ->
     unet_kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
     if unet_kind != "UNet2DModel":
         raise ModelError(f"{spec} has a {unet_kind}; this command takes pixel-space UNet2DModel pipelines")
-    safetensors = check_weights(unet_dir, allow_pickle)
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=safetensors)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"cannot load the UNet weights in {unet_dir} ({reason}); the file may be damaged: "
-                         "save or download it again") from None
+    unet = load_unet(unet_dir, allow_pickle)
 
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     schedule = DDPMScheduler.from_config(_read_json(scheduler_file)) if scheduler_file.is_file() else DDPMScheduler()
@@ -189,3 +242,4 @@ def load_conditioning(denoiser, folder: Path, spec) -> None:
     if set(weights) != expected:
         raise ModelError(f"{folder / CONDITIONING_FILE} does not match difflab.json; the model folder {spec} is damaged")
     denoiser.load_state_dict(weights, strict=False)
+

@@ -2,8 +2,11 @@
 
 A checkpoint is a folder `step_XXXXXXXX/` of safetensors files plus `state.json`, which is written
 last and holds each file's SHA-256. It is assembled under a hidden `.partial` name and renamed into
-place only when complete, and the `latest` pointer is replaced atomically after that. Loading
-verifies the checksums and falls back to the newest intact checkpoint.
+place only when complete, and the `latest` pointer is replaced atomically after that. Old
+checkpoints are renamed to a hidden `.deleting` name before they are deleted, so a visible
+`step_*` folder is always a complete checkpoint. Loading verifies the checksums and takes the newest
+intact checkpoint. A failed write (disk full, read-only folder) is a `TrainingError` that leaves the
+earlier checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from difflab.errors import TrainingError
+from difflab.files import safetensors_os_error, write_text_atomic
+from difflab.testhooks import pause_point  # test-only: a no-op unless a crash test asks to stop there
 
 log = logging.getLogger("difflab")
 
@@ -42,13 +48,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:
+        raise safetensors_os_error(e, path) from None
+
+
+def last_good(root: Path) -> str:
+    """For error messages: the checkpoint that --resume would continue from."""
+    last = find_latest(root)
+    return f"the last good checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
 
 
 def checkpoint_name(step: int) -> str:
@@ -58,33 +68,63 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
                     keep: int) -> Path:
     """Write groups of tensors (one safetensors file each) and a JSON state; keep the `keep` newest."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    if not (final / STATE_FILE).is_file():
-        partial = root / f".{final.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        files = {}
-        for group, group_tensors in tensors.items():
-            path = partial / f"{group}.safetensors"
-            save_file({k: v.detach().cpu().contiguous() for k, v in group_tensors.items()}, str(path))
-            _fsync(path)
-            files[path.name] = _sha256(path)
-        write_text_atomic(partial / STATE_FILE, json.dumps({**state, "step": step, "files": files}, indent=1))
-        _fsync(partial)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of an earlier crash
-        os.rename(partial, final)
-        _fsync(root)
-    write_text_atomic(root / LATEST_FILE, final.name + "\n")
+    try:
+        if verify(final) is None:  # not there yet, or a damaged leftover of an earlier crash
+            _assemble(root, final, step, tensors, state)
+        write_text_atomic(root / LATEST_FILE, final.name + "\n")
+        pause_point(f"{final.name}:latest-written")
+    except OSError as e:
+        shutil.rmtree(root / f".{final.name}.partial", ignore_errors=True)  # give back the space it took
+        raise TrainingError(
+            f"could not write checkpoint {final} ({e.strerror or e}); {last_good(root)}: free some disk space "
+            f"or make {root} writable, then run again with --resume"
+        ) from None
     prune(root, keep)
     return final
 
 
+def _assemble(root: Path, final: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
+    partial = root / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    pause_point(f"{final.name}:started")
+    files = {}
+    for group, group_tensors in tensors.items():
+        path = partial / f"{group}.safetensors"
+        save_tensors(group_tensors, path)
+        _fsync(path)
+        files[path.name] = _sha256(path)
+        pause_point(f"{final.name}:{group}-written")
+    write_text_atomic(partial / STATE_FILE, json.dumps({**state, "step": step, "files": files}, indent=1))
+    _fsync(partial)
+    pause_point(f"{final.name}:state-written")
+    if final.exists():  # damaged: move it out of the way, so that a visible step_* is always complete
+        _remove(final)
+    os.rename(partial, final)
+    _fsync(root)
+    pause_point(f"{final.name}:renamed")
+
+
+def _remove(checkpoint: Path) -> None:
+    """Hide a checkpoint first (one atomic rename), then delete it: a crash halfway leaves only a
+    hidden leftover, never a visible half-deleted checkpoint."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(checkpoint, doomed)
+    pause_point(f"{checkpoint.name}:hidden-for-deletion")
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def prune(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest complete checkpoints, and leftovers of interrupted writes."""
     complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".step_*.partial"):
+    try:
+        for old in complete[:-keep]:
+            _remove(old)
+    except OSError as e:  # the new checkpoint is safe; an old one left behind is only clutter
+        log.warning("could not delete an old checkpoint in %s (%s)", root, e.strerror or e)
+    for leftover in [*root.glob(".step_*.partial"), *root.glob(".step_*.deleting")]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -94,25 +134,20 @@ def verify(path: Path) -> dict | None:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         if all(_sha256(path / name) == digest for name, digest in state["files"].items()):
             return state
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
 
 
 def find_latest(root: Path) -> Path | None:
-    """The newest intact checkpoint: the one `latest` names, or else the newest that verifies."""
+    """The newest intact checkpoint. `latest` names it too, but is written after the checkpoint, so a
+    crash in between may leave it one behind; the checkpoints themselves decide."""
     if not root.is_dir():
         return None
-    candidates = sorted(root.glob("step_*"), reverse=True)
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
-        candidates = [named] + [c for c in candidates if c != named]
-    for candidate in candidates:
+    for candidate in sorted(root.glob("step_*"), reverse=True):
         if verify(candidate) is not None:
             return candidate
-        if candidate.exists():
-            log.warning("checkpoint %s is incomplete or damaged; skipping it", candidate)
+        log.warning("checkpoint %s is incomplete or damaged; skipping it", candidate)
     return None
 
 

@@ -10,16 +10,20 @@ import torch
 from difflab.errors import TrainingError
 
 
-def finite_losses(losses: list[torch.Tensor], last_step: int, advice: Callable[[], str]) -> torch.Tensor:
-    """The losses of the steps up to `last_step` as a CPU tensor. If one is not finite, stop before a
-    diverged model is logged or saved: a TrainingError names its step, then says `advice()`."""
-    values = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+def finite_losses(losses: list[torch.Tensor], last_step: int, advice: Callable[[], str],
+                  names: tuple[str, ...] = ("the loss",)) -> torch.Tensor:
+    """The losses of the steps up to `last_step` as a CPU tensor. Each step's entry is its loss, or a
+    tensor of the figures `names` describes (loss first, then e.g. the gradients' norm). If a figure
+    is not finite, stop before a diverged model is logged or saved: a TrainingError names the figure
+    and its step, then says `advice()`."""
+    values = torch.stack(losses).float().cpu().reshape(len(losses), -1) if losses else torch.zeros(0, len(names))
     bad = (~torch.isfinite(values)).nonzero()
     if len(bad):
-        first = int(bad[0])
-        step = last_step - len(values) + first + 1
-        raise TrainingError(f"the loss became {values[first].item()} at step {step} and training stopped; {advice()}")
-    return values
+        row, column = bad[0].tolist()
+        step = last_step - len(values) + row + 1
+        raise TrainingError(f"{names[column]} became {values[row, column].item()} at step {step} and training "
+                            f"stopped; {advice()}")
+    return values[:, 0]
 
 
 def show_progress(bar, loss: float, images_per_s: float, *, step: int, fraction_done: float,

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 from pathlib import Path
 
 from difflab.config import differences, dumps_config, load_config
 from difflab.errors import RunFolderError
-from difflab.training.checkpoints import find_latest, write_text_atomic
+from difflab.files import atomic_path, write_text_atomic
+from difflab.training.checkpoints import find_latest
 
 
 class RunFolder:
@@ -30,31 +32,36 @@ class RunFolder:
     def latest_checkpoint(self) -> Path | None:
         return find_latest(self.checkpoints)
 
+    def sample_path(self, step: int) -> Path:
+        return self.samples / f"step_{step:06d}.png"
+
     def save_samples(self, grid, step: int, settings: dict, metrics: MetricsLog) -> Path:
         """samples/step_NNNNNN.png (with its settings in the PNG), and loss.png redrawn with it."""
         from difflab.images import save_png
+
+        path = save_png(grid, self.sample_path(step), settings)
+        self.plot_loss(metrics)
+        return path
+
+    def plot_loss(self, metrics: MetricsLog) -> None:
         from difflab.plots import loss_curve
 
-        path = save_png(grid, self.samples / f"step_{step:06d}.png", settings)
         steps, values = metrics.series("loss")
         if values:
             loss_curve(steps, values, self.loss_plot)
-        return path
 
     def prepare(self, config, *, resume: bool, overwrite: bool, write: bool = True,
-                resumable: bool = True) -> Path | None:
+                barrier=lambda: None, resumable: bool = True) -> Path | None:
         """Check the folder may be used for this run; returns the checkpoint to resume from, if any.
-        Only the main process writes (`write`). Runs that cannot be resumed say so (`resumable`)."""
+        Only the main process writes (`write`), and only after every process has looked (`barrier`).
+        Runs that cannot be resumed say so (`resumable`)."""
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"{self.root} is a file; give a folder for the run")
-        occupied = self.root.is_dir() and any(self.root.iterdir())
+        occupied = self.root.is_dir() and any(not _leftover(p) for p in self.root.iterdir())
         if occupied and not self.holds_run():
             raise RunFolderError(f"{self.root} is not empty and is not a difflab run; choose another --out")
         checkpoint = None
-        if occupied and overwrite:
-            if write:
-                shutil.rmtree(self.root)
-        elif occupied and resume:
+        if occupied and resume and not overwrite:
             changed = differences(load_config(self.config, type(config)), config)
             if changed:
                 raise RunFolderError(
@@ -62,13 +69,28 @@ class RunFolder:
                     "or choose another --out"
                 )
             checkpoint = self.latest_checkpoint()
-        elif occupied:
+        elif occupied and not overwrite:
             choices = "add --resume to continue it or --overwrite" if resumable else "add --overwrite"
             raise RunFolderError(f"{self.root} already holds a run; {choices} to start again")
+        barrier()  # every process has looked before the main one changes anything
         if write:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.config, dumps_config(config))
+            try:
+                if occupied and overwrite:
+                    shutil.rmtree(self.root)
+                elif checkpoint is None:
+                    self.metrics.unlink(missing_ok=True)  # nothing to resume from: the run starts over
+                self.root.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.config, dumps_config(config))
+            except OSError as e:
+                raise RunFolderError(
+                    f"cannot write the run folder {self.root} ({e.strerror or e}); make it writable or choose another --out"
+                ) from None
         return checkpoint
+
+
+def _leftover(path: Path) -> bool:
+    """A hidden half-written file of ours (a crash before the first config.toml was in place)."""
+    return path.name.startswith(".") and path.name.endswith(".partial")
 
 
 class MetricsLog:
@@ -78,17 +100,26 @@ class MetricsLog:
         self.path = path
         self.columns: list[str] = []
         self.rows: list[dict[str, str]] = []
+        self.torn = False  # a row cut short by a crash or a full disk, dropped on reading
         if path.is_file():
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or [])
-                self.rows = list(reader)
+            text = path.read_text(encoding="utf-8", errors="replace")
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            self.columns = list(reader.fieldnames or [])
+            rows = list(reader)
+            if rows and not text.endswith("\n"):  # the last row may be cut short
+                rows.pop()
+                self.torn = True
+            for row in rows:
+                if _complete(row, self.columns):
+                    self.rows.append(row)
+                else:
+                    self.torn = True
 
     def truncate_after(self, step: int) -> None:
-        """Forget rows logged after the checkpoint a run resumes from."""
+        """Forget rows logged after the checkpoint a run resumes from (and torn rows)."""
         kept = [row for row in self.rows if int(row["step"]) <= step]
-        if len(kept) != len(self.rows):
-            self.rows = kept
+        if len(kept) != len(self.rows) or self.torn:
+            self.rows, self.torn = kept, False
             self._rewrite()
 
     def append(self, row: dict) -> None:
@@ -102,16 +133,24 @@ class MetricsLog:
                 csv.DictWriter(f, self.columns, lineterminator="\n").writerow(row)
 
     def _rewrite(self) -> None:
-        partial = self.path.with_name(f".{self.path.name}.partial")
-        with open(partial, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(self.path) as partial, open(partial, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, self.columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.rows)
-        partial.replace(self.path)
 
     def series(self, column: str) -> tuple[list[int], list[float]]:
         pairs = [(int(r["step"]), float(r[column])) for r in self.rows if r.get(column) not in (None, "")]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _complete(row: dict, columns: list[str]) -> bool:
+    if None in row or any(row.get(c) is None for c in columns):  # too many or too few fields
+        return False
+    try:
+        int(row["step"])
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def _fmt(value) -> str:

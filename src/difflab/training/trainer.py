@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from difflab import testhooks
 from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.diffusion.generate import generate, row_labels
-from difflab.errors import DataError
-from difflab.images import make_grid
+from difflab.errors import DataError, TrainingError
+from difflab.images import make_grid, save_png
 from difflab.models.build import build_model
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
@@ -78,16 +79,17 @@ class Trainer:
         config.validate()
         self.accelerator = acc = make_accelerator(config)
         d = config.data
-        data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict)
-        self.config = config = resolve_data_settings(config, data)
-        self.run = RunFolder(out)
-        checkpoint = self.run.prepare(config, resume=resume, overwrite=overwrite, write=acc.is_main_process)
-        acc.wait_for_everyone()
-
+        data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict, d.memory_limit_mb)
         conditional = config.model.conditioning == "class"
         if conditional and not data.has_labels:
             raise DataError(f"--conditioning class needs labelled data, and {d.spec} has no labels "
                             "(put each class's images in its own sub-folder)")
+        self.config = config = resolve_data_settings(config, data)
+        self.run = RunFolder(out)
+        checkpoint = self.run.prepare(config, resume=resume, overwrite=overwrite, write=acc.is_main_process,
+                                      barrier=acc.wait_for_everyone)
+        acc.wait_for_everyone()
+
         self.model = build_model(config.model, data.image_size, data.channels, data.source, config.run.seed,
                                  data.class_names if conditional else None)
         self.evaluator = None
@@ -162,7 +164,8 @@ class Trainer:
         return self.save_model()
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss (on the device)."""
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and the gradients'
+        norm (on the device, checked by `check_finite`)."""
         o, acc = self.config.optim, self.accelerator
         schedule = self.model.noise_schedule
         total = torch.zeros((), device=acc.device)
@@ -182,8 +185,7 @@ class Trainer:
                 loss = diffusion_loss(prediction, prediction_target(schedule, x0, noise, t), weights)
                 acc.backward(loss / o.grad_accum)
             total += loss.detach() / o.grad_accum
-        if o.clip_grad:
-            acc.clip_grad_norm_(self.params, o.clip_grad)
+        grad_norm = self.gradient_norm(o.clip_grad)
         self.lr = o.lr * lr_factor(self.state.step, self.fraction_done(), o.warmup_steps, o.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
@@ -191,7 +193,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        return total
+        return torch.stack([total, grad_norm])
+
+    def gradient_norm(self, clip: float) -> torch.Tensor:
+        """The gradients' total norm, after clipping it to `clip` if that is set. With fp16 loss scaling
+        an overflow is routine (the scaler skips that step), so it is not reported: zero is returned."""
+        acc = self.accelerator
+        norm = acc.clip_grad_norm_(self.params, clip) if clip else None
+        if acc.scaler is not None:
+            return torch.zeros((), device=acc.device)
+        if norm is None:
+            grads = [p.grad.detach() for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+        return torch.zeros((), device=acc.device) if norm is None else norm.detach().float()
 
     def training_labels(self, batch: dict) -> torch.Tensor | None:
         """Class labels, each dropped to the null class with chance `cond_dropout` (for guidance)."""
@@ -204,14 +218,13 @@ class Trainer:
 
     # ---- what the loop writes ----------------------------------------------------------------------
     def check_finite(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """Stop before a diverged model is logged or saved, naming the step where it went wrong."""
+        """Stop before a diverged model is logged or saved, naming the step where it went wrong.
+        `losses` holds train_step's (loss, gradient norm) pairs; returns the losses."""
         def advice() -> str:
-            last = self.run.latest_checkpoint()
-            resume = f"the last good checkpoint is {last.name}" if last else "no checkpoint was saved yet"
-            return (f"{resume}: lower --lr (now {self.config.optim.lr}) or lengthen --warmup-steps, "
-                    "then run again with --resume")
+            return (f"{checkpoints.last_good(self.run.checkpoints)}: lower --lr (now {self.config.optim.lr}), "
+                    "lengthen --warmup-steps or set --clip-grad, then run again with --resume")
 
-        return finite_losses(losses, self.state.step, advice)
+        return finite_losses(losses, self.state.step, advice, names=("the loss", "the gradients' norm"))
 
     def log(self, losses: list[torch.Tensor], images_per_s: float, bar) -> None:
         values = self.check_finite(losses)
@@ -219,10 +232,23 @@ class Trainer:
         show_progress(bar, loss, images_per_s, step=self.state.step, fraction_done=self.fraction_done(),
                       step_budget=self.budget.steps)
         if self.accelerator.is_main_process:
-            self.metrics.append({
-                "step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
-                "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2),
-            })
+            with self.writing(self.run.metrics):
+                self.metrics.append({
+                    "step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
+                    "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2),
+                })
+
+    @contextmanager
+    def writing(self, path: Path):
+        """A failed write (a full disk, a read-only folder) stops training with one line that says what
+        to do; checkpoints.save_checkpoint reports its own."""
+        try:
+            yield
+        except OSError as e:
+            raise TrainingError(
+                f"could not write {path} ({e.strerror or e}); {checkpoints.last_good(self.run.checkpoints)}: "
+                "free some disk space or make the run folder writable, then run again with --resume"
+            ) from None
 
     @contextmanager
     def ema_weights(self):
@@ -253,7 +279,11 @@ class Trainer:
         settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
         if names:
             settings["cfg_scale"] = run.sample_cfg_scale
-        self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
+        grid = self.run.sample_path(self.state.step)
+        with self.writing(grid):
+            save_png(make_grid(images, columns, names), grid, settings)
+        with self.writing(self.run.loss_plot):
+            self.run.plot_loss(self.metrics)
 
     def evaluate(self) -> dict | None:
         """Fréchet distance and class accuracy of the moving-average model, logged to metrics.csv."""
@@ -267,7 +297,8 @@ class Trainer:
         row = {"step": self.state.step, "frechet_distance": result["frechet_distance"]}
         if "class_accuracy" in result:
             row["class_accuracy"] = result["class_accuracy"]
-        self.metrics.append(row)
+        with self.writing(self.run.metrics):
+            self.metrics.append(row)
         log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
         self.last_evaluation = result
         return result
@@ -317,7 +348,7 @@ class Trainer:
             self.model.info.training.update(
                 steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
                 device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay)
-            with self.ema_weights():
+            with self.ema_weights(), self.writing(self.run.model):
                 card = model_card(self.model, str(self.run.model), dumps_config(self.config))
                 save_model(self.model, self.run.model, card)
         self.accelerator.wait_for_everyone()
@@ -326,4 +357,11 @@ class Trainer:
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a model; returns the folder of the saved model."""
-    return Trainer(config, out, resume=resume, overwrite=overwrite).fit()
+    testhooks.watch_writes(out)
+    trainer = Trainer(config, out, resume=resume, overwrite=overwrite)
+    try:
+        model_dir = trainer.fit()
+    finally:
+        trainer.stream.close()  # stops the processes that read a large folder ahead
+    testhooks.report(trainer)
+    return model_dir

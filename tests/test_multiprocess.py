@@ -1,0 +1,83 @@
+"""Several processes: `accelerate launch --multi_gpu --num_processes 2 ... --device cpu` (two CPU
+processes over gloo) trains, checkpoints and resumes without hanging; every rank holds the same
+weights and moving average, the average is updated once per optimizer step, and only the main
+process writes files. (`accelerate launch --cpu --num_processes 2` starts one process only: its
+`--cpu` launcher spreads over processes only with an MPI hostfile.)
+
+Each process reports digests of its weights and the files it wrote through the test-only
+DIFFLAB_TEST_REPORT_DIR hook (src/difflab/testhooks.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difflab.training.checkpoints import find_latest, load_checkpoint
+
+ARGS = ["-m", "difflab", "-q", "train", "--data", "digits", "--image-size", "8", "--model", "tiny",
+        "--batch-size", "4", "--grad-accum", "2", "--steps", "4", "--warmup-steps", "2", "--checkpoint-every", "2",
+        "--keep-checkpoints", "2", "--log-every", "1", "--sample-every", "2", "--sample-count", "2",
+        "--sample-steps", "2", "--device", "cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, report: Path, *extra: str) -> dict[int, dict]:
+    report.mkdir()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), *ARGS, "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "DIFFLAB_TEST_REPORT_DIR": str(report)}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group: a hang is killed whole
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        _, stderr = launcher.communicate()
+        pytest.fail(f"accelerate launch hung:\n{stderr[-3000:]}")
+    assert launcher.returncode == 0, stderr[-3000:]
+    reports = {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in report.glob("rank*.json")}
+    assert sorted(reports) == [0, 1] and all(r["world_size"] == 2 for r in reports.values())
+    return reports
+
+
+def check_ranks(reports: dict[int, dict]) -> None:
+    first, second = reports[0], reports[1]
+    assert first["weights"] == second["weights"] and first["ema"] == second["ema"]  # the same model everywhere
+    assert first["step"] == second["step"] == 4
+    assert first["ema_step"] == second["ema_step"] == 4  # once per optimizer step, not per micro-batch
+    assert second["writes"] == []  # only the main process writes
+    assert any("checkpoints/" in w for w in first["writes"]) and any("model" in w for w in first["writes"])
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_train_checkpoint_and_resume_alike(tmp_path):
+    first = launch(tmp_path / "run", tmp_path / "report")
+    check_ranks(first)
+    run = tmp_path / "run"
+    _, state = load_checkpoint(find_latest(run / "checkpoints"))
+    assert state["step"] == 4 and state["ema_step"] == 4 and state["train"]["images_seen"] == 4 * 4 * 2 * 2
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+
+    # Resume a copy of the run from its step-2 checkpoint: both ranks must reach the same step-4 state.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.toml", resumed)
+    shutil.copytree(run / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    second = launch(resumed, tmp_path / "report-resumed", "--resume")
+    check_ranks(second)
+    assert second[0]["weights"] == first[0]["weights"] and second[0]["ema"] == first[0]["ema"]
