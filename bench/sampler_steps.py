@@ -1,7 +1,8 @@
 """Steps against quality: Fréchet distance and class accuracy against the number of model evaluations,
 for several samplers and step counts, on one trained model.
 
-    python bench/sampler_steps.py --model runs/bench-class-conditional/difflab -n 1000 --plot docs/images/sampler_steps.png
+    python bench/sampler_steps.py --model runs/bench-class-conditional/difflab -n 1000 \
+        --plot docs/images/sampler_steps.png
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ import time
 import torch
 
 from common import emit, median
+from difflab.config import ModelConfig
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
 from difflab.diffusion.schedules import noise_scheduler
 from difflab.models.build import build_model
-from difflab.config import ModelConfig
 
 
 def timed(fn) -> float:
@@ -30,7 +30,8 @@ def timed(fn) -> float:
 def bare_loop(model, args) -> None:
     scheduler = make_sampler("ddim", model.noise_schedule.config)
     scheduler.set_timesteps(args.steps)
-    x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    shape = (args.batch, args.channels, args.image_size, args.image_size)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     for t in scheduler.timesteps:
         x = scheduler.step(model.unet(x, t).sample, t, x).prev_sample
 

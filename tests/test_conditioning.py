@@ -28,7 +28,8 @@ def test_both_class_methods_train_save_and_load(tmp_path, method):
     assert model.class_names == info["class_names"]
     unet = model.unet.config
     if method == "channels":
-        assert unet.in_channels == 1 + 4 and unet.out_channels == 1 and (model_dir / "conditioning.safetensors").is_file()
+        assert unet.in_channels == 1 + 4 and unet.out_channels == 1
+        assert (model_dir / "conditioning.safetensors").is_file()
     else:
         assert unet.num_class_embeds == 11 and unet.in_channels == 1  # ten classes and the null class
     labels = torch.tensor([0, 1, 2, 3])
@@ -114,7 +115,8 @@ def test_class_all_grid_has_a_labelled_row_per_class(capsys, conditional_model, 
     assert png_settings(tmp_path / "each" / "000029.png")["class"] == "9"
     code = main(["sample", "--model", str(conditional_model), "--class", "3,7", "-n", "2", "--steps", "3",
                  "--out-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.png")])
-    assert code == 0 and [png_settings(p)["class"] for p in sorted((tmp_path / "two").iterdir())] == ["3", "3", "7", "7"]
+    assert code == 0
+    assert [png_settings(p)["class"] for p in sorted((tmp_path / "two").iterdir())] == ["3", "3", "7", "7"]
 
 
 # ---- bad input ------------------------------------------------------------------------------------

@@ -134,7 +134,8 @@ def kill_at(zygote: Zygote, argv: list[str], moment: tuple, run: Path, tmp: Path
         assert code is None, f"kill {index} {moment}: the process ended by itself ({code}):\n{log.read_text()}"
         if moment[0] == "logged" and logged is None and moment[1] in metrics_steps(run):
             logged = time.monotonic()
-        if ((moment[0] == "pause" and paused.exists()) or (moment[0] == "after" and time.monotonic() - started >= moment[1])
+        if ((moment[0] == "pause" and paused.exists())
+                or (moment[0] == "after" and time.monotonic() - started >= moment[1])
                 or (logged is not None and time.monotonic() - logged >= (moment[2] if len(moment) > 2 else 0))):
             break
         if time.monotonic() - started > 120:

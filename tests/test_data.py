@@ -14,7 +14,6 @@ from difflab.data import BatchStream, open_dataset
 from difflab.data.decode import UnreadableImage, open_image, read_image_array
 from difflab.errors import DataError
 
-
 # ---- built-in digits ----------------------------------------------------------------------------
 
 def test_digits_are_resized_grey_images_with_labels():

@@ -76,7 +76,8 @@ def test_evaluating_a_conditional_model(conditional_model):
 
 
 def test_eval_command_prints_json_and_a_line(capsys, conditional_model, tmp_path):
-    code = main(["eval", "--model", str(conditional_model), "-n", "30", "--steps", "3", "--json", str(tmp_path / "e.json")])
+    code = main(["eval", "--model", str(conditional_model), "-n", "30", "--steps", "3",
+                 "--json", str(tmp_path / "e.json")])
     captured = capsys.readouterr()
     assert code == 0
     result = json.loads(captured.out)

@@ -59,7 +59,8 @@ def assert_sound(run: Path, last_good: int) -> None:
     tensors, state = load_checkpoint(root / f"step_{last_good:08d}")
     assert state["step"] == last_good and all(torch.isfinite(t).all() for g in tensors.values() for t in g.values())
     assert (run / "config.toml").read_text().startswith("[data]")
-    assert all(int(r["step"]) >= 1 for r in MetricsLog(run / "metrics.csv").rows) and not MetricsLog(run / "metrics.csv").torn
+    metrics = MetricsLog(run / "metrics.csv")
+    assert all(int(r["step"]) >= 1 for r in metrics.rows) and not metrics.torn
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:

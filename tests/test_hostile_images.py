@@ -16,8 +16,7 @@ import torch
 from PIL import Image, ImageCms
 
 from difflab.cli import main
-from difflab.data import BatchStream, StreamedImages, open_dataset
-from difflab.data import decode
+from difflab.data import BatchStream, StreamedImages, decode, open_dataset
 from difflab.data.decode import read_image_array
 from difflab.data.folder import list_images
 
@@ -157,7 +156,8 @@ def test_strict_names_the_first_hostile_file(tmp_path):
 def test_a_long_thin_image_is_not_resized_whole(monkeypatch):
     sizes = []
     resize = Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
+    monkeypatch.setattr(Image.Image, "resize",
+                        lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
     image = Image.new("L", (1, 3_000_000), 9)  # resized whole to 64 px wide, it would be 64 x 192 M pixels
     assert decode.resize_center_crop(image, 64).size == (64, 64)
     assert max(w * h for w, h in sizes) <= decode.MAX_RESIZED_PIXELS

@@ -85,4 +85,5 @@ def test_pickled_weights_need_an_explicit_opt_in(tmp_path, trained_model):
         load_model(folder)
     model = load_model(folder, allow_pickle=True)
     reference = load_model(trained_model)
-    assert all(torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(), reference.unet.state_dict().values()))
+    pairs = zip(model.unet.state_dict().values(), reference.unet.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)

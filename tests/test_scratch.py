@@ -223,7 +223,8 @@ def test_scratch_sample_gives_the_training_grid_and_repeats_itself(capsys, scrat
 
 
 def test_a_scratch_config_file_reruns_the_run(capsys, scratch_run, tmp_path):
-    code, err = run_cli(capsys, "scratch", "train", "--config", scratch_run / "config.toml", "--out", tmp_path / "again")
+    code, err = run_cli(capsys, "scratch", "train", "--config", scratch_run / "config.toml",
+                        "--out", tmp_path / "again")
     assert code == 0 and f"model:    {tmp_path / 'again' / 'model'}  (BasicUNet weights" in err
     assert f"sample more with: difflab scratch sample --model {tmp_path / 'again' / 'model'}" in err
     a = load_file(scratch_run / "model" / "basic_unet.safetensors")

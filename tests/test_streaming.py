@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from difflab.config import TrainConfig
-from difflab.data import BatchStream, ImageDataset, StreamedImages, open_dataset
-from difflab.data import streaming
+from difflab.data import BatchStream, ImageDataset, StreamedImages, open_dataset, streaming
 from difflab.errors import ConfigError, DataError
 from difflab.training.trainer import train
 

@@ -61,7 +61,8 @@ def test_resuming_an_interrupted_run_gives_the_same_weights_as_running_straight_
     resumed = Trainer(config, tmp_path / "resumed", resume=True)
     assert resumed.state.step == 17  # the interrupt saved a checkpoint
     resumed.fit()
-    assert all(torch.equal(x, y) for x, y in zip(weights(straight).values(), weights(tmp_path / "resumed" / "model").values()))
+    resumed_weights = weights(tmp_path / "resumed" / "model")
+    assert all(torch.equal(x, y) for x, y in zip(weights(straight).values(), resumed_weights.values()))
     assert [r["step"] for r in rows(tmp_path / "resumed")] == [r["step"] for r in rows(tmp_path / "straight")]
 
 
@@ -84,7 +85,8 @@ def test_gradient_accumulation_averages_rather_than_sums(tmp_path):
 
         trainer.stream = SameBatch()
         grads = {}
-        trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in trainer.model.denoiser.named_parameters()})
+        named = trainer.model.denoiser.named_parameters
+        trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in named()})
         trainer.train_step()
         return grads
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, SAMPLERS
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
@@ -38,13 +39,15 @@ def option(default, help: str, *, flag: str | None = None, choices=None):
 @dataclass
 class DataConfig:
     spec: str = option("digits", f"training images: {DATA_SPEC_HELP}", flag="--data")
-    image_size: int | None = option(None, "side of the square training images in pixels (default: the data's own, at most 64; 16 for digits)")
+    image_size: int | None = option(None, "side of the square training images in pixels (default: the data's own, "
+                                          "at most 64; 16 for digits)")
     channels: int | None = option(None, "1 (grey) or 3 (RGB); default: the data's own", choices=(1, 3))
     split: str = option("train", "which part of the data to use", choices=("train", "test", "all"))
     flip: bool = option(False, "random horizontal flips")
     strict: bool = option(False, "stop at the first unreadable image instead of skipping it with a warning")
-    memory_limit_mb: int = option(DEFAULT_MEMORY_LIMIT_MB, "keep a folder's decoded images in memory up to this many MB; a larger "
-                                        "folder is read from disk by worker processes as training goes (0: always)")
+    memory_limit_mb: int = option(DEFAULT_MEMORY_LIMIT_MB,
+                                  "keep a folder's decoded images in memory up to this many MB; a larger folder is "
+                                  "read from disk by worker processes as training goes (0: always)")
 
 
 @dataclass
@@ -52,11 +55,14 @@ class ModelConfig:
     preset: str = option("small", "UNet preset (tiny, small, medium, course) or a diffusers UNet config.json",
                          flag="--model")
     schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES))
-    prediction: str = option("v", "what the network predicts (v is robust at every noise level)", choices=tuple(PREDICTIONS))
+    prediction: str = option("v", "what the network predicts (v is robust at every noise level)",
+                             choices=tuple(PREDICTIONS))
     timesteps: int = option(1000, "number of training timesteps")
-    conditioning: str = option("none", "condition the model on class labels (needs labelled data)", choices=("none", "class"))
+    conditioning: str = option("none", "condition the model on class labels (needs labelled data)",
+                               choices=("none", "class"))
     class_method: str = option("embedding", "how labels enter the UNet: added to the timestep embedding, or as "
-                                            "extra input channels (the course's way)", choices=("embedding", "channels"))
+                                            "extra input channels (the course's way)",
+                               choices=("embedding", "channels"))
     class_embed_dim: int = option(4, "width of the class embedding for --class-method channels")
     cond_dropout: float = option(0.1, "chance of dropping a label to the null class in training, which "
                                       "classifier-free guidance needs (0 = never)")
@@ -71,7 +77,8 @@ class OptimConfig:
     batch_size: int = option(64, "images per device per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step (the loss is averaged over them)")
     clip_grad: float = option(1.0, "clip the gradient norm to this (0 = off)")
-    ema_decay: float = option(0.999, "decay of the weights' moving average used for samples and the saved model (0 = off)")
+    ema_decay: float = option(0.999, "decay of the weights' moving average used for samples and the saved model "
+                                     "(0 = off)")
     min_snr_gamma: float = option(0.0, "min-SNR-γ loss weighting (5 is typical; 0 = off)")
     precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 on older "
                                     "GPUs, else none)", choices=("auto", "no", "fp16", "bf16"))
@@ -87,7 +94,8 @@ class RunConfig:
     sample_count: int = option(16, "images in each sample grid")
     sample_sampler: str = option("dpm++2m", "sampler for the grids", choices=tuple(SAMPLERS))
     sample_steps: int = option(20, "sampler steps for the grids")
-    sample_cfg_scale: float = option(DEFAULT_CFG_SCALE, "classifier-free guidance scale for grids and evaluations of class-conditional models")
+    sample_cfg_scale: float = option(DEFAULT_CFG_SCALE, "classifier-free guidance scale for grids and evaluations "
+                                                        "of class-conditional models")
     eval_every: int = option(0, "evaluate (Fréchet distance, class accuracy) every N steps and at the end (0 = never)")
     eval_count: int = option(500, "images generated for each evaluation")
     checkpoint_every: int = option(500, "save a full checkpoint every N steps (0 = only at the end)")

@@ -1,8 +1,10 @@
-"""Writing files so that a crash, a kill or a full disk never leaves half of one in place."""
+"""Files: writing them so that a crash, a kill or a full disk never leaves half of one in place, and
+reading the small JSON files models are described by."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -40,3 +42,17 @@ def safetensors_os_error(error: Exception, path: str | Path) -> OSError:
     if found:
         return OSError(int(found[2]), found[1], str(path))
     return OSError(f"{error} ({path})")
+
+
+def read_json_object(path: str | Path, error: type[Exception], hint: str = "") -> dict:
+    """The JSON object in `path`; a missing file, bad JSON or another JSON value raise `error` with a
+    one-line message ending in `hint` (say, what to do about it)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} does not exist{hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}){hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} should hold a JSON object{hint}")
+    return data

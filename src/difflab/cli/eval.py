@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
     p.add_argument("--data", help=f"{DATA_SPEC_HELP} (default: the data the model was trained on)")
     p.add_argument("-n", "--count", type=int, default=1000, help="images to generate (default 1000)")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER,
+                   help=f"one of {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
     p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
                    help=f"classifier-free guidance for class-conditional models (default {DEFAULT_CFG_SCALE})")

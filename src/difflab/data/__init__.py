@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difflab.config import DATA_SPEC_HELP as SPEC_HELP
+from difflab.config import DEFAULT_MEMORY_LIMIT_MB
 from difflab.data.dataset import ImageDataset, match_channels, resize_uint8
 from difflab.data.stream import BatchStream
 from difflab.data.streaming import StreamedImages
-from difflab.config import DATA_SPEC_HELP as SPEC_HELP
-from difflab.config import DEFAULT_MEMORY_LIMIT_MB
 from difflab.errors import DataError
 
 SPLITS = ("train", "test", "all")

@@ -12,7 +12,6 @@ from difflab.data.folder import MAX_DEFAULT_SIZE
 from difflab.errors import DataError
 
 
-
 def load_hub_dataset(spec: str, image_size: int | None, channels: int | None, split: str) -> ImageDataset:
     import datasets
 

@@ -24,6 +24,15 @@ def model_function(model: DiffusionModel, class_labels: torch.Tensor | None, cfg
     return classifier_free_guidance(model.denoiser, class_labels, cfg_scale)
 
 
+def counted(model_fn: ModelFn, bar) -> ModelFn:
+    """`model_fn`, ticking the progress bar at each call."""
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        bar.update()
+        return model_fn(x_t, t)
+
+    return fn
+
+
 @torch.no_grad()
 def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
              seed: int = 0, eta: float | None = None, class_labels: torch.Tensor | None = None,
@@ -42,12 +51,7 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
         labels = None if class_labels is None else class_labels[start:start + n].to(device)
-        guided = model_function(model, labels, cfg_scale)
-
-        def model_fn(x_t, t):
-            bar.update()
-            return guided(x_t, t)
-
+        model_fn = counted(model_function(model, labels, cfg_scale), bar)
         if sampler in UNCLIPPED:
             model_fn = clip_x0(model_fn, model.noise_schedule)
         generators = image_generators(seed, n, start)

@@ -58,7 +58,8 @@ class TrainedClassifier:
     class_names: list[str]
 
     @torch.no_grad()
-    def features_and_predictions(self, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_and_predictions(self, images: torch.Tensor,
+                                 batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
         """`images` in [-1, 1]."""
         self.network.eval()
         features, predictions = [], []
@@ -117,10 +118,13 @@ def load_or_train(data_spec: str, train: ImageDataset, test: ImageDataset) -> Tr
     stem = cache_dir(data_spec) / f"classifier-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights.is_file() and meta.is_file():
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        network = EvalClassifier(train.channels, len(info["class_names"]))
-        network.load_state_dict(load_file(str(weights)))
-        return TrainedClassifier(network.eval(), info["test_accuracy"], info["class_names"])
+        try:
+            info = json.loads(meta.read_text(encoding="utf-8"))
+            network = EvalClassifier(train.channels, len(info["class_names"]))
+            network.load_state_dict(load_file(str(weights)))
+            return TrainedClassifier(network.eval(), info["test_accuracy"], info["class_names"])
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # a damaged cache entry is trained again
+            log.warning("the cached evaluation classifier %s is damaged (%s); training it again", weights, e)
     log.info("training the evaluation classifier on %s (once; cached in %s)", data_spec, stem.parent)
     trained = train_classifier(train, test)
     try:

@@ -21,7 +21,8 @@ def build_model(model_config, image_size: int, channels: int, data_source: str, 
         info.class_embed_dim = model_config.class_embed_dim if info.class_method == "channels" else None
     with torch.random.fork_rng():  # seeded weights, without touching the caller's global RNG
         torch.manual_seed(seed)
-        unet = build_unet(model_config.preset, image_size, unet_in_channels(info), channels, **unet_class_settings(info))
+        unet = build_unet(model_config.preset, image_size, unet_in_channels(info), channels,
+                          **unet_class_settings(info))
         denoiser = denoiser_for(unet, info)
     schedule = noise_scheduler(model_config.schedule, model_config.prediction, model_config.timesteps)
     return DiffusionModel(denoiser, schedule, info)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from difflab.errors import ModelError
+from difflab.files import read_json_object
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,8 @@ def unet_config(preset: str, image_size: int, in_channels: int, out_channels: in
         config, name = PRESETS[preset].unet_config(), f"'{preset}'"
     elif preset.endswith(".json") or Path(preset).is_dir():
         path = Path(preset) / "config.json" if Path(preset).is_dir() else Path(preset)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"UNet config {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelError(f"UNet config {path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict) or "block_out_channels" not in config:
+        config = read_json_object(path, ModelError, "; give a diffusers UNet2DModel config.json")
+        if "block_out_channels" not in config:
             raise ModelError(f"{path} is not a diffusers UNet2DModel config (it has no block_out_channels)")
         config, name = {k: v for k, v in config.items() if not k.startswith("_")}, str(path)
     else:

@@ -20,6 +20,7 @@ import torch
 from difflab.config import SCRATCH_SAMPLE_STEPS
 from difflab.diffusion.sampling import image_generators
 from difflab.errors import ModelError
+from difflab.files import read_json_object
 from difflab.models.presets import check_image_size
 from difflab.models.scratch import BasicUNet, sample
 from difflab.progress import progress_bar
@@ -105,20 +106,15 @@ class ScratchModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from difflab.pipelines.folder import _read_json
+        from difflab.pipelines.folder import local_model_folder
 
-        folder = Path(spec).expanduser()
-        if (folder / "config.toml").is_file() and (folder / "model").is_dir():
-            folder = folder / "model"  # a run folder
-        if not folder.is_dir():
-            raise ModelError(f"{spec} is a file; give the model folder that holds it" if folder.exists()
-                             else f"model folder {spec} does not exist")
+        folder = local_model_folder(spec)
         if not (folder / INFO_FILE).is_file():
             if (folder / "model_index.json").is_file():
                 raise ModelError(f"{spec} is a diffusers model, not a from-scratch one; sample it with difflab sample")
             raise ModelError(f"{spec} is not a from-scratch model (it has no {INFO_FILE}); "
                              "give a folder written by difflab scratch train")
-        data = _read_json(folder / INFO_FILE)
+        data = read_json_object(folder / INFO_FILE, ModelError, "; the model folder is damaged")
         try:
             info = ScratchInfo(**{k: v for k, v in data.items() if k in ScratchInfo.__dataclass_fields__})
         except TypeError:

@@ -23,7 +23,8 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     ]
     if "steps" in training:
         rows.append(("training", f"{training['steps']:,} optimizer steps, {training.get('images_seen', 0):,} "
-                                 f"images seen, {training.get('minutes', 0):.1f} minutes on {training.get('device', '?')}"))
+                                 f"images seen, {training.get('minutes', 0):.1f} minutes on "
+                                 f"{training.get('device', '?')}"))
     if classes:
         door = ("an embedding added to the timestep embedding" if info.class_method == "embedding"
                 else f"a {info.class_embed_dim}-channel embedding concatenated to the input")
@@ -36,7 +37,9 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     use = _conditional_use(model, name) if classes else _unconditional_use(name)
     kind = "class-conditional" if classes else "unconditional"
-    config_block = f"\n## Settings\n\nThe run's full `config.toml`:\n\n```toml\n{config_toml}```\n" if config_toml else ""
+    config_block = ""
+    if config_toml:
+        config_block = f"\n## Settings\n\nThe run's full `config.toml`:\n\n```toml\n{config_toml}```\n"
     return f"""---
 library_name: diffusers
 pipeline_tag: unconditional-image-generation

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from difflab.errors import ModelError
-from difflab.files import safetensors_os_error
+from difflab.files import read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.testhooks import pause_point  # test-only: a no-op unless a crash test asks to stop there
 
@@ -40,10 +40,12 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
     folder = Path(folder)
     with atomic_folder(folder) as partial:
         try:
-            DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(partial, safe_serialization=True)
+            pipeline = DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule)
+            pipeline.save_pretrained(partial, safe_serialization=True)
             extra = model.denoiser.extra_state()
             if extra:
-                save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(partial / CONDITIONING_FILE))
+                tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+                save_file(tensors, str(partial / CONDITIONING_FILE))
         except SafetensorError as e:
             raise safetensors_os_error(e, partial) from None
         (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
@@ -75,8 +77,8 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
 
 # ---- loading ---------------------------------------------------------------------------------------
 
-def resolve_model_folder(spec: str | Path, allow_pickle: bool = False) -> Path:
-    """A local model folder (or a run folder's model/), or a Hub id fetched into the HF cache."""
+def local_model_folder(spec: str | Path) -> Path:
+    """A local model folder, or the model/ of a run folder."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.toml").is_file() and (path / "model").is_dir():
@@ -84,10 +86,16 @@ def resolve_model_folder(spec: str | Path, allow_pickle: bool = False) -> Path:
         return path
     if path.exists():
         raise ModelError(f"{spec} is a file; give the model folder that holds it")
-    parts = str(spec).split("/")
-    if len(parts) == 2 and all(parts) and not str(spec).startswith((".", "~")):
-        return _download(str(spec), allow_pickle)
     raise ModelError(f"model folder {spec} does not exist")
+
+
+def resolve_model_folder(spec: str | Path, allow_pickle: bool = False) -> Path:
+    """A local model folder (or a run folder's model/), or a Hub id fetched into the HF cache."""
+    parts = str(spec).split("/")
+    is_hub_id = len(parts) == 2 and all(parts) and not str(spec).startswith((".", "~"))
+    if is_hub_id and not Path(spec).expanduser().exists():
+        return _download(str(spec), allow_pickle)
+    return local_model_folder(spec)
 
 
 def _download(repo_id: str, allow_pickle: bool) -> Path:
@@ -104,13 +112,7 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON ({e}); the model folder is damaged") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} should hold a JSON object; the model folder is damaged")
-    return data
+    return read_json_object(path, ModelError, "; the model folder is damaged")
 
 
 def check_pipeline_kind(folder: Path, spec) -> None:
@@ -238,8 +240,10 @@ def load_conditioning(denoiser, folder: Path, spec) -> None:
     try:
         weights = load_file(str(folder / CONDITIONING_FILE))
     except (OSError, SafetensorError) as e:
-        raise ModelError(f"cannot load {folder / CONDITIONING_FILE} ({e}); the model folder {spec} is damaged") from None
+        raise ModelError(f"cannot load {folder / CONDITIONING_FILE} ({e}); the model folder {spec} is damaged"
+                         ) from None
     if set(weights) != expected:
-        raise ModelError(f"{folder / CONDITIONING_FILE} does not match difflab.json; the model folder {spec} is damaged")
+        raise ModelError(f"{folder / CONDITIONING_FILE} does not match difflab.json; "
+                         f"the model folder {spec} is damaged")
     denoiser.load_state_dict(weights, strict=False)
 

@@ -83,7 +83,8 @@ class RunFolder:
                 write_text_atomic(self.config, dumps_config(config))
             except OSError as e:
                 raise RunFolderError(
-                    f"cannot write the run folder {self.root} ({e.strerror or e}); make it writable or choose another --out"
+                    f"cannot write the run folder {self.root} ({e.strerror or e}); "
+                    "make it writable or choose another --out"
                 ) from None
         return checkpoint
 

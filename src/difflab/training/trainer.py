@@ -204,7 +204,8 @@ class Trainer:
             return torch.zeros((), device=acc.device)
         if norm is None:
             grads = [p.grad.detach() for p in self.params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         return torch.zeros((), device=acc.device) if norm is None else norm.detach().float()
 
     def training_labels(self, batch: dict) -> torch.Tensor | None:
@@ -213,7 +214,8 @@ class Trainer:
         if denoiser.num_classes is None:
             return None
         labels = batch["labels"].clone()
-        labels[torch.rand(labels.shape, generator=self.noise_rng) < self.config.model.cond_dropout] = denoiser.null_class
+        dropped = torch.rand(labels.shape, generator=self.noise_rng) < self.config.model.cond_dropout
+        labels[dropped] = denoiser.null_class
         return labels.to(self.accelerator.device)
 
     # ---- what the loop writes ----------------------------------------------------------------------
@@ -324,7 +326,8 @@ class Trainer:
             "optimizer": optimizer_meta,
             "ema_step": self.ema.optimization_step if self.ema is not None else 0,
         }
-        checkpoints.save_checkpoint(self.run.checkpoints, self.state.step, tensors, state, self.config.run.keep_checkpoints)
+        checkpoints.save_checkpoint(self.run.checkpoints, self.state.step, tensors, state,
+                                    self.config.run.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, state = checkpoints.load_checkpoint(path)
