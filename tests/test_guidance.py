@@ -13,6 +13,7 @@ from difflab.cli import main
 from difflab.config import ModelConfig
 from difflab.diffusion.generate import generate, row_labels
 from difflab.diffusion.guidance import (
+    DEFAULT_COLOR_SCALE,
     GuidanceTerm,
     classifier_guidance,
     clip_guidance,
@@ -172,7 +173,7 @@ def test_parse_color_and_guide(tiny_clip):
     assert parse_color("red") == (1.0, 0.0, 0.0) and parse_color("#fff") == WHITE
     term = parse_guide("color=#55FFAA:40@0.2-0.8/2")
     assert (term.name, term.scale, term.window, term.every) == ("color", 40.0, (0.2, 0.8), 2)
-    assert parse_guide("colour=red").scale == 40.0
+    assert parse_guide("colour=red").scale == DEFAULT_COLOR_SCALE
     term = parse_guide("clip=a rose: red:8", clip=load_clip(str(tiny_clip)))
     assert (term.name, term.scale) == ("clip", 8.0)
     network = EvalClassifier(1, 3)

@@ -42,7 +42,7 @@ __all__ = [
     "clip_guidance", "image_guidance", "classifier_guidance", "custom_guidance", "parse_color", "parse_guide",
 ]
 
-DEFAULT_COLOR_SCALE = 40.0
+DEFAULT_COLOR_SCALE = 80.0  # halves the distance to the colour of a CIFAR-10 model at 16×16 (docs/benchmarks.md)
 DEFAULT_CLIP_SCALE = 8.0
 DEFAULT_IMAGE_SCALE = 8.0
 DEFAULT_CLASSIFIER_SCALE = 2.0
