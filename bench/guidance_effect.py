@@ -54,8 +54,11 @@ def classifier_effect(args) -> dict:
     data = args.classifier_data or info.data
     train = open_dataset(data, info.image_size, info.channels, split="train")
     test = open_dataset(data, info.image_size, info.channels, split="test")
-    guide = load_or_train(data, train, test)
-    judge = train_classifier(train, test, seed=1)
+    if args.classifier_steps:  # the same network and recipe as difflab eval's, trained for fewer steps
+        guide = train_classifier(train, test, steps=args.classifier_steps, seed=0)
+    else:
+        guide = load_or_train(data, train, test)
+    judge = train_classifier(train, test, steps=args.classifier_steps, seed=1)
     index = guide.class_names.index(args.target_class)
     rows = []
     for scale in args.classifier_scales:
@@ -70,6 +73,7 @@ def classifier_effect(args) -> dict:
                      Path(args.grid_dir) / f"guidance_classifier_{scale:g}.png",
                      {"model": str(args.classifier_model), "guide": f"classifier={args.target_class}:{scale:g}"})
     return {"model": str(args.classifier_model), "data": data, "class": args.target_class,
+            "classifier_steps": args.classifier_steps or "difflab eval's",
             "classifier_test_accuracy": {"guiding": round(guide.test_accuracy, 4),
                                          "independent": round(judge.test_accuracy, 4)},
             "rows": rows}
@@ -82,6 +86,9 @@ def main() -> None:
     parser.add_argument("--color-scales", type=float, nargs="+", default=[0, 10, 20, 40, 80])
     parser.add_argument("--classifier-model")
     parser.add_argument("--classifier-data", help="labelled data for the classifiers (default: the model's own)")
+    parser.add_argument("--classifier-steps", type=int,
+                        help="train both classifiers for this many steps (default: difflab eval's cached one, "
+                             "and the same recipe for the independent one)")
     parser.add_argument("--target-class", default="3")
     parser.add_argument("--classifier-scales", type=float, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("-n", type=int, default=64)
