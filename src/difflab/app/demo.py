@@ -56,7 +56,7 @@ def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits:
                 with gr.Row(equal_height=True):
                     seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
                                      scale=3)
-                    randomize = gr.Button("🎲 Random", elem_id="random-seed", scale=1)
+                    randomize = gr.Button("Random seed", elem_id="random-seed", scale=1)
                 count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
                                   label="Number of images", elem_id="count")
                 class_name = gr.Dropdown(classes, value=classes[0] if classes else None, label="Class",
