@@ -27,3 +27,7 @@ class RunFolderError(DifflabError):
 
 class TrainingError(DifflabError):
     """Training cannot go on (a non-finite loss, a failed write); the last checkpoint stays usable."""
+
+
+class GuidanceError(DifflabError):
+    """A guidance term that cannot be built or used as asked (unknown term, bad colour, no CLIP model)."""

@@ -3,9 +3,11 @@ sampling loop."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from difflab.diffusion.guidance import classifier_free_guidance
+from difflab.diffusion.guidance import GuidanceTerm, classifier_free_guidance, loss_guidance
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, UNCLIPPED, make_sampler
 from difflab.diffusion.sampling import ModelFn, clip_x0, denoise, image_generators, initial_noise, to_unit_range
 from difflab.models.model import DiffusionModel
@@ -36,11 +38,13 @@ def counted(model_fn: ModelFn, bar) -> ModelFn:
 @torch.no_grad()
 def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
              seed: int = 0, eta: float | None = None, class_labels: torch.Tensor | None = None,
-             cfg_scale: float = DEFAULT_CFG_SCALE, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+             cfg_scale: float = DEFAULT_CFG_SCALE, guidance: Sequence[GuidanceTerm] = (), guidance_mode: str = "fast",
+             batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """`count` images as a float tensor [count, C, H, W] in [0, 1] on the CPU.
-    Image i depends only on (seed + i, its class label, sampler, steps, cfg_scale), not on `batch_size`.
-    `class_labels` (one per image) conditions a class-conditional model; without them it samples
-    unconditionally."""
+    Image i depends only on (seed + i, its class label, sampler, steps, cfg_scale, guidance), not on
+    `batch_size`. `class_labels` (one per image) conditions a class-conditional model; without them it
+    samples unconditionally. `guidance` terms steer every image (see diffusion/guidance.py), with the
+    gradient through x̂₀ only (`guidance_mode="fast"`) or through the network too ("full")."""
     info, device = model.info, model.device
     model.denoiser.eval()
     scheduler = make_sampler(sampler, model.noise_schedule.config)
@@ -52,6 +56,7 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
         n = min(batch_size, count - start)
         labels = None if class_labels is None else class_labels[start:start + n].to(device)
         model_fn = counted(model_function(model, labels, cfg_scale), bar)
+        model_fn = loss_guidance(model_fn, guidance, model.noise_schedule, scheduler.timesteps, guidance_mode)
         if sampler in UNCLIPPED:
             model_fn = clip_x0(model_fn, model.noise_schedule)
         generators = image_generators(seed, n, start)
