@@ -9,24 +9,20 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from difflab.app.guides import hex_color
+import test_guidance
+from difflab.app.guides import Guides, hex_color
 from difflab.app.service import Generator, Limits, Request, check_model, check_request
 from difflab.errors import ConfigError, DifflabError, ModelError
 from difflab.images import png_settings
 from difflab.pipelines.folder import load_model
 
 FAST = dict(sampler="ddim", steps=3, count=2)
-
-
-class NoGuides:
-    color, clip, max_color_scale, max_clip_scale = False, None, 0.0, 0.0
-
-    def terms(self, request):
-        return []
+tiny_clip = test_guidance.tiny_clip  # a fixture: a tiny CLIP model folder
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +54,25 @@ def free_port() -> int:
     (dict(class_name="11"), "class '11' does not exist"),
     (dict(class_name="1,2"), "choose one class per request"),
     (dict(class_name=None), "choose a class"),
-    (dict(color_scale=5.0), "colour guidance scale must be a number from 0 to 0"),
+    (dict(color_scale=1e6), "colour guidance scale must be a number from 0 to 400"),
+    (dict(color_scale=80, color="#12345"), "cannot read the colour '#12345'"),
+    (dict(color_scale=80, color="rgb(300, 0, 0)"), "is not a colour"),
+    (dict(clip_scale=8, prompt="a red rose"), "CLIP guidance needs a CLIP model: start the demo with --clip-model"),
 ])
 def test_bad_requests_get_one_line_messages(conditional, change, message):
     request = Request(**{**FAST, "class_name": "3", **change})
     with pytest.raises(DifflabError, match=message) as caught:
-        check_request(request, conditional, Limits(max_steps=10, max_images=4), NoGuides())
+        check_request(request, conditional, Limits(max_steps=10, max_images=4), Guides())
     assert "\n" not in str(caught.value)
 
 
 def test_good_requests_are_normalised(conditional, unconditional):
     checked = check_request(Request(**FAST, seed="7", class_name=" 3 ", cfg_scale="1.5"), conditional, Limits(),
-                            NoGuides())
+                            Guides())
     assert (checked.seed, checked.class_name, checked.cfg_scale) == (7, "3", 1.5)
     with pytest.raises(ConfigError, match="unconditional"):
-        check_request(Request(**FAST, class_name="3"), unconditional, Limits(), NoGuides())
-    assert check_request(Request(**FAST), unconditional, Limits(), NoGuides()).class_name is None
+        check_request(Request(**FAST, class_name="3"), unconditional, Limits(), Guides())
+    assert check_request(Request(**FAST), unconditional, Limits(), Guides()).class_name is None
 
 
 def test_limits_and_image_size_cap(conditional):
@@ -88,12 +87,13 @@ def test_colour_values_from_a_picker():
     assert hex_color("#5FA") == "#55ffaa"
     assert hex_color("rgba(85, 255, 170, 1)") == "#55ffaa"
     assert hex_color("#55FFAA") == "#55ffaa"
-    with pytest.raises(ConfigError, match="not a colour"):
+    assert hex_color("red") == "#ff0000"
+    with pytest.raises(DifflabError, match="cannot read the colour"):
         hex_color("red; drop table")
 
 
 def test_generator_writes_pngs_with_their_settings(conditional, tmp_path):
-    generate = Generator(conditional, "tiny", Limits(), NoGuides(), tmp_path)
+    generate = Generator(conditional, "tiny", Limits(), Guides(), tmp_path)
     first = generate(Request(**FAST, seed=5, class_name="4", cfg_scale=2.0))
     again = generate(Request(**FAST, seed=5, class_name="4", cfg_scale=2.0))
     assert [c for _, c in first] == [f"seed {s} · class 4 (CFG 2) · ddim, 3 steps" for s in (5, 6)]
@@ -105,9 +105,24 @@ def test_generator_writes_pngs_with_their_settings(conditional, tmp_path):
     assert first[0][0].parent != again[0][0].parent
 
 
+def test_colour_and_clip_guidance(conditional, tiny_clip, tmp_path):
+    generate = Generator(conditional, "tiny", Limits(), Guides(str(tiny_clip)), tmp_path)
+    plain = generate(Request(**FAST, seed=3, class_name="1"))
+    white = generate(Request(**FAST, seed=3, class_name="1", color="rgba(255, 255, 255, 1)", color_scale=200))
+    assert png_settings(white[0][0]) == {"model": "tiny", "sampler": "ddim", "steps": 3, "seed": 3, "class": "1",
+                                         "cfg_scale": 2.0, "color": "#ffffff", "color_scale": 200.0}
+    assert white[0][1].endswith("colour #ffffff ×200")
+    brightness = [np.asarray(Image.open(r[0][0]), dtype=float).mean() for r in (plain, white)]
+    assert brightness[1] > brightness[0] + 10  # pulled towards white
+    rose = generate(Request(**FAST, seed=3, class_name="1", prompt="a red rose", clip_scale=8))
+    assert png_settings(rose[0][0])["prompt"] == "a red rose" and "CLIP 'a red rose' ×8" in rose[0][1]
+    with pytest.raises(ConfigError, match="CLIP guidance needs a prompt"):
+        generate(Request(**FAST, seed=3, class_name="1", prompt=" ", clip_scale=8))
+
+
 def test_old_request_folders_are_pruned(unconditional, tmp_path, monkeypatch):
     monkeypatch.setattr("difflab.app.service.KEEP_REQUESTS", 2)
-    generate = Generator(unconditional, "tiny", Limits(), NoGuides(), tmp_path)
+    generate = Generator(unconditional, "tiny", Limits(), Guides(), tmp_path)
     for seed in range(4):
         generate(Request(sampler="ddim", steps=1, count=1, seed=seed))
         time.sleep(0.01)

@@ -64,14 +64,16 @@ def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits:
                 cfg_scale = gr.Slider(0, MAX_CFG_SCALE, value=DEFAULT_CFG_SCALE, step=0.1,
                                       label="Classifier-free guidance scale (1 = plain conditional)",
                                       visible=bool(classes), elem_id="cfg-scale")
-                with gr.Group(visible=guides.color):
+                with gr.Group():
                     color = gr.ColorPicker("#ff0000", label="Colour guidance: colour", elem_id="color")
-                    color_scale = gr.Slider(0, guides.max_color_scale or 1, value=0,
-                                            label="Colour guidance scale (0 = off)", elem_id="color-scale")
+                    color_scale = gr.Slider(0, guides.max_color_scale, value=0, step=1,
+                                            label=f"Colour guidance scale (0 = off; {guides.default_color_scale:g} "
+                                                  "is a good start)", elem_id="color-scale")
                 with gr.Group(visible=guides.clip is not None):
                     prompt = gr.Textbox("", label="CLIP guidance: prompt", elem_id="prompt", max_lines=1)
-                    clip_scale = gr.Slider(0, guides.max_clip_scale or 1, value=0,
-                                           label="CLIP guidance scale (0 = off)", elem_id="clip-scale")
+                    clip_scale = gr.Slider(0, guides.max_clip_scale or 1, value=0, step=0.5,
+                                           label=f"CLIP guidance scale (0 = off; {guides.default_clip_scale:g} "
+                                                 "is a good start)", elem_id="clip-scale")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Images (settings under each; the PNGs carry them too)", columns=4,

@@ -98,7 +98,7 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
         count=whole_number("number of images", request.count, 1, limits.max_images),
         cfg_scale=number("CFG scale", request.cfg_scale, 0.0, MAX_CFG_SCALE),
         color_scale=number("colour guidance scale", request.color_scale or 0.0, 0.0, guides.max_color_scale),
-        clip_scale=number("CLIP guidance scale", request.clip_scale or 0.0, 0.0, guides.max_clip_scale),
+        clip_scale=number("CLIP guidance scale", request.clip_scale or 0.0, 0.0, guides.max_clip_scale or math.inf),
         prompt=str(request.prompt or "").strip(),
     )
     if model.class_names:
@@ -112,6 +112,8 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
     if checked.color_scale > 0:
         checked.color = guides.check_color(request.color)
     if checked.clip_scale > 0:
+        if guides.clip is None:
+            raise ConfigError("CLIP guidance needs a CLIP model: start the demo with --clip-model")
         guides.check_prompt(checked.prompt)
     return checked
 
@@ -144,8 +146,11 @@ def caption(settings: dict) -> str:
 class Generator:
     """Serves requests for one loaded model: check, generate, write PNGs under `out_root`."""
 
-    def __init__(self, model: DiffusionModel, model_name: str, limits: Limits, guides, out_root: Path | None = None):
-        self.model, self.model_name, self.limits, self.guides = model, model_name, limits, guides
+    def __init__(self, model: DiffusionModel, model_name: str, limits: Limits, guides=None,
+                 out_root: Path | None = None):
+        from difflab.app.guides import Guides
+
+        self.model, self.model_name, self.limits, self.guides = model, model_name, limits, guides or Guides()
         self.out_root = Path(out_root or tempfile.mkdtemp(prefix="difflab-demo-"))
 
     def __call__(self, request: Request, progress: bool = False) -> list[tuple[Path, str]]:
