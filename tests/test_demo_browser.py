@@ -1,5 +1,6 @@
 """The demo served on 127.0.0.1 and used as a person would: in headless Chromium (Debian's chromium and
-chromium-driver, driven by Selenium), and by a burst of concurrent API clients.
+chromium-driver, driven by Selenium) with a class, a guidance colour and a seed, and by a burst of
+concurrent API clients.
 
 The browser test is skipped only where Chromium is not installed; .ci/run installs it.
 """
@@ -92,6 +93,23 @@ def choose(driver, elem_id: str, option: str) -> None:
     item.click()
 
 
+def pick_color(driver, elem_id: str, hex_value: str) -> None:
+    """Open the colour picker, type the colour into its text field, close it; wait until the swatch shows it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} button.dialog-button").click()
+    field = WebDriverWait(driver, 10).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} .color-picker input[type=text]"))
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(hex_value, Keys.ENTER)
+    driver.find_element(By.TAG_NAME, "h2").click()  # outside the picker: closes it
+    r, g, b = (int(hex_value[i:i + 2], 16) for i in (1, 3, 5))
+    WebDriverWait(driver, 10).until(lambda d: f"rgb({r}, {g}, {b})" in d.find_element(
+        By.CSS_SELECTOR, f"#{elem_id} button.dialog-button").get_attribute("style"))
+
+
 def generate(driver, seed: int) -> list[str]:
     """Set the seed, click Generate; the gallery's image URLs once it shows this seed's images, loaded.
     (The URLs name files by their content, so the same image twice has the same URL.)"""
@@ -122,6 +140,8 @@ def test_browser_generates_and_same_seed_gives_same_image(served, browser, tmp_p
     WebDriverWait(browser, 90).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#class input")
                                      and "Loading..." not in d.find_element(By.TAG_NAME, "body").text)
     choose(browser, "class", "7")
+    pick_color(browser, "color", "#ffffff")
+    set_number(browser, "color-scale", 200)
     set_number(browser, "steps", 4)
     set_number(browser, "count", 2)
     try:
@@ -134,10 +154,11 @@ def test_browser_generates_and_same_seed_gives_same_image(served, browser, tmp_p
         raise
     assert len(first) == len(other) == len(again) == 2
     page = browser.find_element(By.ID, "gallery").text
-    assert "seed 1234 · class 7 (CFG 2) · dpm++2m, 4 steps" in page and "seed 1235 · class 7" in page, page
+    assert "seed 1234 · class 7 (CFG 2) · dpm++2m, 4 steps · colour #ffffff ×200" in page, page
+    assert "seed 1235 · class 7" in page, page
     (a, settings), (b, _) = fetch_pixels(first[0]), fetch_pixels(again[0])
     assert settings == {"model": "conditional", "sampler": "dpm++2m", "steps": 4, "seed": 1234, "class": "7",
-                        "cfg_scale": 2.0}
+                        "cfg_scale": 2.0, "color": "#ffffff", "color_scale": 200.0}
     assert a.shape == (8, 8) and np.array_equal(a, b)  # same seed, same image
     assert not np.array_equal(a, fetch_pixels(other[0])[0])
     assert not np.array_equal(a, fetch_pixels(first[1])[0])
