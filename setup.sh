@@ -33,4 +33,8 @@ fi
 "${pip[@]}" --editable ".$extras"
 rm -f .venv/.setup-*
 touch "$stamp"
+if [ -n "$extras" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+  echo "setup: the demo's browser tests need Debian's chromium and chromium-driver" \
+       "(apt-get install chromium chromium-driver; .ci/run does it); until then they are skipped" >&2
+fi
 echo "setup: done" >&2
