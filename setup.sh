@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # Set up difflab in ./.venv. Idempotent: once done, a second run returns at once.
 #   ./setup.sh         the package and what it needs to run
-#   ./setup.sh --dev   also the test tools
+#   ./setup.sh --dev   also the test tools, and Debian's chromium + chromium-driver for the demo's
+#                      browser tests (when run as root with apt-get; elsewhere those tests are skipped)
 set -euo pipefail
 cd "$(dirname "$0")"
 
+has_chromium() { command -v chromium && command -v chromedriver; } >/dev/null
+
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
+if [ -n "$extras" ] && ! has_chromium; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and chromium-driver for the browser tests" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup: the demo's browser tests need chromium and chromium-driver" \
+         "(sudo apt-get install chromium chromium-driver); until then they are skipped" >&2
+  fi
+fi
 stamp=".venv/.setup-$(cat pyproject.toml constraints.txt setup.sh | sha1sum | cut -c1-12)${extras:+-dev}"
 [ -f "$stamp" ] && exit 0
 
@@ -33,8 +46,4 @@ fi
 "${pip[@]}" --editable ".$extras"
 rm -f .venv/.setup-*
 touch "$stamp"
-if [ -n "$extras" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
-  echo "setup: the demo's browser tests need Debian's chromium and chromium-driver" \
-       "(apt-get install chromium chromium-driver; .ci/run does it); until then they are skipped" >&2
-fi
 echo "setup: done" >&2
