@@ -1,0 +1,125 @@
+"""Fine-tuning against training from scratch, across a change of domain (the course's unit-2 claim).
+
+A model is pretrained on MNIST with `difflab train`; then, for the same budget of optimizer steps on
+Fashion-MNIST, it is fine-tuned with `difflab finetune` (its defaults: lr 1e-4, 20 warmup steps) and
+the same architecture is trained from new weights with `difflab train` (its defaults: lr 1e-3, 100
+warmup steps). Both are evaluated on Fashion-MNIST during training (`--eval-every`: the Evaluator of
+`difflab eval`, same n, sampler and seed), and their final models once more with `difflab eval`. The
+two Fashion-MNIST runs go side by side, each a fresh process on one thread.
+
+    python bench/finetune_vs_scratch.py --mnist mnist:../shared/datasets/mnist \\
+        --fashion fashion-mnist:../shared/datasets/fashion-mnist --plot docs/images/finetune_vs_scratch.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import emit
+
+
+def difflab(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.Popen([sys.executable, "-m", "difflab", "-q", *args], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(process.args)} failed with status {process.returncode}")
+    return out
+
+
+def evaluations(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [{"step": int(r["step"]), "frechet_distance": float(r["frechet_distance"])}
+                for r in csv.DictReader(f) if r.get("frechet_distance")]
+
+
+def training(run: Path) -> dict:
+    return json.loads((run / "model" / "difflab.json").read_text())["training"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mnist", default="mnist:../shared/datasets/mnist")
+    parser.add_argument("--fashion", default="fashion-mnist:../shared/datasets/fashion-mnist")
+    parser.add_argument("--model", default="small", help="UNet preset")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600, help="the budget of each Fashion-MNIST run")
+    parser.add_argument("--eval-every", type=int, default=150)
+    parser.add_argument("-n", type=int, default=500, help="images generated for each evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="runs/bench-finetune")
+    parser.add_argument("--plot", help="write the Fréchet distance curves to this PNG")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    common = ["--sample-every", "0", "--checkpoint-every", "0", "--seed", str(args.seed), "--overwrite"]
+    evaluation = ["--eval-every", str(args.eval_every), "--eval-count", str(args.n)]
+
+    started = time.perf_counter()
+    pretrain = work / "pretrain"
+    finish(difflab("train", "--data", args.mnist, "--model", args.model, "--image-size", str(args.image_size),
+                   "--steps", str(args.pretrain_steps), "--out", str(pretrain), *common))
+    pretrain_minutes = (time.perf_counter() - started) / 60
+    start_point = difflab("eval", "--model", str(pretrain), "--data", args.fashion, "-n", str(args.n),
+                          "--seed", str(args.seed))
+    start_point = json.loads(finish(start_point))
+
+    runs = {"finetune": work / "finetune", "scratch": work / "scratch"}
+    budget = ["--data", args.fashion, "--steps", str(args.steps), *evaluation, *common]
+    jobs = [difflab("finetune", "--from", str(pretrain / "model"), "--out", str(runs["finetune"]), *budget),
+            difflab("train", "--model", args.model, "--image-size", str(args.image_size),
+                    "--out", str(runs["scratch"]), *budget)]
+    for job in jobs:
+        finish(job)
+    rows = {}
+    for name, run in runs.items():
+        final = json.loads(finish(difflab("eval", "--model", str(run), "-n", str(args.n), "--seed", str(args.seed))))
+        rows[name] = {"evaluations": evaluations(run), "training": training(run),
+                      "difflab_eval_final": {k: final[k] for k in ("frechet_distance", "frechet_floor")}}
+    rows["finetune"]["evaluations"].insert(0, {"step": 0, "frechet_distance": start_point["frechet_distance"]})
+
+    if args.plot:
+        plot(rows, start_point["frechet_floor"], args)
+    emit({"benchmark": "finetune_vs_scratch", "mnist": args.mnist, "fashion": args.fashion, "model": args.model,
+          "image_size": args.image_size, "pretrain_steps": args.pretrain_steps,
+          "pretrain_minutes": round(pretrain_minutes, 2), "steps": args.steps, "batch_size": 64, "n": args.n,
+          "seed": args.seed, "pretrained_on_fashion": start_point, "runs": rows,
+          "wall_minutes": round((time.perf_counter() - started) / 60, 1)})
+
+
+def plot(rows: dict, floor: float, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    labels = {"finetune": f"fine-tuned from MNIST ({args.pretrain_steps} steps)", "scratch": "from scratch"}
+    for name, row in rows.items():
+        steps = [e["step"] for e in row["evaluations"]]
+        values = [e["frechet_distance"] for e in row["evaluations"]]
+        ax.plot(steps, values, marker="o", label=labels[name])
+    ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label=f"real-data floor (n={args.n})")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"optimizer steps on Fashion-MNIST (batch 64, {args.image_size}×{args.image_size})")
+    ax.set_ylabel("Fréchet distance (lower is better)")
+    ax.set_title(f"Fine-tuning vs from scratch, `{args.model}` UNet")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot)
+
+
+if __name__ == "__main__":
+    main()
