@@ -53,26 +53,28 @@ def main() -> None:
     parser.add_argument("--fashion", default="fashion-mnist:../shared/datasets/fashion-mnist")
     parser.add_argument("--model", default="small", help="UNet preset")
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--pretrain-steps", type=int, default=800)
-    parser.add_argument("--steps", type=int, default=600, help="the budget of each Fashion-MNIST run")
-    parser.add_argument("--eval-every", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400, help="the budget of each Fashion-MNIST run")
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("-n", type=int, default=500, help="images generated for each evaluation")
+    parser.add_argument("--sampler-steps", type=int, default=10, help="DPM++ 2M steps for each evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/bench-finetune")
     parser.add_argument("--plot", help="write the Fréchet distance curves to this PNG")
     args = parser.parse_args()
     work = Path(args.workdir)
-    common = ["--sample-every", "0", "--checkpoint-every", "0", "--seed", str(args.seed), "--overwrite"]
+    common = ["--sample-every", "0", "--checkpoint-every", "0", "--seed", str(args.seed), "--overwrite",
+              "--batch-size", str(args.batch_size), "--sample-steps", str(args.sampler_steps)]
     evaluation = ["--eval-every", str(args.eval_every), "--eval-count", str(args.n)]
+    scoring = ["-n", str(args.n), "--seed", str(args.seed), "--steps", str(args.sampler_steps)]
 
     started = time.perf_counter()
     pretrain = work / "pretrain"
     finish(difflab("train", "--data", args.mnist, "--model", args.model, "--image-size", str(args.image_size),
                    "--steps", str(args.pretrain_steps), "--out", str(pretrain), *common))
     pretrain_minutes = (time.perf_counter() - started) / 60
-    start_point = difflab("eval", "--model", str(pretrain), "--data", args.fashion, "-n", str(args.n),
-                          "--seed", str(args.seed))
-    start_point = json.loads(finish(start_point))
+    start_point = json.loads(finish(difflab("eval", "--model", str(pretrain), "--data", args.fashion, *scoring)))
 
     runs = {"finetune": work / "finetune", "scratch": work / "scratch"}
     budget = ["--data", args.fashion, "--steps", str(args.steps), *evaluation, *common]
@@ -83,7 +85,7 @@ def main() -> None:
         finish(job)
     rows = {}
     for name, run in runs.items():
-        final = json.loads(finish(difflab("eval", "--model", str(run), "-n", str(args.n), "--seed", str(args.seed))))
+        final = json.loads(finish(difflab("eval", "--model", str(run), *scoring)))
         rows[name] = {"evaluations": evaluations(run), "training": training(run),
                       "difflab_eval_final": {k: final[k] for k in ("frechet_distance", "frechet_floor")}}
     rows["finetune"]["evaluations"].insert(0, {"step": 0, "frechet_distance": start_point["frechet_distance"]})
@@ -91,9 +93,10 @@ def main() -> None:
     if args.plot:
         plot(rows, start_point["frechet_floor"], args)
     emit({"benchmark": "finetune_vs_scratch", "mnist": args.mnist, "fashion": args.fashion, "model": args.model,
-          "image_size": args.image_size, "pretrain_steps": args.pretrain_steps,
-          "pretrain_minutes": round(pretrain_minutes, 2), "steps": args.steps, "batch_size": 64, "n": args.n,
-          "seed": args.seed, "pretrained_on_fashion": start_point, "runs": rows,
+          "image_size": args.image_size, "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps,
+          "pretrain_minutes": round(pretrain_minutes, 2), "steps": args.steps, "n": args.n,
+          "sampler": f"dpm++2m, {args.sampler_steps} steps", "seed": args.seed,
+          "pretrained_on_fashion": start_point, "runs": rows,
           "wall_minutes": round((time.perf_counter() - started) / 60, 1)})
 
 
@@ -111,7 +114,7 @@ def plot(rows: dict, floor: float, args) -> None:
         ax.plot(steps, values, marker="o", label=labels[name])
     ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label=f"real-data floor (n={args.n})")
     ax.set_yscale("log")
-    ax.set_xlabel(f"optimizer steps on Fashion-MNIST (batch 64, {args.image_size}×{args.image_size})")
+    ax.set_xlabel(f"optimizer steps on Fashion-MNIST (batch {args.batch_size}, {args.image_size}×{args.image_size})")
     ax.set_ylabel("Fréchet distance (lower is better)")
     ax.set_title(f"Fine-tuning vs from scratch, `{args.model}` UNet")
     ax.legend()
