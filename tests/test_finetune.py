@@ -155,3 +155,22 @@ def test_a_tracker_that_is_not_installed(tmp_path, trained_model, capsys):
     err = error_of(capsys, finetune("--from", str(trained_model), "--data", "digits", "--log-with", "tensorboard",
                                     "--out", str(tmp_path / "ft")))
     assert "--log-with tensorboard needs the tensorboard package" in err and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`log_with=tensorboard` was passed")
+def test_metrics_reach_the_trackers_through_accelerate(tmp_path, monkeypatch):
+    """--log-with hands accelerate the tracker's name, the run's settings and each metrics row."""
+    from accelerate import Accelerator
+
+    from conftest import tiny_config
+    from difflab.training import trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "check_tracker", lambda name: None)  # none is installed here
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config, init_kwargs: calls.append(
+        ("init", name, config["optim.lr"], init_kwargs["wandb"]["name"])))
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step: calls.append(("log", step, sorted(values))))
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: calls.append(("end",)))
+    trainer.train(tiny_config(steps=4, log_every=2, log_with="tensorboard"), tmp_path / "run")
+    columns = ["epoch", "images_per_s", "loss", "lr", "seconds"]
+    assert calls == [("init", "difflab", 1e-3, "run"), ("log", 2, columns), ("log", 4, columns), ("end",)]
