@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from difflab import testhooks
-from difflab.config import TrainConfig, dumps_config, to_dict
+from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.diffusion.generate import generate, row_labels
-from difflab.errors import ConfigError, DataError, TrainingError
+from difflab.errors import DataError, TrainingError
 from difflab.images import make_grid, save_png
 from difflab.models.build import build_model
 from difflab.pipelines.card import model_card
@@ -29,7 +29,7 @@ from difflab.progress import progress_bar
 from difflab.training import checkpoints, finetune
 from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
-from difflab.training.reporting import finite_losses, show_progress
+from difflab.training.reporting import TRACKER_FOLDER, check_tracker, finite_losses, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
 
 log = logging.getLogger("difflab")
@@ -74,27 +74,6 @@ def make_accelerator(config: TrainConfig, out: str | Path | None = None):
         trackers = {"log_with": config.run.log_with, "project_dir": str(Path(out) / TRACKER_FOLDER)}
     return Accelerator(cpu=config.run.device == "cpu",
                        mixed_precision=mixed_precision(config.optim.precision, config.run.device), **trackers)
-
-
-TRACKER_FOLDER = "trackers"  # in the run folder: TensorBoard's event files (wandb keeps its own)
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-def flat_settings(config: TrainConfig) -> dict:
-    """The run's settings as {"section.name": value}, as trackers take them."""
-    return {f"{section}.{name}": value for section, values in to_dict(config).items() for name, value in values.items()}
-
-
-def check_tracker(name: str | None) -> None:
-    """A tracker asked for is installed (difflab does not depend on any)."""
-    if not name:
-        return
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
-    if not available:
-        raise ConfigError(f"--log-with {name} needs the {TRACKER_PACKAGES[name]} package, which is not installed: "
-                          f"pip install {TRACKER_PACKAGES[name]}, or leave --log-with out (metrics.csv has it all)")
 
 
 class Trainer:
