@@ -62,6 +62,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/bench-finetune")
     parser.add_argument("--plot", help="write the Fréchet distance curves to this PNG")
+    parser.add_argument("--reuse-pretrain", action="store_true",
+                        help="use WORKDIR/pretrain if it holds a finished model (the same settings and seed give the "
+                             "same weights)")
+    parser.add_argument("--finetune-lr", type=float, nargs="*", default=[],
+                        help="also fine-tune with these learning rates (and the 100 warmup steps of difflab train)")
     args = parser.parse_args()
     work = Path(args.workdir)
     common = ["--sample-every", "0", "--checkpoint-every", "0", "--seed", str(args.seed), "--overwrite",
@@ -71,24 +76,29 @@ def main() -> None:
 
     started = time.perf_counter()
     pretrain = work / "pretrain"
-    finish(difflab("train", "--data", args.mnist, "--model", args.model, "--image-size", str(args.image_size),
-                   "--steps", str(args.pretrain_steps), "--out", str(pretrain), *common))
-    pretrain_minutes = (time.perf_counter() - started) / 60
+    if not (args.reuse_pretrain and (pretrain / "model" / "difflab.json").is_file()):
+        finish(difflab("train", "--data", args.mnist, "--model", args.model, "--image-size", str(args.image_size),
+                       "--steps", str(args.pretrain_steps), "--out", str(pretrain), *common))
+    pretrain_minutes = training(pretrain)["minutes"]
     start_point = json.loads(finish(difflab("eval", "--model", str(pretrain), "--data", args.fashion, *scoring)))
 
-    runs = {"finetune": work / "finetune", "scratch": work / "scratch"}
     budget = ["--data", args.fashion, "--steps", str(args.steps), *evaluation, *common]
-    jobs = [difflab("finetune", "--from", str(pretrain / "model"), "--out", str(runs["finetune"]), *budget),
-            difflab("train", "--model", args.model, "--image-size", str(args.image_size),
-                    "--out", str(runs["scratch"]), *budget)]
-    for job in jobs:
+    fine_tune = ["finetune", "--from", str(pretrain / "model")]
+    scratch = ["train", "--model", args.model, "--image-size", str(args.image_size)]
+    commands = {"finetune": fine_tune, "scratch": scratch}
+    for lr in args.finetune_lr:
+        commands[f"finetune-lr{lr:g}"] = [*fine_tune, "--lr", str(lr), "--warmup-steps", "100"]
+    jobs = {name: difflab(*command, "--out", str(work / name), *budget) for name, command in commands.items()}
+    for job in jobs.values():
         finish(job)
     rows = {}
-    for name, run in runs.items():
+    for name in commands:
+        run = work / name
         final = json.loads(finish(difflab("eval", "--model", str(run), *scoring)))
-        rows[name] = {"evaluations": evaluations(run), "training": training(run),
+        rows[name] = {"command": commands[name], "evaluations": evaluations(run), "training": training(run),
                       "difflab_eval_final": {k: final[k] for k in ("frechet_distance", "frechet_floor")}}
-    rows["finetune"]["evaluations"].insert(0, {"step": 0, "frechet_distance": start_point["frechet_distance"]})
+        if name != "scratch":
+            rows[name]["evaluations"].insert(0, {"step": 0, "frechet_distance": start_point["frechet_distance"]})
 
     if args.plot:
         plot(rows, start_point["frechet_floor"], args)
@@ -106,18 +116,23 @@ def plot(rows: dict, floor: float, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    labels = {"finetune": f"fine-tuned from MNIST ({args.pretrain_steps} steps)", "scratch": "from scratch"}
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, row in rows.items():
         steps = [e["step"] for e in row["evaluations"]]
         values = [e["frechet_distance"] for e in row["evaluations"]]
-        ax.plot(steps, values, marker="o", label=labels[name])
+        if name == "scratch":
+            label = "from scratch (difflab train: lr 1e-3, 100 warmup steps)"
+        elif name == "finetune":
+            label = "fine-tuned from MNIST (difflab finetune: lr 1e-4, 20 warmup steps)"
+        else:
+            label = f"fine-tuned from MNIST, lr {name.removeprefix('finetune-lr')}, 100 warmup steps"
+        ax.plot(steps, values, marker="o", label=label)
     ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label=f"real-data floor (n={args.n})")
     ax.set_yscale("log")
     ax.set_xlabel(f"optimizer steps on Fashion-MNIST (batch {args.batch_size}, {args.image_size}×{args.image_size})")
     ax.set_ylabel("Fréchet distance (lower is better)")
     ax.set_title(f"Fine-tuning vs from scratch, `{args.model}` UNet")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
