@@ -5,10 +5,13 @@ Fashion-MNIST, it is fine-tuned with `difflab finetune` (its defaults: lr 1e-4, 
 the same architecture is trained from new weights with `difflab train` (its defaults: lr 1e-3, 100
 warmup steps). Both are evaluated on Fashion-MNIST during training (`--eval-every`: the Evaluator of
 `difflab eval`, same n, sampler and seed), and their final models once more with `difflab eval`. The
-two Fashion-MNIST runs go side by side, each a fresh process on one thread.
+Fashion-MNIST runs go side by side, each a fresh process on one thread.
 
     python bench/finetune_vs_scratch.py --mnist mnist:../shared/datasets/mnist \\
         --fashion fashion-mnist:../shared/datasets/fashion-mnist --plot docs/images/finetune_vs_scratch.png
+
+A third run (`--finetune-lr`, default 1e-3) fine-tunes with difflab train's learning rate and warmup,
+so that the starting weights are the only difference from the run from scratch.
 """
 
 from __future__ import annotations
@@ -55,19 +58,24 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pretrain-steps", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=400, help="the budget of each Fashion-MNIST run")
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=1000, help="the budget of each Fashion-MNIST run")
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("-n", type=int, default=500, help="images generated for each evaluation")
     parser.add_argument("--sampler-steps", type=int, default=10, help="DPM++ 2M steps for each evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/bench-finetune")
     parser.add_argument("--plot", help="write the Fréchet distance curves to this PNG")
+    parser.add_argument("--replot", help="only redraw --plot from this JSON output of an earlier run")
     parser.add_argument("--reuse-pretrain", action="store_true",
                         help="use WORKDIR/pretrain if it holds a finished model (the same settings and seed give the "
                              "same weights)")
-    parser.add_argument("--finetune-lr", type=float, nargs="*", default=[],
+    parser.add_argument("--finetune-lr", type=float, nargs="*", default=[1e-3],
                         help="also fine-tune with these learning rates (and the 100 warmup steps of difflab train)")
     args = parser.parse_args()
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        plot(result["runs"], result["pretrained_on_fashion"]["frechet_floor"], args)
+        return
     work = Path(args.workdir)
     common = ["--sample-every", "0", "--checkpoint-every", "0", "--seed", str(args.seed), "--overwrite",
               "--batch-size", str(args.batch_size), "--sample-steps", str(args.sampler_steps)]
@@ -131,7 +139,7 @@ def plot(rows: dict, floor: float, args) -> None:
     ax.set_yscale("log")
     ax.set_xlabel(f"optimizer steps on Fashion-MNIST (batch {args.batch_size}, {args.image_size}×{args.image_size})")
     ax.set_ylabel("Fréchet distance (lower is better)")
-    ax.set_title(f"Fine-tuning vs from scratch, `{args.model}` UNet")
+    ax.set_title(f"Fashion-MNIST: fine-tuned from MNIST vs from scratch ('{args.model}' UNet, seed {args.seed})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

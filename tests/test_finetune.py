@@ -174,3 +174,17 @@ def test_metrics_reach_the_trackers_through_accelerate(tmp_path, monkeypatch):
     trainer.train(tiny_config(steps=4, log_every=2, log_with="tensorboard"), tmp_path / "run")
     columns = ["epoch", "images_per_s", "loss", "lr", "seconds"]
     assert calls == [("init", "difflab", 1e-3, "run"), ("log", 2, columns), ("log", 4, columns), ("end",)]
+
+
+def test_the_card_links_a_hub_base_model(trained_model):
+    from difflab.pipelines.card import model_card
+    from difflab.pipelines.folder import load_model
+
+    model = load_model(trained_model)
+    model.info.base_model = "google/ddpm-celebahq-256"
+    card = model_card(model, "runs/x/model")
+    front_matter = card.split("---")[1]
+    assert "base_model: google/ddpm-celebahq-256" in front_matter
+    assert "fine-tuned from `google/ddpm-celebahq-256`" in card
+    model.info.base_model = str(trained_model)  # a local folder is named in the text, not linked
+    assert "base_model:" not in model_card(model, "runs/x/model").split("---")[1]
