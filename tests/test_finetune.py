@@ -188,3 +188,16 @@ def test_the_card_links_a_hub_base_model(trained_model):
     assert "fine-tuned from `google/ddpm-celebahq-256`" in card
     model.info.base_model = str(trained_model)  # a local folder is named in the text, not linked
     assert "base_model:" not in model_card(model, "runs/x/model").split("---")[1]
+
+
+def test_a_class_conditional_model_is_fine_tuned_as_one(tmp_path, conditional_model, labelled_folder, capsys):
+    from difflab.pipelines.folder import load_model
+
+    out = tmp_path / "ft"
+    assert finetune("--from", str(conditional_model), "--data", "digits", "--split", "test", "--out", str(out)) == 0
+    tuned = load_model(out)
+    assert tuned.class_names == [str(i) for i in range(10)] and tuned.info.class_method == "embedding"
+    assert load_config(out / "config.toml").model.conditioning == "class"
+    err = error_of(capsys, finetune("--from", str(conditional_model), "--data", str(labelled_folder),
+                                    "--out", str(tmp_path / "other")))
+    assert "has 10 classes and" in err and "has 2" in err
