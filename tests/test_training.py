@@ -66,32 +66,40 @@ def test_resuming_an_interrupted_run_gives_the_same_weights_as_running_straight_
     assert [r["step"] for r in rows(tmp_path / "resumed")] == [r["step"] for r in rows(tmp_path / "straight")]
 
 
-def test_gradient_accumulation_averages_rather_than_sums(tmp_path):
-    """With every micro-batch identical, accumulating 3 must give the gradient of one."""
-    def gradient(accum):
+def test_gradient_accumulation_of_k_batches_of_b_matches_one_batch_of_k_times_b(tmp_path):
+    """accelerate leaves the division by the number of micro-batches to us: accumulating 3 batches of 8
+    must give the gradient of one batch of 24 (same images, noise and timesteps), not 3 times it."""
+    big = {}
+
+    def gradient(accum, batch_size):
         config = tiny_config(steps=1)
-        config.optim.grad_accum = accum
+        config.optim.grad_accum, config.optim.batch_size = accum, batch_size
         config.optim.clip_grad = 0.0
         trainer = Trainer(config, tmp_path / f"accum{accum}")
-        batch = next(trainer.stream)
-        rng_state = trainer.noise_rng.get_state()
+        if not big:
+            trainer.stream.batch_size = 24
+            big["x0"] = next(trainer.stream)["images"]
+            big["noise"], big["t"] = trainer.draw_noise(big["x0"])
+        chunks = iter(range(0, 24, batch_size))
+        parts = []
 
-        class SameBatch:
+        class Slices:
             epochs_done = 0.0
 
             def __next__(self):
-                trainer.noise_rng.set_state(rng_state)
-                return batch
+                parts.append(slice(i := next(chunks), i + batch_size))
+                return {"images": big["x0"][parts[-1]]}
 
-        trainer.stream = SameBatch()
+        trainer.stream = Slices()
+        trainer.draw_noise = lambda x0: (big["noise"][parts[-1]], big["t"][parts[-1]])
         grads = {}
         named = trainer.model.denoiser.named_parameters
         trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in named()})
         trainer.train_step()
         return grads
 
-    one, three = gradient(1), gradient(3)
-    assert all(torch.allclose(one[n], three[n], rtol=1e-4, atol=1e-7) for n in one)
+    one, three = gradient(1, 24), gradient(3, 8)
+    assert all(torch.allclose(one[n], three[n], rtol=1e-4, atol=1e-6) for n in one)
 
 
 def test_the_saved_model_holds_the_moving_average(tmp_path):

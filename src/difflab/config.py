@@ -52,6 +52,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    base: str | None = option(None, "fine-tune this pretrained model instead of starting from new weights: a difflab "
+                                    "model or run folder, a diffusers DDPMPipeline/DDIMPipeline folder, or a Hub id; "
+                                    "its network, noise schedule, conditioning and image size are used, and the "
+                                    "settings of this section that describe them are taken from it",
+                              flag="--from")
+    allow_pickle: bool = option(False, "let --from load weights stored as a pickle (.bin), with "
+                                       "torch.load(weights_only=True)")
     preset: str = option("small", "UNet preset (tiny, small, medium, course) or a diffusers UNet config.json",
                          flag="--model")
     schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES))
@@ -98,6 +105,9 @@ class RunConfig:
                                                         "of class-conditional models")
     eval_every: int = option(0, "evaluate (Fréchet distance, class accuracy) every N steps and at the end (0 = never)")
     eval_count: int = option(500, "images generated for each evaluation")
+    log_with: str | None = option(None, "also log metrics and evaluations to TensorBoard (in the run folder) or "
+                                        "Weights & Biases, through accelerate; the package must be installed",
+                                  choices=("tensorboard", "wandb"))
     checkpoint_every: int = option(500, "save a full checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     log_every: int = option(10, "append a row to metrics.csv every N steps")
@@ -180,11 +190,30 @@ class ScratchConfig:
 # that a run that diverged can go on from its last good checkpoint. The rest must match.
 RESUMABLE_CHANGES = {
     "run": {"steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
-            "sample_cfg_scale", "eval_every", "eval_count", "checkpoint_every", "keep_checkpoints", "log_every",
-            "device"},
+            "sample_cfg_scale", "eval_every", "eval_count", "log_with", "checkpoint_every", "keep_checkpoints",
+            "log_every", "device"},
     "optim": {"lr", "warmup_steps", "clip_grad"},
     "data": {"memory_limit_mb"},
+    "model": {"allow_pickle"},
 }
+
+
+# ---- fine-tuning (difflab finetune) ------------------------------------------------------------------
+
+# What a pretrained model decides: with --from, these are read from the model (and saved so), not given.
+SET_BY_BASE = {
+    "model": ("preset", "schedule", "prediction", "timesteps", "conditioning", "class_method", "class_embed_dim"),
+    "data": ("image_size", "channels"),
+}
+
+
+def finetune_defaults() -> TrainConfig:
+    """`difflab train`'s defaults with a low learning rate and a short warmup: a pretrained model needs
+    adjusting, not relearning."""
+    config = TrainConfig()
+    config.optim.lr = 1e-4
+    config.optim.warmup_steps = 20
+    return config
 
 
 def check_choices(config) -> None:
@@ -295,19 +324,26 @@ def differences(a, b, allowed: dict[str, set[str]] = RESUMABLE_CHANGES) -> list[
 
 # ---- command-line flags ----------------------------------------------------------------------------
 
-def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One flag per config field, grouped by section. Flags left out keep the file's/default value."""
+def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, defaults=None,
+                     skip: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One flag per config field, grouped by section. Flags left out keep the file's/default value.
+    `defaults`: a config whose values --help shows (a command with defaults of its own); `skip`:
+    {section: fields} that get no flag."""
+    defaults = defaults if defaults is not None else cls()
     for section in dataclasses.fields(cls):
         section_cls = _field_types(cls)[section.name]
         group = parser.add_argument_group(f"[{section.name}] settings")
         types_ = _field_types(section_cls)
         for f in dataclasses.fields(section_cls):
+            if f.name in (skip or {}).get(section.name, ()):
+                continue
             typ = types_[f.name]
             help_ = f.metadata["help"]
             if f.metadata["choices"]:
                 help_ += f" ({', '.join(map(str, f.metadata['choices']))})"
-            if f.default is not None and f.default is not False:
-                help_ += f"; default {f.default}"
+            default = getattr(getattr(defaults, section.name), f.name)
+            if default is not None and default is not False:
+                help_ += f"; default {default}"
             dest = f"{section.name}.{f.name}"
             if typ is bool:
                 group.add_argument(flag_of(f), dest=dest, action=argparse.BooleanOptionalAction,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from difflab.config import TrainConfig, add_config_flags, apply_flags, load_config
+from difflab.config import SET_BY_BASE, TrainConfig, add_config_flags, apply_flags, flag_of, given_flags, load_config
+from difflab.errors import ConfigError
 
 
 def add_parser(subparsers) -> None:
@@ -30,15 +32,28 @@ def default_out(config: TrainConfig) -> Path:
     return Path("runs") / f"{data_name(config.data.spec)}-{Path(config.model.preset).stem}"
 
 
-def resolve_config(args) -> tuple[TrainConfig, Path]:
+def resolve_config(args, defaults: TrainConfig | None = None) -> tuple[TrainConfig, Path]:
     if args.config:
         base = load_config(args.config)
     elif args.resume and args.out and (args.out / "config.toml").is_file():
         base = load_config(args.out / "config.toml")  # resume a run as it was set up
     else:
-        base = TrainConfig()
+        base = defaults or TrainConfig()
     config = apply_flags(base, args).validate()
+    check_not_set_by_base(config, args)
     return config, args.out or default_out(config)
+
+
+def check_not_set_by_base(config: TrainConfig, args) -> None:
+    """With --from, the network, schedule, image size and channels are the pretrained model's."""
+    if not config.model.base:
+        return
+    given = given_flags(args)
+    for section, names in SET_BY_BASE.items():
+        for f in dataclasses.fields(getattr(config, section)):
+            if f.name in names and f"{section}.{f.name}" in given:
+                raise ConfigError(f"{flag_of(f)} cannot be set when fine-tuning: the model given with --from "
+                                  "decides it")
 
 
 def print_outputs(model_dir: Path, log, kind: str = "diffusers DDPMPipeline folder with a model card",

@@ -14,7 +14,9 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     colour = "grey" if info.channels == 1 else "RGB"
     classes = model.class_names
     origin = f"fine-tuned from `{info.base_model}`" if info.base_model else "trained from scratch"
-    rows = [
+    rows = [("base model", f"`{info.base_model}` (fine-tuned from its weights and noise schedule)")
+            ] if info.base_model else []
+    rows += [
         ("data", f"`{info.data}`" + (f" ({training['images']:,} images)" if "images" in training else "")),
         ("network", f"diffusers UNet2DModel, {parameters / 1e6:.2f} M parameters"
                     + (f" (preset `{training['preset']}`)" if "preset" in training else "")),
@@ -40,10 +42,11 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     config_block = ""
     if config_toml:
         config_block = f"\n## Settings\n\nThe run's full `config.toml`:\n\n```toml\n{config_toml}```\n"
+    base_model = f"base_model: {info.base_model}\n" if info.base_model and _is_hub_id(info.base_model) else ""
     return f"""---
 library_name: diffusers
 pipeline_tag: unconditional-image-generation
-tags:
+{base_model}tags:
 - difflab
 - {kind}
 - diffusion-models-class
@@ -60,6 +63,14 @@ difflab on `{info.data}`.
 {table}
 
 {use}{config_block}"""
+
+
+def _is_hub_id(spec: str) -> bool:
+    """owner/name, not a local path: what the Hub's `base_model` field takes."""
+    from pathlib import Path
+
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and not Path(spec).exists()
 
 
 def _unconditional_use(name: str) -> str:

@@ -1,5 +1,6 @@
-"""What a training loop reports while it runs: the figures on its progress bar, and a clear stop when
-the loss is no longer a number. Shared by the real trainer and the teaching loop (`difflab scratch train`)."""
+"""What a training loop reports while it runs: the figures on its progress bar, a clear stop when
+the loss is no longer a number, and (optionally) TensorBoard or wandb. Shared by the real trainer and
+the teaching loop (`difflab scratch train`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from difflab.errors import TrainingError
+from difflab.config import to_dict
+from difflab.errors import ConfigError, TrainingError
 
 
 def finite_losses(losses: list[torch.Tensor], last_step: int, advice: Callable[[], str],
@@ -34,3 +36,26 @@ def show_progress(bar, loss: float, images_per_s: float, *, step: int, fraction_
     if step_budget is None and fraction_done > 0:
         bar.total = max(step, round(step / fraction_done))
         bar.refresh()
+
+
+# ---- trackers (--log-with): optional, through accelerate ----------------------------------------------
+
+TRACKER_FOLDER = "trackers"  # in the run folder: TensorBoard's event files (wandb keeps its own)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def flat_settings(config) -> dict:
+    """The run's settings as {"section.name": value}, as trackers take them."""
+    return {f"{section}.{name}": value for section, values in to_dict(config).items() for name, value in values.items()}
+
+
+def check_tracker(name: str | None) -> None:
+    """A tracker asked for is installed (difflab does not depend on any)."""
+    if not name:
+        return
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
+    if not available:
+        raise ConfigError(f"--log-with {name} needs the {TRACKER_PACKAGES[name]} package, which is not installed: "
+                          f"pip install {TRACKER_PACKAGES[name]}, or leave --log-with out (metrics.csv has it all)")

@@ -26,10 +26,10 @@ from difflab.models.build import build_model
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
-from difflab.training import checkpoints
+from difflab.training import checkpoints, finetune
 from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
-from difflab.training.reporting import finite_losses, show_progress
+from difflab.training.reporting import TRACKER_FOLDER, check_tracker, finite_losses, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
 
 log = logging.getLogger("difflab")
@@ -59,17 +59,21 @@ def mixed_precision(choice: str, device: str = "auto") -> str:
     return "bf16" if amx else "no"
 
 
-def make_accelerator(config: TrainConfig):
+def make_accelerator(config: TrainConfig, out: str | Path | None = None):
     """A fresh Accelerator for this run. accelerate keeps one state per process and refuses a second
     run with other settings (say, another precision); clearing its per-run part, not the distributed
-    part, lets one process train several runs (a notebook, the tests)."""
+    part, lets one process train several runs (a notebook, the tests). Trackers (`--log-with`) write
+    under the run folder `out`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    trackers = {}
+    if config.run.log_with:
+        trackers = {"log_with": config.run.log_with, "project_dir": str(Path(out) / TRACKER_FOLDER)}
     return Accelerator(cpu=config.run.device == "cpu",
-                       mixed_precision=mixed_precision(config.optim.precision, config.run.device))
+                       mixed_precision=mixed_precision(config.optim.precision, config.run.device), **trackers)
 
 
 class Trainer:
@@ -77,11 +81,19 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         config.validate()
-        self.accelerator = acc = make_accelerator(config)
+        check_tracker(config.run.log_with)
+        self.accelerator = acc = make_accelerator(config, out)
+        base = None
+        if config.model.base:  # fine-tuning: the model decides the network, schedule, size and channels
+            base = finetune.load_base(config)
+            config = finetune.settings_from_base(config, base)
         d = config.data
-        data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict, d.memory_limit_mb)
+        data = open_dataset(d.spec, d.image_size, None if base else d.channels, d.split, d.strict, d.memory_limit_mb)
+        if base:
+            data = finetune.fit_data(data, config)
+            base = finetune.fine_tuned(base, config, data)
         conditional = config.model.conditioning == "class"
-        if conditional and not data.has_labels:
+        if conditional and not base and not data.has_labels:  # fine_tuned checks a base model's
             raise DataError(f"--conditioning class needs labelled data, and {d.spec} has no labels "
                             "(put each class's images in its own sub-folder)")
         self.config = config = resolve_data_settings(config, data)
@@ -90,15 +102,20 @@ class Trainer:
                                       barrier=acc.wait_for_everyone)
         acc.wait_for_everyone()
 
-        self.model = build_model(config.model, data.image_size, data.channels, data.source, config.run.seed,
-                                 data.class_names if conditional else None)
+        self.model = base or build_model(config.model, data.image_size, data.channels, data.source, config.run.seed,
+                                         data.class_names if conditional else None)
+        if config.run.log_with and acc.is_main_process:
+            acc.init_trackers("difflab", config=flat_settings(config),
+                              init_kwargs={"wandb": {"name": self.run.root.name, "dir": str(self.run.root)}})
         self.evaluator = None
         self.last_evaluation: dict | None = None
         if config.run.eval_every and acc.is_main_process:
             from difflab.metrics.evaluate import Evaluator
 
             self.evaluator = Evaluator.for_data(d.spec, data.image_size, data.channels)
-        self.model.info.training = {"preset": config.model.preset, "images": len(data)}
+        self.model.info.training = {"images": len(data)}
+        if config.model.preset != finetune.BASE_PRESET:
+            self.model.info.training["preset"] = config.model.preset
         if conditional:
             self.model.info.training["cond_dropout"] = config.model.cond_dropout
         denoiser = self.model.denoiser.to(acc.device)
@@ -173,9 +190,7 @@ class Trainer:
             batch = next(self.stream)
             x0 = batch["images"].to(acc.device, non_blocking=True)
             labels = self.training_labels(batch)
-            noise = torch.randn(x0.shape, generator=self.noise_rng).to(acc.device)
-            t = torch.randint(0, schedule.config.num_train_timesteps, (x0.shape[0],), generator=self.noise_rng)
-            t = t.to(acc.device)
+            noise, t = self.draw_noise(x0)
             x_t = schedule.add_noise(x0, noise, t)
             last = micro == o.grad_accum - 1
             with nullcontext() if last else acc.no_sync(self.denoiser):
@@ -194,6 +209,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.params)
         return torch.stack([total, grad_norm])
+
+    def draw_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian noise like `x0` and a random timestep per image, from the run's noise generator."""
+        device = self.accelerator.device
+        noise = torch.randn(x0.shape, generator=self.noise_rng).to(device)
+        steps = self.model.noise_schedule.config.num_train_timesteps
+        t = torch.randint(0, steps, (x0.shape[0],), generator=self.noise_rng).to(device)
+        return noise, t
 
     def gradient_norm(self, clip: float) -> torch.Tensor:
         """The gradients' total norm, after clipping it to `clip` if that is set. With fp16 loss scaling
@@ -234,11 +257,16 @@ class Trainer:
         show_progress(bar, loss, images_per_s, step=self.state.step, fraction_done=self.fraction_done(),
                       step_budget=self.budget.steps)
         if self.accelerator.is_main_process:
+            row = {"step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
+                   "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2)}
             with self.writing(self.run.metrics):
-                self.metrics.append({
-                    "step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
-                    "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2),
-                })
+                self.metrics.append(row)
+            self.track(row)
+
+    def track(self, row: dict) -> None:
+        """Send a metrics row to the trackers of --log-with, if any (main process only)."""
+        if self.config.run.log_with:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     @contextmanager
     def writing(self, path: Path):
@@ -301,6 +329,7 @@ class Trainer:
             row["class_accuracy"] = result["class_accuracy"]
         with self.writing(self.run.metrics):
             self.metrics.append(row)
+        self.track(row)
         log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
         self.last_evaluation = result
         return result
@@ -366,5 +395,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwri
         model_dir = trainer.fit()
     finally:
         trainer.stream.close()  # stops the processes that read a large folder ahead
+        if config.run.log_with:
+            trainer.accelerator.end_training()  # flushes and closes the trackers
     testhooks.report(trainer)
     return model_dir

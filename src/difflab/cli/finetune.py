@@ -1,0 +1,48 @@
+"""difflab finetune: fine-tune a pretrained diffusion model on new images (course unit 2).
+
+The same trainer as `difflab train`, started from the pretrained weights and noise schedule, with
+fine-tuning defaults (a low learning rate, a short warmup).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.config import SET_BY_BASE, add_config_flags, finetune_defaults
+from difflab.errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a pretrained diffusion model on a folder or dataset",
+        description="Fine-tune a pretrained pixel-space diffusion model (a difflab model or run folder, a "
+                    "diffusers DDPMPipeline/DDIMPipeline folder, or a Hub id such as google/ddpm-celebahq-256) "
+                    "on new images. It is difflab train's loop (EMA, accumulation, checkpoints, --resume, sample "
+                    "grids, evaluations) started from the model's weights and noise schedule; images are resized "
+                    "to the model's size and converted to its channels. Settings come from the fine-tuning "
+                    "defaults, then --config FILE.toml, then the flags below; the resolved settings are saved as "
+                    "config.toml in the run folder (difflab train --config runs/NAME/config.toml runs it again).",
+    )
+    p.add_argument("--out", type=Path, help="run folder (default: runs/DATA-finetune)")
+    p.add_argument("--config", type=Path, help="TOML file of settings (for example a run's config.toml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+    add_config_flags(p, defaults=finetune_defaults(), skip=SET_BY_BASE)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import logging
+
+    from difflab.cli.train import data_name, print_outputs, resolve_config
+    from difflab.training.trainer import train
+
+    config, out = resolve_config(args, finetune_defaults())
+    if not config.model.base:
+        raise ConfigError("give the pretrained model to start from with --from MODEL (a model or run folder, a "
+                          "diffusers DDPMPipeline folder, or a Hub id)")
+    if args.out is None:
+        out = Path("runs") / f"{data_name(config.data.spec)}-finetune"
+    model_dir = train(config, out, resume=args.resume, overwrite=args.overwrite)
+    print_outputs(model_dir, logging.getLogger("difflab"))
+    return 0
