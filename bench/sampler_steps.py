@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: difflab's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", help="write the figure here")
+    parser.add_argument("--settings", default=",".join(f"{s}:{n}" for s, n in SETTINGS),
+                        help="comma-separated SAMPLER:STEPS pairs (default: %(default)s)")
     args = parser.parse_args()
+    settings = [(item.split(":")[0], int(item.split(":")[1])) for item in args.settings.split(",")]
 
     from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, make_sampler
     from difflab.metrics.evaluate import Evaluator
@@ -57,7 +60,7 @@ def main() -> None:
     evaluator = Evaluator.for_data(args.data or model.info.data, model.info.image_size, model.info.channels)
     floor = evaluator.floor(args.n)
     rows = []
-    for sampler, steps in SETTINGS:
+    for sampler, steps in settings:
         scheduler = make_sampler(sampler, model.noise_schedule.config)
         scheduler.set_timesteps(steps)
         result = evaluator(model, args.n, sampler=sampler, steps=steps, cfg_scale=cfg, seed=args.seed)
