@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 
-# One thread per test process: the models are tiny, and on a shared machine two OpenMP threads that
-# wait for each other made in-process training tests 10-20 times slower. Set before torch loads.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tests use tiny tensors: one thread is as fast as two, and two are slowed many times over when other
 # work shares the CPU (a busy 2-core machine: the whole suite in 551 s with two threads, 60 s with one).
+# Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import gzip  # noqa: E402
+import json  # noqa: E402
+import string  # noqa: E402
 import struct  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,6 +28,29 @@ from difflab.config import TrainConfig  # noqa: E402
 def private_cache(tmp_path_factory, monkeypatch):
     """Evaluation classifiers are cached per test session, never in the user's cache."""
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIPModel and a CLIPTokenizer over single letters, saved as a folder."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    text = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
+            "vocab_size": 60, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
+              "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    return folder
 
 
 def tiny_config(steps: int = 30, **run) -> TrainConfig:

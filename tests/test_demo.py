@@ -14,15 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-import test_guidance
 from difflab.app.guides import Guides, hex_color
 from difflab.app.service import Generator, Limits, Request, check_model, check_request
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
 from difflab.errors import ConfigError, DifflabError, ModelError
 from difflab.images import png_settings
 from difflab.pipelines.folder import load_model
 
 FAST = dict(sampler="ddim", steps=3, count=2)
-tiny_clip = test_guidance.tiny_clip  # a fixture: a tiny CLIP model folder
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +109,7 @@ def test_colour_and_clip_guidance(conditional, tiny_clip, tmp_path):
     plain = generate(Request(**FAST, seed=3, class_name="1"))
     white = generate(Request(**FAST, seed=3, class_name="1", color="rgba(255, 255, 255, 1)", color_scale=200))
     assert png_settings(white[0][0]) == {"model": "tiny", "sampler": "ddim", "steps": 3, "seed": 3, "class": "1",
-                                         "cfg_scale": 2.0, "color": "#ffffff", "color_scale": 200.0}
+                                         "cfg_scale": DEFAULT_CFG_SCALE, "color": "#ffffff", "color_scale": 200.0}
     assert white[0][1].endswith("colour #ffffff ×200")
     brightness = [np.asarray(Image.open(r[0][0]), dtype=float).mean() for r in (plain, white)]
     assert brightness[1] > brightness[0] + 10  # pulled towards white

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from difflab.app.service import Limits
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -154,11 +155,11 @@ def test_browser_generates_and_same_seed_gives_same_image(served, browser, tmp_p
         raise
     assert len(first) == len(other) == len(again) == 2
     page = browser.find_element(By.ID, "gallery").text
-    assert "seed 1234 · class 7 (CFG 2) · dpm++2m, 4 steps · colour #ffffff ×200" in page, page
+    assert f"seed 1234 · class 7 (CFG {DEFAULT_CFG_SCALE:g}) · dpm++2m, 4 steps · colour #ffffff ×200" in page, page
     assert "seed 1235 · class 7" in page, page
     (a, settings), (b, _) = fetch_pixels(first[0]), fetch_pixels(again[0])
     assert settings == {"model": "conditional", "sampler": "dpm++2m", "steps": 4, "seed": 1234, "class": "7",
-                        "cfg_scale": 2.0, "color": "#ffffff", "color_scale": 200.0}
+                        "cfg_scale": DEFAULT_CFG_SCALE, "color": "#ffffff", "color_scale": 200.0}
     assert a.shape == (8, 8) and np.array_equal(a, b)  # same seed, same image
     assert not np.array_equal(a, fetch_pixels(other[0])[0])
     assert not np.array_equal(a, fetch_pixels(first[1])[0])

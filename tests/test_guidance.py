@@ -3,9 +3,6 @@ fast and full gradients; every sampler and prediction type; windows, cadence, CF
 
 from __future__ import annotations
 
-import json
-import string
-
 import pytest
 import torch
 
@@ -31,28 +28,6 @@ from difflab.models.build import build_model
 from difflab.pipelines.folder import load_model
 
 WHITE = (1.0, 1.0, 1.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny random CLIPModel and a CLIPTokenizer over single letters, saved as a folder."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    text = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
-            "vocab_size": 60, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
-    vision = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
-              "image_size": 32, "patch_size": 8}
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    return folder
 
 
 def recording(term: GuidanceTerm, log: list) -> GuidanceTerm:

@@ -7,6 +7,7 @@ import json
 from PIL import Image
 
 from difflab.cli import main
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
 from difflab.images import png_settings
 from difflab.metrics import classifier
 from difflab.pipelines.folder import load_model
@@ -21,7 +22,7 @@ def test_quickstart_trains_samples_and_measures(capsys, tmp_path, monkeypatch):
     result = json.loads((out / "eval.json").read_text())
     assert result["n"] == 20 and 0 <= result["class_accuracy"] <= 1 and result["frechet_floor"] > 0
     grid = next((out / "samples").glob("step_*.png"))
-    assert png_settings(grid)["cfg_scale"] == 2.0
+    assert png_settings(grid)["cfg_scale"] == DEFAULT_CFG_SCALE
     assert Image.open(grid).size[1] > 10 * 64  # one 64-px row per digit
     assert load_model(out / "model").class_names == [str(d) for d in range(10)]
     assert main(["quickstart", "--out", str(out), "--minutes", "0.02", "-n", "10"]) == 0  # runs again in place

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.app.service import Limits
+from difflab.cli.options import add_model_loading
 
 DEFAULT_LIMITS = Limits()
 
@@ -35,9 +36,7 @@ def add_parser(subparsers) -> None:
                         help=f"refuse models whose images are larger a side (default {DEFAULT_LIMITS.max_image_size})")
     limits.add_argument("--max-queue", type=int, default=DEFAULT_LIMITS.max_queue,
                         help=f"requests that may wait; more are turned away (default {DEFAULT_LIMITS.max_queue})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load .bin/.ckpt weights (with torch.load(weights_only=True)) when there are no safetensors")
+    add_model_loading(p)
     p.set_defaults(run=run)
 
 

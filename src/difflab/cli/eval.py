@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difflab.cli.options import add_device
 from difflab.config import DATA_SPEC_HELP
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
@@ -29,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--features", default="classifier",
                    help="feature space: classifier (default), or clip:PATH_OR_ID for a CLIP model's image embeddings")
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    add_device(p)
     p.add_argument("--json", type=Path, help="also write the JSON to this file")
     p.set_defaults(run=run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difflab.cli.options import add_model_loading
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 GUIDANCE_MODES = ("fast", "full")  # the same as difflab.diffusion.guidance's, without importing torch here
@@ -44,9 +45,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out-dir", type=Path, help="also write each image as its own PNG here")
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load .bin/.ckpt weights (with torch.load(weights_only=True)) when there are no safetensors")
+    add_model_loading(p)
     p.set_defaults(run=run)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difflab.cli.options import add_device
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -46,7 +48,7 @@ def add_sample_parser(commands) -> None:
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid image to write (default samples.png)")
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    add_device(p)
     p.set_defaults(run=run_sample)
 
 
