@@ -107,7 +107,8 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
     except Exception as e:  # offline, unknown repo, gated repo: all mean "not available"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(
-            f"{repo_id} is not a local folder and could not be fetched from the Hugging Face Hub ({reason})"
+            f"{repo_id} is neither a folder here nor a model that could be fetched from the Hugging Face Hub "
+            f"({reason}); check the path, or the Hub id and your connection"
         ) from None
 
 
