@@ -20,7 +20,9 @@ if [ -n "$extras" ] && ! has_chromium; then
          "(sudo apt-get install chromium chromium-driver); until then they are skipped" >&2
   fi
 fi
-stamp=".venv/.setup-$(cat pyproject.toml constraints.txt setup.sh | sha1sum | cut -c1-12)${extras:+-dev}"
+stamp=".venv/.setup-$(cat pyproject.toml constraints.txt setup.sh | sha1sum | cut -c1-12)"
+[ -f "$stamp-dev" ] && exit 0  # a --dev setup holds everything a plain one does
+stamp="$stamp${extras:+-dev}"
 [ -f "$stamp" ] && exit 0
 
 python=${PYTHON:-}
