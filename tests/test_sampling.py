@@ -38,18 +38,61 @@ def test_ddim_eta_adds_noise(model):
     assert not torch.allclose(plain, generate(model, 2, sampler="ddim", steps=8, seed=1, eta=1.0))
 
 
-@pytest.mark.parametrize("sampler,diffusers_class", [("ddpm", None), ("ddim", "DDIMScheduler")])
-def test_plain_diffusers_pipeline_gives_the_same_images(trained_model, model, sampler, diffusers_class):
+@pytest.mark.parametrize("pipeline", ["DDPMPipeline", "DDIMPipeline"])
+def test_plain_diffusers_pipeline_gives_the_same_images(trained_model, model, pipeline):
     import diffusers
 
-    pipe = diffusers.DDPMPipeline.from_pretrained(trained_model)
+    pipe = getattr(diffusers, pipeline).from_pretrained(trained_model)
     pipe.set_progress_bar_config(disable=True)
-    if diffusers_class:
-        pipe.scheduler = getattr(diffusers, diffusers_class).from_config(pipe.scheduler.config)
     generators = [torch.Generator().manual_seed(5 + i) for i in range(3)]
-    theirs = pipe(batch_size=3, generator=generators, num_inference_steps=25, output_type="np").images
-    ours = generate(model, 3, sampler=sampler, steps=25, seed=5)
+    if pipeline == "DDIMPipeline":  # what difflab's DDIM does (see sampling.denoise)
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        theirs = pipe(batch_size=3, generator=generators, num_inference_steps=25, output_type="np",
+                      use_clipped_model_output=True).images
+    else:
+        theirs = pipe(batch_size=3, generator=generators, num_inference_steps=25, output_type="np").images
+    ours = generate(model, 3, sampler="ddpm" if pipeline == "DDPMPipeline" else "ddim", steps=25, seed=5)
     assert torch.allclose(torch.from_numpy(theirs).permute(0, 3, 1, 2), ours, atol=1e-6)
+
+
+def test_ddim_derives_its_noise_from_the_clipped_prediction(model):
+    """DDIM's ε must agree with the x̂₀ it clipped: with diffusers' default (the unclipped ε), a step
+    from pure noise moves x_t along a direction that no clipped x̂₀ explains."""
+    from diffusers import DDIMScheduler
+
+    scheduler = make_sampler("ddim", model.noise_schedule.config)
+    scheduler.set_timesteps(10)
+    t, t_prev = scheduler.timesteps[:2]
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 3  # far outside [-1, 1]
+    prediction = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
+    step = scheduler.step(prediction, t, x, use_clipped_model_output=True)
+    abar, abar_prev = scheduler.alphas_cumprod[int(t)], scheduler.alphas_cumprod[int(t_prev)]
+    x0 = step.pred_original_sample
+    eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    assert torch.allclose(step.prev_sample, abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps, atol=1e-5)
+    # and difflab's loop takes that step
+    calls = []
+    ours = scheduler_step_args(model, calls)
+    assert calls and all(c.get("use_clipped_model_output") for c in calls) and isinstance(ours, DDIMScheduler)
+
+
+def scheduler_step_args(model, calls: list):
+    """Run difflab's loop with DDIM for 2 steps, recording the keyword arguments of each step."""
+    from difflab.diffusion.sampling import denoise
+
+    import functools
+
+    scheduler = make_sampler("ddim", model.noise_schedule.config)
+    original = scheduler.step
+
+    @functools.wraps(original)  # the loop reads the step's signature
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    scheduler.step = recording
+    denoise(lambda x, t: torch.zeros_like(x), scheduler, torch.randn(1, 1, 8, 8), 2)
+    return scheduler
 
 
 def test_samplers_start_from_the_noisiest_timestep(model):

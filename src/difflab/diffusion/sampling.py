@@ -55,6 +55,11 @@ def denoise(model_fn: ModelFn, scheduler, x: torch.Tensor, steps: int, *,
         extra["generator"] = generators
     if eta is not None and "eta" in step_args:
         extra["eta"] = eta
+    if "use_clipped_model_output" in step_args:
+        # DDIM clips x̂₀ but by default keeps the unclipped ε for the direction to x_t: the two then
+        # disagree, and the error grows with the steps (MNIST, 50 steps: Fréchet distance 25 instead
+        # of 0.6). Re-deriving ε from the clipped x̂₀ (as GLIDE does) keeps them consistent.
+        extra["use_clipped_model_output"] = True
     for t in scheduler.timesteps:
         prediction = model_fn(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(prediction, t, x, **extra).prev_sample
