@@ -1,7 +1,8 @@
 """Training images/s of difflab's trainer against a plain PyTorch + diffusers loop.
 
-Same model, batch, data (in memory), noise schedule, AdamW, gradient clipping and EMA; the plain
-loop does nothing else. Runs alternate, and the median of several is reported.
+Same model, batch, data (in memory), noise schedule, AdamW, gradient clipping, EMA and full precision
+(difflab's default bf16 on AMX CPUs is measured in recipe_speed.py); the plain loop does nothing else.
+Runs alternate, and the median of several is reported.
 
     python bench/train_throughput.py [--preset small] [--image-size 16] [--batch 64] [--steps 60]
 """
@@ -27,6 +28,7 @@ def difflab_rate(args, workdir) -> float:
     config.data.spec, config.data.image_size = "digits", args.image_size
     config.model.preset = args.preset
     config.optim.batch_size = args.batch
+    config.optim.precision = "no"  # like the plain loop: the loops are compared, not the arithmetic
     config.run.steps = args.warmup + args.steps
     config.run.sample_every = config.run.checkpoint_every = 0
     config.run.sample_count, config.run.sample_steps = 1, 1

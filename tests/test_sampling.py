@@ -78,9 +78,9 @@ def test_ddim_derives_its_noise_from_the_clipped_prediction(model):
 
 def scheduler_step_args(model, calls: list):
     """Run difflab's loop with DDIM for 2 steps, recording the keyword arguments of each step."""
-    from difflab.diffusion.sampling import denoise
-
     import functools
+
+    from difflab.diffusion.sampling import denoise
 
     scheduler = make_sampler("ddim", model.noise_schedule.config)
     original = scheduler.step
