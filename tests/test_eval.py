@@ -127,3 +127,18 @@ def test_bad_feature_spaces_and_data(tmp_path, conditional_model, capsys):
         Evaluator.for_data("digits", 8, 1, features=f"clip:{tmp_path / 'nothing'}")
     code = main(["eval", "--model", str(conditional_model), "--data", f"fashion-mnist:{tmp_path}"])
     assert code == 2 and "no train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_the_cache_goes_next_to_the_data_only_when_its_folder_is_writable(tmp_path, monkeypatch):
+    from difflab.metrics.classifier import cache_dir
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "user-cache"))
+    data = tmp_path / "mnist"
+    data.mkdir()
+    assert cache_dir(f"mnist:{data}") == data / ".difflab-cache"
+    data.chmod(0o555)  # read-only, even for root (whom os.access lets write anywhere)
+    try:
+        assert cache_dir(f"mnist:{data}") == tmp_path / "user-cache"
+    finally:
+        data.chmod(0o755)
+    assert cache_dir("digits") == tmp_path / "user-cache"

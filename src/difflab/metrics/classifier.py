@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,9 +104,10 @@ def train_classifier(train: ImageDataset, test: ImageDataset, steps: int | None 
 
 
 def cache_dir(data_spec: str) -> Path:
-    """Next to the data when its folder is writable; otherwise the user's cache."""
+    """Next to the data when its folder is writable; otherwise the user's cache. A folder without its
+    owner's write bit counts as read-only even for root, whom `os.access` lets write anywhere."""
     folder = Path(data_spec.split(":", 1)[-1]).expanduser()
-    if folder.is_dir() and os.access(folder, os.W_OK):
+    if folder.is_dir() and os.access(folder, os.W_OK) and folder.stat().st_mode & stat.S_IWUSR:
         return folder / ".difflab-cache"
     return Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab"))
 
