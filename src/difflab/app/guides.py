@@ -6,44 +6,28 @@ guidance only when the demo was started with a CLIP model.
 
 from __future__ import annotations
 
-import re
-
 from difflab.errors import ConfigError
 
 MAX_PROMPT_CHARS = 300
-RGB_FUNCTION = re.compile(r"rgba?\(\s*([\d.]+)\s*,\s*([\d.]+)\s*,\s*([\d.]+)\s*(?:,\s*[\d.]+\s*)?\)")
 
 
 def hex_color(text) -> str:
-    """'#rrggbb' from what a colour picker or an API client sends: '#rrggbb', '#rgb', 'rgb(a)(r, g, b[, a])'
-    or a basic colour name."""
-    from difflab.diffusion.guidance import parse_color
+    """'#rrggbb' from what a colour picker or an API client sends ('#rrggbb', '#rgb', 'rgb(a)(r, g, b[, a])'
+    or a basic colour name)."""
+    from difflab.diffusion import guidance  # torch comes with it: not at import time (difflab --help)
 
-    value = str(text or "").strip().lower()
-    found = RGB_FUNCTION.fullmatch(value)
-    if found:
-        channels = [round(float(c)) for c in found.groups()]
-        if not all(0 <= c <= 255 for c in channels):
-            raise ConfigError(f"colour {text!r} is not a colour; give it as #rrggbb, e.g. #55ffaa")
-    else:
-        channels = [round(c * 255) for c in parse_color(value or "?")]
-    return "#" + "".join(f"{c:02x}" for c in channels)
+    return "#" + "".join(f"{round(c * 255):02x}" for c in guidance.parse_color(str(text or "").strip() or "?"))
 
 
 class Guides:
     def __init__(self, clip_model: str | None = None, device=None):
         from difflab.diffusion import guidance
 
-        self.api = guidance
-        self.color = True
         self.clip = guidance.load_clip(str(clip_model), device=device) if clip_model else None
         self.default_color_scale = guidance.DEFAULT_COLOR_SCALE
         self.default_clip_scale = guidance.DEFAULT_CLIP_SCALE
         self.max_color_scale = 5 * self.default_color_scale
         self.max_clip_scale = 5 * self.default_clip_scale if self.clip is not None else 0.0
-
-    def check_color(self, text) -> str:
-        return hex_color(text)
 
     def check_prompt(self, prompt: str) -> None:
         if not prompt:
@@ -53,9 +37,11 @@ class Guides:
 
     def terms(self, request) -> list:
         """The guidance terms a checked request asks for."""
+        from difflab.diffusion import guidance
+
         terms = []
         if request.color_scale > 0:
-            terms.append(self.api.color_guidance(self.api.parse_color(request.color), scale=request.color_scale))
+            terms.append(guidance.color_guidance(guidance.parse_color(request.color), scale=request.color_scale))
         if request.clip_scale > 0:
-            terms.append(self.api.clip_guidance(request.prompt, self.clip, scale=request.clip_scale))
+            terms.append(guidance.clip_guidance(request.prompt, self.clip, scale=request.clip_scale))
         return terms

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from difflab.app.guides import Guides, hex_color
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.diffusion.schedules import check_choice
 from difflab.errors import ConfigError, ModelError
@@ -110,7 +111,7 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
     elif request.class_name not in (None, ""):
         raise ConfigError("this model is unconditional: it has no classes to choose from")
     if checked.color_scale > 0:
-        checked.color = guides.check_color(request.color)
+        checked.color = hex_color(request.color)
     if checked.clip_scale > 0:
         if guides.clip is None:
             raise ConfigError("CLIP guidance needs a CLIP model: start the demo with --clip-model")
@@ -148,8 +149,6 @@ class Generator:
 
     def __init__(self, model: DiffusionModel, model_name: str, limits: Limits, guides=None,
                  out_root: Path | None = None):
-        from difflab.app.guides import Guides
-
         self.model, self.model_name, self.limits, self.guides = model, model_name, limits, guides or Guides()
         self.out_root = Path(out_root or tempfile.mkdtemp(prefix="difflab-demo-"))
 

@@ -271,9 +271,20 @@ COLOR_NAMES = {
 }
 
 
+RGB_FUNCTION = re.compile(r"rgba?\(\s*([\d.]+)\s*,\s*([\d.]+)\s*,\s*([\d.]+)\s*(?:,\s*[\d.]+\s*)?\)")
+
+
 def parse_color(text: str) -> tuple[float, float, float]:
-    """'#55FFAA', '55ffaa', '#5fa' or a basic colour name ('red') -> (r, g, b) in [0, 1]."""
+    """'#55FFAA', '55ffaa', '#5fa', 'rgb(85, 255, 170)' / 'rgba(…, alpha)' (what colour pickers send)
+    or a basic colour name ('red') -> (r, g, b) in [0, 1]."""
     value = COLOR_NAMES.get(text.strip().lower(), text.strip())
+    function = RGB_FUNCTION.fullmatch(value.lower())
+    if function:
+        channels = [round(float(c)) for c in function.groups()]
+        if not all(0 <= c <= 255 for c in channels):
+            raise GuidanceError(f"colour {text!r} is not a colour: each of r, g, b runs from 0 to 255; "
+                                "or give it as #rrggbb, e.g. #55ffaa")
+        return tuple(c / 255 for c in channels)
     digits = value[1:] if value.startswith("#") else value
     if len(digits) == 3:
         digits = "".join(c * 2 for c in digits)
