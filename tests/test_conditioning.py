@@ -13,8 +13,9 @@ from difflab.cli import main
 from difflab.diffusion.generate import generate, model_function
 from difflab.diffusion.guidance import classifier_free_guidance
 from difflab.diffusion.samplers import make_sampler
-from difflab.diffusion.sampling import denoise, image_generators, initial_noise, to_unit_range
+from difflab.diffusion.sampling import denoise, image_generators, initial_noise, run_timesteps, to_unit_range
 from difflab.errors import DataError, ModelError
+from difflab.models.conditioning import Conditioning
 from difflab.pipelines.folder import load_model
 from difflab.training.trainer import Trainer, train
 
@@ -55,8 +56,9 @@ def test_cfg_scale_one_is_plain_conditional_sampling(conditional_model):
     generators = image_generators(2, 3)
     noise = initial_noise((3, 1, 8, 8), generators, "cpu")
     with torch.no_grad():
-        plain = denoise(lambda x, t: model.denoiser(x, t, labels), make_sampler("ddim", model.noise_schedule.config),
-                        noise, 6, generators=generators)
+        scheduler = make_sampler("ddim", model.noise_schedule.config)
+        plain = denoise(lambda x, t: model.denoiser(x, t, labels), scheduler,
+                        noise, run_timesteps(scheduler, 6), generators=generators)
     assert torch.allclose(ours, to_unit_range(plain), atol=1e-6)
 
 
@@ -66,7 +68,7 @@ def test_guidance_batches_both_predictions_into_one_pass_correctly(conditional_m
     denoiser.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     labels, x, t = torch.tensor([2, 4]), torch.randn(2, 1, 8, 8), torch.tensor(300)
     with torch.no_grad():
-        guided = classifier_free_guidance(denoiser, labels, 3.0)(x, t)
+        guided = classifier_free_guidance(denoiser, Conditioning(labels), Conditioning(torch.tensor([10, 10])), 3.0)(x, t)
         assert calls == [4]  # one forward pass of both halves
         conditional, unconditional = denoiser(x, t, labels), denoiser(x, t, torch.tensor([10, 10]))
     assert torch.allclose(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
@@ -97,8 +99,10 @@ def test_the_model_card_code_reproduces_difflab_sampling(conditional_model, tmp_
         exec(code, scope)  # noqa: S102 - our own generated snippet
         model = load_model(model_dir)
         with torch.no_grad():
-            ours = denoise(model_function(model, torch.tensor([0, 0, 1, 1]), 2.0),
-                           DPMSolverMultistepScheduler.from_config(model.noise_schedule.config), noise, 20)
+            labels = torch.tensor([0, 0, 1, 1])
+            guided = model_function(model, Conditioning(labels), Conditioning(torch.full_like(labels, model.denoiser.null_class)), 2.0)
+            scheduler = DPMSolverMultistepScheduler.from_config(model.noise_schedule.config)
+            ours = denoise(guided, scheduler, noise, run_timesteps(scheduler, 20))
         assert torch.allclose(scope["images"], to_unit_range(ours), atol=1e-5), method
 
 

@@ -80,7 +80,7 @@ def scheduler_step_args(model, calls: list):
     """Run difflab's loop with DDIM for 2 steps, recording the keyword arguments of each step."""
     import functools
 
-    from difflab.diffusion.sampling import denoise
+    from difflab.diffusion.sampling import denoise, run_timesteps
 
     scheduler = make_sampler("ddim", model.noise_schedule.config)
     original = scheduler.step
@@ -91,7 +91,7 @@ def scheduler_step_args(model, calls: list):
         return original(*args, **kwargs)
 
     scheduler.step = recording
-    denoise(lambda x, t: torch.zeros_like(x), scheduler, torch.randn(1, 1, 8, 8), 2)
+    denoise(lambda x, t: torch.zeros_like(x), scheduler, torch.randn(1, 1, 8, 8), run_timesteps(scheduler, 2))
     return scheduler
 
 

@@ -31,3 +31,8 @@ class TrainingError(DifflabError):
 
 class GuidanceError(DifflabError):
     """A guidance term that cannot be built or used as asked (unknown term, bad colour, no CLIP model)."""
+
+
+class InputError(DifflabError):
+    """A generation input that cannot be used as asked (an unreadable image, a mask that does not fit,
+    a prompt for a model without a text encoder)."""

@@ -1,5 +1,6 @@
-"""Generate images from a difflab model: seeds, batching, conditioning, progress, and the one
-sampling loop."""
+"""Generate images from a difflab model: one request's checks, seeds, batching, conditioning,
+progress, and the one sampling loop — for pixel and latent models, unconditional, class- or
+text-conditioned, from noise or from an image (img2img, inpainting, depth-to-image, upscaling)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from collections.abc import Sequence
 import torch
 
 from difflab.diffusion.guidance import GuidanceTerm, classifier_free_guidance, loss_guidance
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, UNCLIPPED, make_sampler
-from difflab.diffusion.sampling import ModelFn, clip_x0, denoise, image_generators, initial_noise, to_unit_range
+from difflab.diffusion.modes import Prepared, start
+from difflab.diffusion.request import prepare
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, UNCLIPPED, make_sampler
+from difflab.diffusion.sampling import ModelFn, clip_x0, denoise, image_generators, run_timesteps, to_unit_range
+from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
 from difflab.progress import progress_bar
 
@@ -19,11 +23,13 @@ def row_labels(num_classes: int, per_row: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_row)
 
 
-def model_function(model: DiffusionModel, class_labels: torch.Tensor | None, cfg_scale: float) -> ModelFn:
-    """The model as a function of (x_t, t), conditioned on `class_labels` with guidance if given."""
-    if class_labels is None:
-        return lambda x, t: model.denoiser(x, t)
-    return classifier_free_guidance(model.denoiser, class_labels, cfg_scale)
+def model_function(model: DiffusionModel, conditioning: Conditioning | None, unconditional: Conditioning | None,
+                   cfg_scale: float) -> ModelFn:
+    """The model as a function of (x_t, t), conditioned, with classifier-free guidance when it has an
+    unconditional twin."""
+    if unconditional is None:
+        return lambda x, t: model.denoiser(x, t, conditioning)
+    return classifier_free_guidance(model.denoiser, conditioning, unconditional, cfg_scale)
 
 
 def counted(model_fn: ModelFn, bar) -> ModelFn:
@@ -38,30 +44,53 @@ def counted(model_fn: ModelFn, bar) -> ModelFn:
 @torch.no_grad()
 def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
              seed: int = 0, eta: float | None = None, class_labels: torch.Tensor | None = None,
-             cfg_scale: float = DEFAULT_CFG_SCALE, guidance: Sequence[GuidanceTerm] = (), guidance_mode: str = "fast",
-             batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+             prompts: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+             cfg_scale: float | None = None, image=None, mask=None, depth=None, strength: float | None = None,
+             noise_level: int | None = None, width: int | None = None, height: int | None = None,
+             guidance: Sequence[GuidanceTerm] = (), guidance_mode: str = "fast", batch_size: int = 64,
+             progress: bool = False, safety_check: bool = True) -> torch.Tensor:
     """`count` images as a float tensor [count, C, H, W] in [0, 1] on the CPU.
-    Image i depends only on (seed + i, its class label, sampler, steps, cfg_scale, guidance), not on
-    `batch_size`. `class_labels` (one per image) conditions a class-conditional model; without them it
-    samples unconditionally. `guidance` terms steer every image (see diffusion/guidance.py), with the
-    gradient through x̂₀ only (`guidance_mode="fast"`) or through the network too ("full")."""
-    info, device = model.info, model.device
-    model.denoiser.eval()
-    scheduler = make_sampler(sampler, model.noise_schedule.config)
-    scheduler.set_timesteps(steps)
-    bar = progress_bar(total=-(-count // batch_size) * len(scheduler.timesteps), desc=f"sampling ({sampler})",
+
+    Image i depends only on seed + i and its own inputs, not on `batch_size`. Conditioning:
+    `class_labels` (one per image) for class-conditional models; `prompts` (one, or one per image)
+    and `negative_prompt` for text models; classifier-free guidance at `cfg_scale` (default: the
+    model kind's). Where sampling starts: `image` (a path, PIL image or [C, H, W] tensor in [0, 1])
+    with `strength` (img2img; depth-to-image with `depth` or the model's depth estimator), `image` +
+    `mask` (inpainting, white = repaint), `image` + `noise_level` (the ×4 upscaler's low-res input).
+    `guidance` terms steer every image through x̂₀ (decoded, for latent models), with the gradient
+    through x̂₀ only (`guidance_mode="fast"`) or through the network too ("full"). A safety checker
+    in the model's folder blacks out flagged images unless `safety_check=False`."""
+    job = prepare(model, count, class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
+                  cfg_scale=cfg_scale, image=image, mask=mask, depth=depth, strength=strength,
+                  noise_level=noise_level, width=width, height=height)
+    for part in model.modules():
+        part.eval()
+    scheduler = make_sampler(sampler, model.sampler_config)
+    run_length = len(run_timesteps(scheduler, steps, job.inputs.strength))
+    bar = progress_bar(total=-(-count // batch_size) * run_length, desc=f"sampling ({sampler})",
                        enabled=progress, leave=False)
     out = []
-    for start in range(0, count, batch_size):
-        n = min(batch_size, count - start)
-        labels = None if class_labels is None else class_labels[start:start + n].to(device)
-        model_fn = counted(model_function(model, labels, cfg_scale), bar)
-        model_fn = loss_guidance(model_fn, guidance, model.noise_schedule, scheduler.timesteps, guidance_mode)
-        if sampler in UNCLIPPED:
+    for first in range(0, count, batch_size):
+        n = min(batch_size, count - first)
+        generators = image_generators(seed, n, first)
+        timesteps = run_timesteps(scheduler, steps, job.inputs.strength, model.device)
+        begin = start(model, job.inputs, generators, scheduler, timesteps)
+        conditioning, unconditional = job.conditioning(first, n, begin)
+        model_fn = counted(model_function(model, conditioning, unconditional, job.cfg_scale), bar)
+        decode = model.codec.decode if model.codec is not None else None
+        model_fn = loss_guidance(model_fn, guidance, model.noise_schedule, timesteps, guidance_mode, decode=decode)
+        if sampler in UNCLIPPED and not model.latent:
             model_fn = clip_x0(model_fn, model.noise_schedule)
-        generators = image_generators(seed, n, start)
-        x = initial_noise((n, info.channels, info.image_size, info.image_size), generators, device)
-        x = denoise(model_fn, scheduler, x, steps, generators=generators, eta=eta)
-        out.append(to_unit_range(x).float().cpu())
+        x = denoise(model_fn, scheduler, begin.sample, timesteps, generators=generators, eta=eta,
+                    after_step=begin.after_step)
+        images = decode(x) if decode is not None else x
+        if safety_check and model.safety_checker is not None:
+            from difflab.pipelines.safety import black_out_flagged
+
+            images = black_out_flagged(model, images)
+        out.append(to_unit_range(images).float().cpu())
     bar.close()
     return torch.cat(out)
+
+
+__all__ = ["generate", "row_labels", "model_function", "Prepared"]

@@ -19,6 +19,9 @@ Two kinds live here:
   since every sampler's step is a function of (x_t, x̂₀). The H·W/256 factor makes a loss that is
   a mean over pixels move each pixel by the same amount at every image size (at 16×16 it is plain
   gradient descent on x̂₀ with step `scale`).
+
+For latent models the losses score the decoded image, decode(x̂₀), and the gradient reaches the latent
+x̂₀ through the VAE decoder (and, in full mode, through the UNet too); H·W is then the latent's size.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from difflab.diffusion.predictions import alpha_bar, from_x0, to_x0
 from difflab.diffusion.sampling import ModelFn
 from difflab.errors import GuidanceError
 from difflab.models.clip import ClipScorer, load_clip
+from difflab.models.conditioning import Conditioning
 
 __all__ = [
     "GuidanceTerm", "ClipScorer", "load_clip", "classifier_free_guidance", "loss_guidance", "color_guidance",
@@ -51,17 +55,20 @@ GUIDANCE_MODES = ("fast", "full")
 REFERENCE_PIXELS = 16 * 16  # the image size at which `scale` is the plain gradient step on x̂₀
 
 
-def classifier_free_guidance(denoiser, class_labels: torch.Tensor, scale: float) -> ModelFn:
-    """pred = pred(x, ∅) + scale · (pred(x, class) − pred(x, ∅)), both from one batched forward pass.
-    Scale 1 is plain conditional sampling (one pass), 0 unconditional, above 1 sharper classes.
-    Mixing predictions linearly is the same for ε, v and x₀ targets, since each is affine in ε."""
+def classifier_free_guidance(denoiser, conditioning: Conditioning, unconditional: Conditioning,
+                             scale: float) -> ModelFn:
+    """pred = pred(x, ∅) + scale · (pred(x, c) − pred(x, ∅)), both from one batched forward pass (the
+    unconditional half first, as diffusers batches it). ∅ is the conditioning's "empty" twin: the
+    null class, the negative prompt. Scale 1 is plain conditional sampling (one pass), 0
+    unconditional, above 1 closer to the condition. Mixing predictions linearly is the same for ε, v
+    and x₀ targets, since each is affine in ε."""
     if scale == 1.0:
-        return lambda x, t: denoiser(x, t, class_labels)
-    both = torch.cat([class_labels, torch.full_like(class_labels, denoiser.null_class)])
+        return lambda x, t: denoiser(x, t, conditioning)
+    both = Conditioning.cat([unconditional, conditioning])
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        conditional, unconditional = denoiser(torch.cat([x, x]), t, both).chunk(2)
-        return unconditional + scale * (conditional - unconditional)
+        unconditioned, conditioned = denoiser(torch.cat([x, x]), t, both).chunk(2)
+        return unconditioned + scale * (conditioned - unconditioned)
 
     return guided
 
@@ -218,10 +225,12 @@ def step_order(timesteps: Sequence) -> torch.Tensor:
 
 
 def loss_guidance(model_fn: ModelFn, terms: Sequence[GuidanceTerm], noise_schedule, timesteps: Sequence,
-                  mode: str = "fast") -> ModelFn:
+                  mode: str = "fast", decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ModelFn:
     """Wrap `model_fn` so that its prediction implies x̂₀ moved down the gradient of the active
-    `terms`' losses (see the module's docstring). `timesteps` are the sampler's, which say which
-    step (and so which terms) a call belongs to; `noise_schedule` is the model's."""
+    `terms`' losses (see the module's docstring). `timesteps` are those the run visits (a run that
+    starts part-way down the schedule, like img2img, visits only the last ones): a call's position
+    among them says which terms act. `noise_schedule` is the model's. For latent models `decode`
+    maps x̂₀ to the image the losses score, and the gradient flows back through it."""
     if mode not in GUIDANCE_MODES:
         raise GuidanceError(f"unknown guidance mode {mode!r}; choose fast (gradient through x̂₀ only) "
                             "or full (through the network too)")
@@ -233,10 +242,11 @@ def loss_guidance(model_fn: ModelFn, terms: Sequence[GuidanceTerm], noise_schedu
     order = step_order(timesteps)
 
     def total_loss(active: list[GuidanceTerm], x0: torch.Tensor, step: int) -> torch.Tensor:
+        images = decode(x0) if decode is not None else x0
         # Random augmentations (CLIP cut-outs) are seeded by the step: same seed, same image.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(step)
-            return sum(term.scale * term.loss(x0).sum() for term in active)
+            return sum(term.scale * term.loss(images).sum() for term in active)
 
     def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = int((order - float(t)).abs().argmin())

@@ -1,14 +1,16 @@
 """The network every sampler and the trainer call.
 
-`Denoiser(x_t, t, class_labels)` returns the model's prediction (epsilon, v or x0, as its noise
-schedule says). It wraps a diffusers UNet; conditioning enters through one of the UNet's doors,
-declared here rather than hand-wired into each loop:
+`Denoiser(x_t, t, conditioning)` returns the model's prediction (epsilon, v or x0, as its noise
+schedule says). It wraps a diffusers UNet (`UNet2DModel` for pixel models, `UNet2DConditionModel`
+for the Stable Diffusion family); a `Conditioning` (models/conditioning.py) enters through the
+UNet's doors, declared here rather than hand-wired into each loop:
 
-- extra input channels: a learned class embedding broadcast over the image and concatenated to
-  x_t (the course's class-conditioned MNIST model; `class_method="channels"`);
+- extra input channels concatenated to x_t: a learned class embedding broadcast over the image (the
+  course's class-conditioned MNIST model; `class_method="channels"`), or the maps a conditioning
+  carries (inpainting's mask + masked latents, a depth map, the upscaler's low-resolution image);
 - an embedding added to the timestep embedding: diffusers' own `num_class_embeds`
-  (`class_method="embedding"`);
-- cross-attention on a sequence (text), for the Stable Diffusion family.
+  (`class_method="embedding"`), or the upscaler's noise level;
+- cross-attention on a sequence: prompt embeddings, for the Stable Diffusion family.
 
 Class-conditional models have one extra class, the null class (index `num_classes`), that stands
 for "no label": training drops labels to it so the same network also predicts unconditionally,
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from difflab.models.conditioning import Conditioning
 
 CLASS_METHODS = ("embedding", "channels")
 
@@ -37,15 +41,27 @@ class Denoiser(nn.Module):
     def null_class(self) -> int | None:
         return self.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.class_method is None:
-            return self.unet(x, t).sample
-        if class_labels is None:
-            class_labels = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                conditioning: Conditioning | torch.Tensor | None = None) -> torch.Tensor:
+        """`conditioning` may also be a tensor of class labels (the common case in training)."""
+        if conditioning is None or isinstance(conditioning, torch.Tensor):
+            conditioning = Conditioning(labels=conditioning)
+        inputs, doors = [x], {}
+        labels = conditioning.labels
+        if self.class_method is not None and labels is None:
+            labels = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
         if self.class_method == "channels":
-            maps = self.class_embedding(class_labels)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
-            return self.unet(torch.cat([x, maps.to(x.dtype)], dim=1), t).sample
-        return self.unet(x, t, class_labels=class_labels).sample
+            inputs.append(self.class_embedding(labels)[:, :, None, None].expand(-1, -1, *x.shape[-2:]).to(x.dtype))
+        elif self.class_method == "embedding":
+            doors["class_labels"] = labels
+        if conditioning.channels is not None:
+            inputs.append(conditioning.channels.to(x.dtype))
+        if conditioning.noise_level is not None:
+            doors["class_labels"] = conditioning.noise_level
+        if conditioning.text is not None:
+            doors["encoder_hidden_states"] = conditioning.text.to(x.dtype)
+        x = torch.cat(inputs, dim=1) if len(inputs) > 1 else x
+        return self.unet(x, t, **doors).sample
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Weights outside the UNet (saved beside the diffusers folders)."""

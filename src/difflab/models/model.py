@@ -1,4 +1,10 @@
-"""A difflab model: the denoiser, the noise schedule it was trained with, and what it was made from."""
+"""A difflab model: the denoiser, the noise schedule it was trained with, what it was made from, and —
+for latent and text models — the latent codec and the prompt encoder.
+
+A pixel model is the same container with no codec and no prompt encoder. What the UNet's extra input
+channels hold (its `variant`) is decided by loading the folder (see models/variants.py), never by a
+flag the user must match.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,10 @@ import torch
 
 from difflab.diffusion.schedules import PREDICTIONS
 from difflab.errors import ModelError
+from difflab.models.codec import LatentCodec
 from difflab.models.denoiser import Denoiser
+from difflab.models.text import PromptEncoder
+from difflab.models.variants import VARIANTS, Variant
 
 
 @dataclass
@@ -40,6 +49,47 @@ class DiffusionModel:
     denoiser: Denoiser
     noise_schedule: Any  # diffusers DDPMScheduler: the forward process; samplers are built from its config
     info: ModelInfo
+    codec: LatentCodec | None = None  # latent models: x_t lives in the VAE's latent space
+    prompts: PromptEncoder | None = None  # text models: prompts reach the UNet by cross-attention
+    variant: str | None = None  # what the UNet's extra input channels hold: None, inpaint, depth, upscale
+    scheduler_config: dict | None = None  # a diffusers folder's own scheduler settings, samplers start from them
+    low_res_scheduler: Any = None  # the upscaler's: noises its low-resolution input
+    max_noise_level: int | None = None  # the upscaler's: the highest noise level it was trained with
+    safety_checker: Any = None  # (StableDiffusionSafetyChecker, its CLIP image processor), run when present
+    depth_estimator: Any = None  # (transformers depth model, its image processor), for depth-to-image
+
+    @property
+    def kind(self) -> Variant:
+        return VARIANTS[self.variant]
+
+    @property
+    def latent(self) -> bool:
+        return self.codec is not None
+
+    @property
+    def sampler_config(self):
+        """The config every sampler is built from: the folder's scheduler, or the noise schedule."""
+        return self.scheduler_config if self.scheduler_config is not None else self.noise_schedule.config
+
+    def sample_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The shape the sampler works on for images of height × width (latents for latent models)."""
+        if self.codec is None:
+            return self.info.channels, height, width
+        return self.codec.channels, height // self.codec.factor, width // self.codec.factor
+
+    @property
+    def size_factor(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor, or for a pixel UNet, the factor its
+        levels halve the image by."""
+        if self.codec is not None:
+            return self.codec.factor
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def default_cfg_scale(self) -> float:
+        from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE
+
+        return DEFAULT_TEXT_CFG_SCALE if self.prompts is not None else DEFAULT_CFG_SCALE
 
     @property
     def unet(self):
@@ -80,5 +130,18 @@ class DiffusionModel:
         return next(self.denoiser.parameters()).device
 
     def to(self, device) -> DiffusionModel:
-        self.denoiser.to(device)
+        for part in self.modules():
+            part.to(device)
         return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every network the model holds."""
+        parts = [self.denoiser]
+        if self.codec is not None:
+            parts.append(self.codec.vae)
+        if self.prompts is not None:
+            parts.append(self.prompts.text_encoder)
+        for extra in (self.safety_checker, self.depth_estimator):
+            if extra is not None:
+                parts.append(extra[0])
+        return parts

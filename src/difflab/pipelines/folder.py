@@ -1,9 +1,10 @@
 """Model folders in the diffusers format.
 
-A difflab model folder is a diffusers `DDPMPipeline` folder (model_index.json, unet/, scheduler/)
-plus difflab.json (what the model is and was made from) and a README.md model card, so it loads in
-plain diffusers. `load_model` also takes any diffusers DDPMPipeline/DDIMPipeline folder, a run
-folder (its model/), or a Hub id (through the normal Hugging Face cache).
+A difflab model folder is a diffusers pipeline folder — `DDPMPipeline` (model_index.json, unet/,
+scheduler/) for pixel models, a Stable Diffusion pipeline for latent text models — plus difflab.json
+(what the model is and was made from) and a README.md model card, so it loads in plain diffusers.
+`load_model` also takes any diffusers DDPMPipeline/DDIMPipeline folder or Stable Diffusion family
+folder, a run folder (its model/), or a Hub id (through the normal Hugging Face cache).
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
     folder = Path(folder)
     with atomic_folder(folder) as partial:
         try:
-            pipeline = DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule)
-            pipeline.save_pretrained(partial, safe_serialization=True)
+            if model.latent:
+                from difflab.pipelines.stable_diffusion import save_pipeline
+
+                save_pipeline(model, partial)
+            else:
+                DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(
+                    partial, safe_serialization=True)
             extra = model.denoiser.extra_state()
             if extra:
                 tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
@@ -116,19 +122,19 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, ModelError, "; the model folder is damaged")
 
 
-def check_pipeline_kind(folder: Path, spec) -> None:
+def pipeline_kind(folder: Path, spec) -> str | None:
+    """The diffusers pipeline class a folder holds (None for a bare UNet folder); refuses the
+    pipelines difflab does not run."""
+    from difflab.pipelines.stable_diffusion import is_stable_diffusion
+
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        return
+        return None
     kind = _read_json(index_file).get("_class_name", "?")
-    if kind in PIXEL_PIPELINES:
-        return
-    if "StableDiffusion" in kind:
-        raise ModelError(
-            f"{spec} is a {kind} (latent text-to-image); this command takes pixel-space diffusion models "
-            "(DDPMPipeline/DDIMPipeline folders), and difflab has no Stable Diffusion command yet"
-        )
-    raise ModelError(f"{spec} holds a {kind}; this command takes DDPMPipeline or DDIMPipeline folders")
+    if kind in PIXEL_PIPELINES or is_stable_diffusion(kind):
+        return kind
+    raise ModelError(f"{spec} holds a {kind}; difflab runs DDPMPipeline/DDIMPipeline folders and the Stable "
+                     "Diffusion family (StableDiffusion, Img2Img, Inpaint, Depth2Img and Upscale pipelines)")
 
 
 def unet_folder(folder: Path, spec) -> Path:
@@ -204,17 +210,33 @@ def load_unet(unet_dir: Path, allow_pickle: bool):
                          "save or download it again") from None
 
 
-def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu") -> DiffusionModel:
+def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu",
+               safety_checker: bool = True) -> DiffusionModel:
+    """A model folder, a run folder or a Hub id: pixel models (DDPMPipeline folders) and the Stable
+    Diffusion family (whose safety checker, when the folder has one, runs unless `safety_checker`
+    is False)."""
+    folder = resolve_model_folder(spec, allow_pickle)
+    kind = pipeline_kind(folder, spec)
+    if kind is not None and kind not in PIXEL_PIPELINES:
+        from difflab.pipelines.stable_diffusion import from_pipeline, load_pipeline
+
+        pipe = load_pipeline(folder, kind, allow_pickle=allow_pickle, safety_checker=safety_checker)
+        info_file = folder / INFO_FILE
+        info = ModelInfo.from_json(_read_json(info_file)) if info_file.is_file() else None
+        return from_pipeline(pipe, str(spec), info).to(device)
+    return load_pixel_model(folder, spec, allow_pickle=allow_pickle, device=device)
+
+
+def load_pixel_model(folder: Path, spec, *, allow_pickle: bool, device) -> DiffusionModel:
     from diffusers import DDPMScheduler
 
     from difflab.models.build import denoiser_for
 
-    folder = resolve_model_folder(spec, allow_pickle)
-    check_pipeline_kind(folder, spec)
     unet_dir = unet_folder(folder, spec)
     unet_kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
     if unet_kind != "UNet2DModel":
-        raise ModelError(f"{spec} has a {unet_kind}; this command takes pixel-space UNet2DModel pipelines")
+        raise ModelError(f"{spec} has a {unet_kind} but no Stable Diffusion model_index.json; give the pipeline "
+                         "folder that holds it")
     unet = load_unet(unet_dir, allow_pickle)
 
     scheduler_file = folder / "scheduler" / "scheduler_config.json"

@@ -1,0 +1,157 @@
+"""One generation request, checked and prepared before any work is done: which conditioning each
+image gets (class labels, or prompts and negative prompts), which images the run starts from, at
+what size and strength. Every mistake is a one-line `InputError` raised here, before sampling."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from difflab.diffusion.inputs import check_size, depth_tensor, image_tensor, mask_tensor, read_image
+from difflab.diffusion.modes import Prepared, Start
+from difflab.errors import InputError
+from difflab.models.conditioning import Conditioning
+from difflab.models.model import DiffusionModel
+
+DEFAULT_STRENGTH = 0.8  # img2img and depth-to-image, as in diffusers; inpainting starts from noise (1.0)
+DEFAULT_NOISE_LEVEL = 20  # the ×4 upscaler's, as in diffusers
+
+
+@dataclass
+class Job:
+    model: DiffusionModel
+    inputs: Prepared
+    cfg_scale: float
+    labels: torch.Tensor | None = None  # one per image
+    prompts: list[str] | None = None  # one per image
+    negatives: list[str] | None = None  # one per image
+
+    def conditioning(self, first: int, n: int, begin: Start) -> tuple[Conditioning, Conditioning | None]:
+        """The conditioning of images first..first+n and its unconditional twin (None: no guidance)."""
+        device = self.model.device
+        maps = Conditioning(channels=begin.channels, noise_level=begin.noise_level)
+        if self.prompts is not None:
+            encode = self.model.prompts.encode
+            conditioning = maps.replace(text=encode(self.prompts[first:first + n]))
+            if self.cfg_scale == 1.0:
+                return conditioning, None
+            return conditioning, conditioning.replace(text=encode(self.negatives[first:first + n]))
+        if self.labels is not None:
+            labels = self.labels[first:first + n].to(device)
+            conditioning = maps.replace(labels=labels)
+            if self.cfg_scale == 1.0:
+                return conditioning, None
+            return conditioning, maps.replace(labels=torch.full_like(labels, self.model.denoiser.null_class))
+        return maps, None
+
+
+def per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[str] | None:
+    if value is None or isinstance(value, str):
+        return None if value is None else [value] * count
+    value = list(value)
+    if len(value) == 1:
+        return value * count
+    if len(value) != count:
+        raise InputError(f"{len(value)} {what}s for {count} images: give one, or one per image")
+    return value
+
+
+def prepare(model: DiffusionModel, count: int, *, class_labels=None, prompts=None, negative_prompt=None,
+            cfg_scale=None, image=None, mask=None, depth=None, strength=None, noise_level=None,
+            width=None, height=None) -> Job:
+    cfg_scale = model.default_cfg_scale if cfg_scale is None else float(cfg_scale)
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise InputError(f"the classifier-free guidance scale must be a finite number, 0 or more (got {cfg_scale})")
+    prompts, negatives = per_image(prompts, count, "prompt"), per_image(negative_prompt, count, "negative prompt")
+    check_conditioning(model, class_labels, prompts, negatives, count)
+    if prompts is not None:
+        negatives = negatives or [""] * count
+    inputs = prepare_inputs(model, image, mask, depth, strength, noise_level, width, height)
+    return Job(model, inputs, cfg_scale, class_labels, prompts, negatives)
+
+
+def check_conditioning(model: DiffusionModel, labels, prompts, negatives, count: int) -> None:
+    if model.prompts is None and (prompts is not None or negatives is not None):
+        raise InputError("this model has no text encoder, so it takes no prompt; "
+                         + ("give --class instead" if model.class_names else "it samples without conditioning"))
+    if model.prompts is not None and labels is not None:
+        raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class")
+    if model.prompts is not None and prompts is None:
+        raise InputError("this is a text-to-image model: give a prompt (--prompt \"a photo of ...\")")
+    if labels is not None and len(labels) != count:
+        raise InputError(f"{len(labels)} class labels for {count} images: give one per image")
+
+
+def prepare_inputs(model: DiffusionModel, image, mask, depth, strength, noise_level, width, height) -> Prepared:
+    variant = model.variant
+    for name, value, needs in (("mask", mask, "inpainting"), ("depth map", depth, "depth-to-image")):
+        if value is not None and image is None:
+            raise InputError(f"a {name} needs the image it belongs to: give --image too ({needs} repaints an image)")
+    if image is None and variant is not None:
+        raise InputError(f"this is a {model.kind.pipeline} model: it needs an input image (--image)"
+                         + (" and a mask (--mask)" if variant == "inpaint" else ""))
+    if variant == "inpaint" and mask is None:
+        raise InputError("this is an inpainting model: give --mask (white where the image is repainted)")
+    if depth is not None and variant != "depth":
+        raise InputError("a depth map needs a depth-to-image model (a StableDiffusionDepth2ImgPipeline folder)")
+    if mask is not None and variant in ("depth", "upscale"):
+        raise InputError(f"a {model.kind.pipeline} model does not inpaint; give no --mask")
+    if noise_level is not None and variant != "upscale":
+        raise InputError("--noise-level is for the ×4 upscaler (a StableDiffusionUpscalePipeline folder)")
+    if strength is not None and (image is None or variant == "upscale"):
+        raise InputError("--strength says how much of --image to keep; it needs an image, and the upscaler takes "
+                         "none (it uses --noise-level)")
+    if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
+        raise InputError(f"--strength must be in (0, 1] (got {strength}): 1 repaints everything, 0.3 keeps most "
+                         "of the image")
+    if variant == "upscale":
+        return prepare_upscale(model, image, noise_level, width, height)
+    source = read_image(image, "image") if image is not None else None
+    width, height = output_size(model, source, width, height)
+    channels = model.info.channels if model.codec is None else 3
+    prepared = Prepared(model.sample_shape(height, width))
+    if source is not None:
+        prepared.image = image_tensor(source, width, height, channels)
+        prepared.strength = strength if strength is not None else (1.0 if mask is not None else DEFAULT_STRENGTH)
+    if mask is not None:
+        prepared.mask = mask_tensor(read_image(mask, "mask"), source, width, height)
+    if variant == "depth":
+        prepared.depth = depth_tensor(depth) if depth is not None else estimate_depth(model, source)
+    return prepared
+
+
+def output_size(model: DiffusionModel, source, width, height) -> tuple[int, int]:
+    """The asked size; else the input image's, rounded down to what the model takes; else the model's."""
+    factor = model.size_factor
+    if source is not None and width is None and height is None:
+        width, height = (max(factor, side // factor * factor) for side in source.size)
+    width = width or model.info.image_size
+    height = height or model.info.image_size
+    check_size(width, height, factor)
+    return width, height
+
+
+def prepare_upscale(model: DiffusionModel, image, noise_level, width, height) -> Prepared:
+    if width is not None or height is not None:
+        raise InputError("the upscaler's output size is its input's × 4: give no --width/--height")
+    level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+    highest = model.max_noise_level if model.max_noise_level is not None else 350
+    if not 0 <= level <= highest:
+        raise InputError(f"--noise-level {level} is outside what this upscaler takes: 0 to {highest}")
+    source = read_image(image, "image")
+    factor = model.codec.factor
+    width, height = (max(factor, side // factor * factor) for side in source.size)
+    return Prepared(model.sample_shape(height * factor, width * factor), image=image_tensor(source, width, height, resample="bicubic"),
+                    noise_level=level)
+
+
+def estimate_depth(model: DiffusionModel, source) -> torch.Tensor:
+    if model.depth_estimator is None:
+        raise InputError("depth-to-image needs a depth map: give --depth DEPTH.png, or --depth-model PATH_OR_ID "
+                         "(a transformers depth estimator such as Intel/dpt-hybrid-midas)")
+    from difflab.models.depth import predict_depth
+
+    return predict_depth(model.depth_estimator, source, model.device)

@@ -1,0 +1,48 @@
+"""The latent codec of a latent diffusion model: a diffusers VAE and its latent scaling factor.
+
+The diffusion model works on `encode(images)` = scaling_factor · (a sample of the VAE's posterior),
+which has roughly unit variance; `decode` inverts it. Each image draws its posterior sample from
+its own generator, so an image does not depend on the others in its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentCodec:
+    def __init__(self, vae):
+        self.vae = vae
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        # Each block but the last halves the image (diffusers' `vae_scale_factor`, AutoencoderTiny too).
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.channels = vae.config.latent_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Images in [-1, 1] [B, C, H, W] -> scaled latents [B, c, H/f, W/f]; image i samples the
+        posterior with generators[i] (diffusers' order: one image at a time)."""
+        images = images.to(self.device, self.dtype)
+        if generators is None:
+            latents = _latents(self.vae.encode(images), None)
+        else:
+            latents = torch.cat([_latents(self.vae.encode(images[i:i + 1]), g) for i, g in enumerate(generators)])
+        return latents * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in about [-1, 1]."""
+        return self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
+
+
+def _latents(encoded, generator):
+    """A posterior sample (AutoencoderKL) or the latents themselves (AutoencoderTiny)."""
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.sample(generator)
+    return encoded.latents

@@ -1,0 +1,124 @@
+"""The Stable Diffusion family through difflab's one sampler, against diffusers' own pipelines on the
+same tiny random components, prompts, seeds, schedulers and inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_sd
+from difflab.diffusion.generate import generate
+from difflab.diffusion.samplers import make_sampler
+from difflab.pipelines.folder import load_model
+
+SAMPLERS = ("ddim", "dpm++2m", "euler-a")  # euler-a draws noise at every step
+PROMPTS = ["a red circle", "a blue square on black"]
+NEGATIVE = "green"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return {kind: tiny_sd.build(root / kind, kind) for kind in ("text", "inpaint", "depth", "upscale")}
+
+
+def picture(size: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def square_mask(size: int) -> Image.Image:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+    return Image.fromarray(mask)
+
+
+def theirs(folder, pipeline: str, sampler: str, seed: int, **call) -> np.ndarray:
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(folder)
+    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(PROMPTS))]
+    return pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), guidance_scale=7.5, generator=generators,
+                output_type="np", **call).images
+
+
+def ours(folder, sampler: str, seed: int, **inputs) -> np.ndarray:
+    images = generate(load_model(folder), len(PROMPTS), sampler=sampler, steps=inputs.pop("num_inference_steps"),
+                      seed=seed, prompts=PROMPTS, negative_prompt=NEGATIVE, cfg_scale=7.5, **inputs)
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+def assert_same(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() < 1e-5, np.abs(a - b).max()
+    assert a.std() > 0.01  # real images, not a constant
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_text_to_image_equals_the_pipeline(folders, sampler):
+    reference = theirs(folders["text"], "StableDiffusionPipeline", sampler, 3, num_inference_steps=6,
+                       height=16, width=24)
+    assert_same(ours(folders["text"], sampler, 3, num_inference_steps=6, height=16, width=24), reference)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_img2img_equals_the_pipeline(folders, sampler):
+    image = picture(16, 0)
+    reference = theirs(folders["text"], "StableDiffusionImg2ImgPipeline", sampler, 5, num_inference_steps=8,
+                       image=[image] * 2, strength=0.6)
+    assert_same(ours(folders["text"], sampler, 5, num_inference_steps=8, image=image, strength=0.6), reference)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("kind", ["inpaint", "text"])  # a 9-channel UNet; a plain one (known region re-imposed)
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_equals_the_pipeline(folders, sampler, kind, strength):
+    image, mask = picture(16, 1), square_mask(16)
+    call = dict(num_inference_steps=6, height=16, width=16, strength=strength)
+    reference = theirs(folders[kind], "StableDiffusionInpaintPipeline", sampler, 7, image=[image] * 2,
+                       mask_image=[mask] * 2, **call)
+    assert_same(ours(folders[kind], sampler, 7, image=image, mask=mask, **call), reference)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_depth_to_image_equals_the_pipeline(folders, sampler):
+    image = picture(16, 2)
+    depth = torch.linspace(0, 1, 16 * 16).reshape(1, 16, 16)
+    reference = theirs(folders["depth"], "StableDiffusionDepth2ImgPipeline", sampler, 9, num_inference_steps=8,
+                       image=[image] * 2, depth_map=depth, strength=0.75)
+    assert_same(ours(folders["depth"], sampler, 9, num_inference_steps=8, image=image, depth=depth, strength=0.75),
+                reference)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_upscaling_equals_the_pipeline(folders, sampler):
+    low = picture(8, 3)
+    reference = theirs(folders["upscale"], "StableDiffusionUpscalePipeline", sampler, 11, num_inference_steps=6,
+                       image=[low] * 2, noise_level=20)
+    result = ours(folders["upscale"], sampler, 11, num_inference_steps=6, image=low, noise_level=20)
+    assert result.shape == (2, 32, 32, 3)  # ×4
+    assert_same(result, reference)
+
+
+def test_a_folders_safety_checker_runs_like_the_pipelines(tmp_path):
+    import diffusers
+
+    folder = tiny_sd.build(tmp_path / "checked", "text", safety=True)
+    model = load_model(folder)
+    checker = model.safety_checker[0]
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-1.0)  # every image now counts as flagged
+    kept = generate(model, 2, steps=3, prompts="a cat", safety_check=False)
+    flagged = generate(model, 2, steps=3, prompts="a cat")
+    assert kept.std() > 0.01 and flagged.abs().max() == 0  # black
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.safety_checker.concept_embeds_weights.data.fill_(-1.0)
+    pipe.scheduler = make_sampler("dpm++2m", pipe.scheduler.config)
+    reference = pipe(["a cat"] * 2, num_inference_steps=3, output_type="np",
+                     generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert np.abs(reference).max() == 0
+    assert load_model(folder, safety_checker=False).safety_checker is None
