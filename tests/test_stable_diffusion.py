@@ -122,3 +122,71 @@ def test_a_folders_safety_checker_runs_like_the_pipelines(tmp_path):
                      generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
     assert np.abs(reference).max() == 0
     assert load_model(folder, safety_checker=False).safety_checker is None
+
+
+def test_a_saved_text_model_loads_in_plain_diffusers_with_the_same_images(folders, tmp_path):
+    import diffusers
+
+    from difflab.pipelines.card import model_card
+    from difflab.pipelines.folder import save_model
+
+    model = load_model(folders["text"])
+    saved = save_model(model, tmp_path / "saved", model_card(model, str(tmp_path / "saved")))
+    card = (saved / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and "StableDiffusionPipeline.from_pretrained" in card
+    assert "difflab sample --model" in card and "(difflab.json)" not in card
+    assert (saved / "difflab.json").is_file() and (saved / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    ours = generate(load_model(saved), 2, sampler="dpm++2m", steps=5, seed=4, prompts=PROMPTS, negative_prompt=NEGATIVE)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(saved)
+    pipe.scheduler = make_sampler("dpm++2m", pipe.scheduler.config)
+    reference = pipe(PROMPTS, negative_prompt=[NEGATIVE] * 2, num_inference_steps=5, output_type="np",
+                     generator=[torch.Generator().manual_seed(4 + i) for i in range(2)]).images
+    assert_same(ours.permute(0, 2, 3, 1).numpy(), reference)
+
+
+def test_the_cards_diffusers_snippet_gives_difflabs_images(folders, tmp_path):
+    import re
+
+    from difflab.pipelines.card import model_card
+
+    model = load_model(folders["text"])
+    code = re.findall(r"```python\n(.*?)```", model_card(model, str(folders["text"])), re.S)[0]
+    scope: dict = {}
+    exec(code.replace(".images", ".images; images = [__import__('numpy').asarray(i) for i in images]"), scope)  # noqa: S102
+    ours = generate(model, 4, sampler="dpm++2m", steps=20, seed=0, prompts="a red circle", negative_prompt="blurry")
+    theirs_uint8 = np.stack(scope["images"]).astype(np.float32) / 255
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs_uint8).max() <= 1 / 255 + 1e-6
+
+
+def test_colour_guidance_moves_decoded_latent_samples_toward_the_colour(folders):
+    from difflab.diffusion.guidance import color_guidance
+
+    model = load_model(folders["text"])
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    kwargs = dict(sampler="ddim", steps=6, seed=0, prompts="a circle", cfg_scale=1.0)
+    plain = generate(model, 2, **kwargs)
+    # A random tiny VAE's decoder barely depends on its latents (its Jacobian is ~1e-3 of a trained
+    # one's), hence the large scale; the gradient still has to pass through the decoder to act.
+    for mode in ("fast", "full"):
+        guided = generate(model, 2, guidance=[color_guidance((1.0, 0.0, 0.0), scale=2e5)], guidance_mode=mode,
+                          **kwargs)
+        before, after = (plain - red).abs().mean().item(), (guided - red).abs().mean().item()
+        assert after < before - 0.01, (mode, before, after)
+        assert guided[:, 0].mean() > plain[:, 0].mean() + 0.03 and guided[:, 1].mean() < plain[:, 1].mean() - 0.03
+
+
+def test_guidance_windows_count_the_steps_a_partial_run_takes(folders):
+    """img2img at strength 0.5 runs the last half of the steps: a term acting on the first half of the
+    run must act there, not on the (skipped) first half of the schedule."""
+    from difflab.diffusion.guidance import custom_guidance
+
+    calls = []
+
+    def loss(x0):
+        calls.append(1)
+        return x0.mean() * 0
+
+    term = custom_guidance(loss, 1.0, window=(0.0, 0.5))
+    generate(load_model(folders["text"]), 1, sampler="ddim", steps=8, prompts="a", image=picture(16, 0),
+             strength=0.5, guidance=[term])
+    assert len(calls) == 2  # half of the 4 steps run

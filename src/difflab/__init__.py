@@ -1,3 +1,16 @@
-"""difflab: train, sample, guide, condition, fine-tune, measure and share image diffusion models."""
+"""difflab: train, sample, guide, condition, fine-tune, measure and share image diffusion models.
+
+`difflab.load_model(spec)` and `difflab.generate(model, n, ...)` are the two calls most scripts need;
+they are imported on first use, so that `import difflab` (and `difflab --help`) stays instant."""
 
 __version__ = "0.1.0"
+
+_LAZY = {"generate": "difflab.diffusion.generate", "load_model": "difflab.pipelines.folder"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'difflab' has no attribute {name!r}")

@@ -49,9 +49,26 @@ def save_png(image: Image.Image, path: str | Path, settings: dict | None = None)
     info = PngImagePlugin.PngInfo()
     if settings:
         info.add_text("difflab", json.dumps(settings, sort_keys=True))
+        if "prompt" in settings:  # what AUTOMATIC1111, ComfyUI and image viewers read
+            info.add_text("parameters", a1111_parameters(settings, image.size))
     with atomic_path(path) as partial:
         image.save(partial, format="PNG", pnginfo=info)
     return path
+
+
+A1111_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "cfg_scale"), ("Seed", "seed"),
+                ("Denoising strength", "strength"), ("Model", "model"))
+
+
+def a1111_parameters(settings: dict, size: tuple[int, int]) -> str:
+    """The settings in AUTOMATIC1111's 'parameters' text: prompt, negative prompt, then key: value pairs."""
+    lines = [str(settings["prompt"])]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    pairs = [f"{label}: {settings[key]}" for label, key in A1111_FIELDS if key in settings]
+    pairs.insert(4, f"Size: {size[0]}x{size[1]}")
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
 
 
 def png_settings(path: str | Path) -> dict | None:

@@ -47,6 +47,8 @@ def setup_logging(quiet: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+        # transformers and diffusers set their level when first imported, which is later: tell them then.
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.cli.options import add_model_loading
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_TEXT_CFG_SCALE, SAMPLERS
 
 GUIDANCE_MODES = ("fast", "full")  # the same as difflab.diffusion.guidance's, without importing torch here
 
@@ -13,8 +13,11 @@ GUIDANCE_MODES = ("fast", "full")  # the same as difflab.diffusion.guidance's, w
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sample", help="generate images from a trained model",
-        description="Generate images from a difflab model folder, a run folder, any diffusers "
-                    "DDPMPipeline/DDIMPipeline folder, or a Hub id. Image i uses seed SEED+i.",
+        description="Generate images from a difflab model folder, a run folder, a diffusers DDPMPipeline/"
+                    "DDIMPipeline folder or a Stable Diffusion family folder (text-to-image, inpainting, "
+                    "depth-to-image, ×4 upscaler), or a Hub id. Image i uses seed SEED+i. Text models: --prompt; "
+                    "img2img: --image and --strength; inpainting: --image and --mask; depth-to-image: --image "
+                    "with --depth or --depth-model; upscaling: --image (the low-resolution one) and --noise-level.",
     )
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
     p.add_argument("-n", "--count", type=int, default=16, help="number of images (default 16)")
@@ -26,8 +29,36 @@ def add_parser(subparsers) -> None:
     p.add_argument("--class", dest="classes", metavar="CLASS",
                    help="class-conditional models: a class name or index, a comma-separated list, or 'all' "
                         "for one row per class with -n images each (default: all)")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
-                   help=f"classifier-free guidance: 1 plain conditional, 0 unconditional (default {DEFAULT_CFG_SCALE})")
+    p.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance: 1 plain conditional, 0 unconditional, higher follows the class "
+                        f"or prompt more closely (default {DEFAULT_CFG_SCALE} for class models, "
+                        f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
+    text = p.add_argument_group("text-to-image models (the Stable Diffusion family)")
+    text.add_argument("--prompt", action="append", metavar="TEXT",
+                      help="what to draw (repeatable: one grid row of -n images per prompt)")
+    text.add_argument("--prompt-file", type=Path, metavar="FILE", help="prompts, one per line (rows, like --prompt)")
+    text.add_argument("--negative-prompt", metavar="TEXT", default=None,
+                      help="what to steer away from (the unconditional half of classifier-free guidance)")
+    text.add_argument("--width", type=int, help="image width in pixels (a multiple of the VAE's factor, 8 for "
+                                                "Stable Diffusion; default: the input image's, or the model's)")
+    text.add_argument("--height", type=int, help="image height in pixels (as --width)")
+    text.add_argument("--no-safety-checker", action="store_true",
+                      help="do not run the safety checker of a folder that has one (it blacks out flagged images)")
+    start = p.add_argument_group("starting from an image (any model)")
+    start.add_argument("--image", metavar="IN.png",
+                       help="img2img: start from this image, noised part-way (see --strength); with --mask, "
+                            "inpainting; the upscaler's low-resolution input")
+    start.add_argument("--strength", type=float,
+                       help="how much of --image is repainted, in (0, 1]: 1 starts from pure noise (default 0.8; "
+                            "inpainting 1.0)")
+    start.add_argument("--mask", metavar="MASK.png",
+                       help="inpainting: white where the image is repainted, black where it is kept")
+    start.add_argument("--depth", metavar="DEPTH.png", help="depth-to-image models: the depth map (nearer = brighter)")
+    start.add_argument("--depth-model", metavar="PATH_OR_ID",
+                       help="depth-to-image models: estimate the depth map with this transformers depth model "
+                            "(default: the folder's own depth estimator)")
+    start.add_argument("--noise-level", type=int,
+                       help="the ×4 upscaler: noise added to the low-resolution input, 0 to its maximum (default 20)")
     p.add_argument("--guide", action="append", default=[], metavar="TERM=VALUE[:SCALE]",
                    help="steer sampling with a loss on the predicted image (repeatable): color=#55FFAA:40, "
                         "clip=\"a red rose\":8, image=ref.png:8, classifier=CLASS:2; add @START-END for a window "
@@ -57,7 +88,7 @@ def run(args) -> int:
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
     from difflab.diffusion.schedules import check_choice
-    from difflab.errors import ConfigError
+    from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
     from difflab.pipelines.folder import load_model
 
@@ -68,26 +99,46 @@ def run(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eta is not None and args.eta < 0:
         raise ConfigError("--eta must be 0 or more")
-    if args.cfg_scale < 0:
+    if args.cfg_scale is not None and args.cfg_scale < 0:
         raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale}); 1 is plain conditional sampling")
-    model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device))
+    prompts = read_prompts(args)
+    model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device),
+                       safety_checker=not args.no_safety_checker)
+    if args.depth_model:
+        from difflab.models.depth import load_depth_estimator
+
+        model.depth_estimator = load_depth_estimator(args.depth_model, model.device)
     guidance = guidance_terms(args, model)
     settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
-    if args.eta is not None:
-        settings["eta"] = args.eta
-    labels = columns = names = None
-    if model.class_names or args.classes is not None:
+    settings.update({name: value for name, value in (("eta", args.eta), ("negative_prompt", args.negative_prompt),
+                                                     ("image", args.image), ("strength", args.strength),
+                                                     ("mask", args.mask), ("depth", args.depth),
+                                                     ("noise_level", args.noise_level)) if value is not None})
+    labels = columns = names = per_image_prompts = None
+    if args.classes is not None and model.prompts is not None:
+        raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class (--class)")
+    if prompts is not None or model.prompts is not None:
+        per_image_prompts = [prompt for prompt in (prompts or []) for _ in range(args.count)] or None
+        columns, names = (args.count, [short(p) for p in prompts]) if prompts and len(prompts) > 1 else (None, None)
+    elif model.class_names or args.classes is not None:
         classes = model.class_indices(args.classes or "all")
         labels = torch.tensor(classes).repeat_interleave(args.count)  # one row per class
         columns, names = args.count, [model.class_names[c] for c in classes]
-        settings["cfg_scale"] = args.cfg_scale
+    if labels is not None or per_image_prompts is not None:
+        settings["cfg_scale"] = args.cfg_scale if args.cfg_scale is not None else model.default_cfg_scale
     if guidance:
         settings.update(guide=args.guide, guidance_mode=args.guidance_mode)
         if args.clip_model:
             settings["clip_model"] = args.clip_model
-    images = generate(model, len(labels) if labels is not None else args.count, sampler=args.sampler,
-                      steps=args.steps, seed=args.seed, eta=args.eta, class_labels=labels, cfg_scale=args.cfg_scale,
-                      guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True)
+    count = len(labels) if labels is not None else len(per_image_prompts) if per_image_prompts else args.count
+    images = generate(model, count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
+                      class_labels=labels, prompts=per_image_prompts, negative_prompt=args.negative_prompt,
+                      cfg_scale=args.cfg_scale, image=args.image, mask=args.mask, depth=args.depth,
+                      strength=args.strength, noise_level=args.noise_level, width=args.width, height=args.height,
+                      guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True,
+                      safety_check=not args.no_safety_checker)
+    if per_image_prompts and len(set(per_image_prompts)) == 1:
+        settings["prompt"] = per_image_prompts[0]
     save_png(make_grid(images, columns or args.columns, names), args.out, {**settings, "count": len(images)})
     log.info("wrote %d images to %s", len(images), args.out)
     if args.out_dir:
@@ -95,9 +146,32 @@ def run(args) -> int:
             each = {**settings, "seed": args.seed + i}
             if labels is not None:
                 each["class"] = model.class_names[int(labels[i])]
+            if per_image_prompts:
+                each["prompt"] = per_image_prompts[i]
             save_png(to_pil(image), args.out_dir / f"{args.seed + i:06d}.png", each)
         log.info("and one PNG each in %s", args.out_dir)
     return 0
+
+
+def read_prompts(args) -> list[str] | None:
+    """--prompt (repeatable) and the lines of --prompt-file, in that order; None if neither is given."""
+    from difflab.errors import InputError
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the prompt file {args.prompt_file} ({getattr(e, 'strerror', None) or e})"
+                             ) from None
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise InputError(f"the prompt file {args.prompt_file} holds no prompt (one per line)")
+    return prompts or None
+
+
+def short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def guidance_terms(args, model) -> list:

@@ -128,8 +128,8 @@ def output_size(model: DiffusionModel, source, width, height) -> tuple[int, int]
     factor = model.size_factor
     if source is not None and width is None and height is None:
         width, height = (max(factor, side // factor * factor) for side in source.size)
-    width = width or model.info.image_size
-    height = height or model.info.image_size
+    width = model.info.image_size if width is None else width
+    height = model.info.image_size if height is None else height
     check_size(width, height, factor)
     return width, height
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from difflab.models.model import DiffusionModel
 
 SCHEDULE_NAMES = {"squaredcos_cap_v2": "cosine"}
+TASKS = {None: "text-to-image", "inpaint": "image-to-image", "depth": "image-to-image", "upscale": "image-to-image"}
 
 
 def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
@@ -18,7 +19,7 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
             ] if info.base_model else []
     rows += [
         ("data", f"`{info.data}`" + (f" ({training['images']:,} images)" if "images" in training else "")),
-        ("network", f"diffusers UNet2DModel, {parameters / 1e6:.2f} M parameters"
+        ("network", f"diffusers {type(model.unet).__name__}, {parameters / 1e6:.2f} M parameters"
                     + (f" (preset `{training['preset']}`)" if "preset" in training else "")),
         ("noise schedule", f"{SCHEDULE_NAMES.get(schedule.beta_schedule, schedule.beta_schedule)}, "
                            f"{schedule.num_train_timesteps} steps, predicts {model.prediction}"),
@@ -34,18 +35,29 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
         rows.append(("classes", f"{len(classes)} ({', '.join(classes[:10])}{', …' if len(classes) > 10 else ''}), "
                                 f"through {door}" + (f"; labels dropped with chance {dropout} in training, for "
                                                      "classifier-free guidance" if dropout else "")))
+    if model.latent:
+        codec, text_encoder = model.codec, model.prompts.text_encoder
+        rows.append(("latent space", f"{type(codec.vae).__name__}: {codec.channels} channels, {codec.factor}× smaller "
+                                     f"per side, scaling factor {codec.scaling_factor:.5g}"))
+        rows.append(("text encoder", f"{type(text_encoder).__name__}, {model.prompts.max_tokens} tokens, width "
+                                     f"{text_encoder.config.hidden_size}; prompts reach the UNet by cross-attention"))
+        rows.append(("kind", f"{model.kind.pipeline}: the UNet takes {model.kind.about}"))
     if training.get("ema_decay"):
         rows.append(("weights", f"exponential moving average (decay {training['ema_decay']})"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    use = _conditional_use(model, name) if classes else _unconditional_use(name)
-    kind = "class-conditional" if classes else "unconditional"
+    if model.latent:
+        use, kind, task = _text_use(model, name), "text-to-image", TASKS.get(model.variant, "text-to-image")
+    elif classes:
+        use, kind, task = _conditional_use(model, name), "class-conditional", "unconditional-image-generation"
+    else:
+        use, kind, task = _unconditional_use(name), "unconditional", "unconditional-image-generation"
     config_block = ""
     if config_toml:
         config_block = f"\n## Settings\n\nThe run's full `config.toml`:\n\n```toml\n{config_toml}```\n"
     base_model = f"base_model: {info.base_model}\n" if info.base_model and _is_hub_id(info.base_model) else ""
     return f"""---
 library_name: diffusers
-pipeline_tag: unconditional-image-generation
+pipeline_tag: {task}
 {base_model}tags:
 - difflab
 - {kind}
@@ -55,8 +67,8 @@ pipeline_tag: unconditional-image-generation
 
 # {name}
 
-A {info.image_size}×{info.image_size} {colour} image diffusion model, {origin} with
-difflab on `{info.data}`.
+A {info.image_size}×{info.image_size} {colour} {"latent text-to-image " if model.latent else "image "}diffusion \
+model, {origin} with difflab on `{info.data}`.
 
 | | |
 |---|---|
@@ -135,5 +147,45 @@ with torch.no_grad():
         conditional, unconditional = {call}.chunk(2)
         x = scheduler.step(unconditional + 2.0 * (conditional - unconditional), t, x).prev_sample
 images = (x / 2 + 0.5).clamp(0, 1)
+```
+"""
+
+
+def _text_use(model: DiffusionModel, name: str) -> str:
+    """How to run a Stable Diffusion family folder with difflab and with plain diffusers."""
+    kind = model.kind
+    inputs = {"inpaint": " --image photo.png --mask mask.png", "depth": " --image photo.png --depth depth.png",
+              "upscale": " --image small.png --noise-level 20"}.get(model.variant, "")
+    call_inputs = {"inpaint": ", image=photo, mask_image=mask", "depth": ", image=photo, depth_map=depth",
+                   "upscale": ", image=small, noise_level=20"}.get(model.variant, "")
+    more = ("" if model.variant else f"""
+img2img and inpainting with the same folder:
+
+```bash
+difflab sample --model {name} --prompt "a red circle" --image photo.png --strength 0.6 --out img2img.png
+difflab sample --model {name} --prompt "a red circle" --image photo.png --mask mask.png --out inpainted.png
+```
+""")
+    return f"""## Use
+
+With difflab (image *i* uses seed `SEED + i`; every sampler works, `--cfg-scale` sets classifier-free guidance):
+
+```bash
+difflab sample --model {name} --prompt "a red circle"{inputs} --negative-prompt "blurry" \\
+    --cfg-scale 7.5 --sampler dpm++2m --steps 20 -n 4 --seed 0 --out grid.png
+```
+{more}
+With plain diffusers (the same images as the difflab command above, for the same seeds):
+
+```python
+import torch
+from diffusers import DPMSolverMultistepScheduler, {kind.pipeline}
+
+pipe = {kind.pipeline}.from_pretrained("{name}")
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                         solver_order=2)
+generators = [torch.Generator().manual_seed(i) for i in range(4)]
+images = pipe(["a red circle"] * 4, negative_prompt=["blurry"] * 4, guidance_scale=7.5, num_inference_steps=20,
+              generator=generators{call_inputs}).images
 ```
 """

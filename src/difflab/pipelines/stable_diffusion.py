@@ -41,13 +41,14 @@ def load_pipeline(source: str | Path, pipeline_class: str, *, allow_pickle: bool
             extra["requires_safety_checker"] = False
     if Path(source).is_dir():
         check_components(Path(source), pipeline_class)
+        check_layout(Path(source), pipeline_class)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its notes on disabled safety checkers and configs are not for users
     diffusers_logging.disable_progress_bar()  # loading takes seconds; sampling has its own bar
     transformers.utils.logging.disable_progress_bar()
     try:
         return getattr(diffusers, pipeline_class).from_pretrained(
-            source, use_safetensors=None if allow_pickle else True, torch_dtype=dtype or torch.float32, **extra)
+            source, use_safetensors=None if allow_pickle else True, dtype=dtype or torch.float32, **extra)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "safetensors" in reason and not allow_pickle:
@@ -57,6 +58,15 @@ def load_pipeline(source: str | Path, pipeline_class: str, *, allow_pickle: bool
         diffusers_logging.set_verbosity(verbosity)
         diffusers_logging.enable_progress_bar()
         transformers.utils.logging.enable_progress_bar()
+
+
+def check_layout(folder: Path, pipeline_class: str) -> None:
+    """Before loading weights: the UNet's input channels must match a known layout (see models/variants)."""
+    from difflab.files import read_json_object
+
+    unet = read_json_object(folder / "unet" / "config.json", ModelError, "; the model folder is damaged")
+    vae = read_json_object(folder / "vae" / "config.json", ModelError, "; the model folder is damaged")
+    variant_for(unet.get("in_channels", 4), vae.get("latent_channels", 4), pipeline_class, str(folder))
 
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
