@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its notes on torchvision and tiny test vocabularies
 # Tests use tiny tensors: one thread is as fast as two, and two are slowed many times over when other
 # work shares the CPU (a busy 2-core machine: the whole suite in 551 s with two threads, 60 s with one).
 # Set before torch loads.

@@ -91,11 +91,12 @@ def error_of(capsys, code: int) -> str:
 
 
 def test_a_stable_diffusion_folder_is_named_and_refused(tmp_path, capsys):
-    sd = tmp_path / "sd"
-    sd.mkdir()
-    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    import tiny_sd
+
+    sd = tiny_sd.build(tmp_path / "sd", "text")
+    capsys.readouterr()  # what building it printed
     err = error_of(capsys, finetune("--from", str(sd), "--data", "digits", "--out", str(tmp_path / "ft")))
-    assert "is a StableDiffusionPipeline" in err and "no Stable Diffusion command yet" in err
+    assert "is a StableDiffusionPipeline (latent text-to-image)" in err and "takes pixel-space models" in err
     assert not (tmp_path / "ft").exists()
 
 

@@ -15,7 +15,7 @@ from difflab.config import TrainConfig
 from difflab.data import ImageDataset, StreamedImages
 from difflab.data.dataset import match_channels
 from difflab.diffusion.schedules import SCHEDULES
-from difflab.errors import ConfigError, DataError
+from difflab.errors import ConfigError, DataError, ModelError
 from difflab.models.model import DiffusionModel, ModelInfo
 
 log = logging.getLogger("difflab")
@@ -29,6 +29,10 @@ def load_base(config: TrainConfig) -> DiffusionModel:
     from difflab.pipelines.folder import load_model
 
     base = load_model(config.model.base, allow_pickle=config.model.allow_pickle)
+    if base.latent:
+        raise ModelError(f"{config.model.base} is a {base.kind.pipeline} (latent text-to-image); difflab finetune "
+                         "takes pixel-space models (DDPMPipeline folders), and does not fine-tune Stable Diffusion "
+                         "models yet")
     base.denoiser.train()
     return base
 
