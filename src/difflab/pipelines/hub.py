@@ -134,32 +134,29 @@ def _read_card(folder: Path) -> str:
 
 # ---- the card's metadata ---------------------------------------------------------------------------
 
-FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.S)
-
-
 def front_matter(card: str) -> tuple[dict, str]:
-    """The card's YAML metadata and its body. A card without front matter has {}; front matter that is
-    not a YAML mapping is a HubError (the Hub would refuse it)."""
-    import yaml
+    """The card's YAML metadata and its body, read by huggingface_hub as the Hub reads them. A card
+    without front matter has {}; front matter that is not a YAML mapping is a HubError (the Hub would
+    refuse it)."""
+    from huggingface_hub import RepoCard
 
-    found = FRONT_MATTER.match(card)
-    if not found:
+    if not card.lstrip().startswith("---"):
         return {}, card
     try:
-        metadata = yaml.safe_load(found[1] or "") or {}
-    except yaml.YAMLError as e:
-        raise HubError(f"the model card's front matter is not valid YAML ({str(e).splitlines()[0]}); "
-                       "fix README.md") from None
-    if not isinstance(metadata, dict):
-        raise HubError("the model card's front matter should be a YAML mapping (key: value lines); fix README.md")
-    return metadata, card[found.end():]
+        parsed = RepoCard(card, ignore_metadata_errors=False)
+    except Exception as e:  # yaml's errors (difflab itself does not import yaml), or "should be a dict"
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        if "should be a dict" in reason:
+            raise HubError("the model card's front matter should be a YAML mapping (key: value lines); "
+                           "fix README.md") from None
+        raise HubError(f"the model card's front matter is not valid YAML ({reason}); fix README.md") from None
+    return parsed.data.to_dict(), parsed.text
 
 
 def with_front_matter(metadata: dict, body: str) -> str:
-    import yaml
+    from huggingface_hub import CardData
 
-    text = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    return f"---\n{text}---\n{body if body.startswith(chr(10)) else chr(10) + body}"
+    return f"---\n{CardData(**metadata).to_yaml()}\n---\n{body if body.startswith(chr(10)) else chr(10) + body}"
 
 
 def is_hub_id(value) -> bool:
@@ -465,8 +462,9 @@ def push(plan: UploadPlan, repo_id: str, *, private: bool = False, revision: str
                               space_sdk=plan.space_sdk)
         repo_id = url.repo_id or repo_id
         if private and not getattr(api.repo_info(repo_id, repo_type=repo_type), "private", False):
-            raise HubError(f"{repo_id} already exists and is public; nothing was uploaded. Make it private in its "
-                           "settings on the Hub, or push without --private")
+            kind = " --repo-type space" if repo_type == "space" else ""
+            raise HubError(f"{repo_id} already exists and is public; nothing was uploaded. Make it private first "
+                           f"('hf repos settings {repo_id} --private{kind}'), or push without --private")
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
         with staged(plan) as folder:
