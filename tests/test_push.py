@@ -285,7 +285,9 @@ def test_links_out_of_the_model_folder_are_uploaded_with_it(run_folder, tmp_path
     card = run / "model" / "README.md"
     card.write_text(card.read_text() + f"\n![grid](../samples/{grid})\n<img src=\"../loss.png\" width=200>\n"
                     "[scheduler](scheduler/scheduler_config.json) [docs](https://huggingface.co/docs) [up](#use)\n"
-                    "![gone](../samples/step_999999.png)\n")
+                    "![gone](../samples/step_999999.png)\n![secret](../../secret.txt) [env](../.env)\n")
+    (tmp_path / "secret.txt").write_text("not for the Hub")
+    (run / ".env").write_text("HF_TOKEN=hf_x")
     plan = upload_plan(run, repo_id="me/run")
     body = front_matter(plan.card)[1]
     assert f"![grid](samples/{grid})" in body and '<img src="loss.png" width=200>' in body
@@ -294,6 +296,13 @@ def test_links_out_of_the_model_folder_are_uploaded_with_it(run_folder, tmp_path
     assert {f"samples/{grid}", "loss.png", "scheduler/scheduler_config.json"} <= set(plan.paths)
     assert [n for n in plan.notes if "step_999999.png" in n]  # a broken link is reported, not uploaded
     assert not any("999999" in p for p in plan.paths)
+    # A card cannot make push upload files from outside the folder pushed, nor hidden ones.
+    assert not any("secret" in p or "env" in p for p in plan.paths)
+    assert [n for n in plan.notes if "../../secret.txt, a file outside the folder pushed" in n]
+    assert [n for n in plan.notes if "../.env, a file hidden" in n]
+    # The model folder of a run, pushed by itself, still takes the run's images its card links.
+    plan = upload_plan(run / "model", repo_id="me/run")
+    assert f"samples/{grid}" in plan.paths and f"![grid](samples/{grid})" in plan.card
 
 
 def test_model_renamed_in_code_a_file_read_by_path_is_downloaded():

@@ -296,13 +296,17 @@ def _files_under(folder: Path, skip_training_state: bool = False) -> list[Path]:
     found = []
     for path in sorted(folder.rglob("*")):
         parts = path.relative_to(folder).parts
-        if any(p.startswith(".") or p == "__pycache__" for p in parts) or path.suffix == ".pyc":
+        if _hidden(parts):
             continue
         if skip_training_state and len(parts) > 1 and TRAINING_STATE.match(parts[0]):
             continue
         if path.is_file():
             found.append(path)
     return found
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p == "__pycache__" for p in parts) or parts[-1].endswith(".pyc")
 
 
 def _posix(path: Path) -> str:
@@ -336,7 +340,9 @@ def _space_plan(folder: Path) -> UploadPlan:
 
 def _model_plan(folder: Path, kind: str, repo_id: str | None) -> UploadPlan:
     model = folder / RUN_MODEL if kind == "run" else folder
-    root = folder  # links of the card that leave the model folder stay inside this one
+    # Links of the card that leave the model folder may reach into its run folder, no further.
+    in_run = kind == "model" and folder.name == RUN_MODEL and (folder.parent / RUN_CONFIG).is_file()
+    root = folder.parent if in_run else folder
     notes: list[str] = []
     lora = (model / LORA_WEIGHTS).is_file()
     files = {_posix(path.relative_to(model)): path for path in _files_under(model, skip_training_state=lora)}
@@ -359,15 +365,17 @@ def _model_plan(folder: Path, kind: str, repo_id: str | None) -> UploadPlan:
         try:
             path = _posix(local.relative_to(model.resolve()))
         except ValueError:
-            try:
+            try:  # beyond the model folder, within the run: uploaded with it
                 path = _posix(local.relative_to(root.resolve()))
-            except ValueError:
-                path = f"assets/{local.name}"
-            if path in files and files[path].resolve() != local:
-                path = f"assets/{local.name}"
-            files[path] = local
+            except ValueError:  # never a file from elsewhere on this machine, whatever a card says
+                path = None
+            if path is not None and not _hidden(PurePosixPath(path).parts):
+                if path in files and files[path].resolve() != local:
+                    path = f"assets/{path}"
+                files[path] = local
         if path not in files:
-            notes.append(f"the card links {target}, a file that is not uploaded (hidden); that link will not "
+            where = "outside the folder pushed" if path is None else "hidden"
+            notes.append(f"the card links {target}, a file {where} that is not uploaded; that link will not "
                          "resolve on the Hub")
             continue
         if path != target:
