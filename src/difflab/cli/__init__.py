@@ -16,7 +16,7 @@ import warnings
 from difflab import __version__
 from difflab.errors import DifflabError
 
-COMMANDS = ["quickstart", "train", "finetune", "sample", "eval", "noise", "scratch", "demo"]
+COMMANDS = ["quickstart", "train", "finetune", "sample", "eval", "noise", "scratch", "demo", "push"]
 
 
 def build_parser() -> argparse.ArgumentParser:
