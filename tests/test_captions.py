@@ -101,7 +101,8 @@ def test_a_broken_metadata_line_is_named(tmp_path):
 
 def test_an_empty_caption_in_metadata_is_named(tmp_path):
     root = numbered_folder(tmp_path / "data", 3)
-    (root / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "fine"}\n{"file_name": "01.png", "text": " "}\n')
+    lines = ['{"file_name": "00.png", "text": "fine"}', '{"file_name": "01.png", "text": " "}']
+    (root / "metadata.jsonl").write_text("\n".join(lines))
     with pytest.raises(DataError, match=r"metadata.jsonl line 2: the caption \(text\) of 01.png is empty"):
         open_dataset(str(root), split="all")
 

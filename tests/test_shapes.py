@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from difflab.data import BatchStream, open_dataset
-from difflab.data.shapes import (COLOURS, HELD_OUT, Scene, Shape, generate, is_held_out, mirror_caption,
-                                 parse_caption, render)
+from difflab.data.shapes import (
+    COLOURS,
+    HELD_OUT,
+    Scene,
+    Shape,
+    generate,
+    is_held_out,
+    mirror_caption,
+    parse_caption,
+    render,
+)
 from difflab.errors import DataError
 
 
