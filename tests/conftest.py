@@ -54,6 +54,19 @@ def tiny_clip(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A CLIP tokenizer trained on 300 `shapes` captions (one or two shapes each; a few hundred tokens,
+    every caption a word per token), saved as a folder that `CLIPTokenizer.from_pretrained` loads;
+    model_max_length 32 (the longest caption takes 23)."""
+    from difflab.data import open_dataset
+    from difflab.models.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(open_dataset("shapes:n=300,objects=2", split="all").captions, folder, model_max_length=32)
+    return folder
+
+
 def tiny_config(steps: int = 30, **run) -> TrainConfig:
     """A tiny model on the built-in digits: a few seconds of training."""
     config = TrainConfig()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,13 +12,19 @@ import torch.nn.functional as F
 
 @dataclass
 class ImageDataset:
-    """Images decoded once and kept as a uint8 tensor [N, C, H, W], with optional integer labels."""
+    """Images decoded once and kept as a uint8 tensor [N, C, H, W], with optional integer labels,
+    captions (a string per image) and attributes (what generated data knows about each image, e.g. a
+    `shapes.Scene`). `mirror_caption` rewrites the caption of a mirrored image (for captions that name
+    left and right); without it a flip leaves captions as they are."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
     class_names: list[str] | None = None
     source: str = ""
     skipped: list[str] = field(default_factory=list)
+    captions: list[str] | None = None
+    attributes: list[Any] | None = None
+    mirror_caption: Callable[[str], str] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -33,9 +41,15 @@ class ImageDataset:
     def has_labels(self) -> bool:
         return self.labels is not None
 
-    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Images as floats in [-1, 1] (`flips`: a bool per image to mirror), and labels if any."""
-        return as_batch(self.images[indices], None if self.labels is None else self.labels[indices], flips)
+    @property
+    def has_captions(self) -> bool:
+        return self.captions is not None
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict[str, Any]:
+        """Images as floats in [-1, 1] (`flips`: a bool per image to mirror), and labels and captions
+        (a list of strings) if any."""
+        return as_batch(self.images[indices], None if self.labels is None else self.labels[indices], flips,
+                        pick(self.captions, indices), self.mirror_caption)
 
     def read_ahead(self, plan) -> None:
         """Datasets read from disk prefetch the index batches `plan` will ask for; in memory there is
@@ -46,17 +60,30 @@ class ImageDataset:
 
     def subset(self, indices: torch.Tensor) -> ImageDataset:
         labels = None if self.labels is None else self.labels[indices]
-        return ImageDataset(self.images[indices], labels, self.class_names, self.source, self.skipped)
+        return ImageDataset(self.images[indices], labels, self.class_names, self.source, self.skipped,
+                            pick(self.captions, indices), pick(self.attributes, indices), self.mirror_caption)
 
 
-def as_batch(images: torch.Tensor, labels: torch.Tensor | None, flips: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """A training batch from uint8 images [B, C, H, W]: floats in [-1, 1], mirrored where `flips` says."""
+def pick(items: list | None, indices: torch.Tensor) -> list | None:
+    """The entries of a per-image list at `indices` (None stays None)."""
+    return None if items is None else [items[i] for i in indices.tolist()]
+
+
+def as_batch(images: torch.Tensor, labels: torch.Tensor | None, flips: torch.Tensor | None,
+             captions: list[str] | None = None, mirror_caption: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """A training batch from uint8 images [B, C, H, W]: floats in [-1, 1], mirrored where `flips` says;
+    labels and captions travel with them (a mirrored image's caption through `mirror_caption`)."""
     x = images.float().div_(127.5).sub_(1.0)
-    if flips is not None and flips.any():
+    flipped = flips is not None and bool(flips.any())
+    if flipped:
         x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-    out = {"images": x}
+    out: dict[str, Any] = {"images": x}
     if labels is not None:
         out["labels"] = labels
+    if captions is not None:
+        if flipped and mirror_caption is not None:
+            captions = [mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
+        out["captions"] = captions
     return out
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from difflab.config import DEFAULT_MEMORY_LIMIT_MB
+from difflab.data.captions import fill_missing, folder_captions
 from difflab.data.dataset import ImageDataset, split_indices
 from difflab.data.decode import IMAGE_EXTENSIONS, UnreadableImage, is_grey, open_image, read_image_array
 from difflab.data.streaming import StreamedImages
@@ -89,9 +90,11 @@ def _check(args) -> str | None:
 
 
 def load_folder(folder: str, image_size: int | None, channels: int | None, split: str,
-                strict: bool = False, memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB) -> ImageDataset | StreamedImages:
+                strict: bool = False, memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+                caption_column: str | None = None) -> ImageDataset | StreamedImages:
     """The folder's images, decoded into memory, or, when they would take more than `memory_limit_mb`
-    (0: always), a dataset that decodes them from disk as training goes (the same batches either way)."""
+    (0: always), a dataset that decodes them from disk as training goes (the same batches either way).
+    Captions come from metadata.jsonl/.csv files or sidecar .txt files where the folder has them."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {folder} does not exist")
@@ -104,6 +107,7 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
     files = [listing.files[i] for i in index]
     if not files:
         raise DataError(f"{folder} has too few images for a '{split}' split; use --split all")
+    captions = folder_captions(root, files, caption_column)  # before decoding: a bad caption file stops at once
     if image_size is None or channels is None:
         guessed_size, guessed_channels = guess_size_and_channels(files)
         image_size = image_size or guessed_size
@@ -118,7 +122,7 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
     else:
         results = [work(job) for job in jobs]
 
-    kept, arrays, labels, skipped = [], [], [], []
+    kept, arrays, labels, kept_captions, skipped = [], [], [], [], []
     for position, (path, result) in enumerate(zip(files, results)):
         if isinstance(result, str):
             if strict:
@@ -130,15 +134,23 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
             arrays.append(result)
         if listing.labels is not None:
             labels.append(listing.labels[index[position]])
+        if captions is not None:
+            kept_captions.append(captions[position])
     if skipped:
         shown = "; ".join(skipped[:NAMED]) + (f"; and {len(skipped) - NAMED} more" if len(skipped) > NAMED else "")
         log.warning("skipped %d unreadable image%s in %s: %s", len(skipped), "s" * (len(skipped) > 1), folder, shown)
     if not kept:
         raise DataError(f"none of the {len(files)} images in {folder} could be read (first: {skipped[0]})")
     label_tensor = torch.tensor(labels, dtype=torch.int64) if listing.labels is not None else None
+    if captions is not None:
+        kept_captions = fill_missing(kept_captions, [p.relative_to(root).as_posix() for p in kept], folder, strict)
+    else:
+        kept_captions = None
     if streamed:
         log.info("reading the %d images of %s from disk as training goes (decoded, they would take %d MB; "
                  "--memory-limit-mb is %d)", len(kept), folder, len(kept) * channels * image_size ** 2 >> 20,
                  memory_limit_mb)
-        return StreamedImages(kept, image_size, channels, label_tensor, listing.class_names, str(folder), skipped)
-    return ImageDataset(torch.from_numpy(np.stack(arrays)), label_tensor, listing.class_names, str(folder), skipped)
+        return StreamedImages(kept, image_size, channels, label_tensor, listing.class_names, str(folder), skipped,
+                              kept_captions)
+    return ImageDataset(torch.from_numpy(np.stack(arrays)), label_tensor, listing.class_names, str(folder), skipped,
+                        kept_captions)

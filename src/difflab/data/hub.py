@@ -6,13 +6,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from difflab.data.captions import DEFAULT_COLUMNS, clean, fill_missing
 from difflab.data.dataset import ImageDataset, split_indices
 from difflab.data.decode import image_to_array, is_grey
 from difflab.data.folder import MAX_DEFAULT_SIZE
 from difflab.errors import DataError
 
 
-def load_hub_dataset(spec: str, image_size: int | None, channels: int | None, split: str) -> ImageDataset:
+def load_hub_dataset(spec: str, image_size: int | None, channels: int | None, split: str,
+                     caption_column: str | None = None, strict: bool = False) -> ImageDataset:
+    """The dataset's image column, its class-label column if any, and its captions: the string column
+    `caption_column`, or by default a string column named text or caption where there is one."""
     import datasets
 
     try:
@@ -32,6 +36,13 @@ def load_hub_dataset(spec: str, image_size: int | None, channels: int | None, sp
     if image_column is None:
         raise DataError(f"dataset {spec!r} has no image column (columns: {', '.join(table.column_names)})")
     label_column = next((name for name, f in table.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    text_columns = [name for name, f in table.features.items()
+                    if isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")]
+    if caption_column is not None and caption_column not in text_columns:
+        what = "has no column" if caption_column not in table.column_names else "has no text in column"
+        raise DataError(f"dataset {spec!r} {what} {caption_column!r} for captions (text columns: "
+                        f"{', '.join(text_columns) or 'none'})")
+    caption_column = caption_column or next((c for c in DEFAULT_COLUMNS if c in text_columns), None)
 
     first = table[0][image_column]
     size = image_size or min(min(first.size), MAX_DEFAULT_SIZE)
@@ -41,7 +52,11 @@ def load_hub_dataset(spec: str, image_size: int | None, channels: int | None, sp
     if label_column is not None:
         labels = torch.tensor(table[label_column], dtype=torch.int64)
         class_names = list(table.features[label_column].names)
-    return ImageDataset(torch.from_numpy(np.stack(arrays)), labels, class_names, spec)
+    captions = None
+    if caption_column is not None:
+        found = [clean(c) or None if c is not None else None for c in table[caption_column]]
+        captions = fill_missing(found, [f"row {i}" for i in range(len(found))], spec, strict)
+    return ImageDataset(torch.from_numpy(np.stack(arrays)), labels, class_names, spec, captions=captions)
 
 
 def _pick_split(loaded, split: str):

@@ -14,11 +14,12 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from difflab.data.dataset import as_batch
+from difflab.data.dataset import as_batch, pick
 from difflab.data.decode import UnreadableImage, read_image_array
 from difflab.errors import DataError
 
@@ -61,6 +62,7 @@ class StreamedImages:
     class_names: list[str] | None = None
     source: str = ""
     skipped: list[str] = field(default_factory=list)
+    captions: list[str] | None = None
     workers: int = field(default_factory=lambda: min(MAX_WORKERS, os.cpu_count() or 1))
 
     def __post_init__(self):
@@ -77,6 +79,10 @@ class StreamedImages:
     def has_labels(self) -> bool:
         return self.labels is not None
 
+    @property
+    def has_captions(self) -> bool:
+        return self.captions is not None
+
     def read_ahead(self, plan) -> None:
         """Decode the index batches that `plan` yields ahead of time, in worker processes. The next
         `batch()` calls must ask for them in that order (the batch stream's own order)."""
@@ -86,8 +92,8 @@ class StreamedImages:
         """Stop the worker processes (they also stop when the dataset is dropped, or at exit)."""
         self._plan = self._loaded = None
 
-    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Images as floats in [-1, 1] (`flips`: a bool per image to mirror), and labels if any."""
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict[str, Any]:
+        """Images as floats in [-1, 1] (`flips`: a bool per image to mirror), and labels and captions if any."""
         if self._plan is not None and self._loaded is None:
             files = _Files(self.files, self.image_size, self.channels)
             batches = (ids.tolist() for ids in self._plan)
@@ -101,4 +107,5 @@ class StreamedImages:
         if isinstance(images, str):
             raise DataError(f"cannot read {images} although it was readable when training started; "
                             "put it back, then run again with --resume")
-        return as_batch(images, None if self.labels is None else self.labels[indices], flips)
+        return as_batch(images, None if self.labels is None else self.labels[indices], flips,
+                        pick(self.captions, indices))

@@ -8,11 +8,8 @@ quality is visible.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.data.dataset import ImageDataset
-from difflab.progress import progress_bar
+from difflab.metrics.trained import cache_dir, cache_stem, fit, load_cached, save_cached
+
+__all__ = ["EvalClassifier", "TrainedClassifier", "train_classifier", "load_or_train", "cache_dir"]
 
 log = logging.getLogger("difflab")
 
@@ -86,55 +85,30 @@ def train_classifier(train: ImageDataset, test: ImageDataset, steps: int | None 
         torch.manual_seed(seed)
         network = EvalClassifier(train.channels, len(train.class_names))
     steps = steps or max(MIN_STEPS, -(-3 * len(train) // batch_size))
-    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-    network.train()
-    for _ in progress_bar(range(steps), desc="training the evaluation classifier", leave=False):
+
+    def loss_at(step: int) -> torch.Tensor:
         index = torch.randint(0, len(train), (batch_size,), generator=generator)
         batch = train.batch(index)
-        loss = F.cross_entropy(network(_shift(batch["images"], generator)), batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    trained = TrainedClassifier(network.eval(), 0.0, list(train.class_names))
+        return F.cross_entropy(network(_shift(batch["images"], generator)), batch["labels"])
+
+    trained = TrainedClassifier(fit(network, steps, loss_at, "training the evaluation classifier"), 0.0,
+                                list(train.class_names))
     _, predictions = trained.features_and_predictions(test.batch(torch.arange(len(test)))["images"])
     trained.test_accuracy = (predictions == test.labels).float().mean().item()
     return trained
 
 
-def cache_dir(data_spec: str) -> Path:
-    """Next to the data when its folder is writable; otherwise the user's cache. A folder without its
-    owner's write bit counts as read-only even for root, whom `os.access` lets write anywhere."""
-    folder = Path(data_spec.split(":", 1)[-1]).expanduser()
-    if folder.is_dir() and os.access(folder, os.W_OK) and folder.stat().st_mode & stat.S_IWUSR:
-        return folder / ".difflab-cache"
-    return Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab"))
-
-
 def load_or_train(data_spec: str, train: ImageDataset, test: ImageDataset) -> TrainedClassifier:
-    from safetensors.torch import load_file, save_file
-
-    key = json.dumps([os.path.abspath(data_spec) if Path(data_spec).exists() else data_spec, train.image_size,
-                      train.channels, len(train), len(test), ARCHITECTURE_VERSION])
-    stem = cache_dir(data_spec) / f"classifier-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if weights.is_file() and meta.is_file():
-        try:
-            info = json.loads(meta.read_text(encoding="utf-8"))
-            network = EvalClassifier(train.channels, len(info["class_names"]))
-            network.load_state_dict(load_file(str(weights)))
-            return TrainedClassifier(network.eval(), info["test_accuracy"], info["class_names"])
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # a damaged cache entry is trained again
-            log.warning("the cached evaluation classifier %s is damaged (%s); training it again", weights, e)
+    key = [os.path.abspath(data_spec) if Path(data_spec).exists() else data_spec, train.image_size,
+           train.channels, len(train), len(test), ARCHITECTURE_VERSION]
+    stem = cache_stem(data_spec, "classifier", key)
+    what = "evaluation classifier"
+    cached = load_cached(stem, lambda info: EvalClassifier(train.channels, len(info["class_names"])), what)
+    if cached is not None:
+        network, info = cached
+        return TrainedClassifier(network, info["test_accuracy"], info["class_names"])
     log.info("training the evaluation classifier on %s (once; cached in %s)", data_spec, stem.parent)
     trained = train_classifier(train, test)
-    try:
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        save_file(trained.network.state_dict(), str(weights))
-        meta.write_text(json.dumps({"test_accuracy": trained.test_accuracy, "class_names": trained.class_names,
-                                    "data": data_spec}), encoding="utf-8")
-    except OSError as e:
-        log.warning("could not cache the evaluation classifier in %s (%s); it will be trained again next time",
-                    stem.parent, e)
+    save_cached(stem, trained.network, {"test_accuracy": trained.test_accuracy, "class_names": trained.class_names,
+                                        "data": data_spec}, what)
     return trained
