@@ -190,3 +190,44 @@ def test_guidance_windows_count_the_steps_a_partial_run_takes(folders):
     generate(load_model(folders["text"]), 1, sampler="ddim", steps=8, prompts="a", image=picture(16, 0),
              strength=0.5, guidance=[term])
     assert len(calls) == 2  # half of the 4 steps run
+
+
+def test_a_hub_pipeline_is_fetched_without_its_duplicate_weights(monkeypatch, tmp_path):
+    """Online users give Hub ids: a pipeline repo's components are fetched, not its fp16 copies or
+    single-file checkpoints; a bare model repo is fetched whole (no network here: the Hub calls are
+    recorded)."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from difflab.pipelines.folder import resolve_model_folder
+
+    fetched = {}
+
+    def snapshot_download(repo_id, **patterns):
+        fetched[repo_id] = patterns
+        return str(tmp_path)
+
+    def hf_hub_download(repo_id, filename):
+        if repo_id == "someone/ddpm":
+            raise EntryNotFoundError("no model_index.json")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    resolve_model_folder("someone/sd")
+    resolve_model_folder("someone/ddpm")
+
+    def taken(repo, path):
+        patterns = fetched[repo]
+        return (any(fnmatch.fnmatch(path, p) for p in patterns["allow_patterns"])
+                and not any(fnmatch.fnmatch(path, p) for p in patterns.get("ignore_patterns", [])))
+
+    for path in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "tokenizer/vocab.json", "tokenizer/merges.txt", "text_encoder/model.safetensors"):
+        assert taken("someone/sd", path), path
+    for path in ("v1-5-pruned.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                 "unet/diffusion_pytorch_model.non_ema.safetensors", "text_encoder/pytorch_model.bin"):
+        assert not taken("someone/sd", path), path
+    assert taken("someone/ddpm", "diffusion_pytorch_model.safetensors") and taken("someone/ddpm", "config.json")

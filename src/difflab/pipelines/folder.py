@@ -107,15 +107,33 @@ def resolve_model_folder(spec: str | Path, allow_pickle: bool = False) -> Path:
 def _download(repo_id: str, allow_pickle: bool) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.md", "*.txt"] + (["*.bin"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, **download_patterns(repo_id, allow_pickle)))
     except Exception as e:  # offline, unknown repo, gated repo: all mean "not available"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(
             f"{repo_id} is neither a folder here nor a model that could be fetched from the Hugging Face Hub "
             f"({reason}); check the path, or the Hub id and your connection"
         ) from None
+
+
+# Stable Diffusion repos also hold half-precision copies and single-file checkpoints of the same
+# weights (gigabytes each): a pipeline needs only its components' sub-folders.
+PIPELINE_FILES = ["model_index.json", "*.md", "difflab.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+DUPLICATE_WEIGHTS = ["*.fp16.*", "*non_ema*", "*.ema.*", "*.onnx", "*.msgpack", "*.ckpt"]
+
+
+def download_patterns(repo_id: str, allow_pickle: bool) -> dict:
+    """What to fetch of a Hub repo: a pipeline's component folders, or a bare model's files."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    pickles = ["*.bin"] if allow_pickle else []
+    try:
+        hf_hub_download(repo_id, "model_index.json")
+    except EntryNotFoundError:
+        return {"allow_patterns": ["*.json", "*.safetensors", "*.md", "*.txt", *pickles]}
+    return {"allow_patterns": PIPELINE_FILES + [f"*/{p}" for p in pickles], "ignore_patterns": DUPLICATE_WEIGHTS}
 
 
 def _read_json(path: Path) -> dict:
