@@ -28,5 +28,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def alternate(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Time each of `runs` (name -> function) `repeats` times, taking turns after one warm-up run each,
+    so that a change in the machine's load falls on all of them alike: (median seconds, all times)."""
+    import time
+
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: median(values) for name, values in times.items()}, times
+
+
 def emit(result: dict) -> None:
     print(json.dumps({**result, "machine": machine()}, indent=2))

@@ -8,22 +8,15 @@ Same model, DDIM scheduler, steps and batch. Runs alternate; medians are reporte
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import emit, median
+from common import alternate, emit
 from difflab.config import ModelConfig
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
 from difflab.diffusion.schedules import noise_scheduler
 from difflab.models.build import build_model
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -58,13 +51,7 @@ def main() -> None:
         "diffusers_ddim_pipeline": lambda: pipe(batch_size=args.batch, num_inference_steps=args.steps,
                                                generator=torch.Generator().manual_seed(0), output_type="np"),
     }
-    for fn in runs.values():  # warm up
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    seconds = {name: median(values) for name, values in times.items()}
+    seconds, times = alternate(runs, args.repeats)
     emit({
         "benchmark": "sampling_overhead",
         "setup": {k: getattr(args, k) for k in ("preset", "image_size", "channels", "batch", "steps", "repeats")},

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, median
+from common import alternate, emit
 
 PROMPT = "a small red circle at the top left on a white background"
 
@@ -82,12 +82,6 @@ def runners(folder: Path, args):
     }, model
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def peak_growth(fn) -> int:
     """The largest growth of this process's resident memory while `fn` runs, in bytes."""
     import psutil
@@ -118,13 +112,7 @@ def sampling(folder: Path, args) -> dict:
                               "--batch", str(args.batch), "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True)
         memory[side] = int(out.stdout.strip().splitlines()[-1])
-    for fn in runs.values():
-        fn()  # warm up
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    seconds = {name: median(values) for name, values in times.items()}
+    seconds, times = alternate(runs, args.repeats)
     return {
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "time_ratio_difflab_vs_diffusers": round(seconds["difflab"] / seconds["diffusers"], 4),
@@ -147,13 +135,7 @@ def guidance(folder: Path, args) -> dict:
         "full": lambda: generate(model, args.batch, steps=args.steps, prompts=PROMPT, guidance=term,
                                  guidance_mode="full"),
     }
-    for fn in runs.values():
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    seconds = {name: median(values) for name, values in times.items()}
+    seconds, _ = alternate(runs, args.repeats)
     return {"seconds": {k: round(v, 3) for k, v in seconds.items()},
             "cost_vs_unguided": {k: round(v / seconds["unguided"], 3) for k, v in seconds.items()}}
 
@@ -170,12 +152,7 @@ def img2img(folder: Path, args) -> dict:
     strengths = (0.25, 0.5, 0.75, 1.0)
     runs = {s: (lambda s=s: generate(model, args.batch, steps=args.steps, prompts=PROMPT, image=image, strength=s))
             for s in strengths}
-    runs[1.0]()
-    times = {s: [] for s in strengths}
-    for _ in range(args.repeats):
-        for s, fn in runs.items():
-            times[s].append(timed(fn))
-    seconds = {s: median(v) for s, v in times.items()}
+    seconds, _ = alternate(runs, args.repeats)
     return {"seconds_by_strength": {str(s): round(v, 3) for s, v in seconds.items()},
             "relative_to_strength_1": {str(s): round(v / seconds[1.0], 3) for s, v in seconds.items()}}
 

@@ -13,8 +13,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its notes on torchvi
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import gzip  # noqa: E402
-import json  # noqa: E402
-import string  # noqa: E402
 import struct  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -35,7 +33,9 @@ def private_cache(tmp_path_factory, monkeypatch):
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIPModel and a CLIPTokenizer over single letters, saved as a folder."""
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
+
+    import tiny_sd
 
     folder = tmp_path_factory.mktemp("clip")
     text = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
@@ -44,13 +44,7 @@ def tiny_clip(tmp_path_factory):
               "image_size": 32, "patch_size": 8}
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    tiny_sd.tokenizer(folder, max_length=77).save_pretrained(folder)
     return folder
 
 

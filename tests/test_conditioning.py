@@ -68,7 +68,8 @@ def test_guidance_batches_both_predictions_into_one_pass_correctly(conditional_m
     denoiser.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     labels, x, t = torch.tensor([2, 4]), torch.randn(2, 1, 8, 8), torch.tensor(300)
     with torch.no_grad():
-        guided = classifier_free_guidance(denoiser, Conditioning(labels), Conditioning(torch.tensor([10, 10])), 3.0)(x, t)
+        null = Conditioning(torch.tensor([10, 10]))
+        guided = classifier_free_guidance(denoiser, Conditioning(labels), null, 3.0)(x, t)
         assert calls == [4]  # one forward pass of both halves
         conditional, unconditional = denoiser(x, t, labels), denoiser(x, t, torch.tensor([10, 10]))
     assert torch.allclose(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
@@ -100,7 +101,8 @@ def test_the_model_card_code_reproduces_difflab_sampling(conditional_model, tmp_
         model = load_model(model_dir)
         with torch.no_grad():
             labels = torch.tensor([0, 0, 1, 1])
-            guided = model_function(model, Conditioning(labels), Conditioning(torch.full_like(labels, model.denoiser.null_class)), 2.0)
+            null = Conditioning(torch.full_like(labels, model.denoiser.null_class))
+            guided = model_function(model, Conditioning(labels), null, 2.0)
             scheduler = DPMSolverMultistepScheduler.from_config(model.noise_schedule.config)
             ours = denoise(guided, scheduler, noise, run_timesteps(scheduler, 20))
         assert torch.allclose(scope["images"], to_unit_range(ours), atol=1e-5), method

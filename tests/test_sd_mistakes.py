@@ -50,6 +50,7 @@ def one_error(capsys, argv, tmp_path) -> str:
     (["--prompt", "a", "--image", "{photo}", "--strength", "0"], r"--strength must be in \(0, 1\]"),
     (["--prompt", "a", "--image", "{photo}", "--strength", "1.5"], r"--strength must be in \(0, 1\]"),
     (["--prompt", "a", "--image", "{photo}", "--strength", "nan"], r"--strength must be in \(0, 1\]"),
+    (["--prompt", "a", "--image", "{photo}", "--strength", "0.2"], "strength 0.2 of 2 steps is no step at all"),
     (["--prompt", "a", "--strength", "0.5"], "--strength says how much of --image to keep; it needs an image"),
     (["--prompt", "a", "--mask", "{mask-32}"], "a mask needs the image it belongs to: give --image"),
     (["--prompt", "a", "--image", "{photo}", "--mask", "{mask-wide}"], "mask is 24×16 but the image is 16×16"),

@@ -231,3 +231,22 @@ def test_a_hub_pipeline_is_fetched_without_its_duplicate_weights(monkeypatch, tm
                  "unet/diffusion_pytorch_model.non_ema.safetensors", "text_encoder/pytorch_model.bin"):
         assert not taken("someone/sd", path), path
     assert taken("someone/ddpm", "diffusion_pytorch_model.safetensors") and taken("someone/ddpm", "config.json")
+
+
+def test_depth_estimated_by_the_folders_model_equals_the_pipeline(folders, tmp_path):
+    from difflab.models.depth import load_depth_estimator
+
+    image = picture(16, 4)
+    reference = theirs(folders["depth"], "StableDiffusionDepth2ImgPipeline", "ddim", 2, num_inference_steps=4,
+                       image=[image] * 2, strength=1.0)
+    assert_same(ours(folders["depth"], "ddim", 2, num_inference_steps=4, image=image, strength=1.0), reference)
+    # The same estimator as a depth-model folder of its own (what --depth-model takes): weights + processor.
+    import shutil
+
+    estimator = shutil.copytree(folders["depth"] / "depth_estimator", tmp_path / "dpt")
+    shutil.copy(folders["depth"] / "feature_extractor" / "preprocessor_config.json", estimator)
+    model = load_model(folders["depth"])
+    model.depth_estimator = load_depth_estimator(str(estimator))
+    again = generate(model, 2, sampler="ddim", steps=4, seed=2, prompts=PROMPTS, negative_prompt=NEGATIVE,
+                     image=image, strength=1.0)
+    assert_same(again.permute(0, 2, 3, 1).numpy(), reference)

@@ -14,7 +14,7 @@ PROMPT_TOKENS = 24  # the tokenizer's length (letters are tokens here, so prompt
 TEXT_WIDTH = 16
 
 
-def tokenizer(folder: Path):
+def tokenizer(folder: Path, max_length: int = PROMPT_TOKENS):
     """A CLIPTokenizer whose vocabulary is single letters (enough for any lower-case prompt)."""
     from transformers import CLIPTokenizer
 
@@ -25,7 +25,7 @@ def tokenizer(folder: Path):
         vocab[c + "</w>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=PROMPT_TOKENS)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 def text_encoder():

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.cli.options import add_model_loading
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_TEXT_CFG_SCALE, SAMPLERS
+from difflab.diffusion.samplers import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_CFG_SCALE,
+    SAMPLERS,
+)
 
 GUIDANCE_MODES = ("fast", "full")  # the same as difflab.diffusion.guidance's, without importing torch here
 

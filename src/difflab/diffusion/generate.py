@@ -4,6 +4,7 @@ text-conditioned, from noise or from an image (img2img, inpainting, depth-to-ima
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +14,7 @@ from difflab.diffusion.modes import Prepared, start
 from difflab.diffusion.request import prepare
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, UNCLIPPED, make_sampler
 from difflab.diffusion.sampling import ModelFn, clip_x0, denoise, image_generators, run_timesteps, to_unit_range
+from difflab.errors import InputError
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
 from difflab.progress import progress_bar
@@ -67,6 +69,9 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
         part.eval()
     scheduler = make_sampler(sampler, model.sampler_config)
     run_length = len(run_timesteps(scheduler, steps, job.inputs.strength))
+    if run_length == 0:
+        raise InputError(f"strength {job.inputs.strength} of {steps} steps is no step at all: raise --strength or "
+                         f"--steps (at least {math.ceil(1 / job.inputs.strength)} steps at this strength)")
     bar = progress_bar(total=-(-count // batch_size) * run_length, desc=f"sampling ({sampler})",
                        enabled=progress, leave=False)
     out = []

@@ -144,8 +144,8 @@ def prepare_upscale(model: DiffusionModel, image, noise_level, width, height) ->
     source = read_image(image, "image")
     factor = model.codec.factor
     width, height = (max(factor, side // factor * factor) for side in source.size)
-    return Prepared(model.sample_shape(height * factor, width * factor), image=image_tensor(source, width, height, resample="bicubic"),
-                    noise_level=level)
+    low_res = image_tensor(source, width, height, resample="bicubic")
+    return Prepared(model.sample_shape(height * factor, width * factor), image=low_res, noise_level=level)
 
 
 def estimate_depth(model: DiffusionModel, source) -> torch.Tensor:

@@ -35,7 +35,8 @@ PIPELINE_VARIANTS["StableDiffusionImg2ImgPipeline"] = None
 
 def variant_for(unet_in_channels: int, latent_channels: int, pipeline: str | None, where: str) -> str | None:
     """The variant whose channel layout the UNet has (the folder's pipeline class breaks ties)."""
-    fits = [key for key, v in VARIANTS.items() if latent_channels + v.extra_channels(latent_channels) == unet_in_channels]
+    fits = [key for key, v in VARIANTS.items()
+            if latent_channels + v.extra_channels(latent_channels) == unet_in_channels]
     hinted = PIPELINE_VARIANTS.get(pipeline or "", "none")
     if hinted in fits:
         return hinted
