@@ -61,6 +61,19 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     return folder
 
 
+TINY_READER = {"train_images": 800, "test_images": 200, "steps": 120}  # the shapes attribute reader at 16x16: seconds
+
+
+@pytest.fixture(scope="session")
+def shapes_reader(tmp_path_factory):
+    """The attribute reader of prompt adherence, trained small at 16x16."""
+    from difflab.metrics.attributes import load_or_train_attributes
+
+    with pytest.MonkeyPatch.context() as patch:  # session-scoped: set up before the autouse private_cache
+        patch.setenv("DIFFLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        return load_or_train_attributes(16, **TINY_READER)
+
+
 def tiny_config(steps: int = 30, **run) -> TrainConfig:
     """A tiny model on the built-in digits: a few seconds of training."""
     config = TrainConfig()

@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY_READER as TINY
 from difflab.data.shapes import Scene, Shape, generate
 from difflab.errors import DataError
 from difflab.metrics import attributes
 from difflab.metrics.attributes import AttributeClassifier, AttributeNet, adherence, load_or_train_attributes
 
-TINY = {"train_images": 800, "test_images": 200, "steps": 120}  # 16x16: seconds
-
 
 @pytest.fixture(scope="module")
-def reader(tmp_path_factory) -> AttributeClassifier:
-    with pytest.MonkeyPatch.context() as patch:  # module-scoped: set up before the autouse private_cache
-        patch.setenv("DIFFLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        return load_or_train_attributes(16, **TINY)
+def reader(shapes_reader) -> AttributeClassifier:
+    return shapes_reader
 
 
 def as_input(images: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 from difflab.cli.options import add_device
 from difflab.config import DATA_SPEC_HELP
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.diffusion.samplers import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_CFG_SCALE,
+    SAMPLERS,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -16,7 +22,10 @@ def add_parser(subparsers) -> None:
                     "Fréchet distance in the feature space of a classifier difflab trains on the real labelled "
                     "data (cached), the real-data floor of that distance (n real training images against the "
                     "same held-out images), and, for class-conditional models, the classifier's accuracy on "
-                    "samples generated for each class. Prints a line of text, and JSON on standard output.",
+                    "samples generated for each class. Text-to-image models trained on the built-in shapes data are "
+                    "measured on prompt adherence instead: the share of images whose colour, shape and position "
+                    "(read by an attribute reader difflab trains) match their prompts, for attribute combinations "
+                    "seen in training and held out of it. Prints a line of text, and JSON on standard output.",
     )
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
     p.add_argument("--data", help=f"{DATA_SPEC_HELP} (default: the data the model was trained on)")
@@ -24,8 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sampler", default=DEFAULT_SAMPLER,
                    help=f"one of {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
-                   help=f"classifier-free guidance for class-conditional models (default {DEFAULT_CFG_SCALE})")
+    p.add_argument("--cfg-scale", type=float,
+                   help=f"classifier-free guidance (default {DEFAULT_CFG_SCALE} for class-conditional models, "
+                        f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--features", default="classifier",
                    help="feature space: classifier (default), or clip:PATH_OR_ID for a CLIP model's image embeddings")
@@ -48,19 +58,39 @@ def run(args) -> int:
     check_choice("sampler", args.sampler, SAMPLERS)
     if args.count < 2 or args.steps < 1:
         raise ConfigError("-n must be at least 2 and --steps at least 1")
-    if args.cfg_scale < 0:
+    if args.cfg_scale is not None and args.cfg_scale < 0:
         raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale})")
     model = load_model(args.model, device=pick_device(args.device))
     spec = args.data or model.info.data
     if spec in ("", "(unknown)"):
         raise ConfigError(f"{args.model} does not say what data it was trained on; give --data")
-    evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features)
-    result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                       seed=args.seed, batch_size=args.batch_size, progress=True)
-    result = {"model": str(args.model), "data": spec, **result, "frechet_floor": round(evaluator.floor(args.count), 4)}
+    if model.prompts is not None:
+        result = {"model": str(args.model), "data": spec, **evaluate_text_model(model, spec, args)}
+    else:
+        evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features)
+        cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+        result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=cfg_scale,
+                           seed=args.seed, batch_size=args.batch_size, progress=True)
+        result = {"model": str(args.model), "data": spec, **result,
+                  "frechet_floor": round(evaluator.floor(args.count), 4)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n", encoding="utf-8")
     logging.getLogger("difflab").info("%s", summary_line(result))
     return 0
+
+
+def evaluate_text_model(model, spec: str, args) -> dict:
+    from difflab.errors import ConfigError
+    from difflab.metrics.prompt_adherence import adherence_line, evaluate_prompts, is_shapes
+
+    if not is_shapes(spec):
+        raise ConfigError(f"prompt adherence is measured on the built-in shapes data, and this text model was trained "
+                          f"on {spec}; give --data shapes for a shapes model")
+    result = evaluate_prompts(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                              seed=args.seed, batch_size=args.batch_size, progress=True)
+    import logging
+
+    logging.getLogger("difflab").info("prompt adherence: %s", adherence_line(result))
+    return result
