@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from difflab import testhooks
 from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.diffusion.generate import generate, row_labels
@@ -389,7 +388,6 @@ class Trainer:
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a model; returns the folder of the saved model."""
-    testhooks.watch_writes(out)
     trainer = Trainer(config, out, resume=resume, overwrite=overwrite)
     try:
         model_dir = trainer.fit()
@@ -397,5 +395,4 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwri
         trainer.stream.close()  # stops the processes that read a large folder ahead
         if config.run.log_with:
             trainer.accelerator.end_training()  # flushes and closes the trackers
-    testhooks.report(trainer)
     return model_dir
