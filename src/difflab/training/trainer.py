@@ -19,6 +19,7 @@ import torch
 
 from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
+from difflab.devices import auto_precision
 from difflab.diffusion.generate import generate, row_labels
 from difflab.errors import DataError, TrainingError
 from difflab.images import make_grid
@@ -44,14 +45,8 @@ def resolve_data_settings(config: TrainConfig, data: ImageDataset) -> TrainConfi
 
 
 def mixed_precision(choice: str, device: str = "auto") -> str:
-    """auto: bf16 where the hardware runs it fast (recent GPUs; CPUs with AMX, where it measured twice
-    as fast as fp32), fp16 on older GPUs, full precision elsewhere."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available() and device != "cpu":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if amx else "no"
+    """auto: what runs fast on the device (devices.auto_precision); otherwise the choice itself."""
+    return auto_precision(device) if choice == "auto" else choice
 
 
 def make_accelerator(config: TrainConfig, out: str | Path | None = None):
