@@ -93,3 +93,12 @@ def test_noise_command_draws_the_schedule(capsys, tmp_path):
     width, height = Image.open(tmp_path / "n.png").size
     assert width > 300 and height > 300
 
+
+
+@pytest.mark.parametrize("command,resumable", [(["train"], True), (["finetune"], True), (["scratch", "train"], False)])
+def test_every_training_command_finds_its_run_folder_alike(capsys, command, resumable):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "--out OUT" in out and "--config CONFIG" in out and "delete the run already in --out" in out
+    assert ("continue the run in --out from its latest checkpoint" in out) == resumable
