@@ -37,13 +37,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def auto_precision(device: str | torch.device = "auto") -> str:
     """The mixed precision that runs fast on `device`, in accelerate's names: bf16 on GPUs that have it,
-    fp16 on older GPUs; on the CPU, bf16 where it has AMX or AVX-512 BF16, else "no" (full precision)."""
-    kind = pick_device(str(device)).type
-    if kind == "cuda":
+    fp16 on older GPUs, none on Apple's GPUs; on the CPU, bf16 where it has AMX or AVX-512 BF16, else
+    "no" (full precision)."""
+    name = str(device)
+    if name != "cpu" and torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if kind == "cpu":
-        return cpu_precision(cpu_flags(), bf16_speedup)
-    return "no"
+    if name.startswith("mps") or (name == "auto" and pick_device("auto").type == "mps"):
+        return "no"
+    return cpu_precision(cpu_flags(), bf16_speedup)
 
 
 def cpu_precision(flags: set[str] | None, measure_speedup: Callable[[], float]) -> str:
