@@ -10,11 +10,13 @@ import statistics
 
 import torch
 
+from difflab.devices import cpu_model_name
+
 
 def machine() -> dict:
     info = {
         "date": datetime.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model_name() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -74,7 +75,22 @@ def test_train_then_sample_from_the_command_line(capsys, tmp_path):
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["000010.png", "000011.png", "000012.png"]
     settings = png_settings(tmp_path / "each" / "000011.png")
     assert settings == {"model": str(run), "sampler": "dpm++2m", "steps": 4, "seed": 11}
-    assert Image.open(tmp_path / "grid.png").size[0] >= 2 * 64
+    check_grid_layout(tmp_path / "grid.png", [tmp_path / "each" / f"{seed:06d}.png" for seed in (10, 11, 12)])
+
+
+def check_grid_layout(grid_path, image_paths, tile=64, padding=2):
+    """Three 8x8 images in a square grid: 2 columns and 2 rows of 64-px tiles (enlarged 8x) with 2 px of
+    white between them; each tile is its image, the tiles differ, and the fourth cell is blank."""
+    grid = np.asarray(Image.open(grid_path).convert("RGB"))
+    cell = tile + padding
+    assert grid.shape == (2 * cell + padding, 2 * cell + padding, 3)
+    tiles = [grid[padding + r * cell:padding + r * cell + tile, padding + c * cell:padding + c * cell + tile]
+             for r in range(2) for c in range(2)]
+    for got, path in zip(tiles, image_paths):
+        image = Image.open(path).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
+        assert np.array_equal(got, np.asarray(image)), path
+    assert all(not np.array_equal(tiles[i], tiles[j]) for i, j in ((0, 1), (0, 2), (1, 2)))  # other seeds
+    assert (tiles[3] == 255).all() and (grid[:, tile + padding:cell + padding] == 255).all()  # blank cell, gutter
 
 
 def test_a_config_file_reruns_a_run(capsys, tmp_path):
@@ -93,3 +109,12 @@ def test_noise_command_draws_the_schedule(capsys, tmp_path):
     width, height = Image.open(tmp_path / "n.png").size
     assert width > 300 and height > 300
 
+
+
+@pytest.mark.parametrize("command,resumable", [(["train"], True), (["finetune"], True), (["scratch", "train"], False)])
+def test_every_training_command_finds_its_run_folder_alike(capsys, command, resumable):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "--out OUT" in out and "--config CONFIG" in out and "delete the run already in --out" in out
+    assert ("continue the run in --out from its latest checkpoint" in out) == resumable

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
 from conftest import tiny_config
-from difflab.config import TrainConfig, add_config_flags, apply_flags, dumps_config, load_config
+from difflab.config import (
+    RunConfig,
+    ScratchConfig,
+    TrainConfig,
+    add_config_flags,
+    apply_flags,
+    differences,
+    dumps_config,
+    load_config,
+    settings_marked,
+)
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from difflab.errors import ConfigError
 
 
@@ -54,7 +66,52 @@ def test_bad_config_files(tmp_path):
     (["--lr", "0"], "--lr must be greater than 0"),
     (["--steps", "-3"], "--steps must be greater than 0"),
     (["--ema-decay", "1.5"], "--ema-decay must be in"),
+    (["--memory-limit-mb", "-1"], r"^--memory-limit-mb must be 0 or more \(got -1\)$"),
+    (["--cond-dropout", "1"], r"^--cond-dropout must be in \[0, 1\) \(got 1.0\)$"),
+    (["--sample-cfg-scale", "-0.5"], "--sample-cfg-scale must be 0 or more"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be greater than 0"),
+    (["--image-size", "0"], "--image-size must be greater than 0"),
 ])
 def test_bad_values_are_named(flags, message):
-    with pytest.raises(ConfigError, match=message.replace("[", "\\[")):
+    with pytest.raises(ConfigError, match=message if message.startswith("^") else message.replace("[", "\\[")):
         apply_flags(TrainConfig(), parse(*flags)).validate()
+
+
+def test_the_scratch_config_checks_the_shared_declarations():
+    config = ScratchConfig()
+    config.run.sample_count = 0
+    with pytest.raises(ConfigError, match=r"^--sample-count must be greater than 0 \(got 0\)$"):
+        config.validate()
+    config.run.sample_count, config.run.minutes = 4, -1.0
+    with pytest.raises(ConfigError, match=r"^--minutes must be greater than 0"):
+        config.validate()
+
+
+def test_what_a_resumed_run_may_change_is_declared_with_each_setting():
+    assert settings_marked(TrainConfig, "resumable") == {
+        "data": {"memory_limit_mb"},
+        "model": {"allow_pickle"},
+        "optim": {"lr", "warmup_steps", "clip_grad"},
+        "run": {f.name for f in dataclasses.fields(RunConfig)} - {"seed"},
+    }
+    longer = tiny_config(steps=10)
+    longer.optim.lr, longer.run.device = 0.5, "cpu"
+    assert differences(tiny_config(steps=6), longer) == []
+    other = tiny_config(steps=6)
+    other.run.seed, other.optim.batch_size = 1, 5
+    assert differences(tiny_config(steps=6), other) == ["[optim] batch_size = 16 (saved) vs 5 (now)",
+                                                        "[run] seed = 0 (saved) vs 1 (now)"]
+
+
+def test_what_a_pretrained_model_decides_is_declared_with_each_setting():
+    assert settings_marked(TrainConfig, "set_by_base") == {
+        "data": {"image_size", "channels"},
+        "model": {"preset", "schedule", "prediction", "timesteps", "conditioning", "class_method", "class_embed_dim"},
+        "optim": set(), "run": set(),
+    }
+
+
+def test_sampler_defaults_are_the_samplers_own():
+    run = RunConfig()
+    assert (run.sample_sampler, run.sample_steps, run.sample_cfg_scale) == (DEFAULT_SAMPLER, DEFAULT_STEPS,
+                                                                            DEFAULT_CFG_SCALE)

@@ -21,6 +21,36 @@ def test_presets_build_for_any_channel_count_and_run(preset, channels):
     assert out.shape == (2, channels, size, size)
 
 
+def attention_layers(unet) -> int:
+    from diffusers.models.attention_processor import Attention
+
+    return sum(isinstance(m, Attention) for m in unet.modules())
+
+
+def parameters(unet) -> int:
+    return sum(p.numel() for p in unet.parameters())
+
+
+@pytest.mark.parametrize("preset,millions,said", [("tiny", 0.16, "0.16 M parameters"),
+                                                  ("small", 1.0, "1.0 M parameters")])
+def test_the_cpu_presets_are_attention_free_and_keep_their_size(preset, millions, said):
+    """What --model small promises on the CPU (docs/benchmarks.md): 1.0 M parameters, no attention
+    at any resolution (attention at 14x14 and 7x7 is where the course's UNet loses its speed)."""
+    for channels in (1, 3):
+        unet = build_unet(preset, 28, channels)
+        assert attention_layers(unet) == 0
+        assert abs(parameters(unet) / 1e6 - millions) <= 0.05 * millions
+    assert said in PRESETS[preset].about  # what the preset says of itself
+
+
+def test_the_gpu_presets_attend_at_the_two_lowest_resolutions_only():
+    for preset in ("medium", "course"):
+        config = build_unet(preset, 32, 3).config
+        assert list(config.down_block_types) == ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]
+        assert list(config.up_block_types) == ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    assert parameters(build_unet("medium", 32, 3)) > parameters(build_unet("course", 32, 3)) > 10e6
+
+
 def test_course_preset_is_the_unit_one_unet():
     config = build_unet("course", 32, 3).config
     assert list(config.block_out_channels) == [64, 128, 128, 256] and config.layers_per_block == 2

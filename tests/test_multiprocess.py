@@ -4,8 +4,8 @@ weights and moving average, the average is updated once per optimizer step, and 
 process writes files. (`accelerate launch --cpu --num_processes 2` starts one process only: its
 `--cpu` launcher spreads over processes only with an MPI hostfile.)
 
-Each process reports digests of its weights and the files it wrote through the test-only
-DIFFLAB_TEST_REPORT_DIR hook (src/difflab/testhooks.py).
+Each process reports digests of its weights and the files it wrote: the processes run difflab train
+through tests/helpers/train_and_report.py, which records them (difflab itself installs no such hook).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pytest
 
 from difflab.training.checkpoints import find_latest, load_checkpoint
 
-ARGS = ["-m", "difflab", "-q", "train", "--data", "digits", "--image-size", "8", "--model", "tiny",
+REPORTING_TRAIN = Path(__file__).parent / "helpers" / "train_and_report.py"
+ARGS = [str(REPORTING_TRAIN), "-q", "train", "--data", "digits", "--image-size", "8", "--model", "tiny",
         "--batch-size", "4", "--grad-accum", "2", "--steps", "4", "--warmup-steps", "2", "--checkpoint-every", "2",
         "--keep-checkpoints", "2", "--log-every", "1", "--sample-every", "2", "--sample-count", "2",
         "--sample-steps", "2", "--device", "cpu"]

@@ -9,15 +9,36 @@ import torch
 
 from difflab.config import ScratchConfig
 from difflab.errors import TrainingError
+from difflab.training.budget import Budget
 from difflab.training.reporting import finite_losses
 from difflab.training.scratch_trainer import ScratchTrainer
+from difflab.training.steps import StepLog, StepStats, TrainState
 
 
-def test_finite_losses_names_the_first_bad_step():
-    losses = [torch.tensor(0.5), torch.tensor(float("inf")), torch.tensor(float("nan"))]
+def test_finite_losses_names_the_first_bad_step_and_statistic():
+    losses = [StepStats(torch.tensor(v)) for v in (0.5, float("inf"), float("nan"))]
     with pytest.raises(TrainingError, match=r"^the loss became inf at step 9 and training stopped; do this$"):
         finite_losses(losses, 10, lambda: "do this")
     assert finite_losses(losses[:1], 10, lambda: "unused").tolist() == [0.5]
+    norms = [StepStats(torch.tensor(0.5), torch.tensor(1.0)), StepStats(torch.tensor(0.4), torch.tensor(float("nan")))]
+    with pytest.raises(TrainingError, match=r"^the gradients' norm became nan at step 4 and"):
+        finite_losses(norms, 4, lambda: "do this")
+
+
+def test_a_metrics_row_covers_the_steps_since_the_last_one():
+    readings = iter([0.0, 2.0, 2.0, 3.0, 10.0, 14.0])  # steps of 2 s, 1 s and 4 s
+    log = StepLog(Budget(steps=10), images_per_step=8, clock=lambda: next(readings))
+    for loss in (0.3, 0.5):
+        log.start_step()
+        log.end_step(StepStats(torch.tensor(loss)))
+    row = log.row(epochs_done=0.123456, lr=0.01, advice=lambda: "unused")
+    assert row == {"step": 2, "epoch": 0.1235, "loss": pytest.approx(0.4), "lr": 0.01, "images_per_s": 16 / 3,
+                   "seconds": 3.0}
+    log.start_step()
+    log.end_step(StepStats(torch.tensor(0.1)))
+    row = log.row(epochs_done=0.2, lr=0.01, advice=lambda: "unused")
+    assert row["step"] == 3 and row["loss"] == pytest.approx(0.1) and row["images_per_s"] == 2.0
+    assert log.state == TrainState(step=3, images_seen=24, seconds=7.0) and log.fraction_done(0.2) == 0.3
 
 
 def scratch_config(steps: int = 10) -> ScratchConfig:
@@ -31,8 +52,8 @@ def scratch_config(steps: int = 10) -> ScratchConfig:
 
 def test_the_scratch_trainer_stops_on_a_non_finite_loss(tmp_path):
     trainer = ScratchTrainer(scratch_config(), tmp_path / "run")
-    on_step = trainer.on_step
-    trainer.on_step = lambda step, loss: on_step(step, torch.tensor(float("nan")) if step == 3 else loss)
+    trainer.model.net.register_forward_hook(  # the third step's prediction, hence its loss, is NaN
+        lambda module, args, out: out * float("nan") if trainer.state.step == 2 else out)
     with pytest.raises(TrainingError, match=r"the loss became nan at step 3 and training stopped; "
                                             r"lower --lr \(now 0.001\) and run again with --overwrite"):
         trainer.fit()
@@ -40,15 +61,12 @@ def test_the_scratch_trainer_stops_on_a_non_finite_loss(tmp_path):
 
 def test_an_interrupted_scratch_run_keeps_its_model(tmp_path):
     trainer = ScratchTrainer(scratch_config(), tmp_path / "run")
-    on_step = trainer.on_step
 
-    def stop_at_4(step, loss):
-        on_step(step, loss)
-        if step == 4:
+    def stop_at_4(state):
+        if state.step == 4:
             raise KeyboardInterrupt
 
-    trainer.on_step = stop_at_4
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+        trainer.fit(after_step=stop_at_4)
     info = json.loads((tmp_path / "run" / "model" / "scratch.json").read_text())
     assert info["training"]["steps"] == 4 and (tmp_path / "run" / "model" / "basic_unet.safetensors").is_file()

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from difflab.config import differences
 from difflab.errors import RunFolderError
-from difflab.training.trainer import Trainer, train
+from difflab.training.budget import DEFAULT_STEPS, Budget
+from difflab.training.trainer import MicroBatch, Trainer, train
 
 
 def weights(model_dir):
@@ -47,17 +48,12 @@ def test_resuming_an_interrupted_run_gives_the_same_weights_as_running_straight_
     config = tiny_config(steps=24, checkpoint_every=10)
     straight = train(config, tmp_path / "straight")
 
-    interrupted = Trainer(config, tmp_path / "resumed")
-    step = interrupted.train_step
-
-    def stop_at_17():
-        if interrupted.state.step == 17:
+    def stop_at_17(state):
+        if state.step == 17:
             raise KeyboardInterrupt
-        return step()
 
-    interrupted.train_step = stop_at_17
     with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+        Trainer(config, tmp_path / "resumed").fit(after_step=stop_at_17)
     resumed = Trainer(config, tmp_path / "resumed", resume=True)
     assert resumed.state.step == 17  # the interrupt saved a checkpoint
     resumed.fit()
@@ -69,37 +65,27 @@ def test_resuming_an_interrupted_run_gives_the_same_weights_as_running_straight_
 def test_gradient_accumulation_of_k_batches_of_b_matches_one_batch_of_k_times_b(tmp_path):
     """accelerate leaves the division by the number of micro-batches to us: accumulating 3 batches of 8
     must give the gradient of one batch of 24 (same images, noise and timesteps), not 3 times it."""
-    big = {}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(24, 1, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(images.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (24,), generator=generator)
 
-    def gradient(accum, batch_size):
+    def gradient(batch_size):
         config = tiny_config(steps=1)
-        config.optim.grad_accum, config.optim.batch_size = accum, batch_size
         config.optim.clip_grad = 0.0
-        trainer = Trainer(config, tmp_path / f"accum{accum}")
-        if not big:
-            trainer.stream.batch_size = 24
-            big["x0"] = next(trainer.stream)["images"]
-            big["noise"], big["t"] = trainer.draw_noise(big["x0"])
-        chunks = iter(range(0, 24, batch_size))
-        parts = []
+        trainer = Trainer(config, tmp_path / f"batches_of_{batch_size}")
+        grads = {}  # after the last micro-batch's backward pass, each parameter holds the accumulated gradient
+        for name, p in trainer.model.denoiser.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
+        parts = [slice(i, i + batch_size) for i in range(0, 24, batch_size)]
+        stats = trainer.train_step([MicroBatch(images[s], None, noise[s], timesteps[s]) for s in parts])
+        return grads, stats
 
-        class Slices:
-            epochs_done = 0.0
-
-            def __next__(self):
-                parts.append(slice(i := next(chunks), i + batch_size))
-                return {"images": big["x0"][parts[-1]]}
-
-        trainer.stream = Slices()
-        trainer.draw_noise = lambda x0: (big["noise"][parts[-1]], big["t"][parts[-1]])
-        grads = {}
-        named = trainer.model.denoiser.named_parameters
-        trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in named()})
-        trainer.train_step()
-        return grads
-
-    one, three = gradient(1, 24), gradient(3, 8)
+    (one, one_stats), (three, three_stats) = gradient(24), gradient(8)
+    assert len(one) == len(three) > 10
     assert all(torch.allclose(one[n], three[n], rtol=1e-4, atol=1e-6) for n in one)
+    assert torch.allclose(one_stats.loss, three_stats.loss) and torch.allclose(one_stats.grad_norm,
+                                                                                three_stats.grad_norm)
 
 
 def test_the_saved_model_holds_the_moving_average(tmp_path):
@@ -129,10 +115,23 @@ def test_budgets_in_epochs_and_minutes(tmp_path):
     config.data.split = "test"  # 179 images, 16 per step
     train(config, tmp_path / "epochs")
     assert rows(tmp_path / "epochs")[-1]["step"] == "23"  # ceil(2 * 179 / 16)
-    config = tiny_config(steps=None, minutes=0.04)
-    train(config, tmp_path / "minutes")
+
+    ticks = iter(range(10_000))  # a clock on which every reading is 0.5 s after the one before
+    config = tiny_config(steps=None, minutes=0.05)
+    train(config, tmp_path / "minutes", clock=lambda: next(ticks) * 0.5)
     last = rows(tmp_path / "minutes")[-1]
-    assert 2.4 <= float(last["seconds"]) < 4.0 and int(last["step"]) > 5
+    assert last["step"] == "6" and float(last["seconds"]) == 3.0  # 0.05 minutes at 0.5 s per step
+    assert float(last["images_per_s"]) == 16 / 0.5
+
+
+def test_a_budget_is_used_by_whichever_limit_comes_first():
+    budget = Budget(steps=100, epochs=2.0, seconds=60.0)
+    assert budget.fraction(step=10, epochs=0.5, seconds=30.0) == 0.5  # the minutes are furthest along
+    assert budget.fraction(step=90, epochs=0.5, seconds=30.0) == 0.9
+    assert budget.fraction(step=10, epochs=2.5, seconds=1.0) == 1.0  # never past the end
+    assert Budget(seconds=60.0).fraction(step=10_000, epochs=50.0, seconds=59.0) == 59 / 60
+    assert Budget.from_config(tiny_config(steps=None).run) == Budget(steps=DEFAULT_STEPS)
+    assert Budget.from_config(tiny_config(steps=None, minutes=2.0).run) == Budget(seconds=120.0)
 
 
 def test_a_run_folder_is_never_silently_reused(tmp_path):
@@ -156,3 +155,15 @@ def test_resume_may_lengthen_a_run(tmp_path):
     train(tiny_config(steps=10), tmp_path / "run", resume=True)
     assert rows(tmp_path / "run")[-1]["step"] == "10"
     assert differences(tiny_config(steps=6), tiny_config(steps=10)) == []
+
+
+def test_one_process_trains_runs_of_different_precisions(tmp_path):
+    """make_accelerator clears accelerate's per-run state (its private `_reset_state`): accelerate
+    otherwise refuses a second Accelerator with another precision in the same process."""
+    assert Trainer(tiny_config(steps=1), tmp_path / "a").accelerator.mixed_precision == "no"
+    config = tiny_config(steps=1)
+    config.optim.precision = "bf16"
+    second = Trainer(config, tmp_path / "b")
+    assert second.accelerator.mixed_precision == "bf16"
+    second.fit()
+    assert rows(tmp_path / "b")[-1]["step"] == "1"

@@ -12,13 +12,14 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
 
@@ -31,23 +32,78 @@ DATA_SPEC_HELP = (
 DEFAULT_MEMORY_LIMIT_MB = 2048
 
 
-def option(default, help: str, *, flag: str | None = None, choices=None):
-    """A config field with its command-line flag (default: --field-name) and help text."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+@dataclass(frozen=True)
+class Check:
+    """A rule a setting's value must follow, with the words that say so in an error."""
+
+    holds: Callable[[Any], bool]
+    must: str
+
+
+POSITIVE = Check(lambda v: v > 0, "must be greater than 0")
+NOT_NEGATIVE = Check(lambda v: v >= 0, "must be 0 or more")
+FRACTION = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def option(default, help: str, *, flag: str | None = None, choices=None, check: Check | None = None,
+           resumable: bool = False, set_by_base: bool = False):
+    """A config field with everything said about it in one place: its default, command-line flag
+    (default: --field-name) and help text; the values it may take (`choices`, or a `check` on any value
+    given); whether a resumed run may change it (`resumable`: it changes no weights, or it lets a
+    diverged run go on from its last good checkpoint); and whether a pretrained model decides it when
+    fine-tuning (`set_by_base`)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "check": check,
+                                            "resumable": resumable, "set_by_base": set_by_base})
+
+
+# Settings both run kinds (difflab train and difflab scratch train) have, declared once.
+def steps_option(what: str = "steps"):
+    return option(None, f"stop after this many {what} (default 1000 when no budget is given)", check=POSITIVE,
+                  resumable=True)
+
+
+def epochs_option():
+    return option(None, "stop after this many passes over the data", check=POSITIVE, resumable=True)
+
+
+def minutes_option():
+    return option(None, "stop after this many minutes of training", check=POSITIVE, resumable=True)
+
+
+def seed_option():
+    return option(0, "seed for weights, data order and noise")
+
+
+def sample_every_option():
+    return option(500, "write a sample grid every N steps (0 = only at the end)", resumable=True)
+
+
+def sample_count_option():
+    return option(16, "images in each sample grid", check=POSITIVE, resumable=True)
+
+
+def log_every_option():
+    return option(10, "append a row to metrics.csv every N steps", check=POSITIVE, resumable=True)
+
+
+def device_option():
+    return option("auto", "auto, cpu, cuda, cuda:N or mps", resumable=True)
 
 
 @dataclass
 class DataConfig:
     spec: str = option("digits", f"training images: {DATA_SPEC_HELP}", flag="--data")
     image_size: int | None = option(None, "side of the square training images in pixels (default: the data's own, "
-                                          "at most 64; 16 for digits)")
-    channels: int | None = option(None, "1 (grey) or 3 (RGB); default: the data's own", choices=(1, 3))
+                                          "at most 64; 16 for digits)", check=POSITIVE, set_by_base=True)
+    channels: int | None = option(None, "1 (grey) or 3 (RGB); default: the data's own", choices=(1, 3),
+                                  set_by_base=True)
     split: str = option("train", "which part of the data to use", choices=("train", "test", "all"))
     flip: bool = option(False, "random horizontal flips")
     strict: bool = option(False, "stop at the first unreadable image instead of skipping it with a warning")
     memory_limit_mb: int = option(DEFAULT_MEMORY_LIMIT_MB,
                                   "keep a folder's decoded images in memory up to this many MB; a larger folder is "
-                                  "read from disk by worker processes as training goes (0: always)")
+                                  "read from disk by worker processes as training goes (0: always)",
+                                  check=NOT_NEGATIVE, resumable=True)
 
 
 @dataclass
@@ -58,34 +114,34 @@ class ModelConfig:
                                     "settings of this section that describe them are taken from it",
                               flag="--from")
     allow_pickle: bool = option(False, "let --from load weights stored as a pickle (.bin), with "
-                                       "torch.load(weights_only=True)")
+                                       "torch.load(weights_only=True)", resumable=True)
     preset: str = option("small", "UNet preset (tiny, small, medium, course) or a diffusers UNet config.json",
-                         flag="--model")
-    schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES))
+                         flag="--model", set_by_base=True)
+    schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES), set_by_base=True)
     prediction: str = option("v", "what the network predicts (v is robust at every noise level)",
-                             choices=tuple(PREDICTIONS))
-    timesteps: int = option(1000, "number of training timesteps")
+                             choices=tuple(PREDICTIONS), set_by_base=True)
+    timesteps: int = option(1000, "number of training timesteps", check=POSITIVE, set_by_base=True)
     conditioning: str = option("none", "condition the model on class labels (needs labelled data)",
-                               choices=("none", "class"))
+                               choices=("none", "class"), set_by_base=True)
     class_method: str = option("embedding", "how labels enter the UNet: added to the timestep embedding, or as "
                                             "extra input channels (the course's way)",
-                               choices=("embedding", "channels"))
-    class_embed_dim: int = option(4, "width of the class embedding for --class-method channels")
+                               choices=("embedding", "channels"), set_by_base=True)
+    class_embed_dim: int = option(4, "width of the class embedding for --class-method channels", set_by_base=True)
     cond_dropout: float = option(0.1, "chance of dropping a label to the null class in training, which "
-                                      "classifier-free guidance needs (0 = never)")
+                                      "classifier-free guidance needs (0 = never)", check=FRACTION)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    lr: float = option(1e-3, "peak learning rate (AdamW)", check=POSITIVE, resumable=True)
     lr_schedule: str = option("cosine", "learning-rate decay after warmup", choices=("cosine", "constant"))
-    warmup_steps: int = option(100, "linear learning-rate warmup, in optimizer steps")
+    warmup_steps: int = option(100, "linear learning-rate warmup, in optimizer steps", resumable=True)
     weight_decay: float = option(0.0, "AdamW weight decay")
-    batch_size: int = option(64, "images per device per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step (the loss is averaged over them)")
-    clip_grad: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    batch_size: int = option(64, "images per device per micro-batch", check=POSITIVE)
+    grad_accum: int = option(1, "micro-batches per optimizer step (the loss is averaged over them)", check=POSITIVE)
+    clip_grad: float = option(1.0, "clip the gradient norm to this (0 = off)", resumable=True)
     ema_decay: float = option(0.999, "decay of the weights' moving average used for samples and the saved model "
-                                     "(0 = off)")
+                                     "(0 = off)", check=FRACTION)
     min_snr_gamma: float = option(0.0, "min-SNR-γ loss weighting (5 is typical; 0 = off)")
     precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 on older "
                                     "GPUs, else none)", choices=("auto", "no", "fp16", "bf16"))
@@ -93,25 +149,27 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int | None = option(None, "stop after this many optimizer steps (default 1000 when no budget is given)")
-    epochs: float | None = option(None, "stop after this many passes over the data")
-    minutes: float | None = option(None, "stop after this many minutes of training")
-    seed: int = option(0, "seed for weights, data order and noise")
-    sample_every: int = option(500, "write a sample grid every N steps (0 = only at the end)")
-    sample_count: int = option(16, "images in each sample grid")
-    sample_sampler: str = option("dpm++2m", "sampler for the grids", choices=tuple(SAMPLERS))
-    sample_steps: int = option(20, "sampler steps for the grids")
+    steps: int | None = steps_option("optimizer steps")
+    epochs: float | None = epochs_option()
+    minutes: float | None = minutes_option()
+    seed: int = seed_option()
+    sample_every: int = sample_every_option()
+    sample_count: int = sample_count_option()
+    sample_sampler: str = option(DEFAULT_SAMPLER, "sampler for the grids", choices=tuple(SAMPLERS), resumable=True)
+    sample_steps: int = option(DEFAULT_STEPS, "sampler steps for the grids", check=POSITIVE, resumable=True)
     sample_cfg_scale: float = option(DEFAULT_CFG_SCALE, "classifier-free guidance scale for grids and evaluations "
-                                                        "of class-conditional models")
-    eval_every: int = option(0, "evaluate (Fréchet distance, class accuracy) every N steps and at the end (0 = never)")
-    eval_count: int = option(500, "images generated for each evaluation")
+                                                        "of class-conditional models", check=NOT_NEGATIVE,
+                                     resumable=True)
+    eval_every: int = option(0, "evaluate (Fréchet distance, class accuracy) every N steps and at the end (0 = never)",
+                             resumable=True)
+    eval_count: int = option(500, "images generated for each evaluation", resumable=True)
     log_with: str | None = option(None, "also log metrics and evaluations to TensorBoard (in the run folder) or "
                                         "Weights & Biases, through accelerate; the package must be installed",
-                                  choices=("tensorboard", "wandb"))
-    checkpoint_every: int = option(500, "save a full checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
-    log_every: int = option(10, "append a row to metrics.csv every N steps")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+                                  choices=("tensorboard", "wandb"), resumable=True)
+    checkpoint_every: int = option(500, "save a full checkpoint every N steps (0 = only at the end)", resumable=True)
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", check=POSITIVE, resumable=True)
+    log_every: int = log_every_option()
+    device: str = device_option()
 
 
 @dataclass
@@ -122,25 +180,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:
-        check_choices(self)
-        positive = {
-            "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--grad-accum": self.optim.grad_accum,
-            "--timesteps": self.model.timesteps, "--sample-steps": self.run.sample_steps,
-            "--keep-checkpoints": self.run.keep_checkpoints, "--log-every": self.run.log_every,
-        }
-        for budget in ("steps", "epochs", "minutes", "image_size"):
-            section = self.data if budget == "image_size" else self.run
-            if getattr(section, budget) is not None:
-                positive[f"--{budget.replace('_', '-')}"] = getattr(section, budget)
-        check_positive(positive)
-        if self.data.memory_limit_mb < 0:
-            raise ConfigError(f"--memory-limit-mb must be 0 or more (got {self.data.memory_limit_mb})")
-        if not 0 <= self.optim.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.optim.ema_decay})")
-        if not 0 <= self.model.cond_dropout < 1:
-            raise ConfigError(f"--cond-dropout must be in [0, 1) (got {self.model.cond_dropout})")
-        if self.run.sample_cfg_scale < 0:
-            raise ConfigError(f"--sample-cfg-scale must be 0 or more (got {self.run.sample_cfg_scale})")
+        check_values(self)
         return self
 
 
@@ -151,21 +191,21 @@ SCRATCH_SAMPLE_STEPS = 40  # the course's final grid uses 40 steps of the naive 
 
 @dataclass
 class ScratchOptimConfig:
-    lr: float = option(1e-3, "learning rate (Adam, constant, as in the course)")
-    batch_size: int = option(128, "images per step")
+    lr: float = option(1e-3, "learning rate (Adam, constant, as in the course)", check=POSITIVE)
+    batch_size: int = option(128, "images per step", check=POSITIVE)
 
 
 @dataclass
 class ScratchRunConfig:
-    steps: int | None = option(None, "stop after this many steps (default 1000 when no budget is given)")
-    epochs: float | None = option(None, "stop after this many passes over the data")
-    minutes: float | None = option(None, "stop after this many minutes of training")
-    seed: int = option(0, "seed for weights, data order and noise")
-    sample_every: int = option(500, "write a sample grid every N steps (0 = only at the end)")
-    sample_count: int = option(16, "images in each sample grid")
-    sample_steps: int = option(SCRATCH_SAMPLE_STEPS, "steps of the naive sampler for the grids")
-    log_every: int = option(10, "append a row to metrics.csv every N steps")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    steps: int | None = steps_option()
+    epochs: float | None = epochs_option()
+    minutes: float | None = minutes_option()
+    seed: int = seed_option()
+    sample_every: int = sample_every_option()
+    sample_count: int = sample_count_option()
+    sample_steps: int = option(SCRATCH_SAMPLE_STEPS, "steps of the naive sampler for the grids", check=POSITIVE)
+    log_every: int = log_every_option()
+    device: str = device_option()
 
 
 @dataclass
@@ -175,37 +215,11 @@ class ScratchConfig:
     run: ScratchRunConfig = field(default_factory=ScratchRunConfig)
 
     def validate(self) -> ScratchConfig:
-        check_choices(self)
-        r = self.run
-        check_positive({
-            "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--image-size": self.data.image_size,
-            "--steps": r.steps, "--epochs": r.epochs, "--minutes": r.minutes, "--sample-count": r.sample_count,
-            "--sample-steps": r.sample_steps, "--log-every": r.log_every,
-        })
+        check_values(self)
         return self
 
 
-# Settings that may change when a run is resumed: its length, logging, evaluation, device and how
-# images are held (none of which changes the weights), and the learning rate, warmup and clipping, so
-# that a run that diverged can go on from its last good checkpoint. The rest must match.
-RESUMABLE_CHANGES = {
-    "run": {"steps", "epochs", "minutes", "sample_every", "sample_count", "sample_sampler", "sample_steps",
-            "sample_cfg_scale", "eval_every", "eval_count", "log_with", "checkpoint_every", "keep_checkpoints",
-            "log_every", "device"},
-    "optim": {"lr", "warmup_steps", "clip_grad"},
-    "data": {"memory_limit_mb"},
-    "model": {"allow_pickle"},
-}
-
-
 # ---- fine-tuning (difflab finetune) ------------------------------------------------------------------
-
-# What a pretrained model decides: with --from, these are read from the model (and saved so), not given.
-SET_BY_BASE = {
-    "model": ("preset", "schedule", "prediction", "timesteps", "conditioning", "class_method", "class_embed_dim"),
-    "data": ("image_size", "channels"),
-}
-
 
 def finetune_defaults() -> TrainConfig:
     """`difflab train`'s defaults with a low learning rate and a short warmup: a pretrained model needs
@@ -216,22 +230,25 @@ def finetune_defaults() -> TrainConfig:
     return config
 
 
-def check_choices(config) -> None:
-    """Every setting that has a list of choices holds one of them."""
+def check_values(config) -> None:
+    """Every setting holds one of its choices, and every value given passes its setting's check."""
     for section in sections(config):
         for f in dataclasses.fields(section):
-            choices, value = f.metadata["choices"], getattr(section, f.name)
-            if choices is not None and value is not None and value not in choices:
+            choices, check, value = f.metadata["choices"], f.metadata["check"], getattr(section, f.name)
+            if value is None:
+                continue
+            if choices is not None and value not in choices:
                 raise ConfigError(
                     f"{flag_of(f)} {value!r} is not an option; choose one of: {', '.join(map(str, choices))}"
                 )
+            if check is not None and not check.holds(value):
+                raise ConfigError(f"{flag_of(f)} {check.must} (got {value})")
 
 
-def check_positive(values: dict[str, Any]) -> None:
-    """{flag: value}: each value given (not None) is greater than 0."""
-    for name, value in values.items():
-        if value is not None and not value > 0:
-            raise ConfigError(f"{name} must be greater than 0 (got {value})")
+def settings_marked(cls, mark: str) -> dict[str, set[str]]:
+    """{section: names} of the settings of config class `cls` declared with `mark` (say, "set_by_base")."""
+    return {section.name: {f.name for f in dataclasses.fields(section_cls) if f.metadata[mark]}
+            for section, section_cls in zip(dataclasses.fields(cls), _field_types(cls).values())}
 
 
 def sections(config) -> list:
@@ -308,13 +325,14 @@ def dumps_config(config) -> str:
     return tomli_w.dumps(to_dict(config))
 
 
-def differences(a, b, allowed: dict[str, set[str]] = RESUMABLE_CHANGES) -> list[str]:
-    """Settings that differ between two configs, except those in `allowed`."""
+def differences(a, b) -> list[str]:
+    """Settings that differ between two configs, except those a resumed run may change."""
     out = []
     da, db = to_dict(a), to_dict(b)
+    resumable = settings_marked(type(a), "resumable")
     for section in da:
         for key in sorted(set(da[section]) | set(db[section])):
-            if key in allowed.get(section, ()):
+            if key in resumable[section]:
                 continue
             va, vb = da[section].get(key), db[section].get(key)
             if va != vb:
@@ -325,7 +343,7 @@ def differences(a, b, allowed: dict[str, set[str]] = RESUMABLE_CHANGES) -> list[
 # ---- command-line flags ----------------------------------------------------------------------------
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, defaults=None,
-                     skip: dict[str, tuple[str, ...]] | None = None) -> None:
+                     skip: dict[str, set[str]] | None = None) -> None:
     """One flag per config field, grouped by section. Flags left out keep the file's/default value.
     `defaults`: a config whose values --help shows (a command with defaults of its own); `skip`:
     {section: fields} that get no flag."""

@@ -1,10 +1,22 @@
-"""Which device to run on."""
+"""Which device to run on, and which precision runs fast on it."""
 
 from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from difflab.errors import ConfigError
+
+# x86 instruction sets that do bf16 matrix arithmetic natively: with either, bf16 autocast measured
+# about twice fp32's training speed (AMX: 168.8 against 84.4 images/s; AVX-512 BF16 on an AMD EPYC:
+# 153.8 against 88.4; docs/benchmarks.md). Without them bf16 is emulated and slower.
+FAST_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
+X86_FLAG = "sse2"  # every x86-64 CPU lists it: the flags are x86's, so the absence of the above is meaningful
+BF16_SPEEDUP_NEEDED = 1.3  # what a measured speed-up must reach to choose bf16 where the flags cannot tell
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -21,3 +33,76 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     return device
+
+
+def auto_precision(device: str | torch.device = "auto") -> str:
+    """The mixed precision that runs fast on `device`, in accelerate's names: bf16 on GPUs that have it,
+    fp16 on older GPUs, none on Apple's GPUs; on the CPU, bf16 where it has AMX or AVX-512 BF16, else
+    "no" (full precision)."""
+    name = str(device)
+    if name != "cpu" and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name.startswith("mps") or (name == "auto" and pick_device("auto").type == "mps"):
+        return "no"
+    return cpu_precision(cpu_flags(), bf16_speedup)
+
+
+def cpu_precision(flags: set[str] | None, measure_speedup: Callable[[], float]) -> str:
+    """bf16 if the CPU's feature flags promise fast bf16; "no" if they are x86 flags without it; where
+    they cannot tell (no flags, another architecture), bf16 only if a quick measurement finds it faster."""
+    if flags is not None and flags & FAST_BF16_FLAGS:
+        return "bf16"
+    if flags is not None and X86_FLAG in flags:
+        return "no"
+    return "bf16" if measure_speedup() >= BF16_SPEEDUP_NEEDED else "no"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU's feature flags (Linux's /proc/cpuinfo), or None where they cannot be read."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return set(value.split())
+    return None
+
+
+def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name as the system reports it (for benchmark rows), or None."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return None
+
+
+@functools.cache
+def bf16_speedup(repeats: int = 7) -> float:
+    """fp32 time over bf16-autocast time of a small convolution's forward and backward pass (what
+    training does), about 0.3 s once per process, on one thread. The two alternate and the fastest run of each counts,
+    so that other work on the machine hurts neither."""
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(32, 32, 16, 16)
+
+    def seconds(bf16: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x)
+        y.float().square().mean().backward()
+        return time.perf_counter() - start
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ratio per core is what counts, and threads waiting on a busy core blur it
+    try:
+        seconds(False), seconds(True)  # warm-up: kernels chosen, weights packed
+        fp32, bf16 = zip(*[(seconds(False), seconds(True)) for _ in range(repeats)])
+    finally:
+        torch.set_num_threads(threads)
+    return min(fp32) / max(min(bf16), 1e-9)

@@ -1,5 +1,6 @@
-"""Files: writing them so that a crash, a kill or a full disk never leaves half of one in place, and
-reading the small JSON files models are described by."""
+"""Files and folders: writing them so that a crash, a kill or a full disk never leaves half of one in
+place, finding a model's folder, and reading the small JSON files models are described by. Both model
+kinds (diffusers folders and the teaching model's) use these, so they live below both."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+from difflab.errors import ModelError
+from difflab.testhooks import pause_point  # a no-op unless a crash test asks to stop there
 
 
 @contextlib.contextmanager
@@ -25,6 +31,40 @@ def atomic_path(path: str | Path):
         if isinstance(e, OSError) and e.filename == str(partial):  # name the file the user knows
             raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """A hidden sibling folder to write into, which replaces `folder` only once the block completes: a
+    crash or a failed write never leaves half a model, and the old one stays until then."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    previous = folder.with_name(f".{folder.name}.previous")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    pause_point("model:assembled")
+    if folder.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+        pause_point("model:moved-aside")
+    partial.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def local_model_folder(spec: str | Path) -> Path:
+    """A local model folder, or the model/ of a run folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.toml").is_file() and (path / "model").is_dir():
+            return path / "model"  # a run folder
+        return path
+    if path.exists():
+        raise ModelError(f"{spec} is a file; give the model folder that holds it")
+    raise ModelError(f"model folder {spec} does not exist")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

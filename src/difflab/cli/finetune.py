@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.config import SET_BY_BASE, add_config_flags, finetune_defaults
+from difflab.cli.options import add_run_options
+from difflab.config import TrainConfig, add_config_flags, finetune_defaults, settings_marked
 from difflab.errors import ConfigError
 
 
@@ -23,11 +24,8 @@ def add_parser(subparsers) -> None:
                     "defaults, then --config FILE.toml, then the flags below; the resolved settings are saved as "
                     "config.toml in the run folder (difflab train --config runs/NAME/config.toml runs it again).",
     )
-    p.add_argument("--out", type=Path, help="run folder (default: runs/DATA-finetune)")
-    p.add_argument("--config", type=Path, help="TOML file of settings (for example a run's config.toml)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
-    add_config_flags(p, defaults=finetune_defaults(), skip=SET_BY_BASE)
+    add_run_options(p, "runs/DATA-finetune")
+    add_config_flags(p, defaults=finetune_defaults(), skip=settings_marked(TrainConfig, "set_by_base"))
     p.set_defaults(run=run)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from difflab.errors import ConfigError
+
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default auto)"
 ALLOW_PICKLE_HELP = "load .bin/.ckpt weights (with torch.load(weights_only=True)) when there are no safetensors"
 
@@ -14,3 +18,22 @@ def add_model_loading(parser) -> None:
     """--device and --allow-pickle, for commands that load a model folder."""
     add_device(parser)
     parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+
+
+def add_run_options(parser, out_default: str, config_example: str = "a run's config.toml", *,
+                    resumable: bool = True) -> None:
+    """--out, --config, --resume (for runs that can be resumed) and --overwrite: how a training command
+    finds its run folder and settings."""
+    parser.add_argument("--out", type=Path, help=f"run folder (default: {out_default})")
+    parser.add_argument("--config", type=Path, help=f"TOML file of settings (for example {config_example})")
+    if resumable:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+
+
+def check_at_least_one(args, names: tuple[str, ...] = ("count", "steps", "batch_size")) -> None:
+    """Counts a command takes (images, sampler steps, batch size) are each at least 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -14,6 +14,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time in minutes (default 3)")
+    p.add_argument("--steps", type=int, help="train for this many steps instead: the same model on any machine")
     p.add_argument("-n", "--count", type=int, default=500, help="images generated for the evaluation (default 500)")
     p.set_defaults(run=run)
 
@@ -32,11 +33,12 @@ def run(args) -> int:
     config = TrainConfig()
     config.data.spec = "digits"
     config.model.conditioning = "class"
-    config.run.minutes = args.minutes
+    config.run.minutes, config.run.steps = (None, args.steps) if args.steps else (args.minutes, None)
     config.run.sample_every = 0
     config.run.checkpoint_every = 0
     config.run.sample_count = 80  # eight per digit
-    log.info("training a class-conditional diffusion model on the built-in digits for %.1f minutes", args.minutes)
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:.1f} minutes"
+    log.info("training a class-conditional diffusion model on the built-in digits for %s", budget)
     model_dir = train(config, args.out, overwrite=True)
 
     run = config.run

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.cli.options import add_device
+from difflab.cli.options import add_device, add_run_options, check_at_least_one
 
 
 def add_parser(subparsers) -> None:
@@ -28,9 +28,7 @@ def add_train_parser(commands) -> None:
         description="Train the teaching model. Settings come from the defaults, then --config FILE.toml, then the "
                     "flags below; the resolved settings are saved as config.toml in the run folder.",
     )
-    p.add_argument("--out", type=Path, help="run folder (default: runs/scratch-DATA)")
-    p.add_argument("--config", type=Path, help="TOML file of settings (for example a scratch run's config.toml)")
-    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+    add_run_options(p, "runs/scratch-DATA", "a scratch run's config.toml", resumable=False)
     add_config_flags(p, ScratchConfig)
     p.set_defaults(run=run_train)
 
@@ -72,13 +70,10 @@ def run_sample(args) -> int:
     import logging
 
     from difflab.devices import pick_device
-    from difflab.errors import ConfigError
     from difflab.images import make_grid, save_png
     from difflab.models.scratch_model import ScratchModel
 
-    for name in ("count", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    check_at_least_one(args)
     model = ScratchModel.load(args.model, device=pick_device(args.device))
     images = model.generate(args.count, args.steps, seed=args.seed, batch_size=args.batch_size, progress=True)
     settings = {"model": str(args.model), "sampler": "naive", "steps": args.steps, "seed": args.seed,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from difflab.config import SET_BY_BASE, TrainConfig, add_config_flags, apply_flags, flag_of, given_flags, load_config
+from difflab.cli.options import add_run_options
+from difflab.config import TrainConfig, add_config_flags, apply_flags, flag_of, given_flags, load_config
 from difflab.errors import ConfigError
 
 
@@ -15,10 +16,7 @@ def add_parser(subparsers) -> None:
         description="Train a diffusion model. Settings come from the defaults, then --config FILE.toml, "
                     "then the flags below; the resolved settings are saved as config.toml in the run folder.",
     )
-    p.add_argument("--out", type=Path, help="run folder (default: runs/DATA-MODEL)")
-    p.add_argument("--config", type=Path, help="TOML file of settings (for example a run's config.toml)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+    add_run_options(p, "runs/DATA-MODEL")
     add_config_flags(p)
     p.set_defaults(run=run)
 
@@ -49,9 +47,9 @@ def check_not_set_by_base(config: TrainConfig, args) -> None:
     if not config.model.base:
         return
     given = given_flags(args)
-    for section, names in SET_BY_BASE.items():
-        for f in dataclasses.fields(getattr(config, section)):
-            if f.name in names and f"{section}.{f.name}" in given:
+    for section in dataclasses.fields(config):
+        for f in dataclasses.fields(getattr(config, section.name)):
+            if f.metadata["set_by_base"] and f"{section.name}.{f.name}" in given:
                 raise ConfigError(f"{flag_of(f)} cannot be set when fine-tuning: the model given with --from "
                                   "decides it")
 

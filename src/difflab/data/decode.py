@@ -120,13 +120,23 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
-def image_to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    """uint8 array [channels, size, size]."""
-    arr = np.asarray(resize_center_crop(to_mode(img, channels), size), dtype=np.uint8)
+def to_array(img: Image.Image) -> np.ndarray:
+    """uint8 array [channels, height, width] of an 'L' or 'RGB' image."""
+    arr = np.asarray(img, dtype=np.uint8)
     # a plain (C-ordered) copy: a transposed view would carry a channels-last layout into the batches,
     # where convolutions round differently
     return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
+def image_to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """uint8 array [channels, size, size]."""
+    return to_array(resize_center_crop(to_mode(img, channels), size))
+
+
 def read_image_array(path: str | Path, size: int, channels: int) -> np.ndarray:
     return image_to_array(open_image(path), size, channels)
+
+
+def read_whole_image(path: str | Path, channels: int) -> np.ndarray:
+    """uint8 array [channels, height, width] at the file's own size (a guidance reference image)."""
+    return to_array(to_mode(open_image(path), channels))

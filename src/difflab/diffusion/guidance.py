@@ -172,18 +172,16 @@ def clip_guidance(prompt: str, clip: ClipScorer | None, scale: float = DEFAULT_C
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """An image file -> [3, H, W] in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file -> [3, H, W] in [0, 1], through the decoder training data goes through (its format
+    allow-list, pixel limit and colour handling)."""
+    from difflab.data.decode import UnreadableImage, read_whole_image
 
     try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise GuidanceError(f"cannot read the guidance image {str(path)!r} ({type(e).__name__}); "
-                            "give a PNG or JPEG file") from None
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
+        pixels = read_whole_image(path, channels=3)
+    except UnreadableImage as e:
+        raise GuidanceError(f"cannot read the guidance image {str(path)!r} ({e}); "
+                            "give a PNG, JPEG, WebP, BMP or GIF file") from None
+    return torch.from_numpy(pixels).float() / 255
 
 
 def image_guidance(image: str | Path | torch.Tensor, clip: ClipScorer | None, scale: float = DEFAULT_IMAGE_SCALE,

@@ -33,7 +33,7 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset((16, 32), (False, False), 1, norm_groups=8, mid_attention=False,
-                   about="for tests: a few thousand parameters"),
+                   about="for tests: 0.16 M parameters"),
     "small": Preset((32, 64, 64), (False, False, False), 1, mid_attention=False,
                     about="attention-free, for CPU work: learns MNIST-sized data in minutes (1.0 M parameters)"),
     "medium": Preset((64, 128, 256, 256), (False, False, True, True), 2,

@@ -20,7 +20,7 @@ import torch
 from difflab.config import SCRATCH_SAMPLE_STEPS
 from difflab.diffusion.sampling import image_generators
 from difflab.errors import ModelError
-from difflab.files import read_json_object
+from difflab.files import atomic_folder, local_model_folder, read_json_object
 from difflab.models.presets import check_image_size
 from difflab.models.scratch import BasicUNet, sample
 from difflab.progress import progress_bar
@@ -90,8 +90,6 @@ class ScratchModel:
         """Write the model folder; an existing one is replaced only once the new one is complete."""
         from safetensors.torch import save_file
 
-        from difflab.pipelines.folder import atomic_folder
-
         folder = Path(folder)
         with atomic_folder(folder) as partial:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
@@ -105,8 +103,6 @@ class ScratchModel:
         """A folder written by `difflab scratch train` (or the run folder that holds it)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-
-        from difflab.pipelines.folder import local_model_folder
 
         folder = local_model_folder(spec)
         if not (folder / INFO_FILE).is_file():

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from difflab.errors import ModelError
-from difflab.files import read_json_object, safetensors_os_error
+from difflab.files import atomic_folder, local_model_folder, read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
-from difflab.testhooks import pause_point  # test-only: a no-op unless a crash test asks to stop there
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
@@ -59,41 +55,7 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
     return folder
 
 
-@contextmanager
-def atomic_folder(folder: Path) -> Iterator[Path]:
-    """A hidden sibling folder to write into, which replaces `folder` only once the block completes: a
-    crash or a failed write never leaves half a model, and the old one stays until then."""
-    partial = folder.with_name(f".{folder.name}.partial")
-    previous = folder.with_name(f".{folder.name}.previous")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    pause_point("model:assembled")
-    if folder.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        folder.rename(previous)
-        pause_point("model:moved-aside")
-    partial.rename(folder)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 # ---- loading ---------------------------------------------------------------------------------------
-
-def local_model_folder(spec: str | Path) -> Path:
-    """A local model folder, or the model/ of a run folder."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if (path / "config.toml").is_file() and (path / "model").is_dir():
-            return path / "model"  # a run folder
-        return path
-    if path.exists():
-        raise ModelError(f"{spec} is a file; give the model folder that holds it")
-    raise ModelError(f"model folder {spec} does not exist")
-
 
 def resolve_model_folder(spec: str | Path, allow_pickle: bool = False) -> Path:
     """A local model folder (or a run folder's model/), or a Hub id fetched into the HF cache."""

@@ -27,9 +27,6 @@ class Budget:
                  seconds / self.seconds if self.seconds else 0.0]
         return min(1.0, max(parts))
 
-    def done(self, step: int, epochs: float, seconds: float) -> bool:
-        return self.fraction(step, epochs, seconds) >= 1.0
-
 
 def lr_factor(step: int, fraction: float, warmup_steps: int, schedule: str) -> float:
     """Linear warmup over `warmup_steps`, then constant or a cosine decay to zero over the budget."""

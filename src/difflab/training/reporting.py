@@ -11,20 +11,25 @@ import torch
 from difflab.config import to_dict
 from difflab.errors import ConfigError, TrainingError
 
+# What each statistic of a step (training.steps.StepStats) is called in an error message, in the
+# order they are checked.
+STATISTICS = {"loss": "the loss", "grad_norm": "the gradients' norm"}
 
-def finite_losses(losses: list[torch.Tensor], last_step: int, advice: Callable[[], str],
-                  names: tuple[str, ...] = ("the loss",)) -> torch.Tensor:
-    """The losses of the steps up to `last_step` as a CPU tensor. Each step's entry is its loss, or a
-    tensor of the figures `names` describes (loss first, then e.g. the gradients' norm). If a figure
-    is not finite, stop before a diverged model is logged or saved: a TrainingError names the figure
-    and its step, then says `advice()`."""
-    values = torch.stack(losses).float().cpu().reshape(len(losses), -1) if losses else torch.zeros(0, len(names))
+
+def finite_losses(stats: list, last_step: int, advice: Callable[[], str]) -> torch.Tensor:
+    """The losses of the steps up to `last_step` as a CPU tensor, from each step's StepStats. If a
+    statistic is not finite, stop before a diverged model is logged or saved: a TrainingError names
+    the statistic and its step, then says `advice()`."""
+    if not stats:
+        return torch.zeros(0)
+    names = [name for name in STATISTICS if getattr(stats[0], name) is not None]
+    values = torch.stack([torch.stack([getattr(s, name).float() for name in names]) for s in stats]).cpu()
     bad = (~torch.isfinite(values)).nonzero()
     if len(bad):
         row, column = bad[0].tolist()
         step = last_step - len(values) + row + 1
-        raise TrainingError(f"{names[column]} became {values[row, column].item()} at step {step} and training "
-                            f"stopped; {advice()}")
+        raise TrainingError(f"{STATISTICS[names[column]]} became {values[row, column].item()} at step {step} and "
+                            f"training stopped; {advice()}")
     return values[:, 0]
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shutil
@@ -36,11 +37,15 @@ class RunFolder:
         return self.samples / f"step_{step:06d}.png"
 
     def save_samples(self, grid, step: int, settings: dict, metrics: MetricsLog) -> Path:
-        """samples/step_NNNNNN.png (with its settings in the PNG), and loss.png redrawn with it."""
+        """samples/step_NNNNNN.png (with its settings in the PNG), and loss.png redrawn with it. Both loops
+        write their grids here. A failed write is an OSError naming the file that was being written."""
         from difflab.images import save_png
 
-        path = save_png(grid, self.sample_path(step), settings)
-        self.plot_loss(metrics)
+        path = self.sample_path(step)
+        with _naming(path):
+            save_png(grid, path, settings)
+        with _naming(self.loss_plot):
+            self.plot_loss(metrics)
         return path
 
     def plot_loss(self, metrics: MetricsLog) -> None:
@@ -87,6 +92,15 @@ class RunFolder:
                     "make it writable or choose another --out"
                 ) from None
         return checkpoint
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """OSErrors raised inside name `path` (not a hidden partial file or the folder that refused it)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _leftover(path: Path) -> bool:

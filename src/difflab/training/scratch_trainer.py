@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,12 +26,17 @@ from difflab.models.scratch import train
 from difflab.models.scratch_model import ScratchInfo, ScratchModel, check_scratch_image_size
 from difflab.progress import progress_bar
 from difflab.training.budget import Budget
-from difflab.training.reporting import finite_losses, show_progress
+from difflab.training.reporting import show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
+from difflab.training.steps import StepLog, StepStats, TrainState
 
 
 class ScratchTrainer:
-    def __init__(self, config: ScratchConfig, out: str | Path, *, overwrite: bool = False):
+    """Set up like the real trainer (settings and data, run folder, model, batch stream and noise, the
+    bookkeeping of steps); `clock` (seconds) measures training time, and tests inject one."""
+
+    def __init__(self, config: ScratchConfig, out: str | Path, *, overwrite: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
         config.validate()
         self.device = pick_device(config.run.device)
         d = config.data
@@ -48,23 +53,31 @@ class ScratchTrainer:
         self.model.net.to(self.device)
         self.stream = BatchStream(data, config.optim.batch_size, seed=config.run.seed, flip=d.flip)
         self.noise_rng = torch.Generator().manual_seed(config.run.seed * 7919)
-        self.budget = Budget.from_config(config.run)
+        self.steps = StepLog(Budget.from_config(config.run), config.optim.batch_size, clock)
         self.metrics = MetricsLog(self.run.metrics)
-        self.step, self.seconds = 0, 0.0  # seconds of training; sample grids are not counted
-        self.losses: list[torch.Tensor] = []  # since the last metrics row
-        self.window_start, self.window_seconds = 0, 0.0
-        self.step_started = 0.0
+
+    @property
+    def state(self) -> TrainState:
+        return self.steps.state
 
     def fraction_done(self) -> float:
-        return self.budget.fraction(self.step, self.stream.epochs_done, self.seconds)
+        return self.steps.fraction_done(self.stream.epochs_done)
 
     # ---- the loop: difflab.scratch.train, fed and watched from here ----------------------------------
-    def fit(self) -> Path:
-        self.bar = progress_bar(total=self.budget.steps, unit="step", desc="training (BasicUNet)")
+    def fit(self, after_step: Callable[[TrainState], None] | None = None) -> Path:
+        """Train until the budget is used, then write the last grid and the model. `after_step(state)`
+        runs after each step and what it writes; a KeyboardInterrupt there (or Ctrl-C) keeps the model."""
+        self.bar = progress_bar(total=self.steps.budget.steps, unit="step", desc="training (BasicUNet)")
+
+        def on_step(step: int, loss: torch.Tensor) -> None:
+            self.count_step(loss)
+            if after_step is not None:
+                after_step(self.state)
+
         try:
             with self.bar:
                 train(self.model.net, self.batches(), lr=self.config.optim.lr, generator=self.noise_rng,
-                      on_step=self.on_step)
+                      on_step=on_step)
         except KeyboardInterrupt:
             self.save_model()  # keep what was learnt: the run cannot be resumed, but its model can be sampled
             raise
@@ -74,18 +87,15 @@ class ScratchTrainer:
     def batches(self) -> Iterator[torch.Tensor]:
         """Training images in [0, 1] on the device, until the budget is used."""
         while self.fraction_done() < 1.0:
-            self.step_started = time.perf_counter()
+            self.steps.start_step()
             images = next(self.stream)["images"]
             yield ((images + 1) / 2).to(self.device)
 
-    def on_step(self, step: int, loss: torch.Tensor) -> None:
-        elapsed = time.perf_counter() - self.step_started
-        self.step, self.seconds = step, self.seconds + elapsed
-        self.window_seconds += elapsed
-        self.losses.append(loss)
+    def count_step(self, loss: torch.Tensor) -> None:
+        """The step the teaching loop just took: counted, then its metrics row and grid if due."""
+        self.steps.end_step(StepStats(loss=loss))
         self.bar.update()
-        finished = self.fraction_done() >= 1.0
-        run = self.config.run
+        run, step, finished = self.config.run, self.state.step, self.fraction_done() >= 1.0
         if step % run.log_every == 0 or finished:
             self.log()
         if run.sample_every and step % run.sample_every == 0 and not finished:
@@ -94,27 +104,21 @@ class ScratchTrainer:
     # ---- what the loop writes ----------------------------------------------------------------------
     def log(self) -> None:
         lr = self.config.optim.lr
-        values = finite_losses(self.losses, self.step,
-                               lambda: f"lower --lr (now {lr}) and run again with --overwrite")
-        loss = values.mean().item()
-        images_per_s = (self.step - self.window_start) * self.config.optim.batch_size / max(self.window_seconds, 1e-9)
-        show_progress(self.bar, loss, images_per_s, step=self.step, fraction_done=self.fraction_done(),
-                      step_budget=self.budget.steps)
-        self.metrics.append({
-            "step": self.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": lr,
-            "images_per_s": images_per_s, "seconds": round(self.seconds, 2),
-        })
-        self.losses, self.window_start, self.window_seconds = [], self.step, 0.0
+        row = self.steps.row(self.stream.epochs_done, lr,
+                             lambda: f"lower --lr (now {lr}) and run again with --overwrite")
+        show_progress(self.bar, row["loss"], row["images_per_s"], step=self.state.step,
+                      fraction_done=self.fraction_done(), step_budget=self.steps.budget.steps)
+        self.metrics.append(row)
 
     def write_samples(self) -> None:
         run = self.config.run
         images = self.model.generate(run.sample_count, run.sample_steps, seed=0)
-        settings = {"step": self.step, "sampler": "naive", "steps": run.sample_steps, "seed": 0}
-        self.run.save_samples(make_grid(images), self.step, settings, self.metrics)
+        settings = {"step": self.state.step, "sampler": "naive", "steps": run.sample_steps, "seed": 0}
+        self.run.save_samples(make_grid(images), self.state.step, settings, self.metrics)
 
     def save_model(self) -> Path:
-        self.model.info.training.update(steps=self.step, images_seen=self.step * self.config.optim.batch_size,
-                                        minutes=round(self.seconds / 60, 2), device=str(self.device))
+        self.model.info.training.update(steps=self.state.step, images_seen=self.state.images_seen,
+                                        minutes=round(self.state.seconds / 60, 2), device=str(self.device))
         return self.model.save(self.run.model)
 
 

@@ -10,36 +10,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from difflab import testhooks
 from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
+from difflab.devices import auto_precision
 from difflab.diffusion.generate import generate, row_labels
 from difflab.errors import DataError, TrainingError
-from difflab.images import make_grid, save_png
+from difflab.images import make_grid
 from difflab.models.build import build_model
+from difflab.models.model import DiffusionModel
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
 from difflab.training import checkpoints, finetune
 from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
-from difflab.training.reporting import TRACKER_FOLDER, check_tracker, finite_losses, flat_settings, show_progress
+from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
+from difflab.training.steps import StepLog, StepStats, TrainState
 
 log = logging.getLogger("difflab")
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    images_seen: int = 0
-    seconds: float = 0.0  # time spent training; sample grids are not counted
 
 
 def resolve_data_settings(config: TrainConfig, data: ImageDataset) -> TrainConfig:
@@ -49,14 +45,8 @@ def resolve_data_settings(config: TrainConfig, data: ImageDataset) -> TrainConfi
 
 
 def mixed_precision(choice: str, device: str = "auto") -> str:
-    """auto: bf16 where the hardware runs it fast (recent GPUs; CPUs with AMX, where it measured twice
-    as fast as fp32), fp16 on older GPUs, full precision elsewhere."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available() and device != "cpu":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if amx else "no"
+    """auto: what runs fast on the device (devices.auto_precision); otherwise the choice itself."""
+    return auto_precision(device) if choice == "auto" else choice
 
 
 def make_accelerator(config: TrainConfig, out: str | Path | None = None):
@@ -67,6 +57,8 @@ def make_accelerator(config: TrainConfig, out: str | Path | None = None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    # private API, but the only way to a second run with other settings in one process (pinned by
+    # tests/test_training.py::test_one_process_trains_runs_of_different_precisions)
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     trackers = {}
@@ -76,62 +68,131 @@ def make_accelerator(config: TrainConfig, out: str | Path | None = None):
                        mixed_precision=mixed_precision(config.optim.precision, config.run.device), **trackers)
 
 
-class Trainer:
-    def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False):
-        from diffusers.training_utils import EMAModel
+@dataclass
+class MicroBatch:
+    """One micro-batch on the device with what its forward pass needs: the images, their class labels
+    (some dropped to the null class, for guidance), the noise and a timestep per image."""
 
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def settle_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset, DiffusionModel | None]:
+    """The run's complete settings, its data and (fine-tuning) the pretrained model. They are decided
+    together: the data fills in the image size and channels left to it; with --from, the pretrained
+    model decides the network, schedule, image size and channels, and the data is fitted to it."""
+    if config.model.base:
+        return fine_tuning_settings(config)
+    d = config.data
+    data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict, d.memory_limit_mb)
+    if config.model.conditioning == "class" and not data.has_labels:
+        raise DataError(f"--conditioning class needs labelled data, and {d.spec} has no labels "
+                        "(put each class's images in its own sub-folder)")
+    return resolve_data_settings(config, data), data, None
+
+
+def fine_tuning_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset, DiffusionModel]:
+    base = finetune.load_base(config)
+    settled = finetune.settings_from_base(config, base)
+    d = settled.data
+    data = open_dataset(d.spec, d.image_size, None, d.split, d.strict, d.memory_limit_mb)  # its own channels
+    data = finetune.fit_data(data, settled)
+    return resolve_data_settings(settled, data), data, finetune.fine_tuned(base, settled, data)
+
+
+class Trainer:
+    """Set up in the order a reader follows: the settings and data, the run folder, the model, what
+    the run reports, the optimizer, the batch stream and noise, and the checkpoint to resume from.
+    `clock` (seconds) measures training time for --minutes and images/s; tests inject one."""
+
+    def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
         config.validate()
         check_tracker(config.run.log_with)
-        self.accelerator = acc = make_accelerator(config, out)
-        base = None
-        if config.model.base:  # fine-tuning: the model decides the network, schedule, size and channels
-            base = finetune.load_base(config)
-            config = finetune.settings_from_base(config, base)
-        d = config.data
-        data = open_dataset(d.spec, d.image_size, None if base else d.channels, d.split, d.strict, d.memory_limit_mb)
-        if base:
-            data = finetune.fit_data(data, config)
-            base = finetune.fine_tuned(base, config, data)
-        conditional = config.model.conditioning == "class"
-        if conditional and not base and not data.has_labels:  # fine_tuned checks a base model's
-            raise DataError(f"--conditioning class needs labelled data, and {d.spec} has no labels "
-                            "(put each class's images in its own sub-folder)")
-        self.config = config = resolve_data_settings(config, data)
+        self.accelerator = make_accelerator(config, out)
+        self.config, data, base = settle_settings(config)
         self.run = RunFolder(out)
-        checkpoint = self.run.prepare(config, resume=resume, overwrite=overwrite, write=acc.is_main_process,
-                                      barrier=acc.wait_for_everyone)
-        acc.wait_for_everyone()
-
-        self.model = base or build_model(config.model, data.image_size, data.channels, data.source, config.run.seed,
-                                         data.class_names if conditional else None)
-        if config.run.log_with and acc.is_main_process:
-            acc.init_trackers("difflab", config=flat_settings(config),
-                              init_kwargs={"wandb": {"name": self.run.root.name, "dir": str(self.run.root)}})
-        self.evaluator = None
-        self.last_evaluation: dict | None = None
-        if config.run.eval_every and acc.is_main_process:
-            from difflab.metrics.evaluate import Evaluator
-
-            self.evaluator = Evaluator.for_data(d.spec, data.image_size, data.channels)
-        self.model.info.training = {"images": len(data)}
-        if config.model.preset != finetune.BASE_PRESET:
-            self.model.info.training["preset"] = config.model.preset
-        if conditional:
-            self.model.info.training["cond_dropout"] = config.model.cond_dropout
-        denoiser = self.model.denoiser.to(acc.device)
-        self.params = [p for p in denoiser.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        self.ema = EMAModel(self.params, decay=config.optim.ema_decay, foreach=True) if config.optim.ema_decay else None
-        self.stream = BatchStream(data, config.optim.batch_size, seed=config.run.seed, flip=d.flip,
-                                  rank=acc.process_index, world_size=acc.num_processes)
-        self.noise_rng = torch.Generator().manual_seed(config.run.seed * 7919 + acc.process_index)
-        self.state = TrainState()
+        checkpoint = self.prepare_run_folder(resume=resume, overwrite=overwrite)
+        self.model = base or self.new_model(data)
+        self.describe_training(data)
+        self.start_reporting(data)
+        self.params, self.optimizer, self.ema = self.make_optimizer()
+        self.stream, self.noise_rng = self.data_order(data)
+        self.steps = StepLog(Budget.from_config(self.config.run), self.images_per_step, clock)
         self.lr = 0.0  # the learning rate of the latest step
-        self.budget = Budget.from_config(config.run)
-        self.metrics = MetricsLog(self.run.metrics)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
-        self.denoiser, self.optimizer = acc.prepare(denoiser, self.optimizer)
+        # accelerate's wrapper (DDP across processes) syncs the gradients, so the training forward pass goes
+        # through it; everything else (samples, checkpoints, the saved model) uses self.model.denoiser, the
+        # same module with the same weights.
+        self.synced_denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, self.optimizer)
+
+    # ---- set-up, in the order __init__ runs it -------------------------------------------------------
+    def prepare_run_folder(self, *, resume: bool, overwrite: bool) -> Path | None:
+        """Check the folder may hold this run and write its config.toml (main process only); returns the
+        checkpoint to resume from, if any."""
+        acc = self.accelerator
+        checkpoint = self.run.prepare(self.config, resume=resume, overwrite=overwrite, write=acc.is_main_process,
+                                      barrier=acc.wait_for_everyone)
+        acc.wait_for_everyone()  # no process reads the folder before the main one has set it up
+        return checkpoint
+
+    def new_model(self, data: ImageDataset) -> DiffusionModel:
+        c = self.config
+        names = data.class_names if c.model.conditioning == "class" else None
+        return build_model(c.model, data.image_size, data.channels, data.source, c.run.seed, names)
+
+    def describe_training(self, data: ImageDataset) -> None:
+        """What the model card and difflab.json say about the training (completed by save_model)."""
+        training = self.model.info.training = {"images": len(data)}
+        if self.config.model.preset != finetune.BASE_PRESET:
+            training["preset"] = self.config.model.preset
+        if self.model.class_names:
+            training["cond_dropout"] = self.config.model.cond_dropout
+
+    def start_reporting(self, data: ImageDataset) -> None:
+        """metrics.csv, and on the main process the trackers of --log-with and the evaluator of --eval-every."""
+        acc, config = self.accelerator, self.config
+        self.metrics = MetricsLog(self.run.metrics)
+        self.evaluator = None
+        if not acc.is_main_process:
+            return
+        if config.run.log_with:
+            acc.init_trackers("difflab", config=flat_settings(config),
+                              init_kwargs={"wandb": {"name": self.run.root.name, "dir": str(self.run.root)}})
+        if config.run.eval_every:
+            from difflab.metrics.evaluate import Evaluator
+
+            self.evaluator = Evaluator.for_data(config.data.spec, data.image_size, data.channels)
+
+    def make_optimizer(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, object | None]:
+        """The trainable parameters (moved to the device), AdamW over them, and their moving average."""
+        from diffusers.training_utils import EMAModel
+
+        o = self.config.optim
+        self.model.denoiser.to(self.accelerator.device)
+        params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        ema = EMAModel(params, decay=o.ema_decay, foreach=True) if o.ema_decay else None
+        return params, optimizer, ema
+
+    def data_order(self, data: ImageDataset) -> tuple[BatchStream, torch.Generator]:
+        """This process's share of the batches, and its generator of noise, timesteps and label dropout."""
+        acc, seed = self.accelerator, self.config.run.seed
+        stream = BatchStream(data, self.config.optim.batch_size, seed=seed, flip=self.config.data.flip,
+                             rank=acc.process_index, world_size=acc.num_processes)
+        return stream, torch.Generator().manual_seed(seed * 7919 + acc.process_index)
+
+    # ---- where the run stands ----------------------------------------------------------------------
+    @property
+    def state(self) -> TrainState:
+        return self.steps.state
+
+    @property
+    def budget(self) -> Budget:
+        return self.steps.budget
 
     @property
     def images_per_step(self) -> int:
@@ -139,67 +200,75 @@ class Trainer:
         return o.batch_size * o.grad_accum * self.accelerator.num_processes
 
     def fraction_done(self) -> float:
-        return self.budget.fraction(self.state.step, self.stream.epochs_done, self.state.seconds)
+        return self.steps.fraction_done(self.stream.epochs_done)
 
     # ---- the loop --------------------------------------------------------------------------------
-    def fit(self) -> Path:
-        run = self.config.run
-        main = self.accelerator.is_main_process
-        bar = progress_bar(total=self.budget.steps, initial=self.state.step, unit="step", desc="training", enabled=main)
-        losses: list[torch.Tensor] = []  # since the last log row, kept on the device
-        window_start, window_seconds = self.state.step, 0.0
+    def fit(self, after_step: Callable[[TrainState], None] | None = None) -> Path:
+        """Train until the budget is used; then the last checkpoint, samples, evaluation and the model.
+        `after_step(state)` runs after each step and what it writes (a notebook's or a test's hook): a
+        KeyboardInterrupt raised there stops the run as Ctrl-C does, with a checkpoint."""
+        bar = progress_bar(total=self.budget.steps, initial=self.state.step, unit="step", desc="training",
+                           enabled=self.accelerator.is_main_process)
         try:
             while self.fraction_done() < 1.0:
-                started = time.perf_counter()
-                losses.append(self.train_step())
-                self.state.step += 1
-                self.state.images_seen += self.images_per_step
-                elapsed = time.perf_counter() - started
-                self.state.seconds += elapsed
-                window_seconds += elapsed
-                step, finished = self.state.step, self.fraction_done() >= 1.0
+                self.steps.start_step()
+                self.steps.end_step(self.train_step(self.next_micro_batches()))
                 bar.update()
-                if step % run.log_every == 0 or finished:
-                    images_per_s = (step - window_start) * self.images_per_step / max(window_seconds, 1e-9)
-                    self.log(losses, images_per_s, bar)
-                    losses, window_start, window_seconds = [], step, 0.0
-                if run.checkpoint_every and step % run.checkpoint_every == 0 and not finished:
-                    self.save_checkpoint(losses)
-                if run.sample_every and step % run.sample_every == 0 and not finished:
-                    self.write_samples()
-                if run.eval_every and step % run.eval_every == 0 and not finished:
-                    self.evaluate()
+                self.write_what_is_due(bar)
+                if after_step is not None:
+                    after_step(self.state)
         except KeyboardInterrupt:
             bar.close()
-            self.save_checkpoint(losses)
+            self.save_checkpoint()
             raise
         bar.close()
-        self.save_checkpoint(losses)
+        self.save_checkpoint()
         self.write_samples()
-        if run.eval_every:
+        if self.config.run.eval_every:
             self.evaluate()
         return self.save_model()
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and the gradients'
-        norm (on the device, checked by `check_finite`)."""
+    def write_what_is_due(self, bar) -> None:
+        """The metrics row, checkpoint, sample grid and evaluation due at this step (the last step's are
+        written by fit)."""
+        run, step, finished = self.config.run, self.state.step, self.fraction_done() >= 1.0
+        if step % run.log_every == 0 or finished:
+            self.log(bar)
+        if finished:
+            return
+        if run.checkpoint_every and step % run.checkpoint_every == 0:
+            self.save_checkpoint()
+        if run.sample_every and step % run.sample_every == 0:
+            self.write_samples()
+        if run.eval_every and step % run.eval_every == 0:
+            self.evaluate()
+
+    def next_micro_batches(self) -> list[MicroBatch]:
+        """The next optimizer step's `grad_accum` micro-batches, in the run's data order and noise."""
+        return [self.micro_batch(next(self.stream)) for _ in range(self.config.optim.grad_accum)]
+
+    def micro_batch(self, batch: dict) -> MicroBatch:
+        images = batch["images"].to(self.accelerator.device, non_blocking=True)
+        labels = self.training_labels(batch)
+        noise, timesteps = self.draw_noise(images)
+        return MicroBatch(images, labels, noise, timesteps)
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> StepStats:
+        """One optimizer step over the micro-batches (their mean loss); the statistics stay on the device."""
         o, acc = self.config.optim, self.accelerator
         schedule = self.model.noise_schedule
+        count = len(micro_batches)
         total = torch.zeros((), device=acc.device)
-        for micro in range(o.grad_accum):
-            batch = next(self.stream)
-            x0 = batch["images"].to(acc.device, non_blocking=True)
-            labels = self.training_labels(batch)
-            noise, t = self.draw_noise(x0)
-            x_t = schedule.add_noise(x0, noise, t)
-            last = micro == o.grad_accum - 1
-            with nullcontext() if last else acc.no_sync(self.denoiser):
+        for i, b in enumerate(micro_batches):
+            x_t = schedule.add_noise(b.images, b.noise, b.timesteps)
+            last = i == count - 1
+            with nullcontext() if last else acc.no_sync(self.synced_denoiser):  # gradients sync once per step
                 with acc.autocast():
-                    prediction = self.denoiser(x_t, t, labels)
-                weights = min_snr_weights(schedule, t, o.min_snr_gamma) if o.min_snr_gamma else None
-                loss = diffusion_loss(prediction, prediction_target(schedule, x0, noise, t), weights)
-                acc.backward(loss / o.grad_accum)
-            total += loss.detach() / o.grad_accum
+                    prediction = self.synced_denoiser(x_t, b.timesteps, b.labels)
+                weights = min_snr_weights(schedule, b.timesteps, o.min_snr_gamma) if o.min_snr_gamma else None
+                loss = diffusion_loss(prediction, prediction_target(schedule, b.images, b.noise, b.timesteps), weights)
+                acc.backward(loss / count)  # accelerate leaves the mean over micro-batches to us
+            total += loss.detach() / count
         grad_norm = self.gradient_norm(o.clip_grad)
         self.lr = o.lr * lr_factor(self.state.step, self.fraction_done(), o.warmup_steps, o.lr_schedule)
         for group in self.optimizer.param_groups:
@@ -208,7 +277,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        return torch.stack([total, grad_norm])
+        return StepStats(loss=total, grad_norm=grad_norm)
 
     def draw_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian noise like `x0` and a random timestep per image, from the run's noise generator."""
@@ -242,23 +311,16 @@ class Trainer:
         return labels.to(self.accelerator.device)
 
     # ---- what the loop writes ----------------------------------------------------------------------
-    def check_finite(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """Stop before a diverged model is logged or saved, naming the step where it went wrong.
-        `losses` holds train_step's (loss, gradient norm) pairs; returns the losses."""
-        def advice() -> str:
-            return (f"{checkpoints.last_good(self.run.checkpoints)}: lower --lr (now {self.config.optim.lr}), "
-                    "lengthen --warmup-steps or set --clip-grad, then run again with --resume")
+    def divergence_advice(self) -> str:
+        """What to do when the loss or the gradients stop being numbers."""
+        return (f"{checkpoints.last_good(self.run.checkpoints)}: lower --lr (now {self.config.optim.lr}), "
+                "lengthen --warmup-steps or set --clip-grad, then run again with --resume")
 
-        return finite_losses(losses, self.state.step, advice, names=("the loss", "the gradients' norm"))
-
-    def log(self, losses: list[torch.Tensor], images_per_s: float, bar) -> None:
-        values = self.check_finite(losses)
-        loss = values.mean().item()
-        show_progress(bar, loss, images_per_s, step=self.state.step, fraction_done=self.fraction_done(),
+    def log(self, bar) -> None:
+        row = self.steps.row(self.stream.epochs_done, self.lr, self.divergence_advice)
+        show_progress(bar, row["loss"], row["images_per_s"], step=self.state.step, fraction_done=self.fraction_done(),
                       step_budget=self.budget.steps)
         if self.accelerator.is_main_process:
-            row = {"step": self.state.step, "epoch": round(self.stream.epochs_done, 4), "loss": loss, "lr": self.lr,
-                   "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2)}
             with self.writing(self.run.metrics):
                 self.metrics.append(row)
             self.track(row)
@@ -269,14 +331,15 @@ class Trainer:
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     @contextmanager
-    def writing(self, path: Path):
-        """A failed write (a full disk, a read-only folder) stops training with one line that says what
-        to do; checkpoints.save_checkpoint reports its own."""
+    def writing(self, path: Path | None = None):
+        """A failed write (a full disk, a read-only folder) stops training with one line that names `path`
+        (default: the file the error names) and says what to do; checkpoints.save_checkpoint reports its own."""
         try:
             yield
         except OSError as e:
             raise TrainingError(
-                f"could not write {path} ({e.strerror or e}); {checkpoints.last_good(self.run.checkpoints)}: "
+                f"could not write {path or e.filename} ({e.strerror or e}); "
+                f"{checkpoints.last_good(self.run.checkpoints)}: "
                 "free some disk space or make the run folder writable, then run again with --resume"
             ) from None
 
@@ -294,12 +357,13 @@ class Trainer:
             self.ema.restore(self.params)
 
     def write_samples(self) -> None:
+        """A grid at fixed seeds from the moving-average weights: one row per class for a conditional model."""
         if not self.accelerator.is_main_process:
             return
         run = self.config.run
         names = self.model.class_names
         labels = columns = None
-        if names:  # one row per class
+        if names:
             columns = max(1, -(-run.sample_count // len(names)))
             labels = row_labels(len(names), columns)
         with self.ema_weights():
@@ -309,11 +373,8 @@ class Trainer:
         settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
         if names:
             settings["cfg_scale"] = run.sample_cfg_scale
-        grid = self.run.sample_path(self.state.step)
-        with self.writing(grid):
-            save_png(make_grid(images, columns, names), grid, settings)
-        with self.writing(self.run.loss_plot):
-            self.run.plot_loss(self.metrics)
+        with self.writing():
+            self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
 
     def evaluate(self) -> dict | None:
         """Fréchet distance and class accuracy of the moving-average model, logged to metrics.csv."""
@@ -331,13 +392,12 @@ class Trainer:
             self.metrics.append(row)
         self.track(row)
         log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
-        self.last_evaluation = result
         return result
 
-    def save_checkpoint(self, pending_losses: list[torch.Tensor]) -> None:
+    def save_checkpoint(self) -> None:
         from accelerate.utils import gather_object
 
-        self.check_finite(pending_losses)
+        self.steps.check_finite(self.divergence_advice)  # never save a diverged model
         noise_states = gather_object([self.noise_rng.get_state()])
         if not self.accelerator.is_main_process:
             return
@@ -370,7 +430,7 @@ class Trainer:
         if noise_state is not None:
             self.noise_rng.set_state(noise_state)
         self.stream.load_state_dict(state["data"])
-        self.state = TrainState(**state["train"])
+        self.steps.resume(TrainState(**state["train"]))
         if self.accelerator.is_main_process:
             self.metrics.truncate_after(self.state.step)
         log.info("resuming from %s (step %d)", path, self.state.step)
@@ -386,16 +446,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return self.run.model
 
-
-def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          clock: Callable[[], float] = time.perf_counter) -> Path:
     """Train a model; returns the folder of the saved model."""
-    testhooks.watch_writes(out)
-    trainer = Trainer(config, out, resume=resume, overwrite=overwrite)
+    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock)
     try:
         model_dir = trainer.fit()
     finally:
         trainer.stream.close()  # stops the processes that read a large folder ahead
         if config.run.log_with:
             trainer.accelerator.end_training()  # flushes and closes the trackers
-    testhooks.report(trainer)
     return model_dir
