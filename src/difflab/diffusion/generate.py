@@ -90,7 +90,7 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
                     after_step=begin.after_step)
         images = decode(x) if decode is not None else x
         if safety_check and model.safety_checker is not None:
-            from difflab.pipelines.safety import black_out_flagged
+            from difflab.models.safety import black_out_flagged
 
             images = black_out_flagged(model, images)
         out.append(to_unit_range(images).float().cpu())
