@@ -105,3 +105,16 @@ def test_samplers_start_from_the_noisiest_timestep(model):
 def test_unknown_sampler():
     with pytest.raises(ConfigError, match="unknown sampler 'dpm3'; choose one of: ddpm, ddim, dpm"):
         make_sampler("dpm3", {})
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_draws_nearly_the_same_images(model):
+    dtypes = []
+    hook = model.unet.conv_in.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    try:
+        exact = generate(model, 4, sampler="dpm++2m", steps=6, seed=2)
+        fast = generate(model, 4, sampler="dpm++2m", steps=6, seed=2, precision="bf16")
+    finally:
+        hook.remove()
+    assert dtypes[0] == torch.float32 and dtypes[-1] == torch.bfloat16
+    assert fast.dtype == torch.float32 and not torch.equal(exact, fast)
+    assert (exact - fast).abs().mean() < 0.02

@@ -82,6 +82,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out-dir", type=Path, help="also write each image as its own PNG here")
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="auto (default): bf16 where the device runs it fast (recent GPUs; CPUs with AMX or "
+                        "AVX-512 BF16: twice as fast, images alike within what the seed moves), else full "
+                        "precision; no: always fp32")
     add_model_loading(p)
     p.set_defaults(run=run)
 
@@ -142,7 +146,7 @@ def run(args) -> int:
                       cfg_scale=args.cfg_scale, image=args.image, mask=args.mask, depth=args.depth,
                       strength=args.strength, noise_level=args.noise_level, width=args.width, height=args.height,
                       guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True,
-                      safety_check=not args.no_safety_checker)
+                      safety_check=not args.no_safety_checker, precision=args.precision)
     if per_image_prompts and len(set(per_image_prompts)) == 1:
         settings["prompt"] = per_image_prompts[0]
     save_png(make_grid(images, columns or args.columns, names), args.out, {**settings, "count": len(images)})

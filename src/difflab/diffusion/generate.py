@@ -50,7 +50,7 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
              cfg_scale: float | None = None, image=None, mask=None, depth=None, strength: float | None = None,
              noise_level: int | None = None, width: int | None = None, height: int | None = None,
              guidance: Sequence[GuidanceTerm] = (), guidance_mode: str = "fast", batch_size: int = 64,
-             progress: bool = False, safety_check: bool = True) -> torch.Tensor:
+             progress: bool = False, safety_check: bool = True, precision: str = "no") -> torch.Tensor:
     """`count` images as a float tensor [count, C, H, W] in [0, 1] on the CPU.
 
     Image i depends only on seed + i and its own inputs, not on `batch_size`. Conditioning:
@@ -61,7 +61,9 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     `mask` (inpainting, white = repaint), `image` + `noise_level` (the ×4 upscaler's low-res input).
     `guidance` terms steer every image through x̂₀ (decoded, for latent models), with the gradient
     through x̂₀ only (`guidance_mode="fast"`) or through the network too ("full"). A safety checker
-    in the model's folder blacks out flagged images unless `safety_check=False`."""
+    in the model's folder blacks out flagged images unless `safety_check=False`. `precision` "bf16" or
+    "fp16" runs the networks under autocast (the samplers' arithmetic stays fp32); "auto" picks what
+    runs fast on the model's device (devices.auto_precision); "no" is exact fp32."""
     job = prepare(model, count, class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                   cfg_scale=cfg_scale, image=image, mask=mask, depth=depth, strength=strength,
                   noise_level=noise_level, width=width, height=height)
@@ -75,27 +77,51 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     bar = progress_bar(total=-(-count // batch_size) * run_length, desc=f"sampling ({sampler})",
                        enabled=progress, leave=False)
     out = []
-    for first in range(0, count, batch_size):
-        n = min(batch_size, count - first)
-        generators = image_generators(seed, n, first)
-        timesteps = run_timesteps(scheduler, steps, job.inputs.strength, model.device)
-        begin = start(model, job.inputs, generators, scheduler, timesteps)
-        conditioning, unconditional = job.conditioning(first, n, begin)
-        model_fn = counted(model_function(model, conditioning, unconditional, job.cfg_scale), bar)
-        decode = model.codec.decode if model.codec is not None else None
-        model_fn = loss_guidance(model_fn, guidance, model.noise_schedule, timesteps, guidance_mode, decode=decode)
-        if sampler in UNCLIPPED and not model.latent:
-            model_fn = clip_x0(model_fn, model.noise_schedule)
-        x = denoise(model_fn, scheduler, begin.sample, timesteps, generators=generators, eta=eta,
-                    after_step=begin.after_step)
-        images = decode(x) if decode is not None else x
-        if safety_check and model.safety_checker is not None:
-            from difflab.models.safety import black_out_flagged
-
-            images = black_out_flagged(model, images)
-        out.append(to_unit_range(images).float().cpu())
+    with autocast(precision, model.device):
+        for first in range(0, count, batch_size):
+            out.append(generate_batch(model, job, scheduler, first, min(batch_size, count - first), bar, steps=steps,
+                                      seed=seed, eta=eta, sampler=sampler, guidance=guidance,
+                                      guidance_mode=guidance_mode, safety_check=safety_check))
     bar.close()
     return torch.cat(out)
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision for the networks, or nothing for "no"."""
+    from contextlib import nullcontext
+
+    from difflab.devices import auto_precision
+
+    if precision == "auto":
+        precision = auto_precision(device)
+    if precision not in ("no", "bf16", "fp16"):
+        raise InputError(f"unknown precision {precision!r}; choose auto, no, bf16 or fp16")
+    if precision == "no":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def generate_batch(model: DiffusionModel, job, scheduler, first: int, n: int, bar, *, steps: int, seed: int,
+                   eta: float | None, sampler: str, guidance: Sequence[GuidanceTerm], guidance_mode: str,
+                   safety_check: bool) -> torch.Tensor:
+    """Images first … first+n-1 of a request, in [0, 1] on the CPU."""
+    generators = image_generators(seed, n, first)
+    timesteps = run_timesteps(scheduler, steps, job.inputs.strength, model.device)
+    begin = start(model, job.inputs, generators, scheduler, timesteps)
+    conditioning, unconditional = job.conditioning(first, n, begin)
+    model_fn = counted(model_function(model, conditioning, unconditional, job.cfg_scale), bar)
+    decode = model.codec.decode if model.codec is not None else None
+    model_fn = loss_guidance(model_fn, guidance, model.noise_schedule, timesteps, guidance_mode, decode=decode)
+    if sampler in UNCLIPPED and not model.latent:
+        model_fn = clip_x0(model_fn, model.noise_schedule)
+    x = denoise(model_fn, scheduler, begin.sample, timesteps, generators=generators, eta=eta,
+                after_step=begin.after_step)
+    images = decode(x) if decode is not None else x
+    if safety_check and model.safety_checker is not None:
+        from difflab.models.safety import black_out_flagged
+
+        images = black_out_flagged(model, images)
+    return to_unit_range(images).float().cpu()
 
 
 __all__ = ["generate", "row_labels", "model_function", "Prepared"]
