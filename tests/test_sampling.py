@@ -118,3 +118,18 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_draws_nearly_the_same_images
     assert dtypes[0] == torch.float32 and dtypes[-1] == torch.bfloat16
     assert fast.dtype == torch.float32 and not torch.equal(exact, fast)
     assert (exact - fast).abs().mean() < 0.02
+
+
+def test_pixel_models_take_img2img_and_inpainting_through_the_same_loop(model):
+    """A pixel model starts from a noised image (img2img) or keeps the unmasked region (inpainting)."""
+    size = model.info.image_size
+    image = torch.rand(1, size, size)
+    near = generate(model, 4, sampler="ddim", steps=10, seed=0, image=image, strength=0.3)
+    far = generate(model, 4, sampler="ddim", steps=10, seed=0, image=image, strength=0.9)
+    assert (near - image).abs().mean() < (far - image).abs().mean()
+    mask = torch.zeros(1, size, size)
+    mask[:, :, size // 2:] = 1.0  # repaint the right half
+    inpainted = generate(model, 2, sampler="euler-a", steps=6, seed=1, image=image, mask=mask)
+    kept = (image * 255).round() / 255
+    assert torch.allclose(inpainted[..., : size // 2], kept[..., : size // 2].expand(2, -1, -1, -1), atol=1 / 255)
+    assert (inpainted[..., size // 2:] - kept[..., size // 2:]).abs().mean() > 0.05
