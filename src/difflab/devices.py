@@ -59,26 +59,24 @@ def cpu_precision(flags: set[str] | None, measure_speedup: Callable[[], float]) 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
     """The CPU's feature flags (Linux's /proc/cpuinfo), or None where they cannot be read."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86, ARM
-            return set(value.split())
-    return None
+    flags = cpuinfo_field(("flags", "Features"), cpuinfo)  # x86, ARM
+    return None if flags is None else set(flags.split())
 
 
 def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """The CPU's model name as the system reports it (for benchmark rows), or None."""
+    return cpuinfo_field(("model name",), cpuinfo)
+
+
+def cpuinfo_field(keys: tuple[str, ...], cpuinfo: Path) -> str | None:
+    """The first value of one of `keys` in /proc/cpuinfo, or None where it cannot be read."""
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
+        if key.strip() in keys:
             return value.strip()
     return None
 
