@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.cli.options import add_model_loading
+from difflab.cli.options import add_model_loading, check_at_least_one
 from difflab.diffusion.samplers import (
     DEFAULT_CFG_SCALE,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     DEFAULT_TEXT_CFG_SCALE,
+    GUIDANCE_MODES,
     SAMPLERS,
 )
-
-GUIDANCE_MODES = ("fast", "full")  # the same as difflab.diffusion.guidance's, without importing torch here
 
 
 def add_parser(subparsers) -> None:
@@ -104,9 +103,7 @@ def run(args) -> int:
 
     log = logging.getLogger("difflab")
     check_choice("sampler", args.sampler, SAMPLERS)
-    for name in ("count", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    check_at_least_one(args)
     if args.eta is not None and args.eta < 0:
         raise ConfigError("--eta must be 0 or more")
     if args.cfg_scale is not None and args.cfg_scale < 0:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.diffusion.predictions import alpha_bar, from_x0, to_x0
+from difflab.diffusion.samplers import GUIDANCE_MODES
 from difflab.diffusion.sampling import ModelFn
 from difflab.errors import GuidanceError
 from difflab.models.clip import ClipScorer, load_clip
@@ -51,7 +52,6 @@ DEFAULT_CLIP_SCALE = 8.0
 DEFAULT_IMAGE_SCALE = 8.0
 DEFAULT_CLASSIFIER_SCALE = 2.0
 DEFAULT_CUTS = 4
-GUIDANCE_MODES = ("fast", "full")
 REFERENCE_PIXELS = 16 * 16  # the image size at which `scale` is the plain gradient step on x̂₀
 
 

@@ -33,6 +33,8 @@ DEFAULT_STEPS = 20
 DEFAULT_CFG_SCALE = 1.5
 # Text-to-image models: Stable Diffusion's customary scale (the course's, and diffusers' default).
 DEFAULT_TEXT_CFG_SCALE = 7.5
+# Loss guidance takes its gradient through x̂₀ only (fast) or through the network too (full); see guidance.py.
+GUIDANCE_MODES = ("fast", "full")
 
 
 def make_sampler(name: str, noise_schedule_config):
