@@ -250,3 +250,26 @@ def test_depth_estimated_by_the_folders_model_equals_the_pipeline(folders, tmp_p
     again = generate(model, 2, sampler="ddim", steps=4, seed=2, prompts=PROMPTS, negative_prompt=NEGATIVE,
                      image=image, strength=1.0)
     assert_same(again.permute(0, 2, 3, 1).numpy(), reference)
+
+
+def test_the_command_draws_a_row_per_prompt_and_each_png_says_how_it_was_made(folders, tmp_path):
+    from difflab.cli import main
+    from difflab.images import png_settings
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\n\n")
+    code = main(["sample", "--model", str(folders["text"]), "--prompt", "a red circle", "--prompt-file", str(prompts),
+                 "--negative-prompt", "green", "-n", "2", "--steps", "3", "--seed", "5", "--precision", "no",
+                 "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each")])
+    assert code == 0
+    files = sorted((tmp_path / "each").iterdir())
+    assert [png_settings(f)["prompt"] for f in files] == ["a red circle"] * 2 + ["a blue square"] * 2
+    with Image.open(files[2]) as image:
+        parameters = image.info["parameters"]
+        ours_third = np.asarray(image.convert("RGB"))
+    assert parameters.splitlines()[:2] == ["a blue square", "Negative prompt: green"]
+    assert "Steps: 3, Sampler: dpm++2m, CFG scale: 7.5, Seed: 7, Size: 16x16" in parameters
+    alone = generate(load_model(folders["text"]), 1, steps=3, seed=7, prompts="a blue square", negative_prompt="green")
+    assert np.abs(ours_third / 255 - alone[0].permute(1, 2, 0).numpy()).max() <= 1 / 255  # seed 5 + 2, any batch
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.height > 2 * 64 > grid.height / 3  # two rows of 64-px cells
