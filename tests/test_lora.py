@@ -114,6 +114,11 @@ def test_add_lora_makes_only_the_adapters_trainable(files):
 
 
 def test_the_file_is_diffusers_lora_format_with_rank_and_alpha(files):
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+    from difflab.pipelines import hub
+
+    assert lora.LORA_WEIGHTS == LORA_WEIGHT_NAME_SAFE == hub.LORA_WEIGHTS  # what diffusers and difflab push look for
     path = weights_file(files["a"])
     tensors = load_file(str(path))
     assert tensors and all(k.startswith(("unet.", "text_encoder.text_model.")) and "lora" in k for k in tensors)

@@ -245,9 +245,11 @@ With difflab (`--lora-scale` is the adapter's weight: 0 gives the base model, 1 
 `--lora` to combine several LoRAs, with one weight each):
 
 ```bash
-difflab sample --model {base_model} --lora "{name}" --lora-scale {scale:g} --prompt "{quoted}" \\
-    --sampler dpm++2m --steps 20 -n 4 --seed 0 --out grid.png
+difflab sample --model {base_model} --lora "{name}" --lora-scale {scale:g} \\
+    --prompt "{quoted}" --sampler dpm++2m --steps 20 -n 4 --seed 0 --out grid.png
 ```
+
+From Python: `difflab.apply_lora(difflab.load_model("{base_model}"), "{name}", {scale:g})`, then `difflab.generate`.
 
 With plain diffusers (the same images as the difflab command above, for the same seeds):
 
