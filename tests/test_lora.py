@@ -110,7 +110,12 @@ def test_add_lora_makes_only_the_adapters_trainable(files):
     assert all(p.grad is not None for p in unet_adapters)  # every UNet adapter gets a gradient
     assert any(p.grad.abs().sum() > 0 for p in unet_adapters)
     assert all(p.grad is None for n, p in model.unet.named_parameters() if n in before)
-    assert lora.add_lora(load_model(files["base"]), rank=2) and not hasattr(plain.prompts.text_encoder, "peft_config")
+    # Without text_encoder=True the text encoder is left alone (and frozen); a rank must be a whole number ≥ 1.
+    unet_only = load_model(files["base"])
+    assert lora.add_lora(unet_only, rank=2) and set(lora.adapted_networks(unet_only)) == {"unet"}
+    assert not any(p.requires_grad for p in unet_only.prompts.text_encoder.parameters())
+    with pytest.raises(lora.ConfigError, match="rank must be a whole number of at least 1"):
+        lora.add_lora(load_model(files["base"]), rank=0)
 
 
 def test_the_file_is_diffusers_lora_format_with_rank_and_alpha(files):
