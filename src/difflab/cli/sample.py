@@ -47,6 +47,11 @@ def add_parser(subparsers) -> None:
     text.add_argument("--width", type=int, help="image width in pixels (a multiple of the VAE's factor, 8 for "
                                                 "Stable Diffusion; default: the input image's, or the model's)")
     text.add_argument("--height", type=int, help="image height in pixels (as --width)")
+    text.add_argument("--lora", action="append", metavar="RUN_OR_FILE",
+                      help="apply a LoRA (repeatable, to combine several): a pytorch_lora_weights.safetensors file "
+                           "(diffusers' or kohya's format), the folder or run folder that holds one, or a Hub id")
+    text.add_argument("--lora-scale", type=float, nargs="+", metavar="S",
+                      help="the LoRAs' weights: one for all, or one per --lora in order (default 1; 0: the base model)")
     text.add_argument("--no-safety-checker", action="store_true",
                       help="do not run the safety checker of a folder that has one (it blacks out flagged images)")
     start = p.add_argument_group("starting from an image (any model)")
@@ -99,6 +104,7 @@ def run(args) -> int:
     from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
+    from difflab.models.lora import apply_loras, plan_loras
     from difflab.pipelines.folder import load_model
 
     log = logging.getLogger("difflab")
@@ -109,14 +115,20 @@ def run(args) -> int:
     if args.cfg_scale is not None and args.cfg_scale < 0:
         raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale}); 1 is plain conditional sampling")
     prompts = read_prompts(args)
+    if args.lora_scale and not args.lora:
+        raise ConfigError("--lora-scale sets the weights of LoRAs: give them with --lora")
+    loras = plan_loras(args.lora, args.lora_scale, allow_pickle=args.allow_pickle) if args.lora else []
     model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device),
                        safety_checker=not args.no_safety_checker)
+    apply_loras(model, loras)
     if args.depth_model:
         from difflab.models.depth import load_depth_estimator
 
         model.depth_estimator = load_depth_estimator(args.depth_model, model.device)
     guidance = guidance_terms(args, model)
     settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
+    if loras:
+        settings.update(lora=args.lora, lora_scale=[scale for _, scale in loras])
     settings.update({name: value for name, value in (("eta", args.eta), ("negative_prompt", args.negative_prompt),
                                                      ("image", args.image), ("strength", args.strength),
                                                      ("mask", args.mask), ("depth", args.depth),

@@ -189,3 +189,89 @@ images = pipe(["a red circle"] * 4, negative_prompt=["blurry"] * 4, guidance_sca
               generator=generators{call_inputs}).images
 ```
 """
+
+
+def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: dict[str, list[str]],
+              parameters: int | None = None, instance_prompt: str | None = None, prompt: str | None = None,
+              scale: float = 1.0, data: str | None = None, training: dict | None = None) -> str:
+    """The README.md of a LoRA folder (`pytorch_lora_weights.safetensors`): the base model it adapts,
+    its rank, alpha and target modules, and how to use it with difflab and with plain diffusers.
+
+    `name` is how the folder is named (its path; `difflab push` renames it to the repo id),
+    `targets` {"unet": [...], "text_encoder": [...]} as `models.lora.lora_summary` gives them. The front
+    matter is what the Hub files a LoRA by (`base_model` when it is a Hub id, the `lora` tag), as
+    `difflab push` expects it."""
+    prompt = prompt or instance_prompt or "a photo"
+    hub_base = _is_hub_id(base_model)
+    networks = {"unet": "UNet", "text_encoder": "text encoder"}
+    rows = [("base model", f"`{base_model}`" + ("" if hub_base else " (a local folder)")),
+            ("rank", f"{rank} (alpha {alpha:g}: the update is scaled by alpha/rank = {alpha / rank:g})"),
+            ("target modules", "; ".join(f"{networks.get(part, part)}: {', '.join(f'`{m}`' for m in mods)}"
+                                         for part, mods in targets.items()))]
+    if parameters:
+        rows.append(("size", f"{parameters:,} parameters ({parameters * 4 / 2**20:.2f} MiB in float32)"))
+    if instance_prompt:
+        rows.append(("instance prompt", f"`{instance_prompt}`"))
+    if data:
+        rows.append(("data", f"`{data}`"))
+    training = training or {}
+    if "steps" in training:
+        rows.append(("training", f"{training['steps']:,} optimizer steps"
+                                 + (f", {training['minutes']:.1f} minutes on {training.get('device', '?')}"
+                                    if "minutes" in training else "")))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    front = [("library_name", "diffusers"), ("pipeline_tag", "text-to-image")]
+    if hub_base:
+        front.append(("base_model", base_model))
+    if instance_prompt:
+        front.append(("instance_prompt", _yaml_string(instance_prompt)))
+    tags = ["text-to-image", "diffusers", "lora", "difflab", "template:sd-lora"]
+    metadata = "\n".join(f"{k}: {v}" for k, v in front) + "\ntags:\n" + "".join(f"- {t}\n" for t in tags)
+    quoted = prompt.replace('"', '\\"')
+    return f"""---
+{metadata}---
+
+# {name}
+
+A LoRA (low-rank adapters, diffusers format) for the text-to-image model `{base_model}`, made with difflab.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+With difflab (`--lora-scale` is the adapter's weight: 0 gives the base model, 1 the LoRA as trained; repeat
+`--lora` to combine several LoRAs, with one weight each):
+
+```bash
+difflab sample --model {base_model} --lora "{name}" --lora-scale {scale:g} \\
+    --prompt "{quoted}" --sampler dpm++2m --steps 20 -n 4 --seed 0 --out grid.png
+```
+
+From Python: `difflab.apply_lora(difflab.load_model("{base_model}"), "{name}", {scale:g})`, then `difflab.generate`.
+
+With plain diffusers (the same images as the difflab command above, for the same seeds):
+
+```python
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                         solver_order=2)
+pipe.load_lora_weights("{name}", adapter_name="lora")
+pipe.set_adapters("lora", {scale:g})
+generators = [torch.Generator().manual_seed(i) for i in range(4)]
+images = pipe(["{quoted}"] * 4, num_inference_steps=20, generator=generators).images
+```
+
+The file is `pytorch_lora_weights.safetensors`: tensors named `unet.…` and `text_encoder.…` (diffusers'
+LoRA format), with each network's peft `LoraConfig` (rank, alpha, target modules) in the file's metadata.
+"""
+
+
+def _yaml_string(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a JSON string is a YAML string, quotes and all
