@@ -397,3 +397,14 @@ def test_the_cards_diffusers_snippet_gives_difflabs_images(files, tmp_path):
     expected = generate(model, 4, sampler="dpm++2m", steps=20, seed=0, prompts="a red circle")
     got = np.stack(scope["images"]).astype(np.float32) / 255
     assert np.abs(expected.permute(0, 2, 3, 1).numpy() - got).max() <= 1 / 255 + 1e-6
+
+
+def test_a_lora_folder_given_as_the_model_says_to_give_its_base(tmp_path):
+    from difflab.errors import ModelError
+    from difflab.pipelines.folder import load_model
+
+    folder = tmp_path / "just-a-lora"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"holds a LoRA, which adapts a base model: .*--model BASE --lora"):
+        load_model(folder)
