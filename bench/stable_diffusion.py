@@ -7,7 +7,7 @@ cross-attention at the first three levels, 32×32 latents, an 8× VAE, a 4-layer
     python bench/stable_diffusion.py img2img    # img2img time against strength
 
 Runs alternate and medians are reported; peak memory is the largest resident-set growth during one
-call, measured in a fresh process per side.
+call, measured in fresh processes per side (median of three).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import alternate, emit
+from common import alternate, emit, median
 
 PROMPT = "a small red circle at the top left on a white background"
 
@@ -106,17 +106,19 @@ def peak_growth(fn) -> int:
 
 def sampling(folder: Path, args) -> dict:
     runs, _ = runners(folder, args)
-    memory = {}
-    for side in runs:  # each side in its own process, so one's freed memory does not hide the other's
-        out = subprocess.run([sys.executable, __file__, "memory", "--side", side, "--folder", str(folder),
-                              "--batch", str(args.batch), "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True)
-        memory[side] = int(out.stdout.strip().splitlines()[-1])
+    memory = {side: [] for side in runs}
+    for _ in range(args.memory_repeats):
+        for side in runs:  # each side in its own process, so one's freed memory does not hide the other's
+            out = subprocess.run([sys.executable, __file__, "memory", "--side", side, "--folder", str(folder),
+                                  "--batch", str(args.batch), "--steps", str(args.memory_steps)],
+                                 capture_output=True, text=True, check=True)
+            memory[side].append(int(out.stdout.strip().splitlines()[-1]))
     seconds, times = alternate(runs, args.repeats)
     return {
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "time_ratio_difflab_vs_diffusers": round(seconds["difflab"] / seconds["diffusers"], 4),
-        "peak_memory_growth_mb": {k: round(v / 2**20, 1) for k, v in memory.items()},
+        "peak_memory_growth_mb": {k: round(median(v) / 2**20, 1) for k, v in memory.items()},
+        "peak_memory_runs_mb": {k: [round(x / 2**20, 1) for x in v] for k, v in memory.items()},
         "targets": {"time_ratio": "<= 1.03", "peak_memory": "difflab <= diffusers"},
         "runs": {k: [round(v, 3) for v in values] for k, values in times.items()},
     }
@@ -163,6 +165,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per side for peak memory")
+    parser.add_argument("--memory-steps", type=int, default=4, help="sampler steps of a memory run (the peak "
+                                                                     "comes from one step and the decoder)")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
