@@ -31,6 +31,7 @@ from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
 from difflab.training.reporting import TRACKER_FOLDER, check_tracker, finite_losses, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
+from difflab.training.signals import stop_if_signalled, stop_signals
 
 log = logging.getLogger("difflab")
 
@@ -169,6 +170,7 @@ class Trainer:
                     self.write_samples()
                 if run.eval_every and step % run.eval_every == 0 and not finished:
                     self.evaluate()
+                stop_if_signalled()  # SIGTERM/SIGHUP: stop here, through the Ctrl-C path below
         except KeyboardInterrupt:
             bar.close()
             self.save_checkpoint(losses)
@@ -387,6 +389,7 @@ class Trainer:
         return self.run.model
 
 
+@stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a model; returns the folder of the saved model."""
     testhooks.watch_writes(out)
