@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from difflab.checks import check_config_values
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, SAMPLERS
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
@@ -123,6 +124,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         check_choices(self)
+        check_config_values(self)  # inf/nan, sizes and steps out of range, a device not here
         positive = {
             "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--grad-accum": self.optim.grad_accum,
             "--timesteps": self.model.timesteps, "--sample-steps": self.run.sample_steps,
@@ -176,6 +178,7 @@ class ScratchConfig:
 
     def validate(self) -> ScratchConfig:
         check_choices(self)
+        check_config_values(self)  # inf/nan, sizes out of range, a device not here
         r = self.run
         check_positive({
             "--lr": self.optim.lr, "--batch-size": self.optim.batch_size, "--image-size": self.data.image_size,
