@@ -31,3 +31,7 @@ class TrainingError(DifflabError):
 
 class GuidanceError(DifflabError):
     """A guidance term that cannot be built or used as asked (unknown term, bad colour, no CLIP model)."""
+
+
+class OutputError(DifflabError):
+    """An output path (--out, --out-dir, --json, --export) that cannot be written; found before any work."""

@@ -45,6 +45,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out-dir", type=Path, help="also write each image as its own PNG here")
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--yes", action="store_true", help="start even when the estimate says it would take hours")
     add_model_loading(p)
     p.set_defaults(run=run)
 
@@ -54,6 +55,7 @@ def run(args) -> int:
 
     import torch
 
+    from difflab.cli.checks import check_flags, check_with_model
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
     from difflab.diffusion.schedules import check_choice
@@ -70,7 +72,9 @@ def run(args) -> int:
         raise ConfigError("--eta must be 0 or more")
     if args.cfg_scale < 0:
         raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale}); 1 is plain conditional sampling")
+    check_flags(args)  # numbers, columns and output paths, before any work
     model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device))
+    check_with_model(args, model)  # steps the schedule can take, a workload the machine can do
     guidance = guidance_terms(args, model)
     settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
     if args.eta is not None:

@@ -71,6 +71,7 @@ def run_train(args) -> int:
 def run_sample(args) -> int:
     import logging
 
+    from difflab.cli.checks import check_flags
     from difflab.devices import pick_device
     from difflab.errors import ConfigError
     from difflab.images import make_grid, save_png
@@ -79,6 +80,7 @@ def run_sample(args) -> int:
     for name in ("count", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    check_flags(args)  # grid columns and the output path, before any work
     model = ScratchModel.load(args.model, device=pick_device(args.device))
     images = model.generate(args.count, args.steps, seed=args.seed, batch_size=args.batch_size, progress=True)
     settings = {"model": str(args.model), "sampler": "naive", "steps": args.steps, "seed": args.seed,
