@@ -19,6 +19,7 @@ from pathlib import Path
 from difflab.errors import ModelError
 from difflab.files import read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
+from difflab.pipelines.weights import check_safetensors_files, check_weights, weights_file
 from difflab.testhooks import pause_point  # test-only: a no-op unless a crash test asks to stop there
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
@@ -192,12 +193,13 @@ def load_unet(unet_dir: Path, allow_pickle: bool):
     from diffusers import UNet2DModel
 
     pickled = pickled_weights(unet_dir, allow_pickle)
+    check_safetensors_files(unet_dir)
     try:
         if pickled is None:
-            return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+            return check_weights(UNet2DModel.from_pretrained(unet_dir, use_safetensors=True), weights_file(unet_dir))
         unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
         unet.load_state_dict(load_pickled_weights(pickled))
-        return unet
+        return check_weights(unet, pickled)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"cannot load the UNet weights in {unet_dir} ({reason}); the file may be damaged: "
@@ -246,5 +248,6 @@ def load_conditioning(denoiser, folder: Path, spec) -> None:
     if set(weights) != expected:
         raise ModelError(f"{folder / CONDITIONING_FILE} does not match difflab.json; "
                          f"the model folder {spec} is damaged")
+    check_weights(weights, folder / CONDITIONING_FILE)
     denoiser.load_state_dict(weights, strict=False)
 
