@@ -45,6 +45,9 @@ def open_dataset(spec: str, image_size: int | None = None, channels: int | None 
         from difflab.data.hub import load_hub_dataset
 
         return load_hub_dataset(spec, image_size, channels, split)
+    elif Path(spec).expanduser().exists():  # a file: an image, a config, an archive, an idx file
+        raise DataError(f"{spec} is a file, not a folder of images; give the folder that holds it, or mnist:FOLDER "
+                        "for MNIST's idx files")
     elif Path(spec).suffix or "/" in spec or "\\" in spec:
         raise DataError(f"data folder {spec} does not exist")
     else:

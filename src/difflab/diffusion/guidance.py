@@ -166,14 +166,12 @@ def clip_guidance(prompt: str, clip: ClipScorer | None, scale: float = DEFAULT_C
 
 def read_image(path: str | Path) -> torch.Tensor:
     """An image file -> [3, H, W] in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    from difflab.data.decode import UnreadableImage, open_image
 
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise GuidanceError(f"cannot read the guidance image {str(path)!r} ({type(e).__name__}); "
-                            "give a PNG or JPEG file") from None
+    try:  # the data's decoder: image formats only, decompression bombs and pipes refused
+        rgb = open_image(path).convert("RGB")
+    except UnreadableImage as e:
+        raise GuidanceError(f"cannot read the guidance image {str(path)!r} ({e}); give a PNG or JPEG file") from None
     import numpy as np
 
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
@@ -294,7 +292,9 @@ def parse_color(text: str) -> tuple[float, float, float]:
     return tuple(int(digits[i:i + 2], 16) / 255 for i in (0, 2, 4))
 
 
-SPEC = re.compile(r"^(?P<name>[A-Za-z_]+)=(?P<value>.*?)(?::(?P<scale>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?))?"
+# A scale is a number; inf and nan are read as numbers too, so that GuidanceTerm blames the scale for them.
+SPEC = re.compile(r"^(?P<name>[A-Za-z_]+)=(?P<value>.*?)"
+                  r"(?::(?P<scale>[-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN])))?"
                   r"(?:@(?P<start>[0-9.]+)-(?P<end>[0-9.]+))?(?:/(?P<every>[0-9]+))?$", re.DOTALL)
 TERMS = ("color", "clip", "image", "classifier")
 
@@ -321,6 +321,9 @@ def parse_guide(spec: str, *, clip: ClipScorer | None = None, classifier=None,
         raise GuidanceError(f"cannot read the numbers in the guidance {spec!r}; "
                             "write NAME=VALUE:SCALE@START-END/EVERY, as in color=red:40@0-0.5/2") from None
     timing = {"window": window, "every": int(match["every"]) if match["every"] else 1}
+    if name in ("color", "classifier") and ":" in value:  # neither a colour nor a class has a colon: a bad scale
+        raise GuidanceError(f"the scale {value.rsplit(':', 1)[1]!r} in the guidance {spec!r} is not a number; "
+                            "write NAME=VALUE:SCALE with a finite number, as in color=#55FFAA:40")
     if name == "color":
         return color_guidance(parse_color(value), DEFAULT_COLOR_SCALE if scale is None else scale, **timing)
     if name == "clip":
