@@ -17,6 +17,9 @@ from difflab.errors import ConfigError
 MAX_IMAGE_SIZE = 4096  # a side in pixels; more than any model difflab trains or samples (SD upscalers: 2048)
 MIN_TIMESTEPS = 2  # a noise schedule needs a noisy and a clean end
 MAX_TIMESTEPS = 100_000  # 1000 is usual; far more only costs memory and time
+# Counts with a limit that no sensible run reaches, and past which memory runs out.
+MOST = {"batch_size": 65_536, "sample_count": 1024, "eval_count": 100_000}
+SIGNED = {"seed"}  # the one number setting that may be negative
 
 
 def check_finite(values: dict[str, Any]) -> None:
@@ -73,14 +76,35 @@ def check_config_values(config) -> None:
     """Every float setting of a training config (any kind) is finite, the image size in range, the
     device exists here and, where the config sets the noise schedule, its timesteps are enough for
     the grids' sampler steps."""
-    from difflab.config import flag_of
     from difflab.devices import pick_device
 
-    for section in (getattr(config, f.name) for f in dataclasses.fields(config)):
-        check_finite({flag_of(f): getattr(section, f.name) for f in dataclasses.fields(section)})
+    check_finite({flag: value for flag, (_, value) in _numbers(config).items()})
     check_image_size(config.data.image_size)
     pick_device(config.run.device)  # --device cuda without a GPU must not train on the CPU without a word
     model = getattr(config, "model", None)
     if model is not None and not model.base:  # with --from, the base model decides (finetune.settings_from_base)
         check_timesteps(model.timesteps)
         check_sampler_steps(config.run.sample_steps, model.timesteps, config.run.sample_sampler, "--sample-steps")
+
+
+def check_config_ranges(config) -> None:
+    """After a config's own checks (which say more where they apply): no number setting is negative
+    (a warmup of -5 steps), and counts stay below limits past which memory runs out."""
+    numbers = _numbers(config)
+    check_at_least({flag: value for flag, (name, value) in numbers.items() if name not in SIGNED}, 0)
+    for flag, (name, value) in numbers.items():
+        if name in MOST and value > MOST[name]:
+            raise ConfigError(f"{flag} {value} is more than the {MOST[name]:,} difflab allows")
+
+
+def _numbers(config) -> dict[str, tuple[str, int | float]]:
+    """{flag: (field name, value)} for every int and float setting given (not None) in every section."""
+    from difflab.config import flag_of
+
+    out = {}
+    for section in (getattr(config, f.name) for f in dataclasses.fields(config)):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[flag_of(f)] = (f.name, value)
+    return out

@@ -18,7 +18,7 @@ from typing import Any
 
 import tomllib
 
-from difflab.checks import check_config_values
+from difflab.checks import check_config_ranges, check_config_values
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, SAMPLERS
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
@@ -143,6 +143,7 @@ class TrainConfig:
             raise ConfigError(f"--cond-dropout must be in [0, 1) (got {self.model.cond_dropout})")
         if self.run.sample_cfg_scale < 0:
             raise ConfigError(f"--sample-cfg-scale must be 0 or more (got {self.run.sample_cfg_scale})")
+        check_config_ranges(self)  # what the checks above leave: negative numbers, counts past memory
         return self
 
 
@@ -185,6 +186,7 @@ class ScratchConfig:
             "--steps": r.steps, "--epochs": r.epochs, "--minutes": r.minutes, "--sample-count": r.sample_count,
             "--sample-steps": r.sample_steps, "--log-every": r.log_every,
         })
+        check_config_ranges(self)  # what the checks above leave: negative numbers, counts past memory
         return self
 
 
@@ -302,6 +304,8 @@ def load_config(path: str | Path, cls=TrainConfig):
         raise ConfigError(f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:  # a folder, a file without read permission
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e}); give a TOML file") from None
     return from_dict(cls, data, str(path))
 
 

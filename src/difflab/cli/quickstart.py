@@ -24,11 +24,14 @@ def run(args) -> int:
 
     from difflab.cli.train import print_outputs
     from difflab.config import TrainConfig
+    from difflab.errors import ConfigError
     from difflab.metrics.evaluate import Evaluator, summary_line
     from difflab.pipelines.folder import load_model
     from difflab.training.trainer import train
 
     log = logging.getLogger("difflab")
+    if args.count < 2:  # before minutes of training, not after
+        raise ConfigError(f"-n must be at least 2 (got {args.count}): the Fréchet distance compares sets of images")
     config = TrainConfig()
     config.data.spec = "digits"
     config.model.conditioning = "class"
@@ -36,6 +39,7 @@ def run(args) -> int:
     config.run.sample_every = 0
     config.run.checkpoint_every = 0
     config.run.sample_count = 80  # eight per digit
+    config.validate()  # --minutes, before saying what will be done
     log.info("training a class-conditional diffusion model on the built-in digits for %.1f minutes", args.minutes)
     model_dir = train(config, args.out, overwrite=True)
 

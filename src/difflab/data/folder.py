@@ -107,7 +107,8 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
     index = split_indices(len(listing.files), split).tolist()
     files = [listing.files[i] for i in index]
     if not files:
-        raise DataError(f"{folder} has too few images for a '{split}' split; use --split all")
+        raise DataError(f"{folder} has {len(listing.files)} image{'s' * (len(listing.files) != 1)}, too few to hold "
+                        f"out a '{split}' split (every tenth image): it needs at least 10")
     if image_size is None or channels is None:
         guessed_size, guessed_channels = guess_size_and_channels(files, folder)
         image_size = image_size or guessed_size
@@ -134,11 +135,11 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
             arrays.append(result)
         if listing.labels is not None:
             labels.append(listing.labels[index[position]])
+    if not kept:
+        raise DataError(f"none of the {len(files)} images in {folder} can be read (first: {skipped[0]}); {CAN_READ}")
     if skipped:
         shown = "; ".join(skipped[:NAMED]) + (f"; and {len(skipped) - NAMED} more" if len(skipped) > NAMED else "")
         log.warning("skipped %d unreadable image%s in %s: %s", len(skipped), "s" * (len(skipped) > 1), folder, shown)
-    if not kept:
-        raise DataError(f"none of the {len(files)} images in {folder} can be read (first: {skipped[0]}); {CAN_READ}")
     label_tensor = torch.tensor(labels, dtype=torch.int64) if listing.labels is not None else None
     if streamed:
         log.info("reading the %d images of %s from disk as training goes (decoded, they would take %d MB; "
