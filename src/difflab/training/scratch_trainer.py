@@ -91,7 +91,7 @@ class ScratchTrainer:
             self.log()
         if run.sample_every and step % run.sample_every == 0 and not finished:
             self.write_samples()
-        stop_if_signalled()  # SIGTERM/SIGHUP: stop here, through the Ctrl-C path in fit
+        stop_if_signalled(last=finished)  # SIGTERM/SIGHUP: stop here, through the Ctrl-C path in fit
 
     # ---- what the loop writes ----------------------------------------------------------------------
     def log(self) -> None:

@@ -6,13 +6,14 @@ closed terminal sends SIGHUP; by default either kills the run on the spot. Insid
 they raise `Stopped`, a KeyboardInterrupt, so the trainer's Ctrl-C path (save a checkpoint, re-raise)
 serves them too.
 
-Once training steps run, the signal only sets a flag, and the loop stops at the end of the step
+While training steps run, the signal only sets a flag, and the loop stops at the end of the step
 (`stop_if_signalled`, called after each step): a step is never cut in half, so the checkpoint and
 metrics.csv agree, and a resumed run is exact. With several processes, raising wherever the signal
 lands would also leave them in different collective operations (one in a gradient all-reduce, another
 saving a checkpoint), and they would hang; there every process asks, once per step, whether any
 process was signalled, and all of them stop after the same step. Before the first step (loading
-data, building the model) the signal raises at once.
+data, building the model) and after the last (the final grid, evaluation and model) the signal raises
+at once.
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def stop_signals():
         _watch.received, _watch.group, _watch.stepping = None, None, False
 
 
-def stop_if_signalled() -> None:
+def stop_if_signalled(last: bool = False) -> None:
     """Called at the end of every training step: raise `Stopped` if this process was signalled or, with
-    several processes, if any of them was (one all-reduce of a single number, on the CPU)."""
-    _watch.stepping = True
+    several processes, if any of them was (one all-reduce of a single number, on the CPU). After the
+    `last` step (the final grid, evaluation and model follow, which may take long), a signal raises at
+    once again."""
+    _watch.stepping = not last
     if not _several_processes():
         if _watch.received is not None:
             raise Stopped(_watch.received)

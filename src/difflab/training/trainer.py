@@ -170,7 +170,7 @@ class Trainer:
                     self.write_samples()
                 if run.eval_every and step % run.eval_every == 0 and not finished:
                     self.evaluate()
-                stop_if_signalled()  # SIGTERM/SIGHUP: stop here, through the Ctrl-C path below
+                stop_if_signalled(last=finished)  # SIGTERM/SIGHUP: stop here, through the Ctrl-C path below
         except KeyboardInterrupt:
             bar.close()
             self.save_checkpoint(losses)
