@@ -212,7 +212,7 @@ CASES = [
     (["train", "--warmup-steps", "-5"], "--warmup-steps must be at least 0 (got -5)"),
     (["train", "--sample-count", "100000000"], "--sample-count 100000000 is more than the 1,024 difflab allows"),
     (["train", "--batch-size", "100000000"], "--batch-size 100000000 is more than the 65,536 difflab allows"),
-    (["quickstart", "-n", "1"], "-n must be at least 2 (got 1)"),
+    (["quickstart", "-n", "1"], "-n must be from 2 to 100,000 (got 1)"),
     (["eval", "--model", "{model}", "--data", "{few}"], "{few} has 3 images, too few to hold out a 'test' split "
                                                         "(every tenth image): it needs at least 10"),
     # inf and nan

@@ -22,6 +22,7 @@ def run(args) -> int:
     import json
     import logging
 
+    from difflab.checks import MOST
     from difflab.cli.train import print_outputs
     from difflab.config import TrainConfig
     from difflab.errors import ConfigError
@@ -30,8 +31,9 @@ def run(args) -> int:
     from difflab.training.trainer import train
 
     log = logging.getLogger("difflab")
-    if args.count < 2:  # before minutes of training, not after
-        raise ConfigError(f"-n must be at least 2 (got {args.count}): the Fréchet distance compares sets of images")
+    if not 2 <= args.count <= MOST["eval_count"]:  # before minutes of training, not after
+        raise ConfigError(f"-n must be from 2 to {MOST['eval_count']:,} (got {args.count}): the Fréchet distance "
+                          "compares sets of images")
     config = TrainConfig()
     config.data.spec = "digits"
     config.model.conditioning = "class"
