@@ -286,6 +286,12 @@ def test_an_unreachable_hub_dataset_is_one_line(tmp_path):
                              "--out", str(tmp_path / "n.png")], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 2
     assert one_error(result.stderr).startswith("difflab: error: could not load dataset 'nobody/no-such-dataset'")
+    # online but unreachable, huggingface_hub logs each of its retries: the CLI sets its level before it loads
+    code = ("import logging, os; os.environ.pop('HF_HUB_VERBOSITY', None); from difflab.cli import setup_logging; "
+            "setup_logging(False); import huggingface_hub.utils._http; "
+            "print(logging.getLogger('huggingface_hub.utils._http').getEffectiveLevel())")
+    level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert level.strip() == "40"  # errors only
 
 
 # ---- the Fréchet distance of tiny sets ---------------------------------------------------------------------
