@@ -168,6 +168,13 @@ def check_after_kill(run: Path, expected: int | None, index: int) -> None:
         assert state["step"] == int(latest.name.removeprefix("step_")) and state["ema_step"] == state["step"]
 
 
+def restart(run: Path) -> list[str]:
+    """What a job script runs after a kill: --resume once there is a checkpoint to resume from, and
+    --overwrite before (a resume with nothing to resume from is refused, so that it never silently
+    starts over)."""
+    return [*ARGS, "--out", str(run), "--resume" if find_latest(run / "checkpoints") else "--overwrite"]
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -190,7 +197,7 @@ def test_killed_at_any_moment_resumed_with_nothing_lost(tmp_path):
         whole_run = time.monotonic() - started
 
         for index, (moment, expected) in enumerate(KILLS):
-            kill_at(zygote, argv, moment, run, tmp_path, index)
+            kill_at(zygote, restart(run), moment, run, tmp_path, index)
             check_after_kill(run, expected, index)
         finish(zygote, argv, tmp_path / "finish.log")
         # resumed once more, it rewrites the model: killed while the old one is moved aside
@@ -204,11 +211,10 @@ def test_killed_at_any_moment_resumed_with_nothing_lost(tmp_path):
             latest = find_latest(fuzzed / "checkpoints")
             start = int(latest.name.removeprefix("step_")) if latest else 0
             moment = ("logged", min(start + rng.randrange(1, 4), STEPS - 2), rng.uniform(0, 2 * whole_run / STEPS))
-            killed += kill_at(zygote, [*ARGS, "--out", str(fuzzed), "--resume"], moment, fuzzed, tmp_path, 100 + index,
-                              may_finish=True)
+            killed += kill_at(zygote, restart(fuzzed), moment, fuzzed, tmp_path, 100 + index, may_finish=True)
             check_after_kill(fuzzed, None, 100 + index)
         assert killed >= RANDOM_KILLS // 2
-        finish(zygote, [*ARGS, "--out", str(fuzzed), "--resume"], tmp_path / "fuzzed.log")
+        finish(zygote, restart(fuzzed), tmp_path / "fuzzed.log")
     finally:
         zygote.close()
 

@@ -10,6 +10,7 @@ through tests/helpers/train_and_report.py, which records them (difflab itself in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,69 @@ def test_two_processes_train_checkpoint_and_resume_alike(tmp_path):
     second = launch(resumed, tmp_path / "report-resumed", "--resume")
     check_ranks(second)
     assert second[0]["weights"] == first[0]["weights"] and second[0]["ema"] == first[0]["ema"]
+
+
+def workers(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training processes under the launcher. torchrun starts each in a session of
+    its own, so they are found through their parents (/proc), and their rank from their environment."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    below, found = {launcher_pid}, {}
+    for _ in range(4):  # launcher -> (agent) -> workers
+        below |= {pid for pid, parent in parents.items() if parent in below}
+    for pid in below - {launcher_pid}:
+        try:
+            environ = dict(item.split(b"=", 1) for item in (Path(f"/proc/{pid}") / "environ").read_bytes().split(b"\0")
+                           if b"=" in item)
+            command = (Path(f"/proc/{pid}") / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"difflab" in command and b"RANK" in environ:
+            found[int(environ[b"RANK"])] = pid
+    return found
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_sigterm_to_one_process_stops_every_process_after_a_checkpoint(tmp_path):
+    """A scheduler may signal one process: every process stops after the same step, through a checkpoint
+    (rank 0 writes it, and it needs every rank), and nothing hangs."""
+    run = tmp_path / "run"
+    args = list(ARGS)
+    args[args.index("--steps") + 1] = "100000"
+    args[args.index("--checkpoint-every") + 1] = "0"
+    args[args.index("--sample-every") + 1] = "0"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), *args, "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.csv").is_file() and (run / "metrics.csv").read_text().count("\n") >= 3):
+            assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        ranks = workers(launcher.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
+        _, stderr = launcher.communicate(timeout=180)
+    except (subprocess.TimeoutExpired, AssertionError) as e:
+        for pid in [*ranks.values(), *workers(launcher.pid).values()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        _, stderr = launcher.communicate()
+        pytest.fail(f"the processes did not stop ({e}):\n{stderr[-3000:]}")
+    assert "received SIGTERM" in stderr and "Traceback" not in stderr.split("received SIGTERM")[0]
+    latest = find_latest(run / "checkpoints")
+    assert latest is not None, stderr[-3000:]
+    last_row = (run / "metrics.csv").read_text().strip().splitlines()[-1]
+    assert int(latest.name.removeprefix("step_")) == int(last_row.split(",")[0])  # the step both ranks stopped at

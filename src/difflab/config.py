@@ -19,6 +19,7 @@ from typing import Any
 
 import tomllib
 
+from difflab.checks import check_config_ranges, check_config_values
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
@@ -180,7 +181,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:
+        check_config_values(self)  # inf/nan, sizes and steps out of range, a device not here
         check_values(self)
+        check_config_ranges(self)  # what the declared checks leave: negative numbers, counts past memory
         return self
 
 
@@ -215,7 +218,9 @@ class ScratchConfig:
     run: ScratchRunConfig = field(default_factory=ScratchRunConfig)
 
     def validate(self) -> ScratchConfig:
+        check_config_values(self)  # inf/nan, sizes out of range, a device not here
         check_values(self)
+        check_config_ranges(self)  # what the declared checks leave: negative numbers, counts past memory
         return self
 
 
@@ -316,6 +321,8 @@ def load_config(path: str | Path, cls=TrainConfig):
         raise ConfigError(f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:  # a folder, a file without read permission
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e}); give a TOML file") from None
     return from_dict(cls, data, str(path))
 
 

@@ -36,3 +36,5 @@ class GuidanceError(DifflabError):
 class InputError(DifflabError):
     """A generation input that cannot be used as asked (an unreadable image, a mask that does not fit,
     a prompt for a model without a text encoder)."""
+class OutputError(DifflabError):
+    """An output path (--out, --out-dir, --json, --export) that cannot be written; found before any work."""

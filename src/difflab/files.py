@@ -9,10 +9,11 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from difflab.errors import ModelError
+from difflab.errors import ModelError, OutputError
 from difflab.testhooks import pause_point  # a no-op unless a crash test asks to stop there
 
 
@@ -96,3 +97,37 @@ def read_json_object(path: str | Path, error: type[Exception], hint: str = "") -
     if not isinstance(data, dict):
         raise error(f"{path} should hold a JSON object{hint}")
     return data
+
+
+# ---- output paths, checked before the work that fills them ----------------------------------------
+
+def check_output_file(path: str | Path, flag: str, example: str = "out.png") -> None:
+    """`path` can be written as a file: it is not a folder, nothing above it is a file, and the folder
+    it goes in (or the nearest one above that exists) takes new files. Checked before the work (an
+    evaluation that runs for minutes, then cannot write its result, loses the user's time)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name, such as {path / example}")
+    _check_can_create_in(path.parent, flag, path)
+
+
+def check_output_folder(path: str | Path, flag: str) -> None:
+    """`path` is a folder, or one can be made there, and it takes new files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file; give a folder")
+    _check_can_create_in(path, flag, path)
+
+
+def _check_can_create_in(folder: Path, flag: str, path: Path) -> None:
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # what the write would have to create starts below here
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {path} cannot be written: {existing} is a file, not a folder")
+    try:  # the one sure test (modes, read-only file systems, quotas): make a file there, then drop it
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OutputError(f"{flag} {path} cannot be written: {existing} does not take new files "
+                          f"({e.strerror or e}); make it writable or choose another place") from None

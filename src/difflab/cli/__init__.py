@@ -19,8 +19,16 @@ from difflab.errors import DifflabError
 COMMANDS = ["quickstart", "train", "finetune", "sample", "eval", "noise", "scratch", "demo", "push"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors kept to one line and a pointer to --help: its default prints the
+    whole usage first, which for `difflab train` is dozens of lines above the one that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="difflab",
         description="Train, sample, guide, condition, fine-tune and share image diffusion models.",
         epilog="Run 'difflab COMMAND --help' for a command's options.",
@@ -45,10 +53,12 @@ def setup_logging(quiet: bool) -> None:
     # Libraries' own chatter (deprecations of their internals) is not the user's business.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
+    for name in ("diffusers", "transformers", "accelerate", "huggingface_hub", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
-        # transformers and diffusers set their level when first imported, which is later: tell them then.
-        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
+    # These libraries set their loggers' level when they are imported, which is later (inside a command):
+    # their own settings say it. Offline, huggingface_hub's retries would print ten lines before the error.
+    for library in ("HF_HUB", "DATASETS", "TRANSFORMERS", "DIFFUSERS"):
+        os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("difflab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM and SIGHUP during training (training/signals.py)
+        print(f"difflab: stopped by {e}" if str(e) else "difflab: interrupted", file=sys.stderr)
+        return getattr(e, "exit_status", 130)

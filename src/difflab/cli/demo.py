@@ -52,6 +52,9 @@ def run(args) -> int:
                     max_queue=args.max_queue)
     if args.export:
         from difflab.app.export import export_space
+        from difflab.files import check_output_folder
+
+        check_output_folder(args.export, "--export")  # before the model is loaded and copied
 
         out = export_space(args.model, args.export, clip_model=args.clip_model, limits=limits,
                            allow_pickle=args.allow_pickle)

@@ -42,6 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
     add_device(p)
     p.add_argument("--json", type=Path, help="also write the JSON to this file")
+    p.add_argument("--yes", action="store_true", help="start even when the estimate says it would take hours")
     p.set_defaults(run=run)
 
 
@@ -49,18 +50,22 @@ def run(args) -> int:
     import json
     import logging
 
+    from difflab.cli.checks import check_flags, check_with_model
     from difflab.devices import pick_device
     from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError
+    from difflab.files import write_text_atomic
     from difflab.metrics.evaluate import Evaluator, summary_line
     from difflab.pipelines.folder import load_model
 
     check_choice("sampler", args.sampler, SAMPLERS)
-    if args.count < 2 or args.steps < 1:
-        raise ConfigError("-n must be at least 2 and --steps at least 1")
+    if args.count < 2 or args.steps < 1 or args.batch_size < 1:
+        raise ConfigError("-n must be at least 2, and --steps and --batch-size at least 1")
     if args.cfg_scale is not None and args.cfg_scale < 0:
         raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale})")
+    check_flags(args)  # numbers and the --json path, before minutes of work
     model = load_model(args.model, device=pick_device(args.device))
+    check_with_model(args, model, per_class=False)
     spec = args.data or model.info.data
     if spec in ("", "(unknown)"):
         raise ConfigError(f"{args.model} does not say what data it was trained on; give --data")
@@ -76,7 +81,7 @@ def run(args) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+        write_text_atomic(args.json, text + "\n")
     logging.getLogger("difflab").info("%s", summary_line(result))
     return 0
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from difflab.config import DATA_SPEC_HELP
 from difflab.diffusion.schedules import SCHEDULES
 
+MAX_FIGURE_SIDE = 64  # rows and columns of the figure: more would not be readable
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -30,13 +32,19 @@ def run(args) -> int:
 
     import torch
 
+    from difflab.checks import check_image_size, check_timesteps
     from difflab.data import open_dataset
     from difflab.diffusion.schedules import noise_scheduler
     from difflab.errors import ConfigError
+    from difflab.files import check_output_file
     from difflab.plots import noise_figure
 
-    if args.images < 1 or args.columns < 2 or args.timesteps < 2:
-        raise ConfigError("--images must be at least 1, --columns and --timesteps at least 2")
+    check_timesteps(args.timesteps)
+    check_image_size(args.image_size)
+    if not (1 <= args.images <= MAX_FIGURE_SIDE and 2 <= args.columns <= min(MAX_FIGURE_SIDE, args.timesteps)):
+        raise ConfigError(f"--images must be from 1 to {MAX_FIGURE_SIDE}, and --columns from 2 to "
+                          f"{min(MAX_FIGURE_SIDE, args.timesteps)} (at most --timesteps, {args.timesteps})")
+    check_output_file(args.out, "--out")
     schedule = noise_scheduler(args.schedule, timesteps=args.timesteps)
     data = open_dataset(args.data, args.image_size, split="all")
     picks = torch.linspace(0, len(data) - 1, args.images).long()

@@ -23,13 +23,18 @@ def run(args) -> int:
     import json
     import logging
 
+    from difflab.checks import MOST
     from difflab.cli.train import print_outputs
     from difflab.config import TrainConfig
+    from difflab.errors import ConfigError
     from difflab.metrics.evaluate import Evaluator, summary_line
     from difflab.pipelines.folder import load_model
     from difflab.training.trainer import train
 
     log = logging.getLogger("difflab")
+    if not 2 <= args.count <= MOST["eval_count"]:  # before minutes of training, not after
+        raise ConfigError(f"-n must be from 2 to {MOST['eval_count']:,} (got {args.count}): the Fréchet distance "
+                          "compares sets of images")
     config = TrainConfig()
     config.data.spec = "digits"
     config.model.conditioning = "class"
@@ -37,6 +42,7 @@ def run(args) -> int:
     config.run.sample_every = 0
     config.run.checkpoint_every = 0
     config.run.sample_count = 80  # eight per digit
+    config.validate()  # --minutes, before saying what will be done
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:.1f} minutes"
     log.info("training a class-conditional diffusion model on the built-in digits for %s", budget)
     model_dir = train(config, args.out, overwrite=True)

@@ -90,6 +90,7 @@ def add_parser(subparsers) -> None:
                    help="auto (default): bf16 where the device runs it fast (recent GPUs; CPUs with AMX or "
                         "AVX-512 BF16: twice as fast, images alike within what the seed moves), else full "
                         "precision; no: always fp32")
+    p.add_argument("--yes", action="store_true", help="start even when the estimate says it would take hours")
     add_model_loading(p)
     p.set_defaults(run=run)
 
@@ -99,6 +100,7 @@ def run(args) -> int:
 
     import torch
 
+    from difflab.cli.checks import check_flags, check_with_model
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
     from difflab.diffusion.schedules import check_choice
@@ -114,12 +116,14 @@ def run(args) -> int:
         raise ConfigError("--eta must be 0 or more")
     if args.cfg_scale is not None and args.cfg_scale < 0:
         raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale}); 1 is plain conditional sampling")
+    check_flags(args)  # numbers, columns and output paths, before any work
     prompts = read_prompts(args)
     if args.lora_scale and not args.lora:
         raise ConfigError("--lora-scale sets the weights of LoRAs: give them with --lora")
     loras = plan_loras(args.lora, args.lora_scale, allow_pickle=args.allow_pickle) if args.lora else []
     model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device),
                        safety_checker=not args.no_safety_checker)
+    check_with_model(args, model, prompts=len(prompts or []))  # steps the schedule takes, a workload that fits
     apply_loras(model, loras)
     if args.depth_model:
         from difflab.models.depth import load_depth_estimator

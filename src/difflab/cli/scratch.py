@@ -69,11 +69,13 @@ def run_train(args) -> int:
 def run_sample(args) -> int:
     import logging
 
+    from difflab.cli.checks import check_flags
     from difflab.devices import pick_device
     from difflab.images import make_grid, save_png
     from difflab.models.scratch_model import ScratchModel
 
     check_at_least_one(args)
+    check_flags(args)  # grid columns and the output path, before any work
     model = ScratchModel.load(args.model, device=pick_device(args.device))
     images = model.generate(args.count, args.steps, seed=args.seed, batch_size=args.batch_size, progress=True)
     settings = {"model": str(args.model), "sampler": "naive", "steps": args.steps, "seed": args.seed,

@@ -82,6 +82,9 @@ def _open(spec: str, image_size: int | None, channels: int | None, split: str, s
         from difflab.data.hub import load_hub_dataset
 
         return load_hub_dataset(spec, image_size, channels, split, caption_column, strict)
+    elif Path(spec).expanduser().exists():  # a file: an image, a config, an archive, an idx file
+        raise DataError(f"{spec} is a file, not a folder of images; give the folder that holds it, or mnist:FOLDER "
+                        "for MNIST's idx files")
     elif Path(spec).suffix or "/" in spec or "\\" in spec:
         raise DataError(f"data folder {spec} does not exist")
     else:

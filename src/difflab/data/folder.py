@@ -23,6 +23,8 @@ log = logging.getLogger("difflab")
 MAX_DEFAULT_SIZE = 64  # default training size for folders of larger images
 PARALLEL_FROM = 2000  # decode with worker processes from this many files on
 NAMED = 20  # unreadable files named in the warning (the rest are counted)
+CAN_READ = ("difflab reads PNG, JPEG, WebP, BMP and GIF files: convert the images to one of these, or check that "
+            "they were copied whole")
 
 
 @dataclass
@@ -54,20 +56,22 @@ def list_images(root: Path) -> FolderListing:
     return FolderListing(files, None, None)
 
 
-def guess_size_and_channels(files: list[Path]) -> tuple[int, int]:
+def guess_size_and_channels(files: list[Path], folder: str | Path = "the folder") -> tuple[int, int]:
     """From the first readable images: the shorter side (capped) and grey (1) or colour (3)."""
-    sizes, colour = [], False
+    sizes, colour, first_failure = [], False, None
     for path in files:
         try:
             img = open_image(path)
-        except UnreadableImage:
+        except UnreadableImage as e:
+            first_failure = first_failure or f"{path.name}: {e}"
             continue
         sizes.append(min(img.size))
         colour = colour or not is_grey(img)
         if len(sizes) == 16:
             break
     if not sizes:
-        raise DataError("none of the first images in the folder can be read")
+        raise DataError(f"none of the {len(files)} images in {folder} can be read (first: {first_failure}); "
+                        f"{CAN_READ}")
     size = min(sizes)
     if size > MAX_DEFAULT_SIZE:
         log.info("resizing images to %d px (their own size is %d); use --image-size to choose", MAX_DEFAULT_SIZE, size)
@@ -106,10 +110,11 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
     index = split_indices(len(listing.files), split).tolist()
     files = [listing.files[i] for i in index]
     if not files:
-        raise DataError(f"{folder} has too few images for a '{split}' split; use --split all")
+        raise DataError(f"{folder} has {len(listing.files)} image{'s' * (len(listing.files) != 1)}, too few to hold "
+                        f"out a '{split}' split (every tenth image): it needs at least 10")
     captions = folder_captions(root, files, caption_column)  # before decoding: a bad caption file stops at once
     if image_size is None or channels is None:
-        guessed_size, guessed_channels = guess_size_and_channels(files)
+        guessed_size, guessed_channels = guess_size_and_channels(files, folder)
         image_size = image_size or guessed_size
         channels = channels or guessed_channels
 
@@ -136,11 +141,11 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
             labels.append(listing.labels[index[position]])
         if captions is not None:
             kept_captions.append(captions[position])
+    if not kept:
+        raise DataError(f"none of the {len(files)} images in {folder} can be read (first: {skipped[0]}); {CAN_READ}")
     if skipped:
         shown = "; ".join(skipped[:NAMED]) + (f"; and {len(skipped) - NAMED} more" if len(skipped) > NAMED else "")
         log.warning("skipped %d unreadable image%s in %s: %s", len(skipped), "s" * (len(skipped) > 1), folder, shown)
-    if not kept:
-        raise DataError(f"none of the {len(files)} images in {folder} could be read (first: {skipped[0]})")
     label_tensor = torch.tensor(labels, dtype=torch.int64) if listing.labels is not None else None
     if captions is not None:
         kept_captions = fill_missing(kept_captions, [p.relative_to(root).as_posix() for p in kept], folder, strict)

@@ -27,8 +27,8 @@ def load_hub_dataset(spec: str, image_size: int | None, channels: int | None, sp
     except Exception as e:  # the library raises many kinds; all mean "could not get it"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
-            f"could not load dataset {spec!r} with the datasets library ({reason}); check the name, "
-            "or load it once while online so that it is cached"
+            f"could not load dataset {spec!r} with the datasets library ({reason}); check the name and the "
+            "network connection, or load it once while online so that it is cached"
         ) from None
 
     table = _pick_split(loaded, split)

@@ -302,7 +302,9 @@ def parse_color(text: str) -> tuple[float, float, float]:
     return tuple(int(digits[i:i + 2], 16) / 255 for i in (0, 2, 4))
 
 
-SPEC = re.compile(r"^(?P<name>[A-Za-z_]+)=(?P<value>.*?)(?::(?P<scale>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?))?"
+# A scale is a number; inf and nan are read as numbers too, so that GuidanceTerm blames the scale for them.
+SPEC = re.compile(r"^(?P<name>[A-Za-z_]+)=(?P<value>.*?)"
+                  r"(?::(?P<scale>[-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN])))?"
                   r"(?:@(?P<start>[0-9.]+)-(?P<end>[0-9.]+))?(?:/(?P<every>[0-9]+))?$", re.DOTALL)
 TERMS = ("color", "clip", "image", "classifier")
 
@@ -329,6 +331,9 @@ def parse_guide(spec: str, *, clip: ClipScorer | None = None, classifier=None,
         raise GuidanceError(f"cannot read the numbers in the guidance {spec!r}; "
                             "write NAME=VALUE:SCALE@START-END/EVERY, as in color=red:40@0-0.5/2") from None
     timing = {"window": window, "every": int(match["every"]) if match["every"] else 1}
+    if name in ("color", "classifier") and ":" in value:  # neither a colour nor a class has a colon: a bad scale
+        raise GuidanceError(f"the scale {value.rsplit(':', 1)[1]!r} in the guidance {spec!r} is not a number; "
+                            "write NAME=VALUE:SCALE with a finite number, as in color=#55FFAA:40")
     if name == "color":
         return color_guidance(parse_color(value), DEFAULT_COLOR_SCALE if scale is None else scale, **timing)
     if name == "clip":

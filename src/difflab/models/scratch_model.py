@@ -104,6 +104,8 @@ class ScratchModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from difflab.models.weights import check_weights
+
         folder = local_model_folder(spec)
         if not (folder / INFO_FILE).is_file():
             if (folder / "model_index.json").is_file():
@@ -121,7 +123,7 @@ class ScratchModel:
                              f"this version of difflab makes {NETWORK}s with 1 or 3")
         net = BasicUNet(info.channels, info.channels)
         try:
-            net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+            net.load_state_dict(check_weights(load_file(str(folder / WEIGHTS_FILE)), folder / WEIGHTS_FILE))
         except (OSError, SafetensorError, RuntimeError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelError(f"cannot load the weights in {folder / WEIGHTS_FILE} ({reason}); "

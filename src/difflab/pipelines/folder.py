@@ -17,6 +17,7 @@ from pathlib import Path
 from difflab.errors import ModelError
 from difflab.files import atomic_folder, local_model_folder, read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
+from difflab.models.weights import check_safetensors_files, check_weights, weights_file
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
@@ -183,12 +184,13 @@ def load_unet(unet_dir: Path, allow_pickle: bool):
     from diffusers import UNet2DModel
 
     pickled = pickled_weights(unet_dir, allow_pickle)
+    check_safetensors_files(unet_dir)
     try:
         if pickled is None:
-            return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+            return check_weights(UNet2DModel.from_pretrained(unet_dir, use_safetensors=True), weights_file(unet_dir))
         unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
         unet.load_state_dict(load_pickled_weights(pickled))
-        return unet
+        return check_weights(unet, pickled)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"cannot load the UNet weights in {unet_dir} ({reason}); the file may be damaged: "
@@ -253,5 +255,6 @@ def load_conditioning(denoiser, folder: Path, spec) -> None:
     if set(weights) != expected:
         raise ModelError(f"{folder / CONDITIONING_FILE} does not match difflab.json; "
                          f"the model folder {spec} is damaged")
+    check_weights(weights, folder / CONDITIONING_FILE)
     denoiser.load_state_dict(weights, strict=False)
 

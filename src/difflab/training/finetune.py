@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from difflab.checks import check_sampler_steps
 from difflab.config import TrainConfig
 from difflab.data import ImageDataset, StreamedImages
 from difflab.data.dataset import match_channels
@@ -57,6 +58,8 @@ def settings_from_base(config: TrainConfig, base: DiffusionModel) -> TrainConfig
         model.class_method = info.class_method
         model.class_embed_dim = info.class_embed_dim or config.model.class_embed_dim
     data = dataclasses.replace(config.data, image_size=info.image_size, channels=info.channels)
+    # the grids' sampler steps must fit the base model's schedule
+    check_sampler_steps(config.run.sample_steps, model.timesteps, config.run.sample_sampler, "--sample-steps")
     return dataclasses.replace(config, model=model, data=data)
 
 

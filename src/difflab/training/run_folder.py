@@ -59,14 +59,23 @@ class RunFolder:
                 barrier=lambda: None, resumable: bool = True) -> Path | None:
         """Check the folder may be used for this run; returns the checkpoint to resume from, if any.
         Only the main process writes (`write`), and only after every process has looked (`barrier`).
-        Runs that cannot be resumed say so (`resumable`)."""
+        Runs that cannot be resumed say so (`resumable`).
+
+        Nothing a run made is ever replaced without --overwrite: a resume with no intact checkpoint is
+        an error (it would start again at step 0 over the finished work), and so is a resume of a
+        folder with no run. A folder whose run never trained a step (only its config.toml: a start that
+        failed on a bad setting, or was killed at once) is taken over by a new run."""
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"{self.root} is a file; give a folder for the run")
         occupied = self.root.is_dir() and any(not _leftover(p) for p in self.root.iterdir())
         if occupied and not self.holds_run():
             raise RunFolderError(f"{self.root} is not empty and is not a difflab run; choose another --out")
         checkpoint = None
-        if occupied and resume and not overwrite:
+        if resume and not overwrite:
+            if not occupied:
+                state = "does not exist" if not self.root.exists() else "is empty"
+                raise RunFolderError(f"{self.root} {state}: there is no run to resume; check --out, or leave out "
+                                     "--resume to start a new run there")
             changed = differences(load_config(self.config, type(config)), config)
             if changed:
                 raise RunFolderError(
@@ -74,7 +83,9 @@ class RunFolder:
                     "or choose another --out"
                 )
             checkpoint = self.latest_checkpoint()
-        elif occupied and not overwrite:
+            if checkpoint is None:
+                raise RunFolderError(self.nothing_to_resume())
+        elif occupied and not overwrite and self.work_done():
             choices = "add --resume to continue it or --overwrite" if resumable else "add --overwrite"
             raise RunFolderError(f"{self.root} already holds a run; {choices} to start again")
         barrier()  # every process has looked before the main one changes anything
@@ -83,7 +94,7 @@ class RunFolder:
                 if occupied and overwrite:
                     shutil.rmtree(self.root)
                 elif checkpoint is None:
-                    self.metrics.unlink(missing_ok=True)  # nothing to resume from: the run starts over
+                    self.metrics.unlink(missing_ok=True)  # a header without rows, from a run that never trained
                 self.root.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.config, dumps_config(config))
             except OSError as e:
@@ -92,6 +103,33 @@ class RunFolder:
                     "make it writable or choose another --out"
                 ) from None
         return checkpoint
+
+    def work_done(self, damaged: bool = False) -> list[str]:
+        """What the folder holds that a new start would lose, in words (empty: only settings).
+        `damaged`: its checkpoints are known to fail their checksums."""
+        found = []
+        checkpoints = sorted(self.checkpoints.glob("step_*")) if self.checkpoints.is_dir() else []
+        if checkpoints:
+            kind = "damaged checkpoint" if damaged else "checkpoint"
+            found.append(f"{len(checkpoints)} {kind}{'s' * (len(checkpoints) > 1)} "
+                         f"({', '.join(p.name for p in checkpoints)})")
+        steps = [int(row["step"]) for row in MetricsLog(self.metrics).rows] if self.metrics.is_file() else []
+        if steps:
+            found.append(f"metrics up to step {max(steps)}")
+        if self.model.exists() or self.model.with_name(f".{self.model.name}.previous").exists():
+            found.append("a model folder")
+        if self.samples.is_dir() and any(self.samples.glob("step_*.png")):
+            found.append("sample grids")
+        return found
+
+    def nothing_to_resume(self) -> str:
+        """The message for a --resume with no intact checkpoint: what is there, and what to do."""
+        found = self.work_done(damaged=True)  # called when no checkpoint verifies
+        if not found:
+            return (f"{self.root} holds the settings of a run that never trained a step (only config.toml); "
+                    "leave out --resume to start it")
+        return (f"{self.root} has no intact checkpoint to resume from (found: {'; '.join(found)}); "
+                "nothing was changed: run again with --overwrite to delete it and start over, or choose another --out")
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from difflab.progress import progress_bar
 from difflab.training.budget import Budget
 from difflab.training.reporting import show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
+from difflab.training.signals import stop_if_signalled, stop_signals
 from difflab.training.steps import StepLog, StepStats, TrainState
 
 
@@ -100,6 +101,7 @@ class ScratchTrainer:
             self.log()
         if run.sample_every and step % run.sample_every == 0 and not finished:
             self.write_samples()
+        stop_if_signalled(last=finished)  # SIGTERM/SIGHUP: stop here, through the Ctrl-C path in fit
 
     # ---- what the loop writes ----------------------------------------------------------------------
     def log(self) -> None:
@@ -122,6 +124,7 @@ class ScratchTrainer:
         return self.model.save(self.run.model)
 
 
+@stop_signals()  # SIGTERM and SIGHUP save the model, like Ctrl-C
 def train_scratch(config: ScratchConfig, out: str | Path, *, overwrite: bool = False) -> Path:
     """Train the teaching model; returns the folder of the saved model."""
     return ScratchTrainer(config, out, overwrite=overwrite).fit()

@@ -33,6 +33,7 @@ from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
 from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
+from difflab.training.signals import stop_if_signalled, stop_signals
 from difflab.training.steps import StepLog, StepStats, TrainState
 
 log = logging.getLogger("difflab")
@@ -215,6 +216,7 @@ class Trainer:
                 self.steps.end_step(self.train_step(self.next_micro_batches()))
                 bar.update()
                 self.write_what_is_due(bar)
+                stop_if_signalled(last=self.fraction_done() >= 1.0)  # SIGTERM/SIGHUP: through the Ctrl-C path
                 if after_step is not None:
                     after_step(self.state)
         except KeyboardInterrupt:
@@ -446,6 +448,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return self.run.model
 
+@stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
           clock: Callable[[], float] = time.perf_counter) -> Path:
     """Train a model; returns the folder of the saved model."""
