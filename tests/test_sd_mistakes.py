@@ -100,3 +100,17 @@ def test_a_prompt_longer_than_the_tokenizer_takes_is_cut_with_a_warning(capsys, 
     warning = re.search(r"longer than the text encoder's (\d+) tokens: (\d+) tokens dropped \('([^']*)'\)", err)
     assert warning and int(warning[1]) == tiny_sd.PROMPT_TOKENS
     assert warning[3].replace(" ", "") in prompt.replace(" ", "") and "background" in prompt
+
+
+def test_a_damaged_component_is_named(capsys, tmp_path, models):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(models["text"], tmp_path / "damaged")
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, weights)
+    message = one_error(capsys, ["--model", str(folder), "--prompt", "a"], tmp_path)
+    assert "vae" in message and ("damaged" in message or "not a number" in message), message

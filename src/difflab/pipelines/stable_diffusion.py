@@ -17,6 +17,7 @@ from difflab.models.denoiser import Denoiser
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.text import PromptEncoder
 from difflab.models.variants import PIPELINE_VARIANTS, VARIANTS, variant_for
+from difflab.models.weights import check_safetensors_files, check_weights
 
 log = logging.getLogger("difflab")
 STABLE_DIFFUSION_PIPELINES = set(PIPELINE_VARIANTS)
@@ -42,12 +43,15 @@ def load_pipeline(source: str | Path, pipeline_class: str, *, allow_pickle: bool
     if Path(source).is_dir():
         check_components(Path(source), pipeline_class)
         check_layout(Path(source), pipeline_class)
+        for name in NETWORKS:
+            if (Path(source) / name).is_dir():
+                check_safetensors_files(Path(source) / name)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its notes on disabled safety checkers and configs are not for users
     diffusers_logging.disable_progress_bar()  # loading takes seconds; sampling has its own bar
     transformers.utils.logging.disable_progress_bar()
     try:
-        return getattr(diffusers, pipeline_class).from_pretrained(
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(
             source, use_safetensors=None if allow_pickle else True, dtype=dtype or torch.float32, **extra)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -58,6 +62,13 @@ def load_pipeline(source: str | Path, pipeline_class: str, *, allow_pickle: bool
         diffusers_logging.set_verbosity(verbosity)
         diffusers_logging.enable_progress_bar()
         transformers.utils.logging.enable_progress_bar()
+    for name in NETWORKS:  # black images from a damaged file are named as such, not blamed on the prompt
+        if getattr(pipe, name, None) is not None:
+            check_weights(getattr(pipe, name), Path(str(source)) / name)
+    return pipe
+
+
+NETWORKS = ("unet", "vae", "text_encoder")
 
 
 def check_layout(folder: Path, pipeline_class: str) -> None:
