@@ -175,7 +175,8 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                                 label="Upload an image, then paint over what to repaint", type="pil",
                                 image_mode="RGBA", sources=("upload", "clipboard"), format="png",
                                 transforms=(), layers=False, eraser=gr.Eraser(),
-                                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="inpaint-editor")
+                                brush=gr.Brush(default_size=max(1, model.info.image_size // 20), colors=["#ffffff"],
+                                               color_mode="fixed"), elem_id="inpaint-editor")
                             inpaint_mask = image_input("…or upload a mask (white = repaint)", "inpaint-mask")
                             inpaint_strength = strength_slider(DEFAULT_INPAINT_STRENGTH, "inpaint-strength")
                             buttons["inpaint"] = generate_button("inpaint")
