@@ -67,8 +67,8 @@ pip install -r requirements.txt gradio=={gradio_version}
 python app.py        # then open http://127.0.0.1:7860
 ```
 
-Limits: at most {limits.max_steps} steps and {limits.max_images} images a request; requests queue
-(at most {limits.max_queue} waiting) and run one at a time.
+Limits: at most {limits.max_steps} steps, {limits.max_images} images and {limits.max_image_size} pixels a
+side a request; requests queue (at most {limits.max_queue} waiting) and run one at a time.
 """
 
 
