@@ -91,6 +91,8 @@ def reconstruction(model_folder: Path, picture: Path, seed: int) -> np.ndarray:
 
 
 def keep_screenshot(driver, tmp_path: Path, name: str) -> None:
+    driver.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.3)
     driver.save_screenshot(str(tmp_path / name))
     if os.environ.get("DIFFLAB_SCREENSHOTS"):
         folder = Path(os.environ["DIFFLAB_SCREENSHOTS"])
