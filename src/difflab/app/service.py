@@ -41,7 +41,6 @@ MODES = {  # mode -> what the page calls it
     "depth": "depth to image",
     "upscale": "upscaling",
 }
-IMAGE_MODES = ("img2img", "inpaint", "depth", "upscale")
 
 
 @dataclass(frozen=True)
