@@ -364,3 +364,18 @@ def test_burst_of_concurrent_requests_answered_or_turned_away(served):
             answered += 1
     print(f"{BURST} requests in {time.monotonic() - began:.1f} s: {answered} answered, {turned_away} queue full")
     assert answered + turned_away == BURST and answered >= 1
+
+
+def test_api_inpainting_with_an_uploaded_mask(served, picture, tmp_path):
+    """API clients inpaint too: the editor's value is a dict (background, layers, composite); the mask may
+    come as its own file."""
+    from gradio_client import Client, handle_file
+
+    mask = Image.new("L", (SIZE, SIZE))
+    mask.paste(255, (SIZE // 2, 0, SIZE, SIZE))
+    mask.save(tmp_path / "mask.png")
+    client = Client(served, verbose=False, download_files=False)
+    editor = {"background": handle_file(str(picture)), "layers": [], "composite": None}
+    gallery, files = client.predict("a fox", "", "ddim", 4, 3, 1, SIZE, SIZE, 7.5, "#ff0000", 0, 0, editor,
+                                    handle_file(str(tmp_path / "mask.png")), 1.0, api_name="/inpaint")
+    assert gallery[0]["caption"] == f"seed 3 · CFG 7.5 · ddim, 4 steps · {SIZE}×{SIZE} · inpainting, strength 1"
