@@ -111,7 +111,8 @@ def test_each_kind_of_model_gets_its_own_modes_and_tabs(folders, tmp_path):
         model = load_model(folder)
         assert modes_of(model) == expected[kind]
         demo = build_demo(folder, limits=LIMITS)
-        assert {f.api_name for f in demo.fns.values() if f.api_name and f.api_name != "js_fn"} == set(expected[kind])
+        endpoints = {f.api_name for f in demo.fns.values() if f.api_visibility == "public"}
+        assert endpoints == set(expected[kind])
         generate = Generator(model, kind, LIMITS, Guides(), tmp_path / kind)
         small = picture((8, 8)) if kind == "upscale" else picture((16, 16))
         mode = expected[kind][-1] if kind != "text" else "txt2img"

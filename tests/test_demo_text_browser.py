@@ -121,6 +121,12 @@ def type_into(driver, selector: str, text: str) -> None:
     field.send_keys(Keys.TAB)
 
 
+def number_in(driver, elem_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]").get_attribute("value")
+
+
 def open_tab(driver, mode: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -286,6 +292,8 @@ def test_bad_requests_show_one_line(served, browser, tmp_path):
 def test_img2img_strength_and_inpainting(served, browser, text_model, picture, tmp_path):
     """img2img at strength 0.3 stays closer to the input than at 0.9; inpainting a mask painted over the
     right half changes the right half more than the left."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
     open_page(browser, served)
     type_into(browser, "#prompt textarea", "a fox")
     set_number(browser, "steps", 10)
@@ -297,7 +305,10 @@ def test_img2img_strength_and_inpainting(served, browser, text_model, picture, t
     rebuilt = reconstruction(text_model, picture, seed)
     try:
         open_tab(browser, "img2img")
+        set_number(browser, "width", 16)
         upload(browser, "img2img-image", picture)
+        WebDriverWait(browser, 30).until(lambda d: number_in(d, "width") == str(SIZE))  # follows the upload
+        assert number_in(browser, "height") == str(SIZE)
         out = {}
         for strength in (0.3, 0.9):
             set_number(browser, "img2img-strength", strength)

@@ -23,6 +23,7 @@ from difflab.app.service import (
     Limits,
     Request,
     check_model,
+    fit_size,
     largest_side,
     modes_of,
 )
@@ -225,6 +226,26 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
             fn, extra = handlers[mode]
             inputs = [c for c in shared if mode != "upscale" or c not in (width, height)] + extra()
             button.click(fn, inputs=inputs, outputs=[gallery, files], api_name=mode, concurrency_limit=1)
+
+        def size_of(image):
+            """Width and height follow an uploaded image (its shape kept, within the limit)."""
+            if isinstance(image, dict):  # the image editor's value
+                image = image.get("background")
+            if image is None:
+                return gr.update(), gr.update()
+            try:
+                from difflab.diffusion.inputs import read_image
+
+                return fit_size(*read_image(image, "image").size, factor, largest)
+            except DifflabError:
+                return gr.update(), gr.update()  # the request will say what is wrong with it
+
+        uploads = [img2img_image if "img2img" in modes else None, editor if "inpaint" in modes else None,
+                   depth_image if "depth" in modes else None]
+        for component in uploads:
+            if component is not None:
+                component.upload(size_of, inputs=component, outputs=[width, height], queue=False,
+                                 api_visibility="private")
     return demo
 
 
