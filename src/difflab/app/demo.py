@@ -1,5 +1,9 @@
 """The Gradio page in front of `difflab.app.service`: one model, its controls, a gallery.
 
+Pixel models get one form (sampler, steps, seed, count, class and CFG, guidance); text-to-image models
+a prompt, a negative prompt, CFG scale and size, and a tab per mode the model takes (text to image,
+image to image, inpainting with an image editor to paint the mask, depth to image, upscaling).
+
 `build_demo(model)` returns a `gr.Blocks` with its queue set up (one request samples at a time, at
 most `limits.max_queue` wait), so `build_demo("model").launch()` is a whole app.
 """
@@ -9,7 +13,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.app.guides import Guides
-from difflab.app.service import MAX_CFG_SCALE, MAX_SEED, Generator, Limits, Request, check_model
+from difflab.app.service import (
+    DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_NOISE_LEVEL,
+    DEFAULT_STRENGTH,
+    MAX_CFG_SCALE,
+    MAX_SEED,
+    Generator,
+    Limits,
+    Request,
+    check_model,
+    fit_size,
+    largest_side,
+    modes_of,
+)
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import DifflabError
 
@@ -19,8 +36,6 @@ CSS = "#gallery img { image-rendering: pixelated; }"  # small images stay sharp 
 
 def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits: Limits | None = None,
                device="auto", allow_pickle: bool = False, title: str | None = None):
-    import gradio as gr
-
     from difflab.devices import pick_device
     from difflab.pipelines.folder import load_model
 
@@ -31,62 +46,303 @@ def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits:
     guides = Guides(clip_model, device=device)
     name = model_label(model_spec)
     generator = Generator(model, name, limits, guides)
-    classes = model.class_names or []
     title = title or f"difflab · {name}"
+    page = text_page if model.prompts is not None else pixel_page
+    demo = page(model, generator, guides, limits, title)
+    demo.queue(default_concurrency_limit=1, max_size=limits.max_queue)
+    return demo
+
+
+def answer(generator: Generator, request: Request):
+    """The gallery's (PNG, caption) pairs and the PNGs to download; a refused request is a one-line message."""
+    import gradio as gr
+
+    try:
+        results = generator(request, progress=True)
+    except DifflabError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    return [(str(path), text) for path, text in results], [str(path) for path, _ in results]
+
+
+def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, title: str):
+    """Unconditional and class-conditional pixel models: sampler, steps, seed, count, class and CFG, guidance."""
+    import gradio as gr
+
+    classes = model.class_names or []
 
     def on_generate(sampler, steps, seed, count, class_name, cfg_scale, color, color_scale, prompt, clip_scale,
                     progress=gr.Progress(track_tqdm=True)):
-        request = Request(sampler=sampler, steps=steps, seed=seed, count=count, class_name=class_name or None,
-                          cfg_scale=cfg_scale, color=color, color_scale=color_scale, prompt=prompt,
-                          clip_scale=clip_scale)
-        try:
-            results = generator(request, progress=True)
-        except DifflabError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        return [(str(path), text) for path, text in results], [str(path) for path, _ in results]
+        return answer(generator, Request(sampler=sampler, steps=steps, seed=seed, count=count,
+                                         class_name=class_name or None, cfg_scale=cfg_scale, color=color,
+                                         color_scale=color_scale, prompt=prompt, clip_scale=clip_scale))
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.HTML(f"<style>{CSS}</style>", padding=False)
         gr.Markdown(f"## {title}\n{describe(model)}")
         with gr.Row():
             with gr.Column(scale=1):
-                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
-                steps = gr.Slider(1, limits.max_steps, value=min(DEFAULT_STEPS, limits.max_steps), step=1,
-                                  label="Steps", elem_id="steps")
-                with gr.Row(equal_height=True):
-                    seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
-                                     scale=3)
-                    randomize = gr.Button("Random seed", elem_id="random-seed", scale=1)
-                count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
-                                  label="Number of images", elem_id="count")
+                sampler, steps, seed, randomize, count = sampling_controls(limits)
                 class_name = gr.Dropdown(classes, value=classes[0] if classes else None, label="Class",
                                          visible=bool(classes), elem_id="class")
                 cfg_scale = gr.Slider(0, MAX_CFG_SCALE, value=DEFAULT_CFG_SCALE, step=0.1,
                                       label="Classifier-free guidance scale (1 = plain conditional)",
                                       visible=bool(classes), elem_id="cfg-scale")
-                with gr.Group():
-                    color = gr.ColorPicker("#ff0000", label="Colour guidance: colour", elem_id="color")
-                    color_scale = gr.Slider(0, guides.max_color_scale, value=0, step=1,
-                                            label=f"Colour guidance scale (0 = off; {guides.default_color_scale:g} "
-                                                  "is a good start)", elem_id="color-scale")
+                color, color_scale = colour_controls(guides)
                 with gr.Group(visible=guides.clip is not None):
                     prompt = gr.Textbox("", label="CLIP guidance: prompt", elem_id="prompt", max_lines=1)
-                    clip_scale = gr.Slider(0, guides.max_clip_scale or 1, value=0, step=0.5,
-                                           label=f"CLIP guidance scale (0 = off; {guides.default_clip_scale:g} "
-                                                 "is a good start)", elem_id="clip-scale")
+                    clip_scale = clip_control(guides)
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Images (settings under each; the PNGs carry them too)", columns=4,
-                                     object_fit="contain", height="auto", elem_id="gallery")
-                files = gr.File(label="Download the PNGs", file_count="multiple", elem_id="files")
+                gallery, files = outputs()
         gr.Markdown(f"Limits: at most {limits.max_steps} steps and {limits.max_images} images a request; "
                     "requests queue and run one at a time.")
         randomize.click(None, outputs=seed, js=RANDOM_SEED_JS)
         run.click(on_generate, inputs=[sampler, steps, seed, count, class_name, cfg_scale, color, color_scale,
                                        prompt, clip_scale],
                   outputs=[gallery, files], api_name="generate", concurrency_limit=1)
-    demo.queue(default_concurrency_limit=1, max_size=limits.max_queue)
     return demo
+
+
+def text_page(model, generator: Generator, guides: Guides, limits: Limits, title: str):
+    """Text-to-image models (the Stable Diffusion family): prompt, negative prompt, CFG scale, size, and a tab
+    per mode the model takes, each with its own Generate button and API endpoint (/txt2img, /img2img,
+    /inpaint, /depth, /upscale)."""
+    import gradio as gr
+
+    modes = modes_of(model)
+    factor, largest = model.size_factor, largest_side(model, limits)
+    size = min(model.info.image_size, largest)
+
+    def request(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
+                clip_scale, **inputs) -> Request:
+        return Request(prompt=prompt, negative_prompt=negative_prompt, sampler=sampler, steps=steps, seed=seed,
+                       count=count, width=width, height=height, cfg_scale=cfg_scale, color=color,
+                       color_scale=color_scale, clip_scale=clip_scale, **inputs)
+
+    def txt2img(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
+                clip_scale, progress=gr.Progress(track_tqdm=True)):
+        return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
+                                         cfg_scale, color, color_scale, clip_scale))
+
+    def img2img(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
+                clip_scale, image, strength, progress=gr.Progress(track_tqdm=True)):
+        return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
+                                         cfg_scale, color, color_scale, clip_scale, mode="img2img", image=image,
+                                         strength=strength))
+
+    def inpaint(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
+                clip_scale, editor, mask, strength, progress=gr.Progress(track_tqdm=True)):
+        try:
+            image, mask = inpaint_inputs(editor, mask)
+        except DifflabError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
+                                         cfg_scale, color, color_scale, clip_scale, mode="inpaint", image=image,
+                                         mask=mask, strength=strength))
+
+    def depth(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
+              clip_scale, image, depth_map, strength, progress=gr.Progress(track_tqdm=True)):
+        return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
+                                         cfg_scale, color, color_scale, clip_scale, mode="depth", image=image,
+                                         depth=depth_map, strength=strength))
+
+    def upscale(prompt, negative_prompt, sampler, steps, seed, count, cfg_scale, color, color_scale, clip_scale,
+                image, noise_level, progress=gr.Progress(track_tqdm=True)):
+        return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, None, None,
+                                         cfg_scale, color, color_scale, clip_scale, mode="upscale", image=image,
+                                         noise_level=noise_level))
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        gr.HTML(f"<style>{CSS}</style>", padding=False)
+        gr.Markdown(f"## {title}\n{describe(model)}")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox("", label="Prompt", placeholder="what to draw", lines=2, elem_id="prompt")
+                negative = gr.Textbox("", label="Negative prompt", placeholder="what to steer away from (optional)",
+                                      lines=1, elem_id="negative-prompt")
+                buttons = {}
+                with gr.Tabs(elem_id="modes"):
+                    if "txt2img" in modes:
+                        with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img"):
+                            buttons["txt2img"] = generate_button("txt2img")
+                    if "img2img" in modes:
+                        with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
+                            img2img_image = image_input("Start from this image", "img2img-image")
+                            img2img_strength = strength_slider(DEFAULT_STRENGTH, "img2img-strength")
+                            buttons["img2img"] = generate_button("img2img")
+                    if "inpaint" in modes:
+                        with gr.Tab("Inpainting", id="inpaint", elem_id="tab-inpaint"):
+                            editor = gr.ImageEditor(
+                                label="Upload an image, then paint over what to repaint", type="pil",
+                                image_mode="RGBA", sources=("upload", "clipboard"), format="png",
+                                transforms=(), layers=False, eraser=gr.Eraser(),
+                                brush=gr.Brush(default_size=max(1, model.info.image_size // 20), colors=["#ffffff"],
+                                               color_mode="fixed"), elem_id="inpaint-editor")
+                            inpaint_mask = image_input("…or upload a mask (white = repaint)", "inpaint-mask")
+                            inpaint_strength = strength_slider(DEFAULT_INPAINT_STRENGTH, "inpaint-strength")
+                            buttons["inpaint"] = generate_button("inpaint")
+                    if "depth" in modes:
+                        with gr.Tab("Depth to image", id="depth", elem_id="tab-depth"):
+                            depth_image = image_input("Start from this image", "depth-image")
+                            depth_map = image_input("Depth map (optional: nearer is brighter; else the model "
+                                                    "estimates it)", "depth-map")
+                            depth_strength = strength_slider(DEFAULT_STRENGTH, "depth-strength")
+                            buttons["depth"] = generate_button("depth")
+                    if "upscale" in modes:
+                        with gr.Tab("Upscaling", id="upscale", elem_id="tab-upscale"):
+                            upscale_image = image_input(f"Low-resolution image (at most {largest // 4} pixels a "
+                                                        "side; the result is 4× larger)", "upscale-image")
+                            highest = model.max_noise_level if model.max_noise_level is not None else 350
+                            noise_level = gr.Slider(0, highest, value=min(DEFAULT_NOISE_LEVEL, highest), step=1,
+                                                    label="Noise level (added to the input; more lets the model "
+                                                          "invent more detail)", elem_id="noise-level")
+                            buttons["upscale"] = generate_button("upscale")
+                cfg_scale = gr.Slider(0, MAX_CFG_SCALE, value=model.default_cfg_scale, step=0.5,
+                                      label="CFG scale (how closely to follow the prompt; 1 = plain conditional)",
+                                      elem_id="cfg-scale")
+                sampler, steps, seed, randomize, count = sampling_controls(limits)
+                with gr.Row(visible="upscale" not in modes):
+                    width = gr.Slider(factor, largest, value=size, step=factor, label="Width", elem_id="width")
+                    height = gr.Slider(factor, largest, value=size, step=factor, label="Height", elem_id="height")
+                color, color_scale = colour_controls(guides)
+                with gr.Group(visible=guides.clip is not None):
+                    clip_scale = clip_control(guides, "CLIP guidance towards the prompt: scale")
+            with gr.Column(scale=2):
+                gallery, files = outputs()
+        gr.Markdown(f"Limits: at most {limits.max_steps} steps, {limits.max_images} images and {largest} pixels "
+                    "a side a request; requests queue and run one at a time. The PNGs carry the prompt and "
+                    "settings (AUTOMATIC1111's `parameters` text, and JSON in a `difflab` chunk).")
+        randomize.click(None, outputs=seed, js=RANDOM_SEED_JS)
+        shared = [prompt, negative, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
+                  clip_scale]
+        handlers = {
+            "txt2img": (txt2img, lambda: []),
+            "img2img": (img2img, lambda: [img2img_image, img2img_strength]),
+            "inpaint": (inpaint, lambda: [editor, inpaint_mask, inpaint_strength]),
+            "depth": (depth, lambda: [depth_image, depth_map, depth_strength]),
+            "upscale": (upscale, lambda: [upscale_image, noise_level]),
+        }
+        for mode, button in buttons.items():
+            fn, extra = handlers[mode]
+            inputs = [c for c in shared if mode != "upscale" or c not in (width, height)] + extra()
+            button.click(fn, inputs=inputs, outputs=[gallery, files], api_name=mode, concurrency_limit=1)
+
+        def size_of(image):
+            """Width and height follow an uploaded image (its shape kept, within the limit)."""
+            if isinstance(image, dict):  # the image editor's value
+                image = image.get("background")
+            if image is None:
+                return gr.update(), gr.update()
+            try:
+                from difflab.diffusion.inputs import read_image
+
+                return fit_size(*read_image(image, "image").size, factor, largest)
+            except DifflabError:
+                return gr.update(), gr.update()  # the request will say what is wrong with it
+
+        uploads = [img2img_image if "img2img" in modes else None, editor if "inpaint" in modes else None,
+                   depth_image if "depth" in modes else None]
+        for component in uploads:
+            if component is not None:
+                component.upload(size_of, inputs=component, outputs=[width, height], queue=False,
+                                 api_visibility="private")
+    return demo
+
+
+def sampling_controls(limits: Limits):
+    import gradio as gr
+
+    sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
+    steps = gr.Slider(1, limits.max_steps, value=min(DEFAULT_STEPS, limits.max_steps), step=1,
+                      label="Steps", elem_id="steps")
+    with gr.Row(equal_height=True):
+        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed", scale=3)
+        randomize = gr.Button("Random seed", elem_id="random-seed", scale=1)
+    count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
+                      label="Number of images", elem_id="count")
+    return sampler, steps, seed, randomize, count
+
+
+def colour_controls(guides: Guides):
+    import gradio as gr
+
+    with gr.Group():
+        color = gr.ColorPicker("#ff0000", label="Colour guidance: colour", elem_id="color")
+        color_scale = gr.Slider(0, guides.max_color_scale, value=0, step=1,
+                                label=f"Colour guidance scale (0 = off; {guides.default_color_scale:g} "
+                                      "is a good start)", elem_id="color-scale")
+    return color, color_scale
+
+
+def clip_control(guides: Guides, label: str = "CLIP guidance scale"):
+    import gradio as gr
+
+    return gr.Slider(0, guides.max_clip_scale or 1, value=0, step=0.5,
+                     label=f"{label} (0 = off; {guides.default_clip_scale:g} is a good start)", elem_id="clip-scale")
+
+
+def outputs():
+    import gradio as gr
+
+    gallery = gr.Gallery(label="Images (settings under each; the PNGs carry them too)", columns=4,
+                         object_fit="contain", height="auto", elem_id="gallery")
+    files = gr.File(label="Download the PNGs", file_count="multiple", elem_id="files")
+    return gallery, files
+
+
+def generate_button(mode: str):
+    import gradio as gr
+
+    return gr.Button("Generate", variant="primary", elem_id=f"generate-{mode}")
+
+
+def image_input(label: str, elem_id: str):
+    import gradio as gr
+
+    return gr.Image(label=label, type="filepath", sources=("upload", "clipboard"), elem_id=elem_id)
+
+
+def strength_slider(value: float, elem_id: str):
+    import gradio as gr
+
+    return gr.Slider(0.05, 1.0, value=value, step=0.05,
+                     label="Strength (how much is repainted: 1 = everything, 0.3 keeps most of the image)",
+                     elem_id=elem_id)
+
+
+def inpaint_inputs(editor, uploaded_mask):
+    """The image and mask of the inpainting tab: the editor's background, and white wherever it was painted
+    on (any layer) or the uploaded mask is white (both, when both are given)."""
+    import numpy as np
+    from PIL import Image, ImageChops
+
+    from difflab.diffusion.inputs import read_image
+
+    editor = editor or {}
+    background = editor.get("background")
+    image = None
+    if background is not None:
+        background = read_image(background, "image")
+        if "A" in background.getbands():
+            white = Image.new("RGBA", background.size, "white")
+            background = Image.alpha_composite(white, background.convert("RGBA"))
+        image = background.convert("RGB")
+    painted = None
+    for layer in editor.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = np.asarray(read_image(layer, "mask").convert("RGBA"))[..., 3] > 0
+        painted = alpha if painted is None or painted.shape != alpha.shape else painted | alpha
+    mask = Image.fromarray(painted.astype(np.uint8) * 255) if painted is not None and painted.any() else None
+    if mask is not None and image is not None and mask.size != image.size:
+        mask = mask.resize(image.size, Image.Resampling.NEAREST)
+    if uploaded_mask is not None:
+        uploaded = read_image(uploaded_mask, "mask").convert("L")
+        if mask is None:
+            mask = uploaded
+        else:
+            mask = ImageChops.lighter(mask, uploaded.resize(mask.size, Image.Resampling.NEAREST))
+    return image, mask
 
 
 def model_label(spec) -> str:
@@ -100,6 +356,13 @@ def model_label(spec) -> str:
 
 def describe(model) -> str:
     info = model.info
+    if model.prompts is not None:
+        kind = model.kind
+        what = {None: "A text-to-image", "inpaint": "An inpainting", "depth": "A depth-to-image",
+                "upscale": "A ×4 upscaling"}[model.variant]
+        return (f"{what} latent diffusion model ({kind.pipeline}): {info.image_size}×{info.image_size} images by "
+                f"default, in steps of {model.size_factor} pixels"
+                + (f", trained on {info.data}." if info.data and info.data != "(unknown)" else "."))
     kind = f"class-conditional ({len(model.class_names)} classes)" if model.class_names else "unconditional"
     return (f"A {kind} diffusion model making {info.image_size}×{info.image_size} "
             f"{'RGB' if info.channels == 3 else f'{info.channels}-channel'} images"

@@ -3,7 +3,8 @@
     app.py            build_demo("model").launch(), with the limits it was exported with
     requirements.txt  difflab's dependencies, pinned to the versions it was exported with
     README.md         the Space's front matter (sdk: gradio, sdk_version) and how to run it locally
-    model/            the model folder (diffusers format + difflab.json)
+    model/            the model folder (diffusers format + difflab.json); for a model given by its Hub id,
+                      no copy: app.py names the id and the Space downloads it when it starts
     difflab/          difflab's own source, vendored: difflab is not on PyPI, and next to app.py it
                       imports without being installed
     clip/             a local CLIP model, when one was given (a Hub id is fetched by the Space instead)
@@ -34,7 +35,7 @@ from difflab.app import Limits, build_demo
 
 here = Path(__file__).parent
 limits = {limits}
-build_demo(here / "model", {clip}limits=limits, title={title!r}).launch()
+build_demo({model}, {clip}limits=limits, title={title!r}).launch()
 '''
 
 README = """---
@@ -48,13 +49,13 @@ python_version: "{python_version}"
 app_file: app.py
 pinned: false
 license: apache-2.0
----
+{models}---
 
 # {title}
 
 A Gradio demo of a difflab diffusion model, made with `difflab demo --export`: {description}.
 
-- `model/`: the model, a diffusers folder that also loads with `DDPMPipeline.from_pretrained("model")`
+{model_line}
 - `difflab/`: difflab's source (it is not on PyPI); `app.py` imports it from here
 - `requirements.txt`: the packages it needs, at the versions it was exported with (gradio comes from
   `sdk_version` above)
@@ -66,8 +67,8 @@ pip install -r requirements.txt gradio=={gradio_version}
 python app.py        # then open http://127.0.0.1:7860
 ```
 
-Limits: at most {limits.max_steps} steps and {limits.max_images} images a request; requests queue
-(at most {limits.max_queue} waiting) and run one at a time.
+Limits: at most {limits.max_steps} steps, {limits.max_images} images and {limits.max_image_size} pixels a
+side a request; requests queue (at most {limits.max_queue} waiting) and run one at a time.
 """
 
 
@@ -78,16 +79,27 @@ def export_space(model_spec, out: str | Path, *, clip_model: str | None = None, 
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "app.py").is_file())):
         raise ConfigError(f"{out} exists and is not an exported demo; choose a new folder for --export")
+    hub_id = None if Path(model_spec).expanduser().exists() else str(model_spec)  # else a Hub id
     source = resolve_model_folder(model_spec, allow_pickle)
     model = load_model(source, allow_pickle=allow_pickle)  # a model that cannot be served is refused here
     check_model(model, limits, model_spec)
     name = model_label(model_spec)
     title = f"difflab · {name}"
     clip_arg = ""
+    pipeline = model.kind.pipeline if model.prompts is not None else "DDPMPipeline"
+    if hub_id is None:
+        model_arg = 'here / "model"'
+        model_line = (f'- `model/`: the model, a diffusers folder that also loads with '
+                      f'`{pipeline}.from_pretrained("model")`')
+    else:
+        model_arg = repr(hub_id)
+        model_line = (f"- the model: [{hub_id}](https://huggingface.co/{hub_id}), downloaded when the Space starts "
+                      f'(it also loads with `{pipeline}.from_pretrained("{hub_id}")`)')
     with atomic_folder(out) as partial:
         pickles = [] if allow_pickle else [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
         skip = shutil.ignore_patterns(".*", "__pycache__", *pickles)
-        shutil.copytree(source, partial / "model", ignore=skip)
+        if hub_id is None:
+            shutil.copytree(source, partial / "model", ignore=skip)
         shutil.copytree(Path(difflab.__file__).parent, partial / "difflab",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if clip_model:
@@ -96,12 +108,14 @@ def export_space(model_spec, out: str | Path, *, clip_model: str | None = None, 
                 clip_arg = 'clip_model=str(here / "clip"), '
             else:
                 clip_arg = f"clip_model={str(clip_model)!r}, "
-        (partial / "app.py").write_text(APP.format(clip=clip_arg, limits=limits, title=title), encoding="utf-8")
+        (partial / "app.py").write_text(APP.format(model=model_arg, clip=clip_arg, limits=limits, title=title),
+                                        encoding="utf-8")
         (partial / "requirements.txt").write_text(requirements(), encoding="utf-8")
         from difflab.app.demo import describe
 
         (partial / "README.md").write_text(README.format(
             space_title=title[:60], title=title, description=describe(model).rstrip("."), limits=limits,
+            model_line=model_line, models=f"models:\n  - {hub_id}\n" if hub_id else "",
             gradio_version=installed_version("gradio") or "6.31.0",
             python_version=".".join(platform.python_version_tuple()[:2]),
         ), encoding="utf-8")

@@ -1,6 +1,11 @@
 """What one demo request does, without any web framework: check it against the limits, generate the
 images with the library's one sampling loop, and write them as PNGs that carry their settings.
 
+A request has a mode: `txt2img` (from noise), `img2img` (from an image, part-way down the schedule),
+`inpaint` (an image and a mask, white = repaint), `depth` (depth-to-image) and `upscale` (the ×4
+upscaler). Which modes a model takes follows from what it is (`modes_of`): a pixel model or a plain
+text model takes the first three, an inpainting, depth or upscaling model only its own.
+
 `difflab.app.demo` puts a Gradio page in front of this; tests call it directly.
 """
 
@@ -12,12 +17,12 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from difflab.app.guides import Guides, hex_color
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.diffusion.schedules import check_choice
-from difflab.errors import ConfigError, ModelError
+from difflab.errors import ConfigError, InputError, ModelError
 
 if TYPE_CHECKING:
     from difflab.models.model import DiffusionModel
@@ -25,6 +30,17 @@ if TYPE_CHECKING:
 MAX_SEED = 2**32 - 1
 MAX_CFG_SCALE = 20.0
 KEEP_REQUESTS = 100  # request folders kept on disk; older ones are deleted (the page has copied them by then)
+MAX_TEXT_CHARS = 2000  # a prompt or negative prompt (the tokenizer keeps its first 77 tokens, with a warning)
+DEFAULT_STRENGTH = 0.8  # img2img and depth-to-image, as in difflab sample and diffusers
+DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting repaints the masked region from noise
+DEFAULT_NOISE_LEVEL = 20  # the ×4 upscaler's
+MODES = {  # mode -> what the page calls it
+    "txt2img": "text to image",
+    "img2img": "image to image",
+    "inpaint": "inpainting",
+    "depth": "depth to image",
+    "upscale": "upscaling",
+}
 
 
 @dataclass(frozen=True)
@@ -33,7 +49,7 @@ class Limits:
 
     max_steps: int = 100
     max_images: int = 8  # per request
-    max_image_size: int = 256  # pixels a side: larger models are refused when the demo starts
+    max_image_size: int = 512  # pixels a side of any image made; models whose own size is larger are refused
     max_queue: int = 64  # requests waiting; more are turned away until the queue drains
 
     def __post_init__(self):
@@ -51,11 +67,22 @@ class Request:
     seed: int = 0
     count: int = 4
     class_name: str | None = None  # class-conditional models only
-    cfg_scale: float = DEFAULT_CFG_SCALE
+    cfg_scale: float | None = None  # None: the model's default (DEFAULT_CFG_SCALE; 7.5 for text models)
     color: str | None = None  # "#rrggbb"; colour guidance when color_scale > 0
     color_scale: float = 0.0
-    prompt: str = ""  # CLIP guidance when a CLIP model is loaded and clip_scale > 0
+    prompt: str = ""  # text models: what to draw (and CLIP guidance's prompt); pixel models: CLIP guidance's
     clip_scale: float = 0.0
+    # text models
+    negative_prompt: str = ""
+    width: int | None = None  # None: the input image's size (fitted to the limits), else the model's
+    height: int | None = None
+    # where sampling starts (see MODES); image, mask and depth are paths, PIL images or arrays in [0, 1]
+    mode: str = "txt2img"
+    image: Any = None
+    mask: Any = None  # white = repaint
+    depth: Any = None  # depth-to-image: a depth map (else the model's depth estimator)
+    strength: float | None = None  # img2img/depth: DEFAULT_STRENGTH; inpainting: 1
+    noise_level: int | None = None  # the upscaler's: DEFAULT_NOISE_LEVEL
 
 
 def whole_number(name: str, value, low: int, high: int) -> int:
@@ -82,26 +109,61 @@ def number(name: str, value, low: float, high: float) -> float:
     return value
 
 
+def modes_of(model: DiffusionModel) -> tuple[str, ...]:
+    """The modes a model takes: its variant's own, or txt2img, img2img and inpainting."""
+    if model.variant is not None:
+        return (model.variant,)
+    return ("txt2img", "img2img", "inpaint")
+
+
 def check_model(model: DiffusionModel, limits: Limits, spec) -> None:
     """Refuse, when the demo starts, a model whose images are larger than the limit."""
     size = model.info.image_size
     if size > limits.max_image_size:
         raise ModelError(f"{spec} makes {size}x{size} images, larger than this demo's limit of "
                          f"{limits.max_image_size}; raise --max-image-size if the server can take it")
+    if model.size_factor > limits.max_image_size:
+        raise ModelError(f"{spec} makes images in steps of {model.size_factor} pixels, more than this demo's limit "
+                         f"of {limits.max_image_size}; raise --max-image-size")
+
+
+def largest_side(model: DiffusionModel, limits: Limits) -> int:
+    """The largest width or height a request may ask for: the limit, rounded down to the model's factor."""
+    return limits.max_image_size // model.size_factor * model.size_factor
+
+
+def fit_size(width: int, height: int, factor: int, largest: int) -> tuple[int, int]:
+    """An input image's size, scaled down (aspect kept) to fit `largest` a side and rounded down to the factor."""
+    scale = min(1.0, largest / max(width, height))
+    return tuple(max(factor, int(side * scale) // factor * factor) for side in (width, height))
+
+
+def text(name: str, value, limit: int = MAX_TEXT_CHARS) -> str:
+    value = "" if value is None else str(value).strip()
+    if len(value) > limit:
+        raise ConfigError(f"the {name} is {len(value)} characters long; keep it under {limit}")
+    return value
 
 
 def check_request(request: Request, model: DiffusionModel, limits: Limits, guides) -> Request:
     """`request` with its values checked and made the right types; a ConfigError says what is wrong."""
+    cfg_scale = model.default_cfg_scale if request.cfg_scale in (None, "") else request.cfg_scale
     checked = Request(
         sampler=check_choice("sampler", str(request.sampler), SAMPLERS),
         steps=whole_number("steps", request.steps, 1, limits.max_steps),
         seed=whole_number("seed", request.seed, 0, MAX_SEED),
         count=whole_number("number of images", request.count, 1, limits.max_images),
-        cfg_scale=number("CFG scale", request.cfg_scale, 0.0, MAX_CFG_SCALE),
+        cfg_scale=number("CFG scale", cfg_scale, 0.0, MAX_CFG_SCALE),
         color_scale=number("colour guidance scale", request.color_scale or 0.0, 0.0, guides.max_color_scale),
         clip_scale=number("CLIP guidance scale", request.clip_scale or 0.0, 0.0, guides.max_clip_scale or math.inf),
-        prompt=str(request.prompt or "").strip(),
+        prompt=text("prompt", request.prompt),
+        negative_prompt=text("negative prompt", request.negative_prompt),
     )
+    if model.prompts is not None and not checked.prompt:
+        raise ConfigError("write a prompt: this is a text-to-image model, it draws what the prompt describes")
+    if model.prompts is None and checked.negative_prompt:
+        raise ConfigError("this model has no text encoder: it takes no negative prompt")
+    check_inputs(request, checked, model, limits)
     if model.class_names:
         if request.class_name in (None, ""):
             raise ConfigError(f"choose a class: one of {', '.join(model.class_names[:12])}")
@@ -119,11 +181,95 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
     return checked
 
 
+def check_inputs(request: Request, checked: Request, model: DiffusionModel, limits: Limits) -> None:
+    """The mode, its images and the output size, checked into `checked` (input images read, as PIL)."""
+    from difflab.diffusion.inputs import check_size, read_image
+
+    mode = str(request.mode or "txt2img")
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+    modes = modes_of(model)
+    if mode not in modes:
+        what = f"a {model.kind.pipeline} model" if model.variant is not None else "this model"
+        raise ConfigError(f"{what} does {', '.join(MODES[m] for m in modes)}, not {MODES[mode]}")
+    checked.mode = mode
+    if mode != "txt2img":
+        if request.image is None:
+            raise ConfigError(f"{MODES[mode]} starts from an image: upload one")
+        checked.image = read_image(request.image, "image").convert("RGB" if model.info.channels == 3 else "L")
+    if mode == "inpaint":
+        if request.mask is None:
+            raise ConfigError("inpainting needs a mask: paint over the region to repaint, or upload a mask "
+                              "(white = repaint)")
+        checked.mask = read_image(request.mask, "mask").convert("L")
+        if checked.mask.getextrema()[1] < 128:
+            raise ConfigError("the mask is empty: paint over the region to repaint (or upload a mask, white = "
+                              "repaint)")
+    if mode == "depth" and request.depth is not None:
+        checked.depth = read_image(request.depth, "depth map")
+    if mode in ("img2img", "depth", "inpaint"):
+        default = DEFAULT_INPAINT_STRENGTH if mode == "inpaint" else DEFAULT_STRENGTH
+        strength = default if request.strength in (None, "") else request.strength
+        checked.strength = number("strength", strength, 0.0, 1.0)
+        if checked.strength == 0:
+            raise ConfigError("strength must be more than 0: 0 would keep the image as it is")
+        if int(checked.steps * checked.strength) < 1:  # the last int(steps × strength) steps are run
+            raise ConfigError(f"strength {checked.strength:g} of {checked.steps} steps leaves no step to run: "
+                              f"use at least {math.ceil(1 / checked.strength)} steps, or a higher strength")
+    largest = largest_side(model, limits)
+    factor = model.size_factor
+    if mode == "upscale":
+        highest = model.max_noise_level if model.max_noise_level is not None else 350
+        level = DEFAULT_NOISE_LEVEL if request.noise_level in (None, "") else request.noise_level
+        checked.noise_level = whole_number("noise level", level, 0, highest)
+        if request.width not in (None, "") or request.height not in (None, ""):
+            raise ConfigError("the upscaler's output is its input × 4: give no width or height")
+        width, height = (max(model.codec.factor, side // model.codec.factor * model.codec.factor)
+                         for side in checked.image.size)
+        if max(width, height) * 4 > largest:
+            raise ConfigError(f"the upscaler makes images 4× its input: {width}×{height} would give "
+                              f"{width * 4}×{height * 4}, over this demo's limit of {largest} pixels a side; "
+                              f"upload an image at most {largest // 4} pixels a side")
+        return
+    if request.width in (None, "") and request.height in (None, ""):
+        if checked.image is not None:
+            checked.width, checked.height = fit_size(*checked.image.size, factor, largest)
+        elif model.prompts is None:
+            return  # a pixel model from noise: its own size
+        else:
+            checked.width = checked.height = model.info.image_size
+    else:
+        size = model.info.image_size
+        checked.width = whole_number("width", size if request.width in (None, "") else request.width, 1, 1 << 16)
+        checked.height = whole_number("height", size if request.height in (None, "") else request.height, 1, 1 << 16)
+    try:
+        check_size(checked.width, checked.height, factor)
+    except InputError as e:
+        raise ConfigError(str(e).replace("the VAE's downscaling factor", "this model's size step")
+                          if model.codec is None else str(e)) from None
+    if max(checked.width, checked.height) > largest:
+        raise ConfigError(f"the image size {checked.width}×{checked.height} is over this demo's limit of "
+                          f"{largest} pixels a side")
+
+
 def settings_of(request: Request, model_name: str, model: DiffusionModel) -> dict:
-    """The settings that made one request's images, as saved in each PNG (plus each image's seed)."""
+    """The settings that made one request's images, as saved in each PNG (plus each image's seed). A text
+    model's PNGs carry the prompt, so `save_png` writes AUTOMATIC1111's `parameters` text too."""
     settings = {"model": model_name, "sampler": request.sampler, "steps": request.steps}
     if model.class_names:
         settings.update({"class": request.class_name, "cfg_scale": request.cfg_scale})
+    if model.prompts is not None:
+        settings.update({"prompt": request.prompt, "cfg_scale": request.cfg_scale})
+        if request.negative_prompt:
+            settings["negative_prompt"] = request.negative_prompt
+    if request.mode != "txt2img":
+        settings["mode"] = request.mode
+    if request.width is not None:
+        settings.update({"width": request.width, "height": request.height})
+    if request.strength is not None:
+        settings["strength"] = request.strength
+    if request.noise_level is not None:
+        settings["noise_level"] = request.noise_level
     if request.color_scale > 0:
         settings.update({"color": request.color, "color_scale": request.color_scale})
     if request.clip_scale > 0:
@@ -136,10 +282,21 @@ def caption(settings: dict) -> str:
     parts = [f"seed {settings['seed']}"]
     if "class" in settings:
         parts.append(f"class {settings['class']} (CFG {settings['cfg_scale']:g})")
+    elif "cfg_scale" in settings:
+        parts.append(f"CFG {settings['cfg_scale']:g}")
     parts.append(f"{settings['sampler']}, {settings['steps']} steps")
+    if "width" in settings:
+        parts.append(f"{settings['width']}×{settings['height']}")
+    if "mode" in settings:
+        mode = MODES[settings["mode"]]
+        if "strength" in settings:
+            mode += f", strength {settings['strength']:g}"
+        if "noise_level" in settings:
+            mode += f", noise level {settings['noise_level']}"
+        parts.append(mode)
     if "color" in settings:
         parts.append(f"colour {settings['color']} ×{settings['color_scale']:g}")
-    if "prompt" in settings:
+    if "clip_scale" in settings:
         parts.append(f"CLIP {settings['prompt']!r} ×{settings['clip_scale']:g}")
     return " · ".join(parts)
 
@@ -168,6 +325,13 @@ class Generator:
         terms = self.guides.terms(request)
         if terms:
             extra["guidance"] = terms
+        if self.model.prompts is not None:
+            extra.update(prompts=request.prompt, negative_prompt=request.negative_prompt or None)
+        if request.mode != "txt2img":
+            extra.update(image=request.image, mask=request.mask, depth=request.depth, strength=request.strength,
+                         noise_level=request.noise_level)
+        if request.width is not None:
+            extra.update(width=request.width, height=request.height)
         images = generate(self.model, request.count, sampler=request.sampler, steps=request.steps,
                           seed=request.seed, class_labels=labels, cfg_scale=request.cfg_scale,
                           batch_size=self.limits.max_images, progress=progress, **extra)

@@ -13,10 +13,13 @@ DEFAULT_LIMITS = Limits()
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="serve a model as a Gradio web page, or export it as a Hugging Face Space",
-        description="Start a Gradio page for a difflab or diffusers model (unconditional or class-conditional): "
-                    "sampler, steps, seed, number of images, class and CFG scale, colour guidance and, with "
-                    "--clip-model, CLIP guidance. Each image's settings are shown under it and saved in its PNG. "
-                    "With --export, write a folder to upload as a Space instead.",
+        description="Start a Gradio page for a difflab or diffusers model. Pixel models (unconditional or "
+                    "class-conditional): sampler, steps, seed, number of images, class and CFG scale, colour guidance "
+                    "and, with --clip-model, CLIP guidance. Text-to-image models (the Stable Diffusion family): "
+                    "prompt, negative prompt, CFG scale, width and height, and tabs for image to image, inpainting "
+                    "(paint the mask in the page or upload one), depth to image and upscaling, as the model allows. "
+                    "Each image's settings are shown under it and saved in its PNG. With --export, write a folder "
+                    "to upload as a Space instead (then 'difflab push --space').",
     )
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
     p.add_argument("--clip-model", help="a CLIP model (folder or Hub id) for CLIP guidance by prompt")
@@ -33,7 +36,8 @@ def add_parser(subparsers) -> None:
     limits.add_argument("--max-images", type=int, default=DEFAULT_LIMITS.max_images,
                         help=f"images per request (default {DEFAULT_LIMITS.max_images})")
     limits.add_argument("--max-image-size", type=int, default=DEFAULT_LIMITS.max_image_size,
-                        help=f"refuse models whose images are larger a side (default {DEFAULT_LIMITS.max_image_size})")
+                        help="the largest image side a request may ask for, in pixels; models whose own images are "
+                             f"larger are refused (default {DEFAULT_LIMITS.max_image_size})")
     limits.add_argument("--max-queue", type=int, default=DEFAULT_LIMITS.max_queue,
                         help=f"requests that may wait; more are turned away (default {DEFAULT_LIMITS.max_queue})")
     add_model_loading(p)
