@@ -16,7 +16,7 @@ import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
-from difflab.models import lora
+from difflab.pipelines import lora
 from difflab.pipelines.folder import load_model
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -233,7 +233,8 @@ def test_sample_with_loras_gives_generates_images(files, tmp_path):
 
     out = tmp_path / "each"
     argv = ["sample", "--model", str(files["base"]), "--prompt", PROMPTS[0], "-n", "2", "--steps", "4", "--height",
-            "16", "--width", "16", "--seed", "3", "--out", str(tmp_path / "grid.png"), "--out-dir", str(out)]
+            "16", "--width", "16", "--seed", "3", "--precision", "no", "--out", str(tmp_path / "grid.png"),
+            "--out-dir", str(out)]
     assert main([*argv, "--lora", str(files["a"]), "--lora", str(files["b"]), "--lora-scale", "0.7", "0.4"]) == 0
     model = load_model(files["base"])
     lora.apply_loras(model, lora.plan_loras([files["a"], files["b"]], [0.7, 0.4]))

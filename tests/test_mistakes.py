@@ -106,10 +106,10 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, capsys
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     original = Trainer.train_step
 
-    def signalled_during_step_7(self):
+    def signalled_during_step_7(self, micro_batches):
         if self.state.step == 6:
             os.kill(os.getpid(), signal.SIGTERM)  # lands in the middle of the step
-        return original(self)
+        return original(self, micro_batches)
 
     monkeypatch.setattr(Trainer, "train_step", signalled_during_step_7)
     run = tmp_path / "run"

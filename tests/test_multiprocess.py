@@ -106,7 +106,7 @@ def workers(launcher_pid: int) -> dict[int, int]:
             command = (Path(f"/proc/{pid}") / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"difflab" in command and b"RANK" in environ:
+        if REPORTING_TRAIN.name.encode() in command and b"RANK" in environ:
             found[int(environ[b"RANK"])] = pid
     return found
 

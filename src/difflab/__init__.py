@@ -6,7 +6,7 @@ they are imported on first use, so that `import difflab` (and `difflab --help`) 
 __version__ = "0.1.0"
 
 _LAZY = {"generate": "difflab.diffusion.generate", "load_model": "difflab.pipelines.folder",
-         "apply_lora": "difflab.models.lora"}
+         "apply_lora": "difflab.pipelines.lora"}
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from difflab.cli import build_parser, setup_logging
 from difflab.cli.train import resolve_config
+from difflab.training.signals import Stopped, stop_signals
 from difflab.training.trainer import Trainer
 
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
@@ -58,11 +59,12 @@ def main(argv: list[str]) -> None:
     setup_logging(args.quiet)
     config, out = resolve_config(args)
     writes = record_writes(out)
-    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
-    try:
-        trainer.fit()
-    finally:
-        trainer.stream.close()
+    with stop_signals():  # as difflab.training.trainer.train: SIGTERM and SIGHUP save a checkpoint
+        trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
+        try:
+            trainer.fit()
+        finally:
+            trainer.stream.close()
     ema = trainer.ema
     report = {
         "rank": trainer.accelerator.process_index,
@@ -78,4 +80,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except Stopped as stopped:  # what the difflab command does with it
+        print(f"difflab: stopped by {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_status)

@@ -106,8 +106,8 @@ def run(args) -> int:
     from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
-    from difflab.models.lora import apply_loras, plan_loras
     from difflab.pipelines.folder import load_model
+    from difflab.pipelines.lora import apply_loras, plan_loras
 
     log = logging.getLogger("difflab")
     check_choice("sampler", args.sampler, SAMPLERS)

@@ -127,7 +127,7 @@ def unet_folder(folder: Path, spec) -> Path:
 
     if (folder / SCRATCH_INFO_FILE).is_file():
         raise ModelError(f"{spec} is a from-scratch teaching model (BasicUNet); sample it with difflab scratch sample")
-    from difflab.models.lora import LORA_WEIGHTS
+    from difflab.pipelines.lora import LORA_WEIGHTS
 
     if (folder / LORA_WEIGHTS).is_file():
         raise ModelError(f"{spec} holds a LoRA, which adapts a base model: give the base model and the LoRA, "
