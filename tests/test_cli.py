@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from difflab.cli import main
+from difflab.config import DATA_SPEC_HELP
 from difflab.images import png_settings
 
 
@@ -34,8 +35,7 @@ def test_a_bad_input_is_one_line_with_status_2_and_no_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "difflab: error: unknown data spec 'nowhere-spec'; use a folder of images (labels from sub-folder names), "
-        "digits, mnist:PATH, fashion-mnist:PATH, imagefolder:PATH, or a Hugging Face dataset id (owner/name)"
+        f"difflab: error: unknown data spec 'nowhere-spec'; use {DATA_SPEC_HELP}"
     ]
 
 

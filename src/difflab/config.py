@@ -25,8 +25,9 @@ from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
 
 DATA_SPEC_HELP = (
-    "a folder of images (labels from sub-folder names), digits, mnist:PATH, fashion-mnist:PATH, "
-    "imagefolder:PATH, or a Hugging Face dataset id (owner/name)"
+    "a folder of images (labels from sub-folder names; captions from metadata.jsonl or IMAGE.txt), digits, "
+    "shapes[:N] (captioned shapes), mnist:PATH, fashion-mnist:PATH, imagefolder:PATH, or a Hugging Face dataset "
+    "id (owner/name)"
 )
 
 
