@@ -6,8 +6,8 @@ cross-attention at the first three levels, 32×32 latents, an 8× VAE, a 4-layer
     python bench/stable_diffusion.py guidance   # colour guidance on decoded latents: fast and full vs none
     python bench/stable_diffusion.py img2img    # img2img time against strength
 
-Runs alternate and medians are reported; peak memory is the largest resident-set growth during one
-call, measured in fresh processes per side (median of three).
+Runs alternate and medians are reported; peak memory is the largest growth of the memory the process
+has allocated (glibc's mallinfo2) during one call, in fresh processes per side (median of three).
 """
 
 from __future__ import annotations
@@ -82,17 +82,29 @@ def runners(folder: Path, args):
     }, model
 
 
-def peak_growth(fn) -> int:
-    """The largest growth of this process's resident memory while `fn` runs, in bytes."""
-    import psutil
+def allocated_bytes() -> int:
+    """Bytes the C allocator has handed out now (glibc's mallinfo2: heap in use + mmapped blocks). Unlike
+    the resident set, it does not depend on whether freed memory was given back to the system."""
+    import ctypes
 
-    process = psutil.Process()
-    base, peak, running = process.memory_info().rss, [0], [True]
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_growth(fn) -> int:
+    """The largest growth of the memory allocated by this process while `fn` runs, in bytes."""
+    base, peak, running = allocated_bytes(), [0], [True]
 
     def watch():
         while running[0]:
-            peak[0] = max(peak[0], process.memory_info().rss - base)
-            time.sleep(0.002)
+            peak[0] = max(peak[0], allocated_bytes() - base)
+            time.sleep(0.001)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -113,7 +125,7 @@ def sampling(folder: Path, args) -> dict:
                                   "--batch", str(args.batch), "--steps", str(args.memory_steps)],
                                  capture_output=True, text=True, check=True)
             memory[side].append(int(out.stdout.strip().splitlines()[-1]))
-    seconds, times = alternate(runs, args.repeats)
+    seconds, times = alternate(runs, args.repeats) if args.repeats else ({k: float("nan") for k in runs}, {})
     return {
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "time_ratio_difflab_vs_diffusers": round(seconds["difflab"] / seconds["diffusers"], 4),

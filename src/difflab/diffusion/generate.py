@@ -108,8 +108,8 @@ def generate_batch(model: DiffusionModel, job, scheduler, first: int, n: int, ba
     generators = image_generators(seed, n, first)
     timesteps = run_timesteps(scheduler, steps, job.inputs.strength, model.device)
     begin = start(model, job.inputs, generators, scheduler, timesteps)
-    conditioning, unconditional = job.conditioning(first, n, begin)
-    model_fn = counted(model_function(model, conditioning, unconditional, job.cfg_scale), bar)
+    # Only the guided model function keeps the conditioning (batched for guidance), not a second copy.
+    model_fn = counted(model_function(model, *job.conditioning(first, n, begin), job.cfg_scale), bar)
     decode = model.codec.decode if model.codec is not None else None
     model_fn = loss_guidance(model_fn, guidance, model.noise_schedule, timesteps, guidance_mode, decode=decode)
     if sampler in UNCLIPPED and not model.latent:
