@@ -61,6 +61,15 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium (tests that use it are marked helpers.web.needs_chromium)."""
+    from helpers.web import chromium
+
+    with chromium(tmp_path / "chromium-profile") as driver:
+        yield driver
+
+
 TINY_READER = {"train_images": 800, "test_images": 200, "steps": 120}  # the shapes attribute reader at 16x16: seconds
 
 

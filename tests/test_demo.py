@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
 from difflab.errors import ConfigError, DifflabError, ModelError
 from difflab.images import png_settings
 from difflab.pipelines.folder import load_model
+from helpers.web import served_space, space_environment
 
 FAST = dict(sampler="ddim", steps=3, count=2)
 
@@ -33,11 +32,6 @@ def conditional(conditional_model):
 def unconditional(trained_model):
     return load_model(trained_model)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -161,35 +155,11 @@ def test_export_is_a_space_that_runs(conditional_model, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert main(["-q", "demo", "--model", str(conditional_model), "--export", str(tmp_path / "other")]) == 2
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    found = subprocess.run([sys.executable, "-c", "import difflab; print(difflab.__file__)"], cwd=space, env=env,
+    found = subprocess.run([sys.executable, "-c", "import difflab; print(difflab.__file__)"], cwd=space,
+                           env=space_environment(),
                            capture_output=True, text=True, check=True).stdout
     assert found.strip() == str(space / "difflab" / "__init__.py")  # the vendored copy, not an installed one
 
-    from gradio_client import Client
-
-    port = free_port()
-    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "g"))
-    log = open(tmp_path / "app.log", "w")
-    server = subprocess.Popen([sys.executable, str(space / "app.py")], cwd=tmp_path, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        client = None
-        deadline = time.monotonic() + 180
-        while client is None and time.monotonic() < deadline:
-            assert server.poll() is None, (tmp_path / "app.log").read_text()[-2000:]
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
-            except Exception:
-                time.sleep(1)
-        assert client is not None, "the exported app did not answer within 180 s"
+    with served_space(space, tmp_path) as client:
         gallery, _ = client.predict("ddim", 2, 3, 1, "5", 2.0, "#ff0000", 0, "", 0, api_name="/generate")
-        assert gallery[0]["caption"] == "seed 3 · class 5 (CFG 2) · ddim, 2 steps"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    assert gallery[0]["caption"] == "seed 3 · class 5 (CFG 2) · ddim, 2 steps"

@@ -7,36 +7,18 @@ The browser test is skipped only where Chromium is not installed; .ci/run instal
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import shutil
-import socket
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from difflab.app.service import Limits
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
+from helpers.web import fetch_pixels, free_port, needs_chromium, set_number
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1100"]
 BURST = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,37 +32,6 @@ def served(conditional_model, tmp_path_factory):
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
-
-
-@pytest.fixture
-def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
-
-def fetch_pixels(url: str) -> tuple[np.ndarray, dict]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        image = Image.open(io.BytesIO(response.read()))
-        image.load()
-    return np.asarray(image), json.loads(image.info["difflab"])
-
-
-def set_number(driver, elem_id: str, value) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-
-    field = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys(str(value), Keys.TAB)
 
 
 def choose(driver, elem_id: str, option: str) -> None:

@@ -3,11 +3,7 @@ prompt and settings, the inpainting tab's mask, pixel-exact inpainting on a pixe
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from difflab.app.service import Generator, Limits, Request, check_request, modes
 from difflab.errors import DifflabError
 from difflab.images import png_settings
 from difflab.pipelines.folder import load_model
-from test_demo import free_port
+from helpers.web import served_space
 
 LIMITS = Limits(max_steps=10, max_images=4, max_image_size=64)
 FAST = dict(sampler="ddim", steps=4, count=1)
@@ -177,35 +173,9 @@ def test_export_of_a_text_model_is_a_space_that_runs(folders, tmp_path):
     assert "max_image_size=64" in (space / "app.py").read_text()
     assert (space / "model" / "text_encoder" / "model.safetensors").is_file()
 
-    from gradio_client import Client
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "g"))
-    log = open(tmp_path / "app.log", "w")
-    server = subprocess.Popen([sys.executable, str(space / "app.py")], cwd=tmp_path, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        client = None
-        deadline = time.monotonic() + 180
-        while client is None and time.monotonic() < deadline:
-            assert server.poll() is None, (tmp_path / "app.log").read_text()[-2000:]
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
-            except Exception:
-                time.sleep(1)
-        assert client is not None, "the exported app did not answer within 180 s"
-        gallery, files = client.predict("a fox", "", "ddim", 2, 3, 1, 16, 16, 7.5, "#ff0000", 0, 0,
-                                        api_name="/txt2img")
-        assert gallery[0]["caption"] == "seed 3 · CFG 7.5 · ddim, 2 steps · 16×16"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    with served_space(space, tmp_path) as client:
+        gallery, _ = client.predict("a fox", "", "ddim", 2, 3, 1, 16, 16, 7.5, "#ff0000", 0, 0, api_name="/txt2img")
+    assert gallery[0]["caption"] == "seed 3 · CFG 7.5 · ddim, 2 steps · 16×16"
 
 
 def test_export_names_a_hub_model_instead_of_copying_it(folders, tmp_path, monkeypatch):

@@ -24,10 +24,8 @@ from PIL import Image
 
 import tiny_sd
 from difflab.app.service import Limits
-from test_demo_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS, fetch_pixels, free_port, set_number
+from helpers.web import fetch_pixels, free_port, needs_chromium, set_number
 
-needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 SIZE = 32  # the input images' size (the tiny model's default is 16; the page's sliders go to 64)
 BURST = 20
 QUEUE = 6  # the served demo's queue: a burst of BURST fills it
@@ -49,21 +47,6 @@ def served(text_model, tmp_path_factory):
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
-
-
-@pytest.fixture
-def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture(scope="module")
