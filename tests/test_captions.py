@@ -78,32 +78,21 @@ def test_folders_without_captions_are_as_before(tmp_path, caplog):
     assert not digits.has_captions and set(digits.batch(torch.arange(2))) == {"images", "labels"}
 
 
-def test_an_empty_caption_file_is_named(tmp_path):
+@pytest.mark.parametrize("write, message", [
+    (lambda root: (root / "01.txt").write_text(" \n\t"), r"caption file .*01\.txt is empty"),
+    (lambda root: (root / "02.txt").write_bytes("caf\xe9".encode("latin-1")),
+     r"caption file .*02\.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"),
+    (lambda root: (root / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "fine"}\n'
+                                                       '{"file_name": "01.png", text}\n'),
+     r"metadata.jsonl line 2 is not JSON"),
+    (lambda root: (root / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "fine"}\n'
+                                                       '{"file_name": "01.png", "text": " "}'),
+     r"metadata.jsonl line 2: the caption \(text\) of 01.png is empty"),
+], ids=["empty caption file", "caption file not utf-8", "metadata line not json", "empty caption in metadata"])
+def test_a_bad_caption_is_named(tmp_path, write, message):
     root = numbered_folder(tmp_path / "data", 3)
-    (root / "01.txt").write_text(" \n\t")
-    with pytest.raises(DataError, match=r"caption file .*01\.txt is empty"):
-        open_dataset(str(root), split="all")
-
-
-def test_a_caption_file_that_is_not_utf8_is_named(tmp_path):
-    root = numbered_folder(tmp_path / "data", 3)
-    (root / "02.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(DataError, match=r"caption file .*02\.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"):
-        open_dataset(str(root), split="all")
-
-
-def test_a_broken_metadata_line_is_named(tmp_path):
-    root = numbered_folder(tmp_path / "data", 3)
-    (root / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "fine"}\n{"file_name": "01.png", text}\n')
-    with pytest.raises(DataError, match=r"metadata.jsonl line 2 is not JSON"):
-        open_dataset(str(root), split="all")
-
-
-def test_an_empty_caption_in_metadata_is_named(tmp_path):
-    root = numbered_folder(tmp_path / "data", 3)
-    lines = ['{"file_name": "00.png", "text": "fine"}', '{"file_name": "01.png", "text": " "}']
-    (root / "metadata.jsonl").write_text("\n".join(lines))
-    with pytest.raises(DataError, match=r"metadata.jsonl line 2: the caption \(text\) of 01.png is empty"):
+    write(root)
+    with pytest.raises(DataError, match=message):
         open_dataset(str(root), split="all")
 
 

@@ -32,7 +32,8 @@ def check_with_model(args, model, per_class: bool = True, prompts: int = 0) -> N
     count, guided = args.count, False
     classes = getattr(args, "classes", None)
     if model.prompts is not None:
-        count *= max(1, prompts) if per_class else 1
+        if per_class:
+            count *= max(1, prompts)
         guided = args.cfg_scale != 1
     elif model.class_names or classes is not None:
         if per_class:

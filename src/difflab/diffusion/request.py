@@ -127,11 +127,16 @@ def output_size(model: DiffusionModel, source, width, height) -> tuple[int, int]
     """The asked size; else the input image's, rounded down to what the model takes; else the model's."""
     factor = model.size_factor
     if source is not None and width is None and height is None:
-        width, height = (max(factor, side // factor * factor) for side in source.size)
+        width, height = fitted_size(source, factor)
     width = model.info.image_size if width is None else width
     height = model.info.image_size if height is None else height
     check_size(width, height, factor)
     return width, height
+
+
+def fitted_size(image, factor: int) -> tuple[int, int]:
+    """An image's width and height rounded down to multiples of `factor` (as diffusers' processors do)."""
+    return tuple(max(factor, side // factor * factor) for side in image.size)
 
 
 def prepare_upscale(model: DiffusionModel, image, noise_level, width, height) -> Prepared:
@@ -143,7 +148,7 @@ def prepare_upscale(model: DiffusionModel, image, noise_level, width, height) ->
         raise InputError(f"--noise-level {level} is outside what this upscaler takes: 0 to {highest}")
     source = read_image(image, "image")
     factor = model.codec.factor
-    width, height = (max(factor, side // factor * factor) for side in source.size)
+    width, height = fitted_size(source, factor)
     low_res = image_tensor(source, width, height, resample="bicubic")
     return Prepared(model.sample_shape(height * factor, width * factor), image=low_res, noise_level=level)
 
