@@ -92,6 +92,7 @@ def test_what_a_resumed_run_may_change_is_declared_with_each_setting():
         "data": {"memory_limit_mb"},
         "model": {"allow_pickle"},
         "optim": {"lr", "warmup_steps", "clip_grad"},
+        "vae": {"steps", "minutes"},
         "run": {f.name for f in dataclasses.fields(RunConfig)} - {"seed"},
     }
     longer = tiny_config(steps=10)
@@ -107,11 +108,13 @@ def test_what_a_pretrained_model_decides_is_declared_with_each_setting():
     assert settings_marked(TrainConfig, "set_by_base") == {
         "data": {"image_size", "channels"},
         "model": {"preset", "schedule", "prediction", "timesteps", "conditioning", "class_method", "class_embed_dim"},
-        "optim": set(), "run": set(),
+        "optim": set(), "vae": set(), "run": set(),
     }
 
 
 def test_sampler_defaults_are_the_samplers_own():
     run = RunConfig()
-    assert (run.sample_sampler, run.sample_steps, run.sample_cfg_scale) == (DEFAULT_SAMPLER, DEFAULT_STEPS,
-                                                                            DEFAULT_CFG_SCALE)
+    assert (run.sample_sampler, run.sample_steps) == (DEFAULT_SAMPLER, DEFAULT_STEPS)
+    assert run.sample_cfg_scale is None  # the model kind's: DEFAULT_CFG_SCALE for class models, 7.5 for text
+    help_ = dataclasses.fields(RunConfig)[[f.name for f in dataclasses.fields(RunConfig)].index("sample_cfg_scale")]
+    assert f"default {DEFAULT_CFG_SCALE} for class models" in help_.metadata["help"]

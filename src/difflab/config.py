@@ -20,7 +20,7 @@ from typing import Any
 import tomllib
 
 from difflab.checks import check_config_ranges, check_config_values
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_TEXT_CFG_SCALE, SAMPLERS
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
 
@@ -102,6 +102,11 @@ class DataConfig:
     split: str = option("train", "which part of the data to use", choices=("train", "test", "all"))
     flip: bool = option(False, "random horizontal flips")
     strict: bool = option(False, "stop at the first unreadable image instead of skipping it with a warning")
+    caption_column: str | None = option(None, "the metadata or dataset column that holds the captions (default: text "
+                                              "or caption)")
+    caption_template: str | None = option(None, 'captions for labelled data, such as "a photo of a {label}"')
+    cache_latents: bool = option(True, "latent models: encode each image once before training instead of at every "
+                                       "step (both orientations with --flip)")
     memory_limit_mb: int = option(DEFAULT_MEMORY_LIMIT_MB,
                                   "keep a folder's decoded images in memory up to this many MB; a larger folder is "
                                   "read from disk by worker processes as training goes (0: always)",
@@ -123,14 +128,22 @@ class ModelConfig:
     prediction: str = option("v", "what the network predicts (v is robust at every noise level)",
                              choices=tuple(PREDICTIONS), set_by_base=True)
     timesteps: int = option(1000, "number of training timesteps", check=POSITIVE, set_by_base=True)
-    conditioning: str = option("none", "condition the model on class labels (needs labelled data)",
-                               choices=("none", "class"), set_by_base=True)
+    conditioning: str = option("none", "condition the model on class labels (needs labelled data) or on captions "
+                                       "(a latent text-to-image model: VAE, text encoder, cross-attention UNet)",
+                               choices=("none", "class", "text"), set_by_base=True)
+    vae: str | None = option(None, "text models: an AutoencoderKL to use (a folder, a Stable Diffusion folder or a Hub "
+                                   "id), frozen; default: train one first, in the run folder; none: pixel space")
+    text_encoder: str | None = option(None, "text models: a CLIP text encoder and its tokenizer to use (a folder, a "
+                                            "Stable Diffusion folder or a Hub id); default: a new one, trained with "
+                                            "the UNet on a tokenizer learnt from the captions")
+    train_text_encoder: bool | None = option(None, "train the text encoder with the UNet (default: yes for a new "
+                                                   "one, no for one given with --text-encoder)")
     class_method: str = option("embedding", "how labels enter the UNet: added to the timestep embedding, or as "
                                             "extra input channels (the course's way)",
                                choices=("embedding", "channels"), set_by_base=True)
     class_embed_dim: int = option(4, "width of the class embedding for --class-method channels", set_by_base=True)
-    cond_dropout: float = option(0.1, "chance of dropping a label to the null class in training, which "
-                                      "classifier-free guidance needs (0 = never)", check=FRACTION)
+    cond_dropout: float = option(0.1, "chance of dropping a label to the null class (a caption to the empty one) in "
+                                      "training, which classifier-free guidance needs (0 = never)", check=FRACTION)
 
 
 @dataclass
@@ -150,6 +163,19 @@ class OptimConfig:
 
 
 @dataclass
+class VaeConfig:
+    """The VAE stage of a text-to-image run that is given no --vae."""
+
+    steps: int = option(1500, "optimizer steps of the VAE stage", flag="--vae-steps", check=POSITIVE, resumable=True)
+    minutes: float | None = option(None, "stop the VAE stage after this many minutes", flag="--vae-minutes",
+                                   check=POSITIVE, resumable=True)
+    lr: float = option(2e-3, "peak learning rate of the VAE stage", flag="--vae-lr", check=POSITIVE)
+    batch_size: int = option(64, "images per VAE step", flag="--vae-batch-size", check=POSITIVE)
+    kl_weight: float = option(1e-6, "weight of the KL term (small: a nearly deterministic autoencoder, as in latent "
+                                    "diffusion)", flag="--vae-kl-weight", check=NOT_NEGATIVE)
+
+
+@dataclass
 class RunConfig:
     steps: int | None = steps_option("optimizer steps")
     epochs: float | None = epochs_option()
@@ -159,9 +185,12 @@ class RunConfig:
     sample_count: int = sample_count_option()
     sample_sampler: str = option(DEFAULT_SAMPLER, "sampler for the grids", choices=tuple(SAMPLERS), resumable=True)
     sample_steps: int = option(DEFAULT_STEPS, "sampler steps for the grids", check=POSITIVE, resumable=True)
-    sample_cfg_scale: float = option(DEFAULT_CFG_SCALE, "classifier-free guidance scale for grids and evaluations "
-                                                        "of class-conditional models", check=NOT_NEGATIVE,
-                                     resumable=True)
+    sample_cfg_scale: float | None = option(None, "classifier-free guidance scale for grids and evaluations of "
+                                                  f"conditional models (default {DEFAULT_CFG_SCALE} for class models, "
+                                                  f"{DEFAULT_TEXT_CFG_SCALE} for text models)", check=NOT_NEGATIVE,
+                                            resumable=True)
+    sample_prompts: str | None = option(None, "text models: validation prompts for the grids, separated by | (default: "
+                                              "captions drawn from the data)", resumable=True)
     eval_every: int = option(0, "evaluate (Fréchet distance, class accuracy) every N steps and at the end (0 = never)",
                              resumable=True)
     eval_count: int = option(500, "images generated for each evaluation", resumable=True)
@@ -179,6 +208,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:

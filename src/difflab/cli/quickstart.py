@@ -51,7 +51,7 @@ def run(args) -> int:
     model = load_model(model_dir)
     evaluator = Evaluator.for_data("digits", model.info.image_size, model.info.channels)
     result = evaluator(model, args.count, sampler=run.sample_sampler, steps=run.sample_steps,
-                       cfg_scale=run.sample_cfg_scale, progress=True)
+                       cfg_scale=model.default_cfg_scale, progress=True)
     result["frechet_floor"] = round(evaluator.floor(args.count), 4)
     (args.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print_outputs(model_dir, log)

@@ -72,5 +72,9 @@ def run(args) -> int:
 
     config, out = resolve_config(args)
     model_dir = train(config, out, resume=args.resume, overwrite=args.overwrite)
-    print_outputs(model_dir, logging.getLogger("difflab"))
+    if config.model.conditioning == "text":
+        print_outputs(model_dir, logging.getLogger("difflab"), "StableDiffusionPipeline folder with a model card",
+                      'difflab sample --prompt "..."')
+    else:
+        print_outputs(model_dir, logging.getLogger("difflab"))
     return 0

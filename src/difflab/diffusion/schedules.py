@@ -31,11 +31,14 @@ def check_choice(kind: str, value: str, choices) -> str:
     return value
 
 
-def noise_scheduler(schedule: str = "linear", prediction: str = "epsilon", timesteps: int = 1000) -> DDPMScheduler:
+def noise_scheduler(schedule: str = "linear", prediction: str = "epsilon", timesteps: int = 1000,
+                    latent: bool = False) -> DDPMScheduler:
     """The training noise schedule. Its config also sets how samplers built from it behave, here and
     in plain diffusers: `timestep_spacing="trailing"` makes few-step samplers start from the last
     timestep, and thresholding at 1.0 clips the clean-image estimate x̂₀ to the image range [-1, 1]
-    (without it, schedules whose last ᾱ is near zero, like cosine, blow up in the first step)."""
+    (without it, schedules whose last ᾱ is near zero, like cosine, blow up in the first step). Latents
+    have no such range (`latent`): nothing is clipped, as in Stable Diffusion's own config, whose
+    `steps_offset` it also takes so that diffusers' pipelines use the config as it is."""
     from diffusers import DDPMScheduler
 
     check_choice("noise schedule", schedule, SCHEDULES)
@@ -45,7 +48,8 @@ def noise_scheduler(schedule: str = "linear", prediction: str = "epsilon", times
         beta_schedule=SCHEDULES[schedule],
         prediction_type=PREDICTIONS[prediction],
         timestep_spacing="trailing",
-        clip_sample=True,
-        thresholding=True,
+        clip_sample=not latent,
+        thresholding=not latent,
         sample_max_value=1.0,
+        steps_offset=1 if latent else 0,
     )

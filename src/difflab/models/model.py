@@ -33,6 +33,7 @@ class ModelInfo:
     class_embed_dim: int | None = None  # width of the "channels" class embedding
     base_model: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, str] = field(default_factory=dict)  # measured figures, in words, by what measured them
     format_version: int = 1
 
     def to_json(self) -> dict:

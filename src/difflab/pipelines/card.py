@@ -42,6 +42,14 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
         rows.append(("text encoder", f"{type(text_encoder).__name__}, {model.prompts.max_tokens} tokens, width "
                                      f"{text_encoder.config.hidden_size}; prompts reach the UNet by cross-attention"))
         rows.append(("kind", f"{model.kind.pipeline}: the UNet takes {model.kind.about}"))
+    if "vae" in training:  # a text-to-image model trained by difflab
+        psnr = f", reconstruction PSNR {training['vae_psnr']:.1f} dB" if training.get("vae_psnr") else ""
+        trained = "trained with the UNet" if training.get("text_encoder_trained") else "frozen"
+        rows.append(("components", f"VAE: {training['vae']}{psnr}; text encoder: {training['text_encoder']} "
+                                   f"({trained}); {training.get('captions', 0):,} distinct captions, dropped with "
+                                   f"chance {training.get('cond_dropout', 0)} for classifier-free guidance"))
+    for label, figures in info.evaluation.items():
+        rows.append((label, figures))
     if training.get("ema_decay"):
         rows.append(("weights", f"exponential moving average (decay {training['ema_decay']})"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -1,6 +1,9 @@
 """The run folder: everything a run makes, as plain files a person can open.
 
     runs/NAME/config.toml   metrics.csv   loss.png   samples/   checkpoints/   model/
+
+A text-to-image run also holds what it made before the UNet: `tokenizer/`, and `vae/` (the VAE
+stage: a run folder of its own, without config.toml).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class RunFolder:
         self.samples = self.root / "samples"
         self.checkpoints = self.root / "checkpoints"
         self.model = self.root / "model"
+        self.vae_stage = self.root / "vae"
 
     def holds_run(self) -> bool:
         return self.config.is_file()
@@ -83,7 +87,7 @@ class RunFolder:
                     "or choose another --out"
                 )
             checkpoint = self.latest_checkpoint()
-            if checkpoint is None:
+            if checkpoint is None and not self.stage_started():
                 raise RunFolderError(self.nothing_to_resume())
         elif occupied and not overwrite and self.work_done():
             choices = "add --resume to continue it or --overwrite" if resumable else "add --overwrite"
@@ -104,10 +108,15 @@ class RunFolder:
                 ) from None
         return checkpoint
 
+    def stage_started(self) -> bool:
+        """Whether an earlier stage (the VAE's) has a checkpoint or its result: a run to resume."""
+        stage = RunFolder(self.vae_stage)
+        return stage.latest_checkpoint() is not None or (stage.model / "config.json").is_file()
+
     def work_done(self, damaged: bool = False) -> list[str]:
         """What the folder holds that a new start would lose, in words (empty: only settings).
         `damaged`: its checkpoints are known to fail their checksums."""
-        found = []
+        found = ["a VAE stage (vae/)"] if self.stage_started() else []
         checkpoints = sorted(self.checkpoints.glob("step_*")) if self.checkpoints.is_dir() else []
         if checkpoints:
             kind = "damaged checkpoint" if damaged else "checkpoint"

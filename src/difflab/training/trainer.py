@@ -21,9 +21,10 @@ from difflab.config import TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.devices import auto_precision
 from difflab.diffusion.generate import generate, row_labels
-from difflab.errors import DataError, TrainingError
+from difflab.errors import ConfigError, DataError, TrainingError
 from difflab.images import make_grid
 from difflab.models.build import build_model
+from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
@@ -35,6 +36,8 @@ from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_setti
 from difflab.training.run_folder import MetricsLog, RunFolder
 from difflab.training.signals import stop_if_signalled, stop_signals
 from difflab.training.steps import StepLog, StepStats, TrainState
+from difflab.training.text_batches import CachedLatents, CaptionTokens, TrainingNetwork, sample_latents
+from difflab.training.text_model import TextModelParts, build_text_model, check_same_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger("difflab")
 
@@ -71,13 +74,16 @@ def make_accelerator(config: TrainConfig, out: str | Path | None = None):
 
 @dataclass
 class MicroBatch:
-    """One micro-batch on the device with what its forward pass needs: the images, their class labels
-    (some dropped to the null class, for guidance), the noise and a timestep per image."""
+    """One micro-batch on the device with what its forward pass needs: the images (latents, for a latent
+    model), their conditioning (class labels, some dropped to the null class for guidance; or prompt
+    embeddings), the noise and a timestep per image. `token_ids` stand for the prompt embeddings when the
+    text encoder trains, which computes them in the step."""
 
     images: torch.Tensor
-    labels: torch.Tensor | None
+    conditioning: Conditioning | torch.Tensor | None
     noise: torch.Tensor
     timesteps: torch.Tensor
+    token_ids: torch.Tensor | None = None
 
 
 def settle_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset, DiffusionModel | None]:
@@ -86,11 +92,18 @@ def settle_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset, Dif
     model decides the network, schedule, image size and channels, and the data is fitted to it."""
     if config.model.base:
         return fine_tuning_settings(config)
-    d = config.data
-    data = open_dataset(d.spec, d.image_size, d.channels, d.split, d.strict, d.memory_limit_mb)
+    d, text = config.data, config.model.conditioning == "text"
+    if text and d.channels == 1:
+        raise DataError("--conditioning text makes RGB models (the VAE takes 3 channels); leave out --channels 1")
+    data = open_dataset(d.spec, d.image_size, 3 if text else d.channels, d.split, d.strict, d.memory_limit_mb,
+                        caption_column=d.caption_column, caption_template=d.caption_template)
     if config.model.conditioning == "class" and not data.has_labels:
         raise DataError(f"--conditioning class needs labelled data, and {d.spec} has no labels "
                         "(put each class's images in its own sub-folder)")
+    if text and not data.has_captions:
+        raise DataError(f"--conditioning text needs captions, and {d.spec} has none: add a metadata.jsonl "
+                        "(file_name, text) or IMAGE.txt files, or give labelled data a --caption-template such as "
+                        "'a photo of a {label}'")
     return resolve_data_settings(config, data), data, None
 
 
@@ -101,6 +114,21 @@ def fine_tuning_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset
     data = open_dataset(d.spec, d.image_size, None, d.split, d.strict, d.memory_limit_mb)  # its own channels
     data = finetune.fit_data(data, settled)
     return resolve_data_settings(settled, data), data, finetune.fine_tuned(base, settled, data)
+
+
+VALIDATION_PROMPTS = 8
+
+
+def validation_prompts(run, data) -> list[str]:
+    """The grids' prompts: --sample-prompts, or distinct captions spread over the data."""
+    if run.sample_prompts:
+        prompts = [p.strip() for p in run.sample_prompts.split("|") if p.strip()]
+        if not prompts:
+            raise ConfigError("--sample-prompts holds no prompt; separate prompts with |")
+        return prompts
+    distinct = list(dict.fromkeys(c for c in data.captions if c))
+    step = max(1, len(distinct) // VALIDATION_PROMPTS)
+    return distinct[::step][:VALIDATION_PROMPTS]
 
 
 class Trainer:
@@ -116,19 +144,25 @@ class Trainer:
         self.config, data, base = settle_settings(config)
         self.run = RunFolder(out)
         checkpoint = self.prepare_run_folder(resume=resume, overwrite=overwrite)
-        self.model = base or self.new_model(data)
+        self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
+        self.model = base or self.new_model(data, checkpoint, clock)
         self.describe_training(data)
         self.start_reporting(data)
         self.params, self.optimizer, self.ema = self.make_optimizer()
+        self.captions = CaptionTokens(self.model.prompts, self.config.model.cond_dropout) if self.text else None
+        self.validation_prompts = validation_prompts(self.config.run, data) if self.text else []
+        self.train_mode()
         self.stream, self.noise_rng = self.data_order(data)
         self.steps = StepLog(Budget.from_config(self.config.run), self.images_per_step, clock)
         self.lr = 0.0  # the learning rate of the latest step
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
         # accelerate's wrapper (DDP across processes) syncs the gradients, so the training forward pass goes
-        # through it; everything else (samples, checkpoints, the saved model) uses self.model.denoiser, the
-        # same module with the same weights.
-        self.synced_denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, self.optimizer)
+        # through it; everything else (samples, checkpoints, the saved model) uses self.model's networks, the
+        # same modules with the same weights.
+        trained_text_encoder = self.model.prompts.text_encoder if self.text and self.text.train_text_encoder else None
+        self.synced_network, self.optimizer = self.accelerator.prepare(
+            TrainingNetwork(self.model.denoiser, trained_text_encoder), self.optimizer)
 
     # ---- set-up, in the order __init__ runs it -------------------------------------------------------
     def prepare_run_folder(self, *, resume: bool, overwrite: bool) -> Path | None:
@@ -140,8 +174,13 @@ class Trainer:
         acc.wait_for_everyone()  # no process reads the folder before the main one has set it up
         return checkpoint
 
-    def new_model(self, data: ImageDataset) -> DiffusionModel:
+    def new_model(self, data: ImageDataset, checkpoint: Path | None, clock) -> DiffusionModel:
         c = self.config
+        if c.model.conditioning == "text":
+            if checkpoint is None and self.run.latest_checkpoint() is None:
+                log.info("text-to-image model: %s", self.run.root)
+            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock)
+            return self.text.model
         names = data.class_names if c.model.conditioning == "class" else None
         return build_model(c.model, data.image_size, data.channels, data.source, c.run.seed, names)
 
@@ -150,8 +189,16 @@ class Trainer:
         training = self.model.info.training = {"images": len(data)}
         if self.config.model.preset != finetune.BASE_PRESET:
             training["preset"] = self.config.model.preset
-        if self.model.class_names:
+        if self.model.class_names or self.text:
             training["cond_dropout"] = self.config.model.cond_dropout
+        if self.text:
+            m = self.config.model
+            training["vae"] = m.vae or f"trained here ({self.config.vae.steps} steps)"
+            if self.text.vae_psnr is not None:
+                training["vae_psnr"] = self.text.vae_psnr
+            training["text_encoder"] = m.text_encoder or "trained here, with the UNet"
+            training["text_encoder_trained"] = self.text.train_text_encoder
+            training["captions"] = len(set(data.captions))
 
     def start_reporting(self, data: ImageDataset) -> None:
         """metrics.csv, and on the main process the trackers of --log-with and the evaluator of --eval-every."""
@@ -173,8 +220,8 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         o = self.config.optim
-        self.model.denoiser.to(self.accelerator.device)
-        params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
+        self.model.to(self.accelerator.device)
+        params = [p for network in self.model.modules() for p in network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
         ema = EMAModel(params, decay=o.ema_decay, foreach=True) if o.ema_decay else None
         return params, optimizer, ema
@@ -182,9 +229,21 @@ class Trainer:
     def data_order(self, data: ImageDataset) -> tuple[BatchStream, torch.Generator]:
         """This process's share of the batches, and its generator of noise, timesteps and label dropout."""
         acc, seed = self.accelerator, self.config.run.seed
+        if self.model.latent and self.config.data.cache_latents and isinstance(data, ImageDataset):
+            data = CachedLatents(data, self.model.codec, self.config.data.flip, acc.device)
+        if self.captions is not None:
+            self.captions.check_lengths(data.data.captions if isinstance(data, CachedLatents) else data.captions)
         stream = BatchStream(data, self.config.optim.batch_size, seed=seed, flip=self.config.data.flip,
                              rank=acc.process_index, world_size=acc.num_processes)
         return stream, torch.Generator().manual_seed(seed * 7919 + acc.process_index)
+
+    def train_mode(self) -> None:
+        """The trained networks in training mode, the frozen ones (a given VAE or text encoder) not."""
+        for network in self.model.modules():
+            network.eval()
+        self.model.denoiser.train()
+        if self.text and self.text.train_text_encoder:
+            self.model.prompts.text_encoder.train()
 
     # ---- where the run stands ----------------------------------------------------------------------
     @property
@@ -250,10 +309,30 @@ class Trainer:
         return [self.micro_batch(next(self.stream)) for _ in range(self.config.optim.grad_accum)]
 
     def micro_batch(self, batch: dict) -> MicroBatch:
-        images = batch["images"].to(self.accelerator.device, non_blocking=True)
-        labels = self.training_labels(batch)
-        noise, timesteps = self.draw_noise(images)
-        return MicroBatch(images, labels, noise, timesteps)
+        x0 = self.model_space(batch)
+        noise, timesteps = self.draw_noise(x0)
+        if self.captions is None:
+            return MicroBatch(x0, self.training_labels(batch), noise, timesteps)
+        token_ids = self.captions(batch["captions"], self.noise_rng).to(self.accelerator.device)
+        if self.text.train_text_encoder:
+            return MicroBatch(x0, None, noise, timesteps, token_ids)
+        with torch.no_grad():  # a frozen text encoder: its output is an input
+            embeddings = self.model.prompts.text_encoder(token_ids)[0]
+        return MicroBatch(x0, Conditioning(text=embeddings), noise, timesteps)
+
+    def model_space(self, batch: dict) -> torch.Tensor:
+        """The batch as the diffusion model sees it: images, or latents drawn from the VAE's posterior
+        (cached before training, or encoded now)."""
+        device = self.accelerator.device
+        if "latent_mean" in batch:
+            return sample_latents(batch, self.model.codec.scaling_factor, self.noise_rng).to(device)
+        images = batch["images"].to(device, non_blocking=True)
+        if not self.model.latent:
+            return images
+        with torch.no_grad():
+            posterior = self.model.codec.vae.encode(images.to(self.model.codec.dtype)).latent_dist
+        return sample_latents({"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()},
+                              self.model.codec.scaling_factor, self.noise_rng)
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepStats:
         """One optimizer step over the micro-batches (their mean loss); the statistics stay on the device."""
@@ -264,9 +343,9 @@ class Trainer:
         for i, b in enumerate(micro_batches):
             x_t = schedule.add_noise(b.images, b.noise, b.timesteps)
             last = i == count - 1
-            with nullcontext() if last else acc.no_sync(self.synced_denoiser):  # gradients sync once per step
+            with nullcontext() if last else acc.no_sync(self.synced_network):  # gradients sync once per step
                 with acc.autocast():
-                    prediction = self.synced_denoiser(x_t, b.timesteps, b.labels)
+                    prediction = self.synced_network(x_t, b.timesteps, b.conditioning, b.token_ids)
                 weights = min_snr_weights(schedule, b.timesteps, o.min_snr_gamma) if o.min_snr_gamma else None
                 loss = diffusion_loss(prediction, prediction_target(schedule, b.images, b.noise, b.timesteps), weights)
                 acc.backward(loss / count)  # accelerate leaves the mean over micro-batches to us
@@ -358,23 +437,36 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
+    @property
+    def cfg_scale(self) -> float:
+        """The guidance scale of grids and evaluations: the run's, or the model kind's default."""
+        scale = self.config.run.sample_cfg_scale
+        return self.model.default_cfg_scale if scale is None else scale
+
     def write_samples(self) -> None:
-        """A grid at fixed seeds from the moving-average weights: one row per class for a conditional model."""
+        """A grid at fixed seeds from the moving-average weights: one row per class for a class-conditional
+        model; one column per validation prompt for a text model."""
         if not self.accelerator.is_main_process:
             return
         run = self.config.run
         names = self.model.class_names
-        labels = columns = None
+        labels = columns = prompts = None
         if names:
             columns = max(1, -(-run.sample_count // len(names)))
             labels = row_labels(len(names), columns)
+        elif self.text:
+            columns = len(self.validation_prompts)
+            prompts = self.validation_prompts * max(1, -(-run.sample_count // columns))
+        count = len(labels) if names else len(prompts) if prompts else run.sample_count
         with self.ema_weights():
-            images = generate(self.model, len(labels) if names else run.sample_count, sampler=run.sample_sampler,
-                              steps=run.sample_steps, seed=0, class_labels=labels, cfg_scale=run.sample_cfg_scale)
-        self.model.denoiser.train()
+            images = generate(self.model, count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0,
+                              class_labels=labels, prompts=prompts, cfg_scale=self.cfg_scale)
+        self.train_mode()
         settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
-        if names:
-            settings["cfg_scale"] = run.sample_cfg_scale
+        if names or prompts:
+            settings["cfg_scale"] = self.cfg_scale
+        if prompts:
+            settings["prompts"] = " | ".join(self.validation_prompts)
         with self.writing():
             self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
 
@@ -385,8 +477,8 @@ class Trainer:
         run = self.config.run
         with self.ema_weights():
             result = self.evaluator(self.model, run.eval_count, sampler=run.sample_sampler, steps=run.sample_steps,
-                                    cfg_scale=run.sample_cfg_scale)
-        self.model.denoiser.train()
+                                    cfg_scale=self.cfg_scale)
+        self.train_mode()
         row = {"step": self.state.step, "frechet_distance": result["frechet_distance"]}
         if "class_accuracy" in result:
             row["class_accuracy"] = result["class_accuracy"]
@@ -409,6 +501,8 @@ class Trainer:
             "optimizer": optimizer_tensors,
             "rng": {f"noise.{rank}": state for rank, state in enumerate(noise_states)},
         }
+        if self.text and self.text.train_text_encoder:
+            tensors["text_encoder"] = self.model.prompts.text_encoder.state_dict()
         if self.ema is not None:
             tensors["ema"] = {str(i): p for i, p in enumerate(self.ema.shadow_params)}
         state = {
@@ -417,11 +511,17 @@ class Trainer:
             "optimizer": optimizer_meta,
             "ema_step": self.ema.optimization_step if self.ema is not None else 0,
         }
+        if self.text:
+            state["tokenizer"] = tokenizer_fingerprint(self.model.prompts.tokenizer)
         checkpoints.save_checkpoint(self.run.checkpoints, self.state.step, tensors, state,
                                     self.config.run.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, state = checkpoints.load_checkpoint(path)
+        if self.text:
+            check_same_tokenizer(state.get("tokenizer"), self.model.prompts.tokenizer, self.run.root)
+            if "text_encoder" in tensors:
+                self.model.prompts.text_encoder.load_state_dict(tensors["text_encoder"])
         self.model.denoiser.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(checkpoints.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
         if self.ema is not None and "ema" in tensors:

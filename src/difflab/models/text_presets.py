@@ -1,0 +1,69 @@
+"""Named sizes for a text-to-image model built here: its cross-attention UNet
+(`UNet2DConditionModel`), its CLIP text encoder (`CLIPTextModel`) and its VAE (`AutoencoderKL`).
+
+`--model` names one of them, as it names a pixel UNet preset for other runs. `small` is sized for a
+CPU (the built-in `shapes` data at 32×32 learns colour, shape and position in minutes: latents are
+8×8×4); `medium` for GPUs and larger images (a VAE with Stable Diffusion's ×8 factor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difflab.errors import ModelError
+
+
+@dataclass(frozen=True)
+class TextPreset:
+    unet_channels: tuple[int, ...]      # feature channels at each latent resolution, highest first
+    unet_cross_attention: tuple[bool, ...]  # cross-attention (and self-attention) at that resolution
+    head_dim: int
+    text_width: int                      # the text encoder's hidden size = the UNet's cross_attention_dim
+    text_layers: int
+    text_heads: int
+    vae_channels: tuple[int, ...]       # the VAE's levels: each but the last halves the image
+    latent_channels: int = 4
+    norm_groups: int = 32
+    about: str = ""
+
+    def unet_config(self, sample_size: int, in_channels: int) -> dict:
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.unet_cross_attention]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.unet_cross_attention)]
+        return {"sample_size": sample_size, "in_channels": in_channels, "out_channels": self.latent_channels,
+                "block_out_channels": list(self.unet_channels), "down_block_types": down, "up_block_types": up,
+                "layers_per_block": 1 if self.unet_channels[0] < 128 else 2, "cross_attention_dim": self.text_width,
+                "attention_head_dim": self.head_dim, "norm_num_groups": self.norm_groups}
+
+    def text_config(self, vocab_size: int, max_tokens: int, bos: int, eos: int) -> dict:
+        return {"vocab_size": vocab_size, "hidden_size": self.text_width, "intermediate_size": 4 * self.text_width,
+                "num_hidden_layers": self.text_layers, "num_attention_heads": self.text_heads,
+                "max_position_embeddings": max_tokens, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+
+    def vae_config(self, image_size: int) -> dict:
+        levels = len(self.vae_channels)
+        return {"in_channels": 3, "out_channels": 3, "latent_channels": self.latent_channels,
+                "block_out_channels": list(self.vae_channels), "down_block_types": ["DownEncoderBlock2D"] * levels,
+                "up_block_types": ["UpDecoderBlock2D"] * levels, "layers_per_block": 1,
+                "norm_num_groups": min(self.vae_channels[0], 32), "sample_size": image_size}
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+TEXT_PRESETS = {
+    "tiny": TextPreset((16, 32), (False, True), 8, text_width=16, text_layers=1, text_heads=2,
+                       vae_channels=(8, 8), norm_groups=8, about="for tests"),
+    "small": TextPreset((64, 128), (False, True), 32, text_width=128, text_layers=3, text_heads=4,
+                        vae_channels=(16, 32, 64),
+                        about="for CPU work: 4.0 M UNet parameters, latents ×4 smaller than the image"),
+    "medium": TextPreset((128, 256, 512), (True, True, True), 64, text_width=512, text_layers=6, text_heads=8,
+                         vae_channels=(64, 128, 256, 256),
+                         about="for GPU work on 64-256 px images: latents ×8 smaller, as Stable Diffusion's"),
+}
+
+
+def text_preset(name: str) -> TextPreset:
+    if name not in TEXT_PRESETS:
+        raise ModelError(f"unknown text-to-image preset {name!r}; choose one of: {', '.join(TEXT_PRESETS)}")
+    return TEXT_PRESETS[name]

@@ -1,0 +1,217 @@
+"""The VAE stage of a text-to-image run: an `AutoencoderKL` trained on the run's images before the UNet.
+
+The objective is latent diffusion's: reconstruction (mean squared error) plus a small KL term that
+keeps the latents near a unit Gaussian. When it ends, the latent scaling factor is set from the data,
+1 / std of the latents (as latent diffusion set Stable Diffusion's 0.18215), so the diffusion model
+works on latents of about unit variance; the reconstruction PSNR is reported.
+
+It is a stage of the run, not another kind of run: it lives in the run folder's `vae/` sub-folder
+with the run's progress bar, `metrics.csv` rows, checkpoints and resume, and a finished stage is
+simply loaded again (`vae/model/`, a diffusers AutoencoderKL folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.errors import TrainingError
+from difflab.images import make_grid
+from difflab.progress import progress_bar
+from difflab.training import checkpoints
+from difflab.training.budget import Budget, lr_factor
+from difflab.training.run_folder import MetricsLog, RunFolder
+from difflab.training.steps import StepLog, StepStats
+
+log = logging.getLogger("difflab")
+
+SCALE_IMAGES = 1024  # images whose latents set the scaling factor and measure the PSNR
+WARMUP_STEPS = 50
+
+
+def stage_folder(run_root: Path) -> RunFolder:
+    return RunFolder(Path(run_root) / "vae")
+
+
+def finished_vae(run_root: Path):
+    """The stage's saved VAE and its PSNR, if the stage has finished (else None)."""
+    from diffusers import AutoencoderKL
+
+    folder = stage_folder(run_root)
+    if not (folder.model / "config.json").is_file():
+        return None
+    quality = [float(r["psnr_eval"]) for r in MetricsLog(folder.metrics).rows if r.get("psnr_eval")]
+    return AutoencoderKL.from_pretrained(folder.model).eval(), (quality[-1] if quality else None)
+
+
+def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (a peak-to-peak range of 2)."""
+    mse = (images.float() - reconstructions.float().clamp(-1, 1)).pow(2).mean().item()
+    return 10 * math.log10(4 / max(mse, 1e-12))
+
+
+class Reconstruction(torch.nn.Module):
+    """images, noise -> (reconstructions from a posterior sample, each image's KL divergence)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        return self.vae.decode(latents).sample, posterior.kl()
+
+
+class VaeStage:
+    def __init__(self, config, data, run_root: Path, accelerator, preset, clock=time.perf_counter):
+        from diffusers import AutoencoderKL
+
+        from difflab.data import BatchStream
+
+        self.settings, self.run_settings = config.vae, config.run
+        self.accelerator = accelerator
+        self.folder = stage_folder(run_root)
+        self.folder.root.mkdir(parents=True, exist_ok=True)
+        self.data = data
+        with torch.random.fork_rng():
+            torch.manual_seed(config.run.seed)
+            self.vae = AutoencoderKL.from_config(preset.vae_config(data.image_size))
+        self.vae.to(accelerator.device).train()
+        self.optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.settings.lr)
+        self.stream = BatchStream(data, self.settings.batch_size, seed=config.run.seed + 1, flip=config.data.flip,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
+        self.rng = torch.Generator().manual_seed(config.run.seed * 7919 + 1 + accelerator.process_index)
+        seconds = None if self.settings.minutes is None else self.settings.minutes * 60
+        self.steps = StepLog(Budget(self.settings.steps, None, seconds), self.settings.batch_size, clock)
+        self.metrics = MetricsLog(self.folder.metrics)
+        latest = self.folder.latest_checkpoint()
+        if latest is not None:
+            self.load_checkpoint(latest)
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # one module for the whole forward pass, so that accelerate (DDP) syncs its gradients
+        self.synced_vae, self.optimizer = accelerator.prepare(Reconstruction(self.vae), self.optimizer)
+
+    def fraction_done(self) -> float:
+        return self.steps.fraction_done(self.stream.epochs_done)
+
+    def run(self):
+        """Train until the stage's budget is used, then set the scaling factor and save; returns the VAE
+        and its reconstruction PSNR."""
+        bar = progress_bar(total=self.steps.budget.steps, initial=self.steps.state.step, unit="step", desc="VAE",
+                           enabled=self.accelerator.is_main_process)
+        try:
+            while self.fraction_done() < 1.0:
+                self.steps.start_step()
+                self.steps.end_step(self.train_step(next(self.stream)["images"]))
+                bar.update()
+                if self.steps.state.step % self.run_settings.log_every == 0:
+                    self.log(bar)
+                every = self.run_settings.checkpoint_every
+                if every and self.steps.state.step % every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save_checkpoint()
+            raise
+        finally:
+            self.stream.close()
+        bar.close()
+        if self.steps.pending:
+            self.log(bar)
+        self.save_checkpoint()
+        return self.finish()
+
+    def train_step(self, images: torch.Tensor) -> StepStats:
+        acc, s = self.accelerator, self.settings
+        images = images.to(acc.device)
+        c, f = self.vae.config.latent_channels, self.factor
+        noise = torch.randn((images.shape[0], c, images.shape[2] // f, images.shape[3] // f), generator=self.rng)
+        with acc.autocast():
+            reconstruction, kl = self.synced_vae(images, noise.to(acc.device))
+        mse = (reconstruction.float() - images).pow(2).mean()
+        kl = kl.float().mean() / images[0].numel()  # per pixel, like the reconstruction term
+        loss = mse + s.kl_weight * kl
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(self.vae.parameters(), 1.0)
+        lr = s.lr * lr_factor(self.steps.state.step, self.fraction_done(), WARMUP_STEPS, "cosine")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr = lr
+        return StepStats(loss=mse.detach(), grad_norm=grad_norm.detach().float() if grad_norm is not None else None)
+
+    def advice(self) -> str:
+        return (f"{checkpoints.last_good(self.folder.checkpoints)}: lower --vae-lr (now {self.settings.lr}), then run "
+                "again with --resume")
+
+    def log(self, bar) -> None:
+        row = self.steps.row(self.stream.epochs_done, self.lr, self.advice)
+        row["psnr"] = round(10 * math.log10(4 / max(row["loss"], 1e-12)), 3)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f} dB", refresh=False)
+        if self.accelerator.is_main_process:
+            self.metrics.append(row)
+
+    def save_checkpoint(self) -> None:
+        self.steps.check_finite(self.advice)
+        if not self.accelerator.is_main_process:
+            return
+        optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
+        tensors = {"model": self.vae.state_dict(), "optimizer": optimizer_tensors,
+                   "rng": {"noise": self.rng.get_state()}}
+        state = {"train": vars(self.steps.state).copy(), "data": self.stream.state_dict(), "optimizer": optimizer_meta}
+        checkpoints.save_checkpoint(self.folder.checkpoints, self.steps.state.step, tensors, state,
+                                    self.run_settings.keep_checkpoints)
+
+    def load_checkpoint(self, path: Path) -> None:
+        from difflab.training.steps import TrainState
+
+        tensors, state = checkpoints.load_checkpoint(path)
+        self.vae.load_state_dict(tensors["model"])
+        self.optimizer.load_state_dict(checkpoints.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
+        self.rng.set_state(tensors["rng"]["noise"])
+        self.stream.load_state_dict(state["data"])
+        self.steps.resume(TrainState(**state["train"]))
+        self.metrics.truncate_after(self.steps.state.step)
+        log.info("resuming the VAE stage from %s (step %d)", path, self.steps.state.step)
+
+    @torch.no_grad()
+    def finish(self):
+        """Set the latent scaling factor from the data, measure the PSNR, write a reconstruction grid and
+        save the VAE (main process); returns it, in evaluation mode."""
+        vae = self.vae.eval()
+        count = min(len(self.data), SCALE_IMAGES)
+        picks = torch.linspace(0, len(self.data) - 1, count).long()
+        images = self.data.batch(picks)["images"].to(self.accelerator.device)
+        latents, reconstructions = [], []
+        for chunk in images.split(256):
+            mean = vae.encode(chunk).latent_dist.mean
+            latents.append(mean)
+            reconstructions.append(vae.decode(mean).sample)
+        latents, reconstructions = torch.cat(latents), torch.cat(reconstructions)
+        std = latents.float().std().item()
+        if not math.isfinite(std) or std <= 0:
+            raise TrainingError(f"the VAE stage's latents have no spread (std {std}); {self.advice()}")
+        vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+        quality = round(psnr(images, reconstructions), 2)
+        log.info("VAE: reconstruction PSNR %.2f dB on %d images; latent scaling factor %.5f", quality, count,
+                 vae.config.scaling_factor)
+        if self.accelerator.is_main_process:
+            shown = 8
+            grid = make_grid(torch.cat([images[:shown], reconstructions[:shown].clamp(-1, 1)]).add(1).div(2).cpu(),
+                             shown, ["images", "reconstructions"])
+            self.folder.samples.mkdir(parents=True, exist_ok=True)
+            grid.save(self.folder.samples / "reconstructions.png")
+            self.metrics.append({"step": self.steps.state.step, "psnr_eval": quality,
+                                 "scaling_factor": vae.config.scaling_factor})
+            from difflab.files import atomic_folder
+
+            with atomic_folder(self.folder.model) as partial:
+                vae.save_pretrained(partial, safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        return vae, quality

@@ -1,0 +1,124 @@
+"""What a text-to-image training batch carries into the one training step: latents (encoded once and
+cached, or encoded on the fly), and token ids with captions dropped for classifier-free guidance.
+And the module the step runs forward: the denoiser, behind the text encoder when that trains.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from difflab.data.dataset import pick
+from difflab.models.conditioning import Conditioning
+from difflab.models.text import PromptEncoder
+from difflab.progress import progress_bar
+
+log = logging.getLogger("difflab")
+
+ENCODE_BATCH = 256
+
+
+class TrainingNetwork(nn.Module):
+    """Everything a training step runs forward, as one module so accelerate (DDP) syncs every trained
+    gradient: the denoiser, and the text encoder when it trains (given `token_ids`, its output becomes
+    the text conditioning; a frozen encoder's output comes ready in the conditioning)."""
+
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.text_encoder = text_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning | torch.Tensor | None,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_ids is not None:
+            conditioning = Conditioning(text=self.text_encoder(token_ids)[0])
+        return self.denoiser(x_t, t, conditioning)
+
+
+class CaptionTokens:
+    """Captions -> token ids, each caption dropped to the empty prompt with chance `dropout` (what
+    classifier-free guidance needs: the empty prompt is the unconditional one, as in Stable Diffusion).
+    Captions longer than the tokenizer's limit are truncated, and counted in one warning per run."""
+
+    def __init__(self, prompts: PromptEncoder, dropout: float):
+        self.tokenizer = prompts.tokenizer
+        self.dropout = dropout
+        self.seen_long: set[str] = set()
+
+    def __call__(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        dropped = (torch.rand(len(captions), generator=generator) < self.dropout).tolist()
+        captions = ["" if d else c for c, d in zip(captions, dropped)]
+        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def check_lengths(self, captions: list[str]) -> int:
+        """Count (and warn once about) the captions the tokenizer must truncate; returns the count."""
+        limit = self.tokenizer.model_max_length
+        unique = list(dict.fromkeys(captions))
+        lengths = self.tokenizer(unique).input_ids
+        long = {c for c, ids in zip(unique, lengths) if len(ids) > limit}
+        count = sum(c in long for c in captions)
+        if count:
+            example = max(long, key=len)
+            log.warning("%d of %d captions are longer than the tokenizer's %d tokens and are truncated in training "
+                        "(the longest: %r)", count, len(captions), limit, example[:80] + "..." * (len(example) > 80))
+        return count
+
+
+class CachedLatents:
+    """A dataset's images as the VAE's posterior (mean and std per latent), computed once before
+    training; each batch draws its latents from it with the run's noise generator, as encoding on the
+    fly would. With flips the mirrored images are encoded too. Looks like the dataset to a BatchStream."""
+
+    def __init__(self, data, codec, flip: bool, device):
+        self.data = data
+        self.scale = codec.scaling_factor
+        self.mean, self.std = self._encode(data, codec, False, device)
+        self.flipped = self._encode(data, codec, True, device) if flip else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _encode(data, codec, flip: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        n = len(data)
+        bar = progress_bar(total=n, unit="image", desc="caching latents" + (" (mirrored)" if flip else ""))
+        for start in range(0, n, ENCODE_BATCH):
+            index = torch.arange(start, min(n, start + ENCODE_BATCH))
+            images = data.batch(index, torch.ones(len(index), dtype=torch.bool) if flip else None)["images"]
+            posterior = codec.vae.encode(images.to(device, codec.dtype)).latent_dist
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
+            bar.update(len(index))
+        bar.close()
+        return torch.cat(means), torch.cat(stds)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict:
+        mean, std = self.mean[indices], self.std[indices]
+        if flips is not None and self.flipped is not None and bool(flips.any()):
+            m = flips[:, None, None, None]
+            mean = torch.where(m, self.flipped[0][indices], mean)
+            std = torch.where(m, self.flipped[1][indices], std)
+        out = {"latent_mean": mean, "latent_std": std}
+        captions = pick(self.data.captions, indices)
+        if flips is not None and self.data.mirror_caption is not None:
+            captions = [self.data.mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
+        out["captions"] = captions
+        return out
+
+    def read_ahead(self, plan) -> None:
+        pass
+
+    def close(self) -> None:
+        self.data.close()
+
+
+def sample_latents(batch: dict, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents drawn from a cached posterior."""
+    mean = batch["latent_mean"]
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+    return (mean + batch["latent_std"] * noise) * scale

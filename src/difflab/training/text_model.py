@@ -1,0 +1,200 @@
+"""A new text-to-image model for `difflab train --conditioning text`: what it is given, loaded; what it
+is not, made in the run folder.
+
+- the VAE: `--vae` (frozen), or the run's VAE stage (training/autoencoder.py, `vae/`);
+- the tokenizer and text encoder: `--text-encoder` (frozen unless --train-text-encoder), or a
+  tokenizer learnt from the captions (`tokenizer/`) and a new `CLIPTextModel`, trained with the UNet;
+- the UNet: a `UNet2DConditionModel` of the preset's size, on the VAE's latents, attending to the
+  text encoder's output.
+
+The result is the same model container every other model is (a denoiser, its noise schedule, a latent
+codec, a prompt encoder), so the trainer, the sampler and `save_model` treat it as they treat any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difflab.errors import ModelError, RunFolderError
+from difflab.models.codec import LatentCodec
+from difflab.models.denoiser import Denoiser
+from difflab.models.model import DiffusionModel, ModelInfo
+from difflab.models.text import PromptEncoder
+from difflab.models.text_presets import TextPreset, text_preset
+
+log = logging.getLogger("difflab")
+
+TOKENIZER_FOLDER = "tokenizer"
+MAX_TOKENS = 77  # CLIP's; a tokenizer learnt here is shorter when the captions are (see prompt_length)
+
+
+@dataclass
+class TextModelParts:
+    model: DiffusionModel
+    train_text_encoder: bool
+    vae_psnr: float | None  # of the VAE stage, when the run trained the VAE
+
+
+def build_text_model(config, data, run_root: Path, accelerator, clock) -> TextModelParts:
+    """The model a text run trains, with its VAE stage run first when it has no --vae."""
+    from diffusers import UNet2DConditionModel
+
+    from difflab.diffusion.schedules import noise_scheduler
+
+    m = config.model
+    preset = text_preset(m.preset)
+    tokenizer, text_encoder, trained_here = text_components(m.text_encoder, data.captions, run_root, preset,
+                                                            config.run.seed)
+    vae, psnr = vae_component(config, data, run_root, accelerator, preset, clock)
+    codec = LatentCodec(vae)
+    check_sizes(data.image_size, codec, preset, m.vae or "the VAE")
+    with torch.random.fork_rng():
+        torch.manual_seed(config.run.seed)
+        unet = UNet2DConditionModel.from_config({
+            **preset.unet_config(data.image_size // codec.factor, codec.channels),
+            "cross_attention_dim": text_encoder.config.hidden_size})
+    info = ModelInfo(data.image_size, 3, data=data.source)
+    model = DiffusionModel(Denoiser(unet), noise_scheduler(m.schedule, m.prediction, m.timesteps, latent=True), info,
+                           codec=codec, prompts=PromptEncoder(tokenizer, text_encoder))
+    train_text = trained_here if m.train_text_encoder is None else m.train_text_encoder
+    text_encoder.requires_grad_(train_text)
+    vae.requires_grad_(False)
+    return TextModelParts(model, train_text, psnr)
+
+
+# ---- tokenizer and text encoder -----------------------------------------------------------------
+
+def text_components(spec: str | None, captions: list[str], run_root: Path, preset: TextPreset, seed: int):
+    """(tokenizer, text encoder, made here?)."""
+    if spec:
+        tokenizer, text_encoder = load_text_encoder(spec)
+        return tokenizer, text_encoder, False
+    tokenizer = run_tokenizer(captions, Path(run_root) / TOKENIZER_FOLDER)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_config(
+            len(tokenizer), tokenizer.model_max_length, tokenizer.bos_token_id, tokenizer.eos_token_id)))
+    return tokenizer, text_encoder, True
+
+
+def run_tokenizer(captions: list[str], folder: Path):
+    """The run's tokenizer: learnt from the captions the first time, loaded from the run folder after."""
+    from transformers import CLIPTokenizer
+
+    from difflab.models.tokenizer import train_tokenizer
+
+    if (folder / "tokenizer_config.json").is_file():
+        return CLIPTokenizer.from_pretrained(str(folder))
+    probe = train_tokenizer(captions, folder)  # to count the captions' tokens, then again at the length they need
+    length = prompt_length(max(len(probe(c).input_ids) for c in set(captions) if c))
+    tokenizer = train_tokenizer(captions, folder, model_max_length=length)
+    log.info("learnt a %d-token vocabulary from the captions (prompts up to %d tokens) in %s", len(tokenizer),
+             length, folder)
+    return tokenizer
+
+
+def prompt_length(longest_caption: int) -> int:
+    """Room for the longest caption and some longer prompts, in multiples of 8; never past CLIP's 77. A
+    shorter sequence makes the text encoder and the cross-attention cheaper."""
+    return min(MAX_TOKENS, max(32, -(-(longest_caption * 3 // 2) // 8) * 8))
+
+
+def load_text_encoder(spec: str):
+    """A CLIP tokenizer and text encoder from a folder that holds them (a Stable Diffusion folder's
+    tokenizer/ and text_encoder/, or one folder with both), or a Hub id."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(spec).expanduser()
+    local = path.is_dir()
+    if path.exists() and not local:
+        raise ModelError(f"--text-encoder {spec} is a file; give the folder that holds the text encoder")
+    nested = (path / "text_encoder").is_dir() if local else True
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(path if local else spec),
+                                                  subfolder="tokenizer" if nested else "")
+        text_encoder = CLIPTextModel.from_pretrained(str(path if local else spec),
+                                                     subfolder="text_encoder" if nested else "", use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load a CLIP text encoder and tokenizer from {spec} ({reason}); give a Stable "
+                         "Diffusion folder or a folder with tokenizer/ and text_encoder/") from None
+    return tokenizer, text_encoder.eval()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What a checkpoint records of its tokenizer: a resumed run must tokenize as the run did."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    text = repr((vocab, tokenizer.model_max_length))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(saved: str | None, tokenizer, run_root: Path) -> None:
+    if saved is not None and saved != tokenizer_fingerprint(tokenizer):
+        raise RunFolderError(f"{run_root} was trained with another tokenizer (fingerprint {saved}, now "
+                             f"{tokenizer_fingerprint(tokenizer)}); its token ids would mean other words: resume with "
+                             "the run's own tokenizer/ and --text-encoder, or start a new run")
+
+
+# ---- the VAE ------------------------------------------------------------------------------------
+
+def vae_component(config, data, run_root: Path, accelerator, preset: TextPreset, clock):
+    """(the VAE, its PSNR when the run trained it)."""
+    from difflab.training.autoencoder import VaeStage, finished_vae
+
+    if config.model.vae:
+        return load_vae(config.model.vae), None
+    done = finished_vae(run_root)
+    if done is not None:
+        return done
+    check_image_size(data.image_size, preset.vae_factor, "the VAE this run trains")
+    log.info("VAE stage: training an AutoencoderKL (latents ×%d smaller, %d channels) for %d steps",
+             preset.vae_factor, preset.latent_channels, config.vae.steps)
+    return VaeStage(config, data, run_root, accelerator, preset, clock).run()
+
+
+def load_vae(spec: str):
+    from diffusers import AutoencoderKL
+
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelError(f"--vae {spec} is a file; give the folder that holds the VAE")
+    nested = (path / "vae").is_dir() if path.is_dir() else True
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path if path.is_dir() else spec), subfolder="vae" if nested else None,
+                                            use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load an AutoencoderKL from {spec} ({reason}); give a Stable Diffusion folder or "
+                         "a diffusers AutoencoderKL folder") from None
+    scale = getattr(vae.config, "scaling_factor", None)
+    if not isinstance(scale, (int, float)) or not 0 < scale < 1e3:
+        raise ModelError(f"--vae {spec} has no usable latent scaling factor (scaling_factor = {scale!r}); set it "
+                         "in its config.json (1 / std of its latents)")
+    return vae.eval()
+
+
+def check_image_size(image_size: int, factor: int, what: str) -> None:
+    if image_size % factor:
+        below, above = image_size // factor * factor, (image_size // factor + 1) * factor
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ModelError(f"image size {image_size} is not a multiple of {factor}, the factor {what} shrinks images "
+                         f"by: use --image-size {nearest}")
+
+
+def check_sizes(image_size: int, codec: LatentCodec, preset: TextPreset, vae_name: str) -> None:
+    """The VAE's factor divides the image, and the UNet's levels divide the latents; the VAE's latents
+    have the channels the UNet is built for."""
+    check_image_size(image_size, codec.factor, vae_name)
+    unet_factor = 2 ** (len(preset.unet_channels) - 1)
+    latent = image_size // codec.factor
+    if latent % unet_factor or latent < unet_factor:
+        raise ModelError(f"{vae_name} makes {latent}×{latent} latents of {image_size} px images, and the UNet halves "
+                         f"them {len(preset.unet_channels) - 1} times, so they must be a multiple of {unet_factor}: "
+                         f"use --image-size {codec.factor * unet_factor * max(1, -(-latent // unet_factor))}")

@@ -1,0 +1,272 @@
+"""Training a text-to-image latent model from scratch: the VAE stage, the tokenizer and text encoder,
+the cross-attention UNet, through the one trainer; what it saves; its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.config import TrainConfig
+from difflab.diffusion.generate import generate
+from difflab.errors import DataError, ModelError, RunFolderError
+from difflab.pipelines.folder import load_model
+from difflab.training.text_batches import CachedLatents, CaptionTokens
+from difflab.training.trainer import train
+
+import tiny_sd
+
+
+def text_config(steps: int = 4, vae_steps: int = 6, data: str = "shapes:n=96") -> TrainConfig:
+    config = TrainConfig()
+    config.data.spec = data
+    config.data.image_size = 16
+    config.model.conditioning = "text"
+    config.model.preset = "tiny"
+    config.optim.batch_size = 8
+    config.optim.precision = "no"
+    config.vae.steps = vae_steps
+    config.vae.batch_size = 8
+    config.run.steps = steps
+    config.run.sample_every = 0
+    config.run.checkpoint_every = 0
+    config.run.sample_count = 4
+    config.run.sample_steps = 2
+    config.run.log_every = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text") / "run"
+    train(text_config(), out)
+    return out
+
+
+def test_a_text_run_trains_each_component_and_saves_a_stable_diffusion_folder(trained):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    model_dir = trained / "model"
+    index = json.loads((model_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    tokenizer = CLIPTokenizer.from_pretrained(str(trained / "tokenizer"))  # plain transformers
+    assert tokenizer("a red circle").input_ids[1:-1] == CLIPTokenizer.from_pretrained(
+        str(model_dir / "tokenizer"))("a red circle").input_ids[1:-1]
+    vae_rows = (trained / "vae" / "metrics.csv").read_text().splitlines()
+    assert vae_rows[0].startswith("step,") and "psnr" in vae_rows[0]
+    assert (trained / "vae" / "samples" / "reconstructions.png").is_file()
+    vae = AutoencoderKL.from_pretrained(trained / "vae" / "model")
+    assert vae.config.scaling_factor != 1.0  # set from the data
+    info = json.loads((model_dir / "difflab.json").read_text())
+    assert info["training"]["text_encoder_trained"] is True
+    assert info["training"]["vae_psnr"] > 0
+    card = (model_dir / "README.md").read_text()
+    assert "reconstruction PSNR" in card and "StableDiffusionPipeline.from_pretrained" in card
+
+
+def test_the_scaling_factor_gives_latents_of_unit_spread(trained):
+    from difflab.data import open_dataset
+
+    model = load_model(trained)
+    data = open_dataset("shapes:n=96", 16, 3)
+    images = data.batch(torch.arange(len(data)))["images"]
+    with torch.no_grad():
+        latents = model.codec.vae.encode(images).latent_dist.mean * model.codec.scaling_factor
+    assert latents.std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_plain_diffusers_gives_the_trained_models_images(trained):
+    from diffusers import StableDiffusionPipeline
+
+    from difflab.diffusion.samplers import make_sampler
+
+    prompts = ["a small red circle at the top left on a white background", "a large blue square in the centre"]
+    pipe = StableDiffusionPipeline.from_pretrained(trained / "model")
+    pipe.scheduler = make_sampler("ddim", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    theirs = pipe(prompts, negative_prompt=["", ""], guidance_scale=3.0, num_inference_steps=3, generator=generators,
+                  output_type="np").images
+    ours = generate(load_model(trained), 2, sampler="ddim", steps=3, seed=0, prompts=prompts, cfg_scale=3.0)
+    ours = ours.permute(0, 2, 3, 1).numpy()
+    assert np.abs(theirs - ours).max() < 1e-5
+    assert ours.std() > 0.01
+
+
+def test_captions_are_dropped_to_the_empty_prompt_at_the_set_chance(trained):
+    model = load_model(trained)
+    captions = ["a red circle"] * 400
+    empty = model.prompts.tokenizer([""], padding="max_length", max_length=model.prompts.max_tokens,
+                                    return_tensors="pt").input_ids[0]
+    for chance, low, high in ((0.0, 0, 0), (0.25, 70, 130), (1.0, 400, 400)):
+        ids = CaptionTokens(model.prompts, chance)(captions, torch.Generator().manual_seed(0))
+        dropped = int((ids == empty).all(dim=1).sum())
+        assert low <= dropped <= high
+
+
+def test_cached_latents_are_the_vaes_posterior_of_each_image_and_its_mirror(trained):
+    from difflab.data import open_dataset
+
+    model = load_model(trained)
+    data = open_dataset("shapes:n=12", 16, 3)
+    cache = CachedLatents(data, model.codec, flip=True, device="cpu")
+    index = torch.tensor([3, 7])
+    flips = torch.tensor([False, True])
+    batch = cache.batch(index, flips)
+    images = data.batch(index, flips)["images"]
+    with torch.no_grad():
+        posterior = model.codec.vae.encode(images).latent_dist
+    torch.testing.assert_close(batch["latent_mean"], posterior.mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batch["latent_std"], posterior.std, atol=1e-5, rtol=1e-4)
+    assert batch["captions"] == data.batch(index, flips)["captions"]  # mirrored captions say right for left
+
+
+def test_training_without_the_cache_sees_the_same_latents(tmp_path):
+    cached, fresh = text_config(steps=4), text_config(steps=4)
+    fresh.data.cache_latents = False
+    train(cached, tmp_path / "a")
+    train(fresh, tmp_path / "b")
+
+    def losses(run):
+        return [float(r.split(",")[2]) for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+
+    # equal up to float rounding: the cache encodes 256 images a pass, training 8
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=2e-3)
+
+
+def test_a_finished_vae_stage_is_reused_when_the_run_resumes(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "vae" / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
+    config = text_config(steps=6)
+    train(config, run, resume=True)
+    assert (run / "vae" / "model" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    steps = [int(r.split(",")[0]) for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps[-1] == 6
+
+
+def test_a_run_stopped_in_its_vae_stage_resumes_there(tmp_path):
+    config = text_config(steps=2, vae_steps=4)
+    config.run.checkpoint_every = 2
+    from difflab.training import autoencoder
+
+    calls = {"n": 0}
+    original = autoencoder.VaeStage.train_step
+
+    def interrupted(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    autoencoder.VaeStage.train_step = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, tmp_path / "run")
+    finally:
+        autoencoder.VaeStage.train_step = original
+    assert (tmp_path / "run" / "vae" / "checkpoints").is_dir()
+    train(config, tmp_path / "run", resume=True)
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "run" / "vae" / "metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows if r["loss"]]
+    assert steps == [2, 4]  # logged once each: the rows after the checkpoint were dropped
+    assert rows[-1]["psnr_eval"]  # the stage finished
+
+
+def test_a_given_text_encoder_and_vae_stay_frozen(tmp_path):
+    from safetensors.torch import load_file
+
+    base = tiny_sd.build(tmp_path / "sd")
+    config = text_config(steps=3, data="shapes:n=48")
+    config.model.vae = config.model.text_encoder = str(base)
+    train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "vae").exists() and not (tmp_path / "run" / "tokenizer").exists()
+    for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        given, saved = load_file(base / part), load_file(tmp_path / "run" / "model" / part)
+        assert all(torch.equal(given[k], saved[k]) for k in given)
+    model = load_model(tmp_path / "run")
+    assert model.unet.config.cross_attention_dim == tiny_sd.TEXT_WIDTH
+
+
+def test_captions_longer_than_the_tokenizer_are_counted_in_one_warning(tmp_path, caplog):
+    base = tiny_sd.build(tmp_path / "sd")  # letters are tokens: 24 tokens hold about 20 letters
+    config = text_config(steps=1, data="shapes:n=32")
+    config.model.text_encoder = str(base)
+    with caplog.at_level(logging.WARNING, logger="difflab"):
+        train(config, tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if "longer than the tokenizer" in r.getMessage()]
+    assert len(warnings) == 1
+    assert re.match(r"^(\d+) of \1 captions are longer than the tokenizer's 24 tokens", warnings[0])
+
+
+def test_resuming_with_another_tokenizer_is_refused(trained, tmp_path):
+    import shutil
+
+    from difflab.models.tokenizer import train_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "tokenizer")
+    train_tokenizer(["a green star", "a blue moon"], run / "tokenizer", model_max_length=32)
+    with pytest.raises(RunFolderError, match="another tokenizer"):
+        train(text_config(steps=6), run, resume=True)
+
+
+def test_text_conditioning_needs_captions(tmp_path):
+    config = text_config(data="digits")
+    with pytest.raises(DataError, match=r"^--conditioning text needs captions, and digits has none"):
+        train(config, tmp_path / "run")
+
+
+def test_a_caption_template_gives_labelled_data_captions(tmp_path):
+    config = text_config(steps=1, vae_steps=1, data="digits")
+    config.data.caption_template = "a digit {label}"
+    train(config, tmp_path / "run")
+    vocabulary = json.loads((tmp_path / "run" / "tokenizer" / "vocab.json").read_text())
+    assert "digit</w>" in vocabulary
+
+
+def test_an_image_size_the_vae_does_not_divide_is_refused(tmp_path):
+    config = text_config()
+    config.data.image_size = 15
+    with pytest.raises(ModelError, match=r"^image size 15 is not a multiple of 2, .* use --image-size 14 or 16$"):
+        train(config, tmp_path / "run")
+
+
+def test_a_vae_without_a_usable_scaling_factor_is_refused(tmp_path):
+    base = tiny_sd.build(tmp_path / "sd")
+    config_file = base / "vae" / "config.json"
+    vae_config = json.loads(config_file.read_text())
+    vae_config["scaling_factor"] = 0.0
+    config_file.write_text(json.dumps(vae_config))
+    config = text_config()
+    config.model.vae = str(base)
+    with pytest.raises(ModelError, match=r"has no usable latent scaling factor"):
+        train(config, tmp_path / "run")
+
+
+def test_a_vae_too_coarse_for_the_unet_is_refused(tmp_path):
+    config = text_config()
+    config.data.image_size = 4
+    config.model.vae = str(tiny_sd.build(tmp_path / "sd", "upscale"))  # ×4: 1×1 latents; the tiny UNet halves once
+    config.model.text_encoder = config.model.vae
+    with pytest.raises(ModelError, match=r"makes 1×1 latents of 4 px images, .* use --image-size 8$"):
+        train(config, tmp_path / "run")
+
+
+def test_the_command_says_text_conditioning_needs_captions_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "difflab", "train", "--data", "digits", "--conditioning", "text",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "needs captions" in result.stderr
