@@ -270,3 +270,65 @@ def test_the_command_says_text_conditioning_needs_captions_in_one_line(tmp_path)
                              "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "needs captions" in result.stderr
+
+
+def test_a_pixel_space_text_model_saves_and_loads_with_its_text_encoder(tmp_path):
+    config = text_config(steps=2)
+    config.model.vae = "none"
+    model_dir = train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "vae").exists()  # no VAE stage
+    model = load_model(model_dir)
+    assert model.codec is None and model.prompts is not None
+    assert model.unet.config.in_channels == 3 and model.unet.config.sample_size == 16
+    prompts = ["a small red circle at the top left on a white background"] * 2
+    images = generate(model, 2, steps=2, prompts=prompts)
+    again = generate(load_model(model_dir), 2, steps=2, prompts=prompts)
+    assert images.shape == (2, 3, 16, 16) and torch.equal(images, again)
+    assert not torch.equal(images, generate(model, 2, steps=2, prompts=["a large blue square"] * 2))
+
+
+def test_measured_adherence_is_written_into_the_models_card(trained, tmp_path):
+    import shutil
+
+    from difflab.metrics.prompt_adherence import record_evaluation
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "model", folder)
+    result = {"n": 10, "frechet_distance": 12.5, "frechet_floor": 1.25, "sampler": "ddim", "steps": 5, "cfg_scale": 7.5,
+              "adherence": {"seen": {"n": 5, "colour": 1.0, "shape": 0.8, "position": 0.6},
+                            "held_out": {"n": 5, "colour": 0.4, "shape": 0.2, "position": 0.0}}}
+    record_evaluation(folder, result)
+    record_evaluation(folder, result)  # again: the rows are replaced, not added twice
+    card = (folder / "README.md").read_text()
+    assert card.count("| prompt adherence, seen combinations | colour 100.0%, shape 80.0%, position 60.0%") == 1
+    assert "| prompt adherence, held-out combinations | colour 40.0%" in card
+    assert "12.500 (real-data floor 1.250, n=10)" in card
+    info = json.loads((folder / "difflab.json").read_text())
+    assert info["evaluation"]["prompt adherence, seen combinations"].startswith("colour 100.0%")
+    assert load_model(folder).info.evaluation == info["evaluation"]
+
+
+def test_a_text_model_of_labelled_data_is_asked_for_each_class_by_its_caption(tmp_path, monkeypatch):
+    from difflab.metrics import classifier
+    from difflab.metrics.evaluate import Evaluator
+
+    monkeypatch.setattr(classifier, "MIN_STEPS", 20)
+    config = text_config(steps=2, vae_steps=2, data="digits")
+    config.data.caption_template = "a digit {label}"
+    model = load_model(train(config, tmp_path / "run"))
+    assert model.info.training["caption_template"] == "a digit {label}"
+    asked = []
+    import difflab.metrics.evaluate as evaluate
+
+    real_generate = evaluate.generate
+
+    def spy(model, n, **kw):
+        asked.append(kw)
+        return real_generate(model, n, **kw)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    result = Evaluator.for_data("digits", 16, 3)(model, 20, sampler="ddim", steps=2, cfg_scale=None,
+                                                   caption_template="a digit {label}")
+    assert asked[0]["prompts"][:3] == ["a digit 0", "a digit 1", "a digit 2"] and asked[0]["class_labels"] is None
+    assert asked[0]["cfg_scale"] == 7.5
+    assert 0 <= result["class_accuracy"] <= 1 and len(result["class_accuracy_per_class"]) == 10

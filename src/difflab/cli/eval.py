@@ -25,7 +25,10 @@ def add_parser(subparsers) -> None:
                     "samples generated for each class. Text-to-image models trained on the built-in shapes data are "
                     "measured on prompt adherence instead: the share of images whose colour, shape and position "
                     "(read by an attribute reader difflab trains) match their prompts, for attribute combinations "
-                    "seen in training and held out of it. Prints a line of text, and JSON on standard output.",
+                    "seen in training and held out of it; the figures are also written into a local model folder's card. "
+                    "Text models trained on labelled data with a caption template are asked for each class by its "
+                    "caption and measured like class-conditional ones. Prints a line of text, and JSON on standard "
+                    "output.",
     )
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
     p.add_argument("--data", help=f"{DATA_SPEC_HELP} (default: the data the model was trained on)")
@@ -58,6 +61,8 @@ def run(args) -> int:
     from difflab.metrics.evaluate import Evaluator, summary_line
     from difflab.pipelines.folder import load_model
 
+    from difflab.metrics.prompt_adherence import is_shapes
+
     check_choice("sampler", args.sampler, SAMPLERS)
     if args.count < 2 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("-n must be at least 2, and --steps and --batch-size at least 1")
@@ -69,13 +74,15 @@ def run(args) -> int:
     spec = args.data or model.info.data
     if spec in ("", "(unknown)"):
         raise ConfigError(f"{args.model} does not say what data it was trained on; give --data")
-    if model.prompts is not None:
+    template = model.info.training.get("caption_template")
+    if model.prompts is not None and not (template and not is_shapes(spec)):
         result = {"model": str(args.model), "data": spec, **evaluate_text_model(model, spec, args)}
+        record_evaluation_in(args.model, result)
     else:
         evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features)
-        cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
-        result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=cfg_scale,
-                           seed=args.seed, batch_size=args.batch_size, progress=True)
+        result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                           seed=args.seed, batch_size=args.batch_size, progress=True,
+                           caption_template=template if model.prompts is not None else None)
         result = {"model": str(args.model), "data": spec, **result,
                   "frechet_floor": round(evaluator.floor(args.count), 4)}
     text = json.dumps(result, indent=2)
@@ -84,6 +91,17 @@ def run(args) -> int:
         write_text_atomic(args.json, text + "\n")
     logging.getLogger("difflab").info("%s", summary_line(result))
     return 0
+
+
+def record_evaluation_in(spec: str, result: dict) -> None:
+    """A local model folder keeps its measured prompt adherence (difflab.json, the card's table)."""
+    from pathlib import Path
+
+    from difflab.files import local_model_folder
+    from difflab.metrics.prompt_adherence import record_evaluation
+
+    if Path(spec).expanduser().is_dir():
+        record_evaluation(local_model_folder(spec), result)
 
 
 def evaluate_text_model(model, spec: str, args) -> dict:

@@ -12,6 +12,7 @@ from difflab.data import ImageDataset, open_dataset
 from difflab.diffusion.generate import generate
 from difflab.errors import DataError
 from difflab.metrics.classifier import TrainedClassifier, load_or_train
+from difflab.data.captions import template_captions
 from difflab.metrics.frechet import frechet_distance
 from difflab.models.model import DiffusionModel
 
@@ -66,13 +67,23 @@ class Evaluator:
         index = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:n]
         return frechet_distance(self.features(self.train.batch(index)["images"]).numpy(), self.test_features().numpy())
 
-    def __call__(self, model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float,
-                 seed: int = 0, batch_size: int = 250, progress: bool = False) -> dict:
+    def __call__(self, model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
+                 seed: int = 0, batch_size: int = 250, progress: bool = False,
+                 caption_template: str | None = None) -> dict:
+        """`caption_template`: a text model trained on labelled data with this template is asked for each
+        class by its caption, and measured like a class-conditional model."""
         started = time.perf_counter()
         class_names = model.class_names
+        prompts = None
+        if caption_template and self.classifier is not None:
+            class_names = self.classifier.class_names
         labels = torch.arange(n) % len(class_names) if class_names else None
-        images = generate(model, n, sampler=sampler, steps=steps, seed=seed, class_labels=labels,
-                          cfg_scale=cfg_scale, batch_size=batch_size, progress=progress) * 2 - 1
+        if caption_template and labels is not None:
+            prompts = template_captions(caption_template, labels.tolist(), class_names)
+        cfg_scale = model.default_cfg_scale if cfg_scale is None else cfg_scale
+        images = generate(model, n, sampler=sampler, steps=steps, seed=seed, cfg_scale=cfg_scale,
+                          class_labels=None if prompts else labels, prompts=prompts, batch_size=batch_size,
+                          progress=progress) * 2 - 1
         result = {
             "n": n,
             "frechet_distance": round(frechet_distance(self.features(images).numpy(), self.test_features().numpy()), 4),

@@ -63,3 +63,39 @@ def adherence_line(result: dict) -> str:
                                 if name in shares)
             parts.append(f"{figures} ({label} combinations, n={shares['n']})")
     return " · ".join(parts)
+
+
+def evaluation_rows(result: dict) -> dict[str, str]:
+    """The measured figures as model-card rows."""
+    how = f"{result['sampler']}, {result['steps']} steps, CFG scale {result['cfg_scale']}"
+    rows = {}
+    for part, label in (("seen", "prompt adherence, seen combinations"),
+                        ("held_out", "prompt adherence, held-out combinations")):
+        shares = result["adherence"].get(part)
+        if shares:
+            figures = ", ".join(f"{name} {100 * shares[name]:.1f}%" for name in ("colour", "shape", "position"))
+            rows[label] = f"{figures} (n={shares['n']}; {how})"
+    rows["Fréchet distance (attribute-reader features)"] = (
+        f"{result['frechet_distance']:.3f} (real-data floor {result['frechet_floor']:.3f}, n={result['n']})")
+    return rows
+
+
+def record_evaluation(model_dir, result: dict) -> None:
+    """Write the figures into a local model folder: difflab.json's `evaluation` and the card's table."""
+    import json
+    from pathlib import Path
+
+    from difflab.files import write_text_atomic
+    from difflab.pipelines.card import set_card_rows
+    from difflab.pipelines.folder import INFO_FILE
+
+    folder = Path(model_dir)
+    rows = evaluation_rows(result)
+    info_file = folder / INFO_FILE
+    if info_file.is_file():
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        info["evaluation"] = {**info.get("evaluation", {}), **rows}
+        write_text_atomic(info_file, json.dumps(info, indent=2) + "\n")
+    card = folder / "README.md"
+    if card.is_file():
+        write_text_atomic(card, set_card_rows(card.read_text(encoding="utf-8"), rows))

@@ -29,7 +29,7 @@ class TextPreset:
     def unet_config(self, sample_size: int, in_channels: int) -> dict:
         down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.unet_cross_attention]
         up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.unet_cross_attention)]
-        return {"sample_size": sample_size, "in_channels": in_channels, "out_channels": self.latent_channels,
+        return {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
                 "block_out_channels": list(self.unet_channels), "down_block_types": down, "up_block_types": up,
                 "layers_per_block": 1 if self.unet_channels[0] < 128 else 2, "cross_attention_dim": self.text_width,
                 "attention_head_dim": self.head_dim, "norm_num_groups": self.norm_groups}

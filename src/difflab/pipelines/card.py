@@ -283,3 +283,23 @@ def _yaml_string(text: str) -> str:
     import json
 
     return json.dumps(text)  # a JSON string is a YAML string, quotes and all
+
+
+def set_card_rows(card: str, rows: dict[str, str]) -> str:
+    """The card with its first table's rows for `rows`' labels set (replaced, or added at its end)."""
+    lines = card.split("\n")
+    table = [i for i, line in enumerate(lines) if line.startswith("| ")]
+    if not table:
+        return card
+    end = table[0]
+    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+        end += 1
+    for label, value in rows.items():
+        row = f"| {label} | {value} |"
+        found = [i for i in range(table[0], end + 1) if lines[i].startswith(f"| {label} |")]
+        if found:
+            lines[found[0]] = row
+        else:
+            end += 1
+            lines.insert(end, row)
+    return "\n".join(lines)

@@ -42,6 +42,8 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
                 from difflab.pipelines.stable_diffusion import save_pipeline
 
                 save_pipeline(model, partial)
+            elif model.prompts is not None:
+                save_pixel_text_model(model, partial)
             else:
                 DDPMPipeline(unet=model.unet, scheduler=model.noise_schedule).save_pretrained(
                     partial, safe_serialization=True)
@@ -180,9 +182,10 @@ def load_pickled_weights(path: Path) -> dict:
     return state
 
 
-def load_unet(unet_dir: Path, allow_pickle: bool):
-    from diffusers import UNet2DModel
+def load_unet(unet_dir: Path, allow_pickle: bool, unet_class: str = "UNet2DModel"):
+    import diffusers
 
+    UNet2DModel = getattr(diffusers, unet_class)  # noqa: N806 (a class)
     pickled = pickled_weights(unet_dir, allow_pickle)
     check_safetensors_files(unet_dir)
     try:
@@ -221,10 +224,11 @@ def load_pixel_model(folder: Path, spec, *, allow_pickle: bool, device) -> Diffu
 
     unet_dir = unet_folder(folder, spec)
     unet_kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
-    if unet_kind != "UNet2DModel":
+    pixel_text = unet_kind == "UNet2DConditionModel" and (folder / "text_encoder").is_dir()
+    if unet_kind != "UNet2DModel" and not pixel_text:
         raise ModelError(f"{spec} has a {unet_kind} but no Stable Diffusion model_index.json; give the pipeline "
                          "folder that holds it")
-    unet = load_unet(unet_dir, allow_pickle)
+    unet = load_unet(unet_dir, allow_pickle, unet_kind)
 
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     schedule = DDPMScheduler.from_config(_read_json(scheduler_file)) if scheduler_file.is_file() else DDPMScheduler()
@@ -237,7 +241,35 @@ def load_pixel_model(folder: Path, spec, *, allow_pickle: bool, device) -> Diffu
                          channels=unet.config.in_channels, data="(unknown)", base_model=str(spec))
     denoiser = denoiser_for(unet, info)
     load_conditioning(denoiser, folder, spec)
-    return DiffusionModel(denoiser.eval().to(device), schedule, info)
+    prompts = load_prompt_encoder(folder, spec) if pixel_text else None
+    return DiffusionModel(denoiser.eval(), schedule, info, prompts=prompts).to(device)
+
+
+# A text model in pixel space (`difflab train --conditioning text --vae none`) has no diffusers pipeline:
+# its folder holds the parts a Stable Diffusion folder would, but the VAE, and no model_index.json.
+PIXEL_TEXT_PARTS = ("unet", "scheduler", "tokenizer", "text_encoder")
+
+
+def save_pixel_text_model(model: DiffusionModel, folder: Path) -> None:
+    model.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    model.noise_schedule.save_pretrained(folder / "scheduler")
+    model.prompts.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    model.prompts.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+
+
+def load_prompt_encoder(folder: Path, spec):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from difflab.models.text import PromptEncoder
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the tokenizer and text encoder of {spec} ({reason}); the model folder "
+                         "is damaged: save it again") from None
+    return PromptEncoder(tokenizer, check_weights(text_encoder.eval(), folder / "text_encoder"))
 
 
 def load_conditioning(denoiser, folder: Path, spec) -> None:

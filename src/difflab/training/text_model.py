@@ -30,6 +30,7 @@ from difflab.models.text_presets import TextPreset, text_preset
 log = logging.getLogger("difflab")
 
 TOKENIZER_FOLDER = "tokenizer"
+PIXEL_SPACE = "none"  # --vae none
 MAX_TOKENS = 77  # CLIP's; a tokenizer learnt here is shorter when the captions are (see prompt_length)
 
 
@@ -50,20 +51,26 @@ def build_text_model(config, data, run_root: Path, accelerator, clock) -> TextMo
     preset = text_preset(m.preset)
     tokenizer, text_encoder, trained_here = text_components(m.text_encoder, data.captions, run_root, preset,
                                                             config.run.seed)
-    vae, psnr = vae_component(config, data, run_root, accelerator, preset, clock)
-    codec = LatentCodec(vae)
-    check_sizes(data.image_size, codec, preset, m.vae or "the VAE")
+    pixel = (m.vae or "").lower() == PIXEL_SPACE
+    if pixel:  # the UNet works on the images themselves: what the latent space buys is measured against this
+        codec, psnr = None, None
+        check_image_size(data.image_size, 2 ** (len(preset.unet_channels) - 1), "the UNet")
+        side, channels = data.image_size, 3
+    else:
+        vae, psnr = vae_component(config, data, run_root, accelerator, preset, clock)
+        vae.requires_grad_(False)
+        codec = LatentCodec(vae)
+        check_sizes(data.image_size, codec, preset, m.vae or "the VAE")
+        side, channels = data.image_size // codec.factor, codec.channels
     with torch.random.fork_rng():
         torch.manual_seed(config.run.seed)
-        unet = UNet2DConditionModel.from_config({
-            **preset.unet_config(data.image_size // codec.factor, codec.channels),
-            "cross_attention_dim": text_encoder.config.hidden_size})
+        unet = UNet2DConditionModel.from_config({**preset.unet_config(side, channels),
+                                                 "cross_attention_dim": text_encoder.config.hidden_size})
     info = ModelInfo(data.image_size, 3, data=data.source)
-    model = DiffusionModel(Denoiser(unet), noise_scheduler(m.schedule, m.prediction, m.timesteps, latent=True), info,
-                           codec=codec, prompts=PromptEncoder(tokenizer, text_encoder))
+    schedule = noise_scheduler(m.schedule, m.prediction, m.timesteps, latent=not pixel)
+    model = DiffusionModel(Denoiser(unet), schedule, info, codec=codec, prompts=PromptEncoder(tokenizer, text_encoder))
     train_text = trained_here if m.train_text_encoder is None else m.train_text_encoder
     text_encoder.requires_grad_(train_text)
-    vae.requires_grad_(False)
     return TextModelParts(model, train_text, psnr)
 
 

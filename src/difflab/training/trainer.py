@@ -199,6 +199,8 @@ class Trainer:
             training["text_encoder"] = m.text_encoder or "trained here, with the UNet"
             training["text_encoder_trained"] = self.text.train_text_encoder
             training["captions"] = len(set(data.captions))
+            if self.config.data.caption_template:
+                training["caption_template"] = self.config.data.caption_template
 
     def start_reporting(self, data: ImageDataset) -> None:
         """metrics.csv, and on the main process the trackers of --log-with and the evaluator of --eval-every."""
