@@ -1,0 +1,127 @@
+"""A text-to-image model trained from scratch on the built-in `shapes`: prompt adherence per CPU-minute.
+
+Trains `difflab train --data shapes --conditioning text` (a VAE stage, then the UNet with its text
+encoder), measures it with `difflab eval` (colour, shape and position adherence on combinations seen
+in training and held out of it, Fréchet distance in the attribute reader's feature space and its
+real-data floor), then the same model against the classifier-free guidance scale and the sampler's
+steps, writes a prompt grid per guidance scale, and trains the same data in pixel space (`--vae none`)
+for the same wall-clock time as a row for comparison. Each command is a fresh process.
+
+    python bench/text_to_image.py --vae-steps 400 --minutes 15 -n 500 --workdir runs/bench-t2i
+    python bench/text_to_image.py --cifar ../shared/datasets/cifar10-test-jpg --cifar-minutes 30   # + CIFAR-10
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from common import emit
+
+CFG_SCALES = (0, 1, 2, 3, 5, 7.5)
+STEPS = (5, 10, 20, 50)
+GRID_PROMPTS = (
+    "a large red circle in the centre on a white background",
+    "a small blue square at the top left on a black background",
+    "a large orange triangle at the bottom right on a grey background",
+    "a large green triangle in the centre on a white background",  # held out of training
+    "a small purple circle at the top right on a black background",  # held out of training
+)
+
+
+def difflab(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "difflab", "-q", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def train(out: Path, minutes: float, *flags: str) -> dict:
+    difflab("train", "--data", "shapes", "--conditioning", "text", "--minutes", str(minutes), "--sample-every", "0",
+            "--checkpoint-every", "0", "--out", str(out), "--overwrite", *flags)
+    training = json.loads((out / "model" / "difflab.json").read_text())["training"]
+    vae_seconds = 0.0
+    if (out / "vae" / "metrics.csv").is_file():
+        rows = [r for r in csv.DictReader((out / "vae" / "metrics.csv").open()) if r["seconds"]]
+        vae_seconds = float(rows[-1]["seconds"])
+    return {"unet_steps": training["steps"], "unet_minutes": training["minutes"],
+            "vae_minutes": round(vae_seconds / 60, 2), "vae_psnr": training.get("vae_psnr"),
+            "total_minutes": round(training["minutes"] + vae_seconds / 60, 2)}
+
+
+def evaluate(model: Path, n: int, *flags: str) -> dict:
+    result = json.loads(difflab("eval", "--model", str(model), "-n", str(n), *flags))
+    row = {"frechet_distance": result["frechet_distance"], "frechet_floor": result["frechet_floor"],
+           "cfg_scale": result["cfg_scale"], "steps": result["steps"]}
+    for part in ("seen", "held_out"):
+        shares = result["adherence"].get(part, {})
+        row[part] = {k: shares[k] for k in ("colour", "shape", "position", "all") if k in shares}
+    row["reader_accuracy"] = result["adherence"]["classifier_test_accuracy"]
+    return row
+
+
+def grids(model: Path, out: Path) -> list[str]:
+    prompts = out / "prompts.txt"
+    prompts.write_text("\n".join(GRID_PROMPTS) + "\n")
+    paths = []
+    for scale in CFG_SCALES:
+        path = out / f"grid_cfg{scale}.png"
+        difflab("sample", "--model", str(model), "--prompt-file", str(prompts), "-n", "6", "--cfg-scale", str(scale),
+                "--seed", "0", "--out", str(path))
+        paths.append(str(path))
+    return paths
+
+
+def cifar_rows(args) -> list[dict]:
+    """CIFAR-10 with captions from its labels, against the class-conditional pixel model, same minutes."""
+    rows = []
+    work = Path(args.workdir)
+    for name, flags in (("text (latent)", ["--conditioning", "text", "--caption-template", "a photo of a {label}"]),
+                        ("class (pixel)", ["--conditioning", "class"])):
+        out = work / ("cifar-text" if "text" in name else "cifar-class")
+        difflab("train", "--data", args.cifar, "--split", "all", "--minutes", str(args.cifar_minutes),
+                "--sample-every", "0", "--checkpoint-every", "0", "--out", str(out), "--overwrite", *flags)
+        result = json.loads(difflab("eval", "--model", str(out), "--data", args.cifar, "-n", str(args.n)))
+        rows.append({"model": name, "class_accuracy": result.get("class_accuracy"),
+                     "frechet_distance": result["frechet_distance"], "frechet_floor": result.get("frechet_floor")})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--minutes", type=float, default=15.0, help="the UNet's training minutes (after the VAE)")
+    parser.add_argument("-n", type=int, default=500, help="prompts for the main evaluation")
+    parser.add_argument("--table-n", type=int, default=200, help="prompts per row of the CFG and steps tables")
+    parser.add_argument("--workdir", default="runs/bench-t2i")
+    parser.add_argument("--skip-pixel", action="store_true")
+    parser.add_argument("--cifar", help="the CIFAR-10 folder, to add its rows")
+    parser.add_argument("--cifar-minutes", type=float, default=30.0)
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, measures nothing")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    extra = ["--model", "tiny", "--image-size", "16", "--batch-size", "8"] if args.quick else []
+    latent = work / "latent"
+    result = {"benchmark": "text_to_image", "data": "shapes", "vae_steps": args.vae_steps, "minutes": args.minutes,
+              "n": args.n}
+    result["latent"] = {**train(latent, args.minutes, "--vae-steps", str(args.vae_steps), *extra),
+                        **evaluate(latent, args.n)}
+    result["cfg_scales"] = [evaluate(latent, args.table_n, "--cfg-scale", str(s)) for s in CFG_SCALES]
+    result["sampler_steps"] = [evaluate(latent, args.table_n, "--steps", str(s)) for s in STEPS]
+    result["grids"] = grids(latent, work)
+    if not args.skip_pixel:  # the same wall-clock time in pixel space
+        pixel = work / "pixel"
+        result["pixel"] = {**train(pixel, result["latent"]["total_minutes"], "--vae", "none", *extra),
+                           **evaluate(pixel, args.n)}
+    if args.cifar:
+        result["cifar10"] = cifar_rows(args)
+    result["targets"] = {"seen": {"colour": ">= 0.95", "shape": ">= 0.90", "position": ">= 0.85"},
+                         "held_out": "above chance; goal >= 0.75", "total_minutes": "<= 20"}
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
