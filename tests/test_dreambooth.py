@@ -295,3 +295,23 @@ def test_finetune_takes_a_text_to_image_model_on_captioned_data(base, tmp_path):
     info = json.loads((out / "model" / "difflab.json").read_text())
     assert info["base_model"] == str(base) and info["training"]["text_encoder_trained"] is False
     assert "loss_instance" not in MetricsLog(out / "metrics.csv").rows[0]  # one loss group: no extra columns
+
+
+def test_the_benchmark_runs_on_a_tiny_model(base, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "bench" / "dreambooth.py"), "--base", str(base), "--out",
+                             str(tmp_path), "--quick", "--settings", "lora+prior"],
+                            capture_output=True, text=True, env={**__import__("os").environ,
+                                                                  "PYTHONPATH": str(root / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert set(report["runs"]) == {"lora+prior"}
+    for figures in (report["base_model"], *report["runs"].values()):
+        assert -1 <= figures["subject_fidelity"] <= 1 and 0 <= figures["recontext"]["both"] <= 1
+    assert report["runs"]["lora+prior"]["saved_mib"] < report["full_unet_mib"]
+    assert (tmp_path / "instances.png").is_file() and (tmp_path / "lora+prior.png").is_file()
+    assert len(list((tmp_path / "lora+prior" / "class_images").glob("*.png"))) == 2
