@@ -116,9 +116,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base: str | None = option(None, "fine-tune this pretrained model instead of starting from new weights: a difflab "
-                                    "model or run folder, a diffusers DDPMPipeline/DDIMPipeline folder, or a Hub id; "
-                                    "its network, noise schedule, conditioning and image size are used, and the "
-                                    "settings of this section that describe them are taken from it",
+                                    "model or run folder, a diffusers DDPMPipeline/DDIMPipeline or "
+                                    "StableDiffusionPipeline folder, or a Hub id; its network, noise schedule, "
+                                    "conditioning and image size are used, and the settings of this section that "
+                                    "describe them are taken from it",
                               flag="--from")
     allow_pickle: bool = option(False, "let --from load weights stored as a pickle (.bin), with "
                                        "torch.load(weights_only=True)", resumable=True)
