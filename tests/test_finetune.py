@@ -90,14 +90,17 @@ def error_of(capsys, code: int) -> str:
     return err
 
 
-def test_a_stable_diffusion_folder_is_named_and_refused(tmp_path, capsys):
+def test_a_text_to_image_model_needs_captions_and_other_stable_diffusion_kinds_are_refused(tmp_path, capsys):
     import tiny_sd
 
     sd = tiny_sd.build(tmp_path / "sd", "text")
-    capsys.readouterr()  # what building it printed
+    inpaint = tiny_sd.build(tmp_path / "inpaint", "inpaint")
+    capsys.readouterr()  # what building them printed
     err = error_of(capsys, finetune("--from", str(sd), "--data", "digits", "--out", str(tmp_path / "ft")))
-    assert "is a StableDiffusionPipeline (latent text-to-image)" in err and "takes pixel-space models" in err
-    assert not (tmp_path / "ft").exists()
+    assert "is a text-to-image model and digits has no captions" in err
+    err = error_of(capsys, finetune("--from", str(inpaint), "--data", "shapes:n=8", "--out", str(tmp_path / "ft2")))
+    assert "is a StableDiffusionInpaintPipeline" in err and "not inpainting, depth or upscaling models" in err
+    assert not (tmp_path / "ft2").exists()
 
 
 def test_a_folder_without_a_unet(tmp_path, capsys):

@@ -116,9 +116,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base: str | None = option(None, "fine-tune this pretrained model instead of starting from new weights: a difflab "
-                                    "model or run folder, a diffusers DDPMPipeline/DDIMPipeline folder, or a Hub id; "
-                                    "its network, noise schedule, conditioning and image size are used, and the "
-                                    "settings of this section that describe them are taken from it",
+                                    "model or run folder, a diffusers DDPMPipeline/DDIMPipeline or "
+                                    "StableDiffusionPipeline folder, or a Hub id; its network, noise schedule, "
+                                    "conditioning and image size are used, and the settings of this section that "
+                                    "describe them are taken from it",
                               flag="--from")
     allow_pickle: bool = option(False, "let --from load weights stored as a pickle (.bin), with "
                                        "torch.load(weights_only=True)", resumable=True)
@@ -142,6 +143,10 @@ class ModelConfig:
                                             "extra input channels (the course's way)",
                                choices=("embedding", "channels"), set_by_base=True)
     class_embed_dim: int = option(4, "width of the class embedding for --class-method channels", set_by_base=True)
+    lora_rank: int | None = option(None, "text models: train LoRA adapters of this rank on the attention projections "
+                                         "(of the UNet, and of the text encoder when it trains) instead of every "
+                                         "weight; the run saves pytorch_lora_weights.safetensors (diffusers' LoRA "
+                                         "format)", check=POSITIVE)
     cond_dropout: float = option(0.1, "chance of dropping a label to the null class (a caption to the empty one) in "
                                       "training, which classifier-free guidance needs (0 = never)", check=FRACTION)
 
@@ -216,6 +221,52 @@ class TrainConfig:
         check_values(self)
         check_config_ranges(self)  # what the declared checks leave: negative numbers, counts past memory
         return self
+
+
+# ---- DreamBooth (difflab dreambooth) ----------------------------------------------------------------
+
+@dataclass
+class DreamBoothSection:
+    """What DreamBooth adds to a fine-tuning run: the subject's images and prompt, and prior preservation."""
+
+    instance_data: str | None = option(None, "folder of the subject's images (3 to 5 is typical; at most a few "
+                                             "hundred)")
+    instance_prompt: str | None = option(None, 'the prompt that names the subject by a rare token and its class, such '
+                                               'as "a photo of sks dog"')
+    class_prompt: str | None = option(None, 'the prompt of the subject\'s class without the token, such as "a photo of '
+                                            'dog" (for prior preservation)')
+    class_data: str | None = option(None, "folder of class images for prior preservation (default: generated once by "
+                                          "the base model from --class-prompt and kept in the run folder)")
+    prior_preservation: bool = option(False, "also train on class images with their class prompt, so the model "
+                                             "keeps what the class looks like (against language drift)")
+    num_class_images: int = option(100, "class images for prior preservation (generated when --class-data has "
+                                        "fewer)", check=POSITIVE)
+    prior_loss_weight: float = option(1.0, "weight of the class images' loss", check=NOT_NEGATIVE)
+
+
+@dataclass
+class DreamBoothConfig(TrainConfig):
+    dreambooth: DreamBoothSection = field(default_factory=DreamBoothSection)
+
+
+# DreamBooth's learning rate as a fraction of the base model's own (pre-training) one: diffusers'
+# train_dreambooth.py uses 5e-6 on Stable Diffusion (trained at 1e-4) for full fine-tuning, and
+# train_dreambooth_lora.py 1e-4 for LoRA.
+DREAMBOOTH_LR_FRACTION = {"full": 5e-6 / 1e-4, "lora": 1.0}
+STABLE_DIFFUSION_LR = 1e-4  # assumed for a base model that does not record its own
+
+
+def dreambooth_defaults() -> DreamBoothConfig:
+    """Fine-tuning defaults for a handful of images, after diffusers' DreamBooth scripts: 400 steps of 2
+    images (one subject and one class image, on average, with prior preservation) at a constant
+    learning rate without warmup, no moving average, no caption dropout. The learning rate is set
+    from the base model's (see `DREAMBOOTH_LR_FRACTION`)."""
+    config = DreamBoothConfig()
+    o, run = config.optim, config.run
+    o.lr, o.lr_schedule, o.warmup_steps, o.batch_size, o.ema_decay = STABLE_DIFFUSION_LR * 0.05, "constant", 0, 2, 0.0
+    config.model.cond_dropout = 0.0
+    run.steps, run.sample_every, run.checkpoint_every, run.sample_count = 400, 100, 200, 4
+    return config
 
 
 # ---- the from-scratch teaching model (difflab scratch train) -----------------------------------------

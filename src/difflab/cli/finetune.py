@@ -16,10 +16,12 @@ from difflab.errors import ConfigError
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a pretrained diffusion model on a folder or dataset",
-        description="Fine-tune a pretrained pixel-space diffusion model (a difflab model or run folder, a "
-                    "diffusers DDPMPipeline/DDIMPipeline folder, or a Hub id such as google/ddpm-celebahq-256) "
-                    "on new images. It is difflab train's loop (EMA, accumulation, checkpoints, --resume, sample "
-                    "grids, evaluations) started from the model's weights and noise schedule; images are resized "
+        description="Fine-tune a pretrained diffusion model (a difflab model or run folder, a diffusers "
+                    "DDPMPipeline/DDIMPipeline folder, a text-to-image StableDiffusionPipeline folder, or a Hub id "
+                    "such as google/ddpm-celebahq-256) on new images (captioned, for a text-to-image model: its "
+                    "VAE stays frozen, and its text encoder unless --train-text-encoder). It is difflab train's "
+                    "loop (EMA, accumulation, checkpoints, --resume, sample grids, evaluations) started from the "
+                    "model's weights and noise schedule; images are resized "
                     "to the model's size and converted to its channels. Settings come from the fine-tuning "
                     "defaults, then --config FILE.toml, then the flags below; the resolved settings are saved as "
                     "config.toml in the run folder (difflab train --config runs/NAME/config.toml runs it again).",

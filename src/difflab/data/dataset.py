@@ -10,6 +10,19 @@ import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class LossGroups:
+    """Named groups of a dataset's images whose losses are weighted, and reported, apart: DreamBooth's
+    instance images and the class images of prior preservation. `index` holds each image's group."""
+
+    index: torch.Tensor  # int64 [N]
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def subset(self, indices: torch.Tensor) -> LossGroups:
+        return LossGroups(self.index[indices], self.names, self.weights)
+
+
 @dataclass
 class ImageDataset:
     """Images decoded once and kept as a uint8 tensor [N, C, H, W], with optional integer labels,
@@ -25,6 +38,8 @@ class ImageDataset:
     captions: list[str] | None = None
     attributes: list[Any] | None = None
     mirror_caption: Callable[[str], str] | None = None
+    loss_groups: LossGroups | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # what data made for a run says of itself (model card)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -48,8 +63,9 @@ class ImageDataset:
     def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> dict[str, Any]:
         """Images as floats in [-1, 1] (`flips`: a bool per image to mirror), and labels and captions
         (a list of strings) if any."""
-        return as_batch(self.images[indices], None if self.labels is None else self.labels[indices], flips,
-                        pick(self.captions, indices), self.mirror_caption)
+        out = as_batch(self.images[indices], None if self.labels is None else self.labels[indices], flips,
+                       pick(self.captions, indices), self.mirror_caption)
+        return with_groups(out, self.loss_groups, indices)
 
     def read_ahead(self, plan) -> None:
         """Datasets read from disk prefetch the index batches `plan` will ask for; in memory there is
@@ -61,7 +77,15 @@ class ImageDataset:
     def subset(self, indices: torch.Tensor) -> ImageDataset:
         labels = None if self.labels is None else self.labels[indices]
         return ImageDataset(self.images[indices], labels, self.class_names, self.source, self.skipped,
-                            pick(self.captions, indices), pick(self.attributes, indices), self.mirror_caption)
+                            pick(self.captions, indices), pick(self.attributes, indices), self.mirror_caption,
+                            None if self.loss_groups is None else self.loss_groups.subset(indices))
+
+
+def with_groups(batch: dict[str, Any], groups: LossGroups | None, indices: torch.Tensor) -> dict[str, Any]:
+    """The batch with each image's loss group (`groups`), when the dataset has them."""
+    if groups is not None:
+        batch["groups"] = groups.index[indices]
+    return batch
 
 
 def pick(items: list | None, indices: torch.Tensor) -> list | None:

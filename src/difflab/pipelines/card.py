@@ -48,6 +48,7 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
         rows.append(("components", f"VAE: {training['vae']}{psnr}; text encoder: {training['text_encoder']} "
                                    f"({trained}); {training.get('captions', 0):,} distinct captions, dropped with "
                                    f"chance {training.get('cond_dropout', 0)} for classifier-free guidance"))
+    rows += _dreambooth_rows(training, with_prompt=True)
     for label, figures in info.evaluation.items():
         rows.append((label, figures))
     if training.get("ema_decay"):
@@ -162,6 +163,7 @@ images = (x / 2 + 0.5).clamp(0, 1)
 def _text_use(model: DiffusionModel, name: str) -> str:
     """How to run a Stable Diffusion family folder with difflab and with plain diffusers."""
     kind = model.kind
+    prompt = (model.info.training.get("instance_prompt") or "a red circle").replace('"', '\\"')
     inputs = {"inpaint": " --image photo.png --mask mask.png", "depth": " --image photo.png --depth depth.png",
               "upscale": " --image small.png --noise-level 20"}.get(model.variant, "")
     call_inputs = {"inpaint": ", image=photo, mask_image=mask", "depth": ", image=photo, depth_map=depth",
@@ -170,8 +172,8 @@ def _text_use(model: DiffusionModel, name: str) -> str:
 img2img and inpainting with the same folder:
 
 ```bash
-difflab sample --model {name} --prompt "a red circle" --image photo.png --strength 0.6 --out img2img.png
-difflab sample --model {name} --prompt "a red circle" --image photo.png --mask mask.png --out inpainted.png
+difflab sample --model {name} --prompt "{prompt}" --image photo.png --strength 0.6 --out img2img.png
+difflab sample --model {name} --prompt "{prompt}" --image photo.png --mask mask.png --out inpainted.png
 ```
 """)
     return f"""## Use
@@ -179,7 +181,7 @@ difflab sample --model {name} --prompt "a red circle" --image photo.png --mask m
 With difflab (image *i* uses seed `SEED + i`; every sampler works, `--cfg-scale` sets classifier-free guidance):
 
 ```bash
-difflab sample --model {name} --prompt "a red circle"{inputs} --negative-prompt "blurry" \\
+difflab sample --model {name} --prompt "{prompt}"{inputs} --negative-prompt "blurry" \\
     --cfg-scale 7.5 --sampler dpm++2m --steps 20 -n 4 --seed 0 --out grid.png
 ```
 {more}
@@ -193,7 +195,7 @@ pipe = {kind.pipeline}.from_pretrained("{name}")
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                          solver_order=2)
 generators = [torch.Generator().manual_seed(i) for i in range(4)]
-images = pipe(["a red circle"] * 4, negative_prompt=["blurry"] * 4, guidance_scale=7.5, num_inference_steps=20,
+images = pipe(["{prompt}"] * 4, negative_prompt=["blurry"] * 4, guidance_scale=7.5, num_inference_steps=20,
               generator=generators{call_inputs}).images
 ```
 """
@@ -201,7 +203,8 @@ images = pipe(["a red circle"] * 4, negative_prompt=["blurry"] * 4, guidance_sca
 
 def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: dict[str, list[str]],
               parameters: int | None = None, instance_prompt: str | None = None, prompt: str | None = None,
-              scale: float = 1.0, data: str | None = None, training: dict | None = None) -> str:
+              scale: float = 1.0, data: str | None = None, training: dict | None = None,
+              token: str | None = None) -> str:
     """The README.md of a LoRA folder (`pytorch_lora_weights.safetensors`): the base model it adapts,
     its rank, alpha and target modules, and how to use it with difflab and with plain diffusers.
 
@@ -219,7 +222,9 @@ def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: d
     if parameters:
         rows.append(("size", f"{parameters:,} parameters ({parameters * 4 / 2**20:.2f} MiB in float32)"))
     if instance_prompt:
-        rows.append(("instance prompt", f"`{instance_prompt}`"))
+        named = f" (the subject's token: `{token}`)" if token else ""
+        rows.append(("instance prompt", f"`{instance_prompt}`{named}"))
+    rows += _dreambooth_rows(training or {})
     if data:
         rows.append(("data", f"`{data}`"))
     training = training or {}
@@ -277,6 +282,21 @@ images = pipe(["{quoted}"] * 4, num_inference_steps=20, generator=generators).im
 The file is `pytorch_lora_weights.safetensors`: tensors named `unet.…` and `text_encoder.…` (diffusers'
 LoRA format), with each network's peft `LoraConfig` (rank, alpha, target modules) in the file's metadata.
 """
+
+
+def _dreambooth_rows(training: dict, with_prompt: bool = False) -> list[tuple[str, str]]:
+    """What a DreamBooth run says of its subject (from its difflab.json `training`)."""
+    rows = []
+    if with_prompt and training.get("instance_prompt"):
+        token = training.get("token")
+        rows.append(("instance prompt", f"`{training['instance_prompt']}`"
+                                        + (f" (the subject's token: `{token}`)" if token else "")))
+    if "instance_images" in training:
+        prior = (f"; prior preservation on {training['class_images']} images of `{training['class_prompt']}` "
+                 f"(weight {training['prior_loss_weight']:g})" if training.get("class_images") else
+                 "; no prior preservation")
+        rows.append(("DreamBooth", f"{training['instance_images']} instance images{prior}"))
+    return rows
 
 
 def _yaml_string(text: str) -> str:

@@ -29,11 +29,19 @@ def load_base(config: TrainConfig) -> DiffusionModel:
     """The pretrained model, in training mode, with one-line errors for a folder that is not one."""
     from difflab.pipelines.folder import load_model
 
-    base = load_model(config.model.base, allow_pickle=config.model.allow_pickle)
+    base = load_model(config.model.base, allow_pickle=config.model.allow_pickle, safety_checker=False)
     if base.latent:
-        raise ModelError(f"{config.model.base} is a {base.kind.pipeline} (latent text-to-image); difflab finetune "
-                         "takes pixel-space models (DDPMPipeline folders), and does not fine-tune Stable Diffusion "
-                         "models yet")
+        if base.variant is not None or base.prompts is None:
+            raise ModelError(f"{config.model.base} is a {base.kind.pipeline}; difflab fine-tunes pixel-space models "
+                             "(DDPMPipeline folders) and text-to-image ones (StableDiffusionPipeline folders), not "
+                             "inpainting, depth or upscaling models")
+        # the VAE stays as it is; the text encoder trains only when asked (as in diffusers' scripts)
+        base.codec.vae.requires_grad_(False)
+        base.prompts.text_encoder.requires_grad_(bool(config.model.train_text_encoder))
+    elif config.model.lora_rank:
+        from difflab.pipelines.lora import check_attention
+
+        check_attention(base)  # says why a pixel model takes no LoRA
     base.denoiser.train()
     return base
 
@@ -52,7 +60,7 @@ def settings_from_base(config: TrainConfig, base: DiffusionModel) -> TrainConfig
         schedule=SCHEDULE_NAMES.get(schedule.beta_schedule, config.model.schedule),
         prediction=base.prediction,
         timesteps=schedule.num_train_timesteps,
-        conditioning="class" if info.class_names else "none",
+        conditioning="text" if base.prompts is not None else "class" if info.class_names else "none",
     )
     if info.class_names:
         model.class_method = info.class_method
@@ -81,6 +89,13 @@ def fit_data(data: ImageDataset | StreamedImages, config: TrainConfig) -> ImageD
 def fine_tuned(base: DiffusionModel, config: TrainConfig, data) -> DiffusionModel:
     """The base model's network and noise schedule, described as a model of the new data."""
     names = base.info.class_names
+    if base.prompts is not None:
+        if not data.has_captions:
+            raise DataError(f"{config.model.base} is a text-to-image model and {config.data.spec} has no captions: add "
+                            "a metadata.jsonl (file_name, text) or IMAGE.txt files, or give labelled data a "
+                            "--caption-template such as 'a photo of a {label}'")
+        info = ModelInfo(base.info.image_size, 3, data=data.source, base_model=config.model.base)
+        return dataclasses.replace(base, info=info)
     if names:
         if not data.has_labels:
             raise DataError(f"{config.model.base} is class-conditional ({len(names)} classes) and {config.data.spec} "

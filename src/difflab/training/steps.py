@@ -31,6 +31,8 @@ class StepStats:
 
     loss: torch.Tensor
     grad_norm: torch.Tensor | None = None  # the teaching loop does not measure it
+    group_loss: torch.Tensor | None = None  # with loss groups: each group's summed (unweighted) loss ...
+    group_count: torch.Tensor | None = None  # ... and its number of images
 
 
 class StepLog:
@@ -38,8 +40,10 @@ class StepLog:
     metrics row and turns them into that row. `clock` is injectable so that budgets in minutes can be
     tested without waiting."""
 
-    def __init__(self, budget: Budget, images_per_step: int, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, budget: Budget, images_per_step: int, clock: Callable[[], float] = time.perf_counter,
+                 group_names: tuple[str, ...] = ()):
         self.budget = budget
+        self.group_names = group_names  # a loss_NAME column each (see data.dataset.LossGroups)
         self.images_per_step = images_per_step
         self.clock = clock
         self.state = TrainState()
@@ -74,6 +78,17 @@ class StepLog:
         loss = self.check_finite(advice).mean().item()
         steps = self.state.step - self.window_start
         images_per_s = steps * self.images_per_step / max(self.window_seconds, 1e-9)
+        groups = self.group_means()
         self.pending, self.window_start, self.window_seconds = [], self.state.step, 0.0
-        return {"step": self.state.step, "epoch": round(epochs_done, 4), "loss": loss, "lr": lr,
+        return {"step": self.state.step, "epoch": round(epochs_done, 4), "loss": loss, **groups, "lr": lr,
                 "images_per_s": images_per_s, "seconds": round(self.state.seconds, 2)}
+
+    def group_means(self) -> dict[str, float | str]:
+        """{loss_NAME: mean loss of the group's images in the pending steps} (blank when none was drawn)."""
+        stats = [s for s in self.pending if s.group_loss is not None]
+        if not self.group_names or not stats:
+            return {}
+        sums = torch.stack([s.group_loss for s in stats]).sum(0).cpu()
+        counts = torch.stack([s.group_count for s in stats]).sum(0).cpu()
+        return {f"loss_{name}": (sums[i] / counts[i]).item() if counts[i] else ""
+                for i, name in enumerate(self.group_names)}

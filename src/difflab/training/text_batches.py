@@ -10,7 +10,7 @@ import logging
 import torch
 from torch import nn
 
-from difflab.data.dataset import pick
+from difflab.data.dataset import pick, with_groups
 from difflab.models.conditioning import Conditioning
 from difflab.models.text import PromptEncoder
 from difflab.progress import progress_bar
@@ -108,7 +108,7 @@ class CachedLatents:
         if flips is not None and self.data.mirror_caption is not None:
             captions = [self.data.mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
         out["captions"] = captions
-        return out
+        return with_groups(out, getattr(self.data, "loss_groups", None), indices)
 
     def read_ahead(self, plan) -> None:
         pass

@@ -31,7 +31,7 @@ from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
 from difflab.training import checkpoints, finetune
 from difflab.training.budget import Budget, lr_factor
-from difflab.training.losses import diffusion_loss, min_snr_weights, prediction_target
+from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target
 from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
 from difflab.training.signals import stop_if_signalled, stop_signals
@@ -84,14 +84,28 @@ class MicroBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     token_ids: torch.Tensor | None = None
+    groups: torch.Tensor | None = None  # each image's loss group, when the data has them
 
 
-def settle_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset, DiffusionModel | None]:
+# Training data made for the run instead of opened by its spec (DreamBooth's instance and class images):
+# called with the settled config, the pretrained model and the run folder (ready to write in, say to cache
+# generated images), it returns the dataset, captions (and loss groups) included.
+DataMaker = Callable[[TrainConfig, DiffusionModel, RunFolder], ImageDataset]
+
+
+def settle_settings(config: TrainConfig, made_data: bool = False
+                    ) -> tuple[TrainConfig, ImageDataset | None, DiffusionModel | None]:
     """The run's complete settings, its data and (fine-tuning) the pretrained model. They are decided
     together: the data fills in the image size and channels left to it; with --from, the pretrained
-    model decides the network, schedule, image size and channels, and the data is fitted to it."""
+    model decides the network, schedule, image size and channels, and the data is fitted to it.
+    `made_data`: the data comes from a DataMaker once the run folder is ready (None is returned for it)."""
     if config.model.base:
+        if made_data:
+            base = finetune.load_base(config)
+            return finetune.settings_from_base(config, base), None, base
         return fine_tuning_settings(config)
+    if made_data:
+        raise ConfigError("training data made for the run needs a pretrained model to start from (--from)")
     d, text = config.data, config.model.conditioning == "text"
     if text and d.channels == 1:
         raise DataError("--conditioning text makes RGB models (the VAE takes 3 channels); leave out --channels 1")
@@ -111,7 +125,10 @@ def fine_tuning_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset
     base = finetune.load_base(config)
     settled = finetune.settings_from_base(config, base)
     d = settled.data
-    data = open_dataset(d.spec, d.image_size, None, d.split, d.strict, d.memory_limit_mb)  # its own channels
+    text = settled.model.conditioning == "text"
+    data = open_dataset(d.spec, d.image_size, 3 if text else None,  # a pixel model's data: its own channels
+                        d.split, d.strict, d.memory_limit_mb,
+                        caption_column=d.caption_column, caption_template=d.caption_template)
     data = finetune.fit_data(data, settled)
     return resolve_data_settings(settled, data), data, finetune.fine_tuned(base, settled, data)
 
@@ -137,15 +154,22 @@ class Trainer:
     `clock` (seconds) measures training time for --minutes and images/s; tests inject one."""
 
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None):
         config.validate()
         check_tracker(config.run.log_with)
         self.accelerator = make_accelerator(config, out)
-        self.config, data, base = settle_settings(config)
+        self.config, made, base = settle_settings(config, made_data=data is not None)
         self.run = RunFolder(out)
         checkpoint = self.prepare_run_folder(resume=resume, overwrite=overwrite)
+        if data is not None:
+            made, base = self.made_data(data, base)
+        data = made
         self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
+        if base is not None and base.prompts is not None:
+            self.text = TextModelParts(base, bool(self.config.model.train_text_encoder), None)
         self.model = base or self.new_model(data, checkpoint, clock)
+        if self.config.model.lora_rank:
+            self.add_lora()
         self.describe_training(data)
         self.start_reporting(data)
         self.params, self.optimizer, self.ema = self.make_optimizer()
@@ -153,7 +177,10 @@ class Trainer:
         self.validation_prompts = validation_prompts(self.config.run, data) if self.text else []
         self.train_mode()
         self.stream, self.noise_rng = self.data_order(data)
-        self.steps = StepLog(Budget.from_config(self.config.run), self.images_per_step, clock)
+        groups = getattr(data, "loss_groups", None)
+        self.loss_groups = groups  # named groups of images, weighted and reported apart (None: one group)
+        self.steps = StepLog(Budget.from_config(self.config.run), self.images_per_step, clock,
+                             groups.names if groups is not None else ())
         self.lr = 0.0  # the learning rate of the latest step
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
@@ -174,6 +201,26 @@ class Trainer:
         acc.wait_for_everyone()  # no process reads the folder before the main one has set it up
         return checkpoint
 
+    def made_data(self, maker: DataMaker, base: DiffusionModel) -> tuple[ImageDataset, DiffusionModel]:
+        """The data a DataMaker makes for the run (the main process first: it may write files the others
+        then read), fitted to the pretrained model; and that model, described as a model of this data."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+        data = finetune.fit_data(maker(self.config, base, self.run), self.config)
+        if acc.is_main_process:
+            acc.wait_for_everyone()
+        return data, finetune.fine_tuned(base, self.config, data)
+
+    def add_lora(self) -> None:
+        """LoRA as the choice of trainable parameters: adapters on the attention projections (of the text
+        encoder too when it trains), every other weight frozen (pipelines/lora.py)."""
+        from difflab.pipelines.lora import add_lora
+
+        if self.text is None:
+            raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
+        add_lora(self.model, self.config.model.lora_rank, text_encoder=self.text.train_text_encoder)
+
     def new_model(self, data: ImageDataset, checkpoint: Path | None, clock) -> DiffusionModel:
         c = self.config
         if c.model.conditioning == "text":
@@ -191,16 +238,20 @@ class Trainer:
             training["preset"] = self.config.model.preset
         if self.model.class_names or self.text:
             training["cond_dropout"] = self.config.model.cond_dropout
-        if self.text:
+        if self.text and not self.config.model.base:
             m = self.config.model
             training["vae"] = m.vae or f"trained here ({self.config.vae.steps} steps)"
             if self.text.vae_psnr is not None:
                 training["vae_psnr"] = self.text.vae_psnr
             training["text_encoder"] = m.text_encoder or "trained here, with the UNet"
+        if self.text:
             training["text_encoder_trained"] = self.text.train_text_encoder
             training["captions"] = len(set(data.captions))
             if self.config.data.caption_template:
                 training["caption_template"] = self.config.data.caption_template
+        if self.config.model.lora_rank:
+            training["lora_rank"] = self.config.model.lora_rank
+        training.update(getattr(data, "notes", None) or {})  # what made data says of itself (DreamBooth's prompts)
 
     def start_reporting(self, data: ImageDataset) -> None:
         """metrics.csv, and on the main process the trackers of --log-with and the evaluator of --eval-every."""
@@ -313,14 +364,15 @@ class Trainer:
     def micro_batch(self, batch: dict) -> MicroBatch:
         x0 = self.model_space(batch)
         noise, timesteps = self.draw_noise(x0)
+        groups = batch["groups"].to(self.accelerator.device) if "groups" in batch else None
         if self.captions is None:
-            return MicroBatch(x0, self.training_labels(batch), noise, timesteps)
+            return MicroBatch(x0, self.training_labels(batch), noise, timesteps, groups=groups)
         token_ids = self.captions(batch["captions"], self.noise_rng).to(self.accelerator.device)
         if self.text.train_text_encoder:
-            return MicroBatch(x0, None, noise, timesteps, token_ids)
+            return MicroBatch(x0, None, noise, timesteps, token_ids, groups)
         with torch.no_grad():  # a frozen text encoder: its output is an input
             embeddings = self.model.prompts.text_encoder(token_ids)[0]
-        return MicroBatch(x0, Conditioning(text=embeddings), noise, timesteps)
+        return MicroBatch(x0, Conditioning(text=embeddings), noise, timesteps, groups=groups)
 
     def model_space(self, batch: dict) -> torch.Tensor:
         """The batch as the diffusion model sees it: images, or latents drawn from the VAE's posterior
@@ -342,16 +394,21 @@ class Trainer:
         schedule = self.model.noise_schedule
         count = len(micro_batches)
         total = torch.zeros((), device=acc.device)
+        group_stats = None
         for i, b in enumerate(micro_batches):
             x_t = schedule.add_noise(b.images, b.noise, b.timesteps)
             last = i == count - 1
             with nullcontext() if last else acc.no_sync(self.synced_network):  # gradients sync once per step
                 with acc.autocast():
                     prediction = self.synced_network(x_t, b.timesteps, b.conditioning, b.token_ids)
-                weights = min_snr_weights(schedule, b.timesteps, o.min_snr_gamma) if o.min_snr_gamma else None
-                loss = diffusion_loss(prediction, prediction_target(schedule, b.images, b.noise, b.timesteps), weights)
+                per_image = per_image_loss(prediction, prediction_target(schedule, b.images, b.noise, b.timesteps))
+                loss = (per_image * self.loss_weights(b)).mean()
                 acc.backward(loss / count)  # accelerate leaves the mean over micro-batches to us
             total += loss.detach() / count
+            if b.groups is not None:
+                sums, counts = group_losses(per_image, b.groups, len(self.loss_groups.names))
+                group_stats = (sums, counts) if group_stats is None else (group_stats[0] + sums,
+                                                                          group_stats[1] + counts)
         grad_norm = self.gradient_norm(o.clip_grad)
         self.lr = o.lr * lr_factor(self.state.step, self.fraction_done(), o.warmup_steps, o.lr_schedule)
         for group in self.optimizer.param_groups:
@@ -360,7 +417,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        return StepStats(loss=total, grad_norm=grad_norm)
+        if group_stats is None:
+            return StepStats(loss=total, grad_norm=grad_norm)
+        return StepStats(loss=total, grad_norm=grad_norm, group_loss=group_stats[0], group_count=group_stats[1])
+
+    def loss_weights(self, b: MicroBatch) -> torch.Tensor:
+        """Each image's weight in the loss: min-SNR-γ, times its loss group's weight (DreamBooth's prior
+        loss weight on the class images)."""
+        o = self.config.optim
+        weights = torch.ones(b.images.shape[0], device=b.images.device)
+        if o.min_snr_gamma:
+            weights = weights * min_snr_weights(self.model.noise_schedule, b.timesteps, o.min_snr_gamma)
+        if b.groups is not None:
+            weights = weights * torch.tensor(self.loss_groups.weights, device=weights.device)[b.groups]
+        return weights
 
     def draw_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian noise like `x0` and a random timestep per image, from the run's noise generator."""
@@ -543,12 +613,28 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.model.info.training.update(
                 steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
-                device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay)
+                device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay, lr=self.config.optim.lr)
             with self.ema_weights(), self.writing(self.run.model):
-                card = model_card(self.model, str(self.run.model), dumps_config(self.config))
-                save_model(self.model, self.run.model, card)
+                if self.config.model.lora_rank:
+                    self.save_lora()
+                else:
+                    card = model_card(self.model, str(self.run.model), dumps_config(self.config))
+                    save_model(self.model, self.run.model, card)
         self.accelerator.wait_for_everyone()
         return self.run.model
+
+    def save_lora(self) -> None:
+        """A LoRA run's model: only the adapters, as pytorch_lora_weights.safetensors, with its card."""
+        from difflab.pipelines.card import lora_card
+        from difflab.pipelines.lora import lora_summary, save_lora
+
+        training = self.model.info.training
+        summary = lora_summary(self.model)
+        card = lora_card(str(self.run.model), str(self.config.model.base), rank=summary["rank"],
+                         alpha=summary["alpha"], targets=summary["targets"], parameters=summary["parameters"],
+                         instance_prompt=training.get("instance_prompt"), token=training.get("token"),
+                         prompt=(self.validation_prompts or [None])[0], data=self.model.info.data, training=training)
+        save_lora(self.model, self.run.model, card=card)
 
 @stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,

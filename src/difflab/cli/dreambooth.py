@@ -1,0 +1,101 @@
+"""difflab dreambooth: teach a text-to-image model a subject from a few images (course unit 3).
+
+The same trainer as `difflab finetune`, on the subject's images (and, with prior preservation, class
+images), with DreamBooth's defaults; `--lora` trains adapters instead of the whole UNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.cli.options import add_run_options
+from difflab.config import (
+    DreamBoothConfig,
+    add_config_flags,
+    apply_flags,
+    dreambooth_defaults,
+    load_config,
+    settings_marked,
+)
+from difflab.errors import ConfigError
+
+DEFAULT_RANK = 4
+
+# Settings a DreamBooth run does not take as flags: what the base model decides, what its own flags say
+# (--model, --lora/--rank, --validation-prompt, --instance-data), and the parts of a new text model.
+SKIPPED = {section: set(names) for section, names in settings_marked(DreamBoothConfig, "set_by_base").items()}
+SKIPPED["data"] |= {"spec", "split", "caption_column", "caption_template"}
+SKIPPED["model"] |= {"base", "lora_rank", "vae", "text_encoder", "cond_dropout"}
+SKIPPED["run"] |= {"sample_prompts", "eval_every", "eval_count"}
+SKIPPED["vae"] = {"steps", "minutes", "lr", "batch_size", "kl_weight"}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "dreambooth", help="teach a text-to-image model a new subject from a few images (DreamBooth, LoRA)",
+        description="DreamBooth: fine-tune a text-to-image model (a Stable Diffusion folder, a difflab text-to-image "
+                    "model or run folder, or a Hub id) on a few images of one subject bound to a rare token "
+                    '("a photo of sks dog"), optionally with prior preservation (class images generated once by '
+                    "the base model, or --class-data) and as LoRA adapters. It is difflab train's loop "
+                    "(checkpoints, --resume, validation grids in samples/, metrics.csv with the instance and prior "
+                    "losses). Defaults follow diffusers' DreamBooth scripts: 400 steps of 2 images, constant "
+                    "learning rate, no EMA; the learning rate is 1/20 of the base model's own for a full fine-tune "
+                    "(5e-6 for Stable Diffusion) and the same as it for LoRA (1e-4).",
+    )
+    p.add_argument("--model", dest="model.base", metavar="MODEL", default=argparse_suppress(),
+                   help="the text-to-image model to teach")
+    p.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters (saved as pytorch_lora_weights.safetensors) instead of every UNet weight")
+    p.add_argument("--rank", type=int, help=f"the LoRA adapters' rank (default {DEFAULT_RANK})")
+    p.add_argument("--validation-prompt", dest="run.sample_prompts", metavar="PROMPT", default=argparse_suppress(),
+                   help="prompts of the validation grids in samples/ (fixed seeds), separated by | (default: the "
+                        "instance prompt and the class prompt)")
+    add_run_options(p, "runs/dreambooth")
+    add_config_flags(p, DreamBoothConfig, defaults=dreambooth_defaults(), skip=SKIPPED)
+    p.set_defaults(run=run)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def resolve_config(args) -> tuple[DreamBoothConfig, Path]:
+    """Defaults (with the learning rate chosen from the base model), then --config, then flags."""
+    from difflab.training.dreambooth import base_training_info, default_lr
+
+    if args.config:
+        base = load_config(args.config, DreamBoothConfig)
+    elif args.resume and args.out and (args.out / "config.toml").is_file():
+        base = load_config(args.out / "config.toml", DreamBoothConfig)
+    else:
+        base = dreambooth_defaults()
+    config = apply_flags(base, args)
+    if args.rank is not None and not args.lora:
+        raise ConfigError("--rank is the rank of LoRA adapters: add --lora")
+    if args.lora:
+        config.model.lora_rank = args.rank or config.model.lora_rank or DEFAULT_RANK
+    fresh = not args.config and not (args.resume and args.out and (args.out / "config.toml").is_file())
+    if fresh and "optim.lr" not in vars(args) and config.model.base:
+        config.optim.lr = default_lr(base_training_info(config.model.base), bool(config.model.lora_rank))
+    return config.validate(), args.out or Path("runs") / "dreambooth"
+
+
+def run(args) -> int:
+    import logging
+
+    from difflab.cli.train import print_outputs
+    from difflab.training.dreambooth import dreambooth
+
+    config, out = resolve_config(args)
+    model_dir = dreambooth(config, out, resume=args.resume, overwrite=args.overwrite)
+    log = logging.getLogger("difflab")
+    if config.model.lora_rank:
+        print_outputs(model_dir, log, "LoRA: pytorch_lora_weights.safetensors with a model card",
+                      f'difflab sample --model {config.model.base} --lora {out} --prompt "..."')
+        log.info("(the command above samples the LoRA applied to its base model; --lora-scale sets its weight)")
+    else:
+        print_outputs(model_dir, log, "StableDiffusionPipeline folder with a model card",
+                      'difflab sample --prompt "..."')
+    return 0
