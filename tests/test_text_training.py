@@ -4,8 +4,8 @@ the cross-attention UNet, through the one trainer; what it saves; its bad inputs
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import subprocess
 import sys
 
@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_sd
 from difflab.config import TrainConfig
 from difflab.diffusion.generate import generate
 from difflab.errors import DataError, ModelError, RunFolderError
 from difflab.pipelines.folder import load_model
 from difflab.training.text_batches import CachedLatents, CaptionTokens
 from difflab.training.trainer import train
-
-import tiny_sd
 
 
 def text_config(steps: int = 4, vae_steps: int = 6, data: str = "shapes:n=96") -> TrainConfig:
@@ -332,3 +331,48 @@ def test_a_text_model_of_labelled_data_is_asked_for_each_class_by_its_caption(tm
     assert asked[0]["prompts"][:3] == ["a digit 0", "a digit 1", "a digit 2"] and asked[0]["class_labels"] is None
     assert asked[0]["cfg_scale"] == 7.5
     assert 0 <= result["class_accuracy"] <= 1 and len(result["class_accuracy_per_class"]) == 10
+
+
+def test_the_clip_score_is_clips_own_image_text_similarity(tiny_clip):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from difflab.metrics.clip_score import clip_score
+    from difflab.models.clip import load_clip
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompts = ["a red disc", "blue box", "tree"]
+    model, tokenizer = CLIPModel.from_pretrained(tiny_clip), CLIPTokenizer.from_pretrained(tiny_clip)
+    tokens = tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt")
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                    pixel_values=((images + 1) / 2 - mean) / std)
+    cosines = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    expected = (cosines.clamp(min=0) * 100).mean().item()
+    assert clip_score(load_clip(str(tiny_clip)), images, prompts) == pytest.approx(expected, abs=1e-3)
+
+
+def test_every_generation_mode_runs_on_a_trained_text_model(trained):
+    from difflab.diffusion.guidance import color_guidance
+
+    model = load_model(trained)
+    prompt = "a large red circle in the centre on a white background"
+    plain = generate(model, 2, sampler="ddim", steps=4, prompts=prompt, negative_prompt="a black background")
+    photo = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    img2img = generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=photo, strength=0.25)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :8] = 1  # repaint the top half
+    inpainted = generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=photo, mask=mask)
+    guided = generate(model, 2, sampler="ddim", steps=4, prompts=prompt,
+                      guidance=[color_guidance((0.0, 0.0, 1.0), scale=2e3)])
+    for images in (plain, img2img, inpainted, guided):
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # each mode uses its input (their equality to diffusers' pipelines is tested in test_stable_diffusion.py)
+    other = 1 - photo
+    assert not torch.allclose(img2img, plain, atol=1e-3)
+    assert not torch.allclose(img2img, generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=other,
+                                                strength=0.25), atol=1e-3)
+    assert not torch.allclose(inpainted, generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=other,
+                                                  mask=mask), atol=1e-3)
+    assert guided[:, 2].mean() > plain[:, 2].mean()  # bluer

@@ -20,7 +20,13 @@ from typing import Any
 import tomllib
 
 from difflab.checks import check_config_ranges, check_config_values
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_TEXT_CFG_SCALE, SAMPLERS
+from difflab.diffusion.samplers import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_CFG_SCALE,
+    SAMPLERS,
+)
 from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
 from difflab.errors import ConfigError
 
@@ -171,11 +177,12 @@ class OptimConfig:
 class VaeConfig:
     """The VAE stage of a text-to-image run that is given no --vae."""
 
-    steps: int = option(1500, "optimizer steps of the VAE stage", flag="--vae-steps", check=POSITIVE, resumable=True)
+    steps: int = option(1000, "optimizer steps of the VAE stage", flag="--vae-steps", check=POSITIVE, resumable=True)
     minutes: float | None = option(None, "stop the VAE stage after this many minutes", flag="--vae-minutes",
                                    check=POSITIVE, resumable=True)
     lr: float = option(2e-3, "peak learning rate of the VAE stage", flag="--vae-lr", check=POSITIVE)
-    batch_size: int = option(64, "images per VAE step", flag="--vae-batch-size", check=POSITIVE)
+    batch_size: int = option(16, "images per VAE step (small batches, more steps: the VAE learns faster per "
+                                 "CPU-minute)", flag="--vae-batch-size", check=POSITIVE)
     kl_weight: float = option(1e-6, "weight of the KL term (small: a nearly deterministic autoencoder, as in latent "
                                     "diffusion)", flag="--vae-kl-weight", check=NOT_NEGATIVE)
 

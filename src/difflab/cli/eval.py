@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
                     "samples generated for each class. Text-to-image models trained on the built-in shapes data are "
                     "measured on prompt adherence instead: the share of images whose colour, shape and position "
                     "(read by an attribute reader difflab trains) match their prompts, for attribute combinations "
-                    "seen in training and held out of it; the figures are also written into a local model folder's card. "
+                    "seen in training and held out of it; the figures are also written into a local model folder's "
+                    "card. "
                     "Text models trained on labelled data with a caption template are asked for each class by its "
                     "caption and measured like class-conditional ones. Prints a line of text, and JSON on standard "
                     "output.",
@@ -42,6 +43,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--features", default="classifier",
                    help="feature space: classifier (default), or clip:PATH_OR_ID for a CLIP model's image embeddings")
+    p.add_argument("--clip-model", metavar="PATH_OR_ID",
+                   help="text models: also the CLIP score of the images against their prompts, with this CLIP model "
+                        "(a transformers CLIPModel folder with its tokenizer, or a Hub id while online)")
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
     add_device(p)
     p.add_argument("--json", type=Path, help="also write the JSON to this file")
@@ -59,9 +63,8 @@ def run(args) -> int:
     from difflab.errors import ConfigError
     from difflab.files import write_text_atomic
     from difflab.metrics.evaluate import Evaluator, summary_line
-    from difflab.pipelines.folder import load_model
-
     from difflab.metrics.prompt_adherence import is_shapes
+    from difflab.pipelines.folder import load_model
 
     check_choice("sampler", args.sampler, SAMPLERS)
     if args.count < 2 or args.steps < 1 or args.batch_size < 1:
@@ -71,18 +74,25 @@ def run(args) -> int:
     check_flags(args)  # numbers and the --json path, before minutes of work
     model = load_model(args.model, device=pick_device(args.device))
     check_with_model(args, model, per_class=False)
+    clip = None
+    if args.clip_model:
+        from difflab.models.clip import load_clip
+
+        if model.prompts is None:
+            raise ConfigError("--clip-model scores images against their prompts; this model takes no prompts")
+        clip = load_clip(args.clip_model, model.device)
     spec = args.data or model.info.data
     if spec in ("", "(unknown)"):
         raise ConfigError(f"{args.model} does not say what data it was trained on; give --data")
     template = model.info.training.get("caption_template")
     if model.prompts is not None and not (template and not is_shapes(spec)):
-        result = {"model": str(args.model), "data": spec, **evaluate_text_model(model, spec, args)}
+        result = {"model": str(args.model), "data": spec, **evaluate_text_model(model, spec, args, clip)}
         record_evaluation_in(args.model, result)
     else:
         evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features)
         result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                            seed=args.seed, batch_size=args.batch_size, progress=True,
-                           caption_template=template if model.prompts is not None else None)
+                           caption_template=template if model.prompts is not None else None, clip=clip)
         result = {"model": str(args.model), "data": spec, **result,
                   "frechet_floor": round(evaluator.floor(args.count), 4)}
     text = json.dumps(result, indent=2)
@@ -104,7 +114,7 @@ def record_evaluation_in(spec: str, result: dict) -> None:
         record_evaluation(local_model_folder(spec), result)
 
 
-def evaluate_text_model(model, spec: str, args) -> dict:
+def evaluate_text_model(model, spec: str, args, clip=None) -> dict:
     from difflab.errors import ConfigError
     from difflab.metrics.prompt_adherence import adherence_line, evaluate_prompts, is_shapes
 
@@ -112,7 +122,7 @@ def evaluate_text_model(model, spec: str, args) -> dict:
         raise ConfigError(f"prompt adherence is measured on the built-in shapes data, and this text model was trained "
                           f"on {spec}; give --data shapes for a shapes model")
     result = evaluate_prompts(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                              seed=args.seed, batch_size=args.batch_size, progress=True)
+                              seed=args.seed, batch_size=args.batch_size, progress=True, clip=clip)
     import logging
 
     logging.getLogger("difflab").info("prompt adherence: %s", adherence_line(result))

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from difflab.data import ImageDataset, open_dataset
+from difflab.data.captions import template_captions
 from difflab.diffusion.generate import generate
 from difflab.errors import DataError
 from difflab.metrics.classifier import TrainedClassifier, load_or_train
-from difflab.data.captions import template_captions
 from difflab.metrics.frechet import frechet_distance
 from difflab.models.model import DiffusionModel
 
@@ -69,7 +69,7 @@ class Evaluator:
 
     def __call__(self, model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
                  seed: int = 0, batch_size: int = 250, progress: bool = False,
-                 caption_template: str | None = None) -> dict:
+                 caption_template: str | None = None, clip=None) -> dict:
         """`caption_template`: a text model trained on labelled data with this template is asked for each
         class by its caption, and measured like a class-conditional model."""
         started = time.perf_counter()
@@ -101,6 +101,10 @@ class Evaluator:
             result["class_accuracy_per_class"] = {
                 name: round(correct[labels == i].float().mean().item(), 4) for i, name in enumerate(class_names)
             }
+        if clip is not None and prompts:
+            from difflab.metrics.clip_score import clip_score
+
+            result["clip_score"] = clip_score(clip, images, prompts)
         if self.classifier is not None:
             result["classifier_test_accuracy"] = round(self.classifier.test_accuracy, 4)
         result["seconds"] = round(time.perf_counter() - started, 1)

@@ -30,14 +30,16 @@ def evaluation_prompts(n: int, seed: int) -> list[shapes.Scene]:
 
 def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
                      seed: int = 0, batch_size: int = 64, progress: bool = False,
-                     reader: AttributeClassifier | None = None) -> dict:
+                     reader: AttributeClassifier | None = None, clip=None) -> dict:
+    """Prompt adherence and Fréchet distance of `n` images, half of seen and half of held-out combinations;
+    with `clip` (a ClipScorer), their CLIP score too."""
     size = model.info.image_size
     reader = reader or load_or_train_attributes(size)
     prompts = evaluation_prompts(n, seed)
     images = generate(model, n, prompts=[p.caption for p in prompts], sampler=sampler, steps=steps, seed=seed,
                       cfg_scale=cfg_scale, batch_size=batch_size, progress=progress) * 2 - 1
     reference = reader.features(real_images(n, size, REFERENCE_SEED)).numpy()
-    return {
+    result = {
         "n": n,
         "adherence": adherence(images, prompts, reader),
         "frechet_distance": round(frechet_distance(reader.features(images).numpy(), reference), 4),
@@ -46,6 +48,11 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
         "sampler": sampler, "steps": steps, "seed": seed,
         "cfg_scale": cfg_scale if cfg_scale is not None else model.default_cfg_scale,
     }
+    if clip is not None:
+        from difflab.metrics.clip_score import clip_score
+
+        result["clip_score"] = clip_score(clip, images, [p.caption for p in prompts])
+    return result
 
 
 def real_images(n: int, size: int, seed: int) -> torch.Tensor:
