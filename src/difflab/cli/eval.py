@@ -49,6 +49,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
     add_device(p)
     p.add_argument("--json", type=Path, help="also write the JSON to this file")
+    p.add_argument("--no-record", dest="record", action="store_false",
+                   help="leave the model folder's card as it is (by default a text model's measured adherence is "
+                        "written into it)")
     p.add_argument("--yes", action="store_true", help="start even when the estimate says it would take hours")
     p.set_defaults(run=run)
 
@@ -87,7 +90,8 @@ def run(args) -> int:
     template = model.info.training.get("caption_template")
     if model.prompts is not None and not (template and not is_shapes(spec)):
         result = {"model": str(args.model), "data": spec, **evaluate_text_model(model, spec, args, clip)}
-        record_evaluation_in(args.model, result)
+        if args.record:
+            record_evaluation_in(args.model, result)
     else:
         evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features)
         result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,

@@ -14,7 +14,7 @@ TEXT_PROMPTS = (
     "a large green triangle in the centre on a white background",
     "a small yellow square at the bottom left on a black background",
 )
-TEXT_VAE_STEPS = 300
+TEXT_VAE_STEPS = 600  # about a minute and a half here
 
 
 def add_parser(subparsers) -> None:
