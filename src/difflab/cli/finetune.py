@@ -6,10 +6,11 @@ fine-tuning defaults (a low learning rate, a short warmup).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from difflab.cli.options import add_run_options
-from difflab.config import TrainConfig, add_config_flags, finetune_defaults, settings_marked
+from difflab.config import TrainConfig, VaeConfig, add_config_flags, finetune_defaults, settings_marked
 from difflab.errors import ConfigError
 
 
@@ -27,7 +28,10 @@ def add_parser(subparsers) -> None:
                     "config.toml in the run folder (difflab train --config runs/NAME/config.toml runs it again).",
     )
     add_run_options(p, "runs/DATA-finetune")
-    add_config_flags(p, defaults=finetune_defaults(), skip=settings_marked(TrainConfig, "set_by_base"))
+    skip = settings_marked(TrainConfig, "set_by_base")
+    skip["vae"] = {f.name for f in dataclasses.fields(VaeConfig)}  # a base model brings its VAE
+    skip["model"] |= {"vae", "text_encoder"}
+    add_config_flags(p, defaults=finetune_defaults(), skip=skip)
     p.set_defaults(run=run)
 
 

@@ -2,8 +2,9 @@
 (`UNet2DConditionModel`), its CLIP text encoder (`CLIPTextModel`) and its VAE (`AutoencoderKL`).
 
 `--model` names one of them, as it names a pixel UNet preset for other runs. `small` is sized for a
-CPU (the built-in `shapes` data at 32×32 learns colour, shape and position in minutes: latents are
-8×8×4); `medium` for GPUs and larger images (a VAE with Stable Diffusion's ×8 factor).
+CPU (the built-in `shapes` at 32×32 become 8×8×8 latents: with 8 latent channels rather than SD's 4
+its VAE keeps colours, measured in docs/benchmarks.md); `medium` for GPUs and larger images (a VAE
+with Stable Diffusion's ×8 factor and 4 channels).
 """
 
 from __future__ import annotations
