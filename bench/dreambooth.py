@@ -83,8 +83,9 @@ def run_dreambooth(base: str, instances: Path, out: Path, lora: bool, prior: boo
     return time.perf_counter() - started
 
 
-def measure(model, reader, instance_features: torch.Tensor, a) -> dict:
-    """Subject fidelity, recontextualisation and the base prompts' adherence of one model."""
+def measure(model, reader, instance_features: torch.Tensor, class_features: torch.Tensor, a) -> dict:
+    """Subject fidelity, recontextualisation and the base prompts' adherence of one model. `class_features`:
+    the base model's own "a shape" samples, the other side of the nearest-neighbour test."""
     from difflab.data.shapes import Scene, Shape
     from difflab.diffusion.generate import generate
     from difflab.metrics.attributes import adherence
@@ -94,12 +95,16 @@ def measure(model, reader, instance_features: torch.Tensor, a) -> dict:
     subject = generate(model, a.samples, prompts=INSTANCE_PROMPT, **sample) * 2 - 1
     features = torch.nn.functional.normalize(reader.features(subject), dim=1)
     fidelity = (features @ instance_features.T).mean().item()
+    # the share of samples whose nearest neighbour (reader features) is an instance image, not a base-model shape
+    to_instances = (features @ instance_features.T).max(dim=1).values
+    subject_share = (to_instances > (features @ class_features.T).max(dim=1).values).float().mean().item()
     moved = generate(model, a.samples, prompts=RECONTEXT_PROMPT, **sample) * 2 - 1
     asked = Scene((Shape(None, "blue", "bottom right"),))
     recontext = adherence(moved, [asked] * a.samples, reader)
     prompts = evaluate_prompts(model, a.eval_n, sampler=a.sampler, steps=a.sample_steps, cfg_scale=None, reader=reader)
     return {
         "subject_fidelity": round(fidelity, 4),
+        "subject_share_nearest_neighbour": round(subject_share, 4),
         "recontext": {"colour": recontext["colour"], "position": recontext["position"], "both": recontext["all"]},
         "base_prompts": {"adherence_all": prompts["adherence"]["all"],
                          "frechet_distance": prompts["frechet_distance"]},
@@ -130,6 +135,7 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--quick", action="store_true", help="tiny settings, to check that the script runs")
+    p.add_argument("--reuse", action="store_true", help="measure the runs already in --out instead of training them")
     a = p.parse_args()
     if a.quick:
         a.steps, a.class_images, a.samples, a.eval_n, a.sample_steps = 2, 2, 4, 4, 2
@@ -149,13 +155,18 @@ def main() -> None:
     instance_features = torch.nn.functional.normalize(reader.features(instances), dim=1)
     save_grid(instances.add(1).div(2), a.out / "instances.png", a.instances)
 
-    before = measure(base, reader, instance_features, a)
+    from difflab.diffusion.generate import generate
+
+    shapes = generate(base, a.samples, prompts=CLASS_PROMPT, sampler=a.sampler, steps=a.sample_steps, seed=5000)
+    class_features = torch.nn.functional.normalize(reader.features(shapes * 2 - 1), dim=1)
+    before = measure(base, reader, instance_features, class_features, a)
     save_grid(before.pop("_grid"), a.out / "base.png")
     results = {}
     for name in a.settings.split(","):
         lora, prior = SETTINGS[name]
         run = a.out / name
-        seconds = run_dreambooth(a.base, a.out / "instances", run, lora, prior, a)
+        reused = a.reuse and (run / "model").is_dir()
+        seconds = None if reused else run_dreambooth(a.base, a.out / "instances", run, lora, prior, a)
         if lora:
             model = load_model(a.base)
             apply_lora(model, run)
@@ -163,9 +174,9 @@ def main() -> None:
         else:
             model = load_model(run)
             saved = (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
-        figures = measure(model, reader, instance_features, a)
+        figures = measure(model, reader, instance_features, class_features, a)
         save_grid(figures.pop("_grid"), a.out / f"{name}.png")
-        results[name] = {"seconds": round(seconds, 1), "saved_mib": round(saved / 2**20, 3), **figures}
+        results[name] = {"seconds": seconds and round(seconds, 1), "saved_mib": round(saved / 2**20, 3), **figures}
     from difflab.pipelines.folder import resolve_model_folder
 
     full_unet = resolve_model_folder(a.base) / "unet" / "diffusion_pytorch_model.safetensors"
