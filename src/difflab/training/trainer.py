@@ -167,7 +167,7 @@ class Trainer:
         self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
         if base is not None and base.prompts is not None:
             self.text = TextModelParts(base, bool(self.config.model.train_text_encoder), None)
-        self.model = base or self.new_model(data, checkpoint, clock)
+        self.model = base or self.new_model(data, clock)
         if self.config.model.lora_rank:
             self.add_lora()
         self.describe_training(data)
@@ -221,11 +221,9 @@ class Trainer:
             raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
         add_lora(self.model, self.config.model.lora_rank, text_encoder=self.text.train_text_encoder)
 
-    def new_model(self, data: ImageDataset, checkpoint: Path | None, clock) -> DiffusionModel:
+    def new_model(self, data: ImageDataset, clock) -> DiffusionModel:
         c = self.config
         if c.model.conditioning == "text":
-            if checkpoint is None and self.run.latest_checkpoint() is None:
-                log.info("text-to-image model: %s", self.run.root)
             self.text = build_text_model(c, data, self.run.root, self.accelerator, clock)
             return self.text.model
         names = data.class_names if c.model.conditioning == "class" else None
