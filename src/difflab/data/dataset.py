@@ -105,10 +105,16 @@ def as_batch(images: torch.Tensor, labels: torch.Tensor | None, flips: torch.Ten
     if labels is not None:
         out["labels"] = labels
     if captions is not None:
-        if flipped and mirror_caption is not None:
-            captions = [mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
-        out["captions"] = captions
+        out["captions"] = mirrored_captions(captions, flips if flipped else None, mirror_caption)
     return out
+
+
+def mirrored_captions(captions: list[str], flips: torch.Tensor | None,
+                      mirror_caption: Callable[[str], str] | None) -> list[str]:
+    """Each caption as its image is shown: mirrored (through `mirror_caption`) where `flips` says."""
+    if flips is None or mirror_caption is None:
+        return captions
+    return [mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
 
 
 def split_indices(n: int, split: str) -> torch.Tensor:

@@ -60,28 +60,25 @@ def real_images(n: int, size: int, seed: int) -> torch.Tensor:
     return shapes.generate(n, size, seed=seed)[0].float().div_(127.5).sub_(1.0)
 
 
+PARTS = (("seen", "seen"), ("held_out", "held-out"))
+
+
+def shares_text(shares: dict) -> str:
+    """'colour 97.0%, shape 91.0%, position 88.0%'."""
+    return ", ".join(f"{name} {100 * shares[name]:.1f}%" for name in ("colour", "shape", "position") if name in shares)
+
+
 def adherence_line(result: dict) -> str:
     """'colour 97.0% · shape 91.0% · position 88.0% (seen) · … (held out)' for a printed summary."""
-    parts = []
-    for part, label in (("seen", "seen"), ("held_out", "held out")):
-        shares = result["adherence"].get(part)
-        if shares:
-            figures = ", ".join(f"{name} {100 * shares[name]:.1f}%" for name in ("colour", "shape", "position")
-                                if name in shares)
-            parts.append(f"{figures} ({label} combinations, n={shares['n']})")
-    return " · ".join(parts)
+    return " · ".join(f"{shares_text(shares)} ({label.replace('-', ' ')} combinations, n={shares['n']})"
+                      for part, label in PARTS if (shares := result["adherence"].get(part)))
 
 
 def evaluation_rows(result: dict) -> dict[str, str]:
     """The measured figures as model-card rows."""
     how = f"{result['sampler']}, {result['steps']} steps, CFG scale {result['cfg_scale']}"
-    rows = {}
-    for part, label in (("seen", "prompt adherence, seen combinations"),
-                        ("held_out", "prompt adherence, held-out combinations")):
-        shares = result["adherence"].get(part)
-        if shares:
-            figures = ", ".join(f"{name} {100 * shares[name]:.1f}%" for name in ("colour", "shape", "position"))
-            rows[label] = f"{figures} (n={shares['n']}; {how})"
+    rows = {f"prompt adherence, {label} combinations": f"{shares_text(shares)} (n={shares['n']}; {how})"
+            for part, label in PARTS if (shares := result["adherence"].get(part))}
     rows["Fréchet distance (attribute-reader features)"] = (
         f"{result['frechet_distance']:.3f} (real-data floor {result['frechet_floor']:.3f}, n={result['n']})")
     return rows

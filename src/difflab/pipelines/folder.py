@@ -258,18 +258,11 @@ def save_pixel_text_model(model: DiffusionModel, folder: Path) -> None:
 
 
 def load_prompt_encoder(folder: Path, spec):
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     from difflab.models.text import PromptEncoder
+    from difflab.training.text_model import load_text_encoder
 
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load the tokenizer and text encoder of {spec} ({reason}); the model folder "
-                         "is damaged: save it again") from None
-    return PromptEncoder(tokenizer, check_weights(text_encoder.eval(), folder / "text_encoder"))
+    tokenizer, text_encoder = load_text_encoder(folder, what=f"the model folder {spec}")
+    return PromptEncoder(tokenizer, check_weights(text_encoder, folder / "text_encoder"))
 
 
 def load_conditioning(denoiser, folder: Path, spec) -> None:

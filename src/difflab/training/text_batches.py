@@ -10,7 +10,7 @@ import logging
 import torch
 from torch import nn
 
-from difflab.data.dataset import pick, with_groups
+from difflab.data.dataset import mirrored_captions, pick, with_groups
 from difflab.models.conditioning import Conditioning
 from difflab.models.text import PromptEncoder
 from difflab.progress import progress_bar
@@ -103,11 +103,8 @@ class CachedLatents:
             m = flips[:, None, None, None]
             mean = torch.where(m, self.flipped[0][indices], mean)
             std = torch.where(m, self.flipped[1][indices], std)
-        out = {"latent_mean": mean, "latent_std": std}
-        captions = pick(self.data.captions, indices)
-        if flips is not None and self.data.mirror_caption is not None:
-            captions = [self.data.mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
-        out["captions"] = captions
+        captions = mirrored_captions(pick(self.data.captions, indices), flips, self.data.mirror_caption)
+        out = {"latent_mean": mean, "latent_std": std, "captions": captions}
         return with_groups(out, getattr(self.data, "loss_groups", None), indices)
 
     def read_ahead(self, plan) -> None:

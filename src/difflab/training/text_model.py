@@ -113,9 +113,9 @@ def prompt_length(longest_caption: int) -> int:
     return min(MAX_TOKENS, max(32, -(-(longest_caption * 3 // 2) // 8) * 8))
 
 
-def load_text_encoder(spec: str):
+def load_text_encoder(spec: str | Path, what: str | None = None):
     """A CLIP tokenizer and text encoder from a folder that holds them (a Stable Diffusion folder's
-    tokenizer/ and text_encoder/, or one folder with both), or a Hub id."""
+    tokenizer/ and text_encoder/, or one folder with both), or a Hub id. `what` names it in errors."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(spec).expanduser()
@@ -130,8 +130,8 @@ def load_text_encoder(spec: str):
                                                      subfolder="text_encoder" if nested else "", use_safetensors=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load a CLIP text encoder and tokenizer from {spec} ({reason}); give a Stable "
-                         "Diffusion folder or a folder with tokenizer/ and text_encoder/") from None
+        raise ModelError(f"cannot load a CLIP text encoder and tokenizer from {what or spec} ({reason}); give a "
+                         "Stable Diffusion folder or a folder with tokenizer/ and text_encoder/") from None
     return tokenizer, text_encoder.eval()
 
 
