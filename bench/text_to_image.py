@@ -60,6 +60,8 @@ def evaluate(model: Path, n: int, *flags: str) -> dict:
         shares = result["adherence"].get(part, {})
         row[part] = {k: shares[k] for k in ("colour", "shape", "position", "all") if k in shares}
     row["reader_accuracy"] = result["adherence"]["classifier_test_accuracy"]
+    if "vae_ceiling" in result:
+        row["vae_ceiling"] = result["vae_ceiling"]
     return row
 
 

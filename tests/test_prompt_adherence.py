@@ -14,7 +14,7 @@ import tiny_sd
 from difflab.cli import main
 from difflab.data import shapes
 from difflab.metrics.attributes import adherence
-from difflab.metrics.prompt_adherence import evaluate_prompts, evaluation_prompts, real_images
+from difflab.metrics.prompt_adherence import evaluate_prompts, evaluation_prompts, real_images, reconstruction_adherence
 from difflab.pipelines.folder import load_model
 
 
@@ -40,6 +40,20 @@ def test_a_random_model_follows_no_prompt(shapes_text_model, shapes_reader):
     assert shares["colour"] < 0.6  # six colours: a model that ignores its prompt is near chance
     assert result["frechet_distance"] > 0 and result["feature_space"] == "attribute reader"  # n=16: only a smoke
     assert shares["classifier_test_accuracy"]["colour"] > 0.9  # the yardstick itself reads drawn shapes
+    assert set(result["vae_ceiling"]) == {"colour", "shape", "position", "all"}
+
+
+def test_the_vae_ceiling_is_what_the_reader_sees_in_the_vaes_reconstructions(shapes_text_model, shapes_reader):
+    model = load_model(shapes_text_model)
+    random_vae = reconstruction_adherence(model, 24, 0, shapes_reader)
+
+    class LosesNothing:
+        encode = decode = staticmethod(lambda x: x)
+
+    model.codec = LosesNothing()
+    perfect = reconstruction_adherence(model, 24, 0, shapes_reader)
+    assert perfect["colour"] > 0.9 and perfect["position"] > 0.9
+    assert random_vae["colour"] < 0.6  # an untrained VAE keeps no colour
 
 
 def test_real_drawn_images_score_at_the_reader_accuracy(shapes_reader):

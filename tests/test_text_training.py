@@ -295,13 +295,15 @@ def test_measured_adherence_is_written_into_the_models_card(trained, tmp_path):
     shutil.copytree(trained / "model", folder)
     result = {"n": 10, "frechet_distance": 12.5, "frechet_floor": 1.25, "sampler": "ddim", "steps": 5, "cfg_scale": 7.5,
               "adherence": {"seen": {"n": 5, "colour": 1.0, "shape": 0.8, "position": 0.6},
-                            "held_out": {"n": 5, "colour": 0.4, "shape": 0.2, "position": 0.0}}}
+                            "held_out": {"n": 5, "colour": 0.4, "shape": 0.2, "position": 0.0}},
+              "vae_ceiling": {"colour": 0.9, "shape": 0.7, "position": 1.0, "all": 0.6}}
     record_evaluation(folder, result)
     record_evaluation(folder, result)  # again: the rows are replaced, not added twice
     card = (folder / "README.md").read_text()
     assert card.count("| prompt adherence, seen combinations | colour 100.0%, shape 80.0%, position 60.0%") == 1
     assert "| prompt adherence, held-out combinations | colour 40.0%" in card
     assert "12.500 (real-data floor 1.250, n=10)" in card
+    assert "| the VAE's reconstructions of real images (a ceiling) | colour 90.0%, shape 70.0%, position 100.0%" in card
     info = json.loads((folder / "difflab.json").read_text())
     assert info["evaluation"]["prompt adherence, seen combinations"].startswith("colour 100.0%")
     assert load_model(folder).info.evaluation == info["evaluation"]

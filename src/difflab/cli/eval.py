@@ -120,7 +120,7 @@ def record_evaluation_in(spec: str, result: dict) -> None:
 
 def evaluate_text_model(model, spec: str, args, clip=None) -> dict:
     from difflab.errors import ConfigError
-    from difflab.metrics.prompt_adherence import adherence_line, evaluate_prompts, is_shapes
+    from difflab.metrics.prompt_adherence import adherence_line, evaluate_prompts, is_shapes, shares_text
 
     if not is_shapes(spec):
         raise ConfigError(f"prompt adherence is measured on the built-in shapes data, and this text model was trained "
@@ -129,5 +129,9 @@ def evaluate_text_model(model, spec: str, args, clip=None) -> dict:
                               seed=args.seed, batch_size=args.batch_size, progress=True, clip=clip)
     import logging
 
-    logging.getLogger("difflab").info("prompt adherence: %s", adherence_line(result))
+    log = logging.getLogger("difflab")
+    log.info("prompt adherence: %s", adherence_line(result))
+    if "vae_ceiling" in result:
+        log.info("the VAE's reconstructions of real images read as: %s (the model cannot do better)",
+                 shares_text(result["vae_ceiling"]))
     return result

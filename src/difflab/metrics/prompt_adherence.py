@@ -48,11 +48,27 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
         "sampler": sampler, "steps": steps, "seed": seed,
         "cfg_scale": cfg_scale if cfg_scale is not None else model.default_cfg_scale,
     }
+    if model.latent:
+        result["vae_ceiling"] = reconstruction_adherence(model, n, seed, reader)
     if clip is not None:
         from difflab.metrics.clip_score import clip_score
 
         result["clip_score"] = clip_score(clip, images, [p.caption for p in prompts])
     return result
+
+
+@torch.no_grad()
+def reconstruction_adherence(model: DiffusionModel, n: int, seed: int, reader: AttributeClassifier) -> dict:
+    """What the VAE lets through: the reader's shares on the VAE's reconstructions of `n` drawn images
+    (every combination). The model cannot draw what its VAE cannot: a ceiling for its adherence."""
+    images, scenes = shapes.generate(n, model.info.image_size, seed=seed)
+    images = images.float().div_(127.5).sub_(1.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the posterior samples
+        rebuilt = torch.cat([model.codec.decode(model.codec.encode(chunk)).float().cpu()
+                             for chunk in images.split(256)])
+    shares = adherence(rebuilt.clamp(-1, 1), scenes, reader)
+    return {name: shares[name] for name in ("colour", "shape", "position", "all")}
 
 
 def real_images(n: int, size: int, seed: int) -> torch.Tensor:
@@ -79,6 +95,9 @@ def evaluation_rows(result: dict) -> dict[str, str]:
     how = f"{result['sampler']}, {result['steps']} steps, CFG scale {result['cfg_scale']}"
     rows = {f"prompt adherence, {label} combinations": f"{shares_text(shares)} (n={shares['n']}; {how})"
             for part, label in PARTS if (shares := result["adherence"].get(part))}
+    if "vae_ceiling" in result:
+        rows["the VAE's reconstructions of real images (a ceiling)"] = (
+            f"{shares_text(result['vae_ceiling'])} (n={result['n']})")
     rows["Fréchet distance (attribute-reader features)"] = (
         f"{result['frechet_distance']:.3f} (real-data floor {result['frechet_floor']:.3f}, n={result['n']})")
     return rows

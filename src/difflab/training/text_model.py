@@ -40,6 +40,21 @@ class TextModelParts:
     train_text_encoder: bool
     vae_psnr: float | None  # of the VAE stage, when the run trained the VAE
 
+    def training_rows(self, config, data) -> dict:
+        """What difflab.json and the model card say of the text parts of a run."""
+        rows = {}
+        m = config.model
+        if not m.base:  # a new model: where its VAE and text encoder came from
+            rows["vae"] = m.vae or f"trained here ({config.vae.steps} steps)"
+            if self.vae_psnr is not None:
+                rows["vae_psnr"] = self.vae_psnr
+            rows["text_encoder"] = m.text_encoder or "trained here, with the UNet"
+        rows["text_encoder_trained"] = self.train_text_encoder
+        rows["captions"] = len(set(data.captions))
+        if config.data.caption_template:
+            rows["caption_template"] = config.data.caption_template
+        return rows
+
 
 def build_text_model(config, data, run_root: Path, accelerator, clock) -> TextModelParts:
     """The model a text run trains, with its VAE stage run first when it has no --vae."""

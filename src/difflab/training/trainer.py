@@ -236,17 +236,8 @@ class Trainer:
             training["preset"] = self.config.model.preset
         if self.model.class_names or self.text:
             training["cond_dropout"] = self.config.model.cond_dropout
-        if self.text and not self.config.model.base:
-            m = self.config.model
-            training["vae"] = m.vae or f"trained here ({self.config.vae.steps} steps)"
-            if self.text.vae_psnr is not None:
-                training["vae_psnr"] = self.text.vae_psnr
-            training["text_encoder"] = m.text_encoder or "trained here, with the UNet"
         if self.text:
-            training["text_encoder_trained"] = self.text.train_text_encoder
-            training["captions"] = len(set(data.captions))
-            if self.config.data.caption_template:
-                training["caption_template"] = self.config.data.caption_template
+            training.update(self.text.training_rows(self.config, data))
         if self.config.model.lora_rank:
             training["lora_rank"] = self.config.model.lora_rank
         training.update(getattr(data, "notes", None) or {})  # what made data says of itself (DreamBooth's prompts)
