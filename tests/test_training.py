@@ -110,6 +110,21 @@ def test_other_targets_weighting_and_precision_train(tmp_path, prediction, gamma
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
+def test_a_timestep_shift_draws_training_timesteps_at_higher_noise(tmp_path):
+    from difflab.training.losses import shifted_timesteps
+
+    u = torch.linspace(0, 0.999, 1000)
+    assert torch.equal(shifted_timesteps(u, 1.0, 1000), (u * 1000).long())  # 1: the uniform draw itself
+    shifted = shifted_timesteps(u, 3.0, 1000)
+    assert shifted[500] == 750 and shifted.min() == 0 and shifted.max() == 999  # 3: the median moves to 3/4
+    assert torch.all(shifted[1:] >= shifted[:-1])
+    config = tiny_config(steps=1)
+    config.optim.timestep_shift = 3.0
+    trainer = Trainer(config, tmp_path / "run")
+    _, t = trainer.draw_noise(torch.zeros(4000, 1, 2, 2))
+    assert abs(t.float().median().item() - 0.75 * trainer.model.noise_schedule.config.num_train_timesteps) < 30
+
+
 def test_budgets_in_epochs_and_minutes(tmp_path):
     config = tiny_config(steps=None, epochs=2.0)
     config.data.split = "test"  # 179 images, 16 per step

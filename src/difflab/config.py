@@ -169,6 +169,10 @@ class OptimConfig:
     ema_decay: float = option(0.999, "decay of the weights' moving average used for samples and the saved model "
                                      "(0 = off)", check=FRACTION)
     min_snr_gamma: float = option(0.0, "min-SNR-γ loss weighting (5 is typical; 0 = off)")
+    timestep_shift: float = option(1.0, "draw training timesteps shifted towards high noise by this factor (Stable "
+                                        "Diffusion 3's shift; 1 = uniform); larger latents decide a layout at higher "
+                                        "noise (3 taught a 16x16x4 latent model position: docs/text-to-image.md)",
+                                   check=POSITIVE)
     precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 on older "
                                     "GPUs, else none)", choices=("auto", "no", "fp16", "bf16"))
 

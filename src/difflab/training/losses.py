@@ -1,4 +1,5 @@
-"""The denoising loss: the network's target for each prediction type, and min-SNR-γ weighting."""
+"""The denoising loss: the network's target for each prediction type, min-SNR-γ weighting, and the
+timesteps it is drawn at."""
 
 from __future__ import annotations
 
@@ -48,3 +49,11 @@ def group_losses(per_image: torch.Tensor, groups: torch.Tensor, count: int) -> t
     reports per group, so that the instance loss and the prior loss can be read apart."""
     sums = torch.zeros(count, device=per_image.device).index_add_(0, groups, per_image.detach().float())
     return sums, torch.bincount(groups, minlength=count).float()
+
+
+def shifted_timesteps(u: torch.Tensor, shift: float, steps: int) -> torch.Tensor:
+    """Timesteps from uniform draws `u` in [0, 1), moved towards high noise by `shift` (Stable Diffusion 3's
+    t' = s·t / (1 + (s − 1)·t); 1 leaves them uniform): a larger latent keeps a layout readable at a
+    noise level that hides it in a smaller one, so the layout is decided at higher noise."""
+    t = shift * u / (1 + (shift - 1) * u)
+    return (t * steps).long().clamp(max=steps - 1)

@@ -31,7 +31,7 @@ from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
 from difflab.training import checkpoints, finetune
 from difflab.training.budget import Budget, lr_factor
-from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target
+from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target, shifted_timesteps
 from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
 from difflab.training.signals import stop_if_signalled, stop_signals
@@ -426,8 +426,12 @@ class Trainer:
         device = self.accelerator.device
         noise = torch.randn(x0.shape, generator=self.noise_rng).to(device)
         steps = self.model.noise_schedule.config.num_train_timesteps
-        t = torch.randint(0, steps, (x0.shape[0],), generator=self.noise_rng).to(device)
-        return noise, t
+        shift = self.config.optim.timestep_shift
+        if shift == 1:
+            t = torch.randint(0, steps, (x0.shape[0],), generator=self.noise_rng)
+        else:
+            t = shifted_timesteps(torch.rand(x0.shape[0], generator=self.noise_rng), shift, steps)
+        return noise, t.to(device)
 
     def gradient_norm(self, clip: float) -> torch.Tensor:
         """The gradients' total norm, after clipping it to `clip` if that is set. With fp16 loss scaling
