@@ -27,7 +27,9 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     if "steps" in training:
         rows.append(("training", f"{training['steps']:,} optimizer steps, {training.get('images_seen', 0):,} "
                                  f"images seen, {training.get('minutes', 0):.1f} minutes on "
-                                 f"{training.get('device', '?')}"))
+                                 f"{training.get('device', '?')}"
+                                 + (f", timesteps shifted towards high noise by {training['timestep_shift']}"
+                                    if "timestep_shift" in training else "")))
     if classes:
         door = ("an embedding added to the timestep embedding" if info.class_method == "embedding"
                 else f"a {info.class_embed_dim}-channel embedding concatenated to the input")

@@ -240,6 +240,8 @@ class Trainer:
             training.update(self.text.training_rows(self.config, data))
         if self.config.model.lora_rank:
             training["lora_rank"] = self.config.model.lora_rank
+        if self.config.optim.timestep_shift != 1:
+            training["timestep_shift"] = self.config.optim.timestep_shift
         training.update(getattr(data, "notes", None) or {})  # what made data says of itself (DreamBooth's prompts)
 
     def start_reporting(self, data: ImageDataset) -> None:
@@ -422,7 +424,8 @@ class Trainer:
         return weights
 
     def draw_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gaussian noise like `x0` and a random timestep per image, from the run's noise generator."""
+        """Gaussian noise like `x0` and a random timestep per image (uniform, or shifted towards high noise by
+        --timestep-shift), from the run's noise generator."""
         device = self.accelerator.device
         noise = torch.randn(x0.shape, generator=self.noise_rng).to(device)
         steps = self.model.noise_schedule.config.num_train_timesteps
