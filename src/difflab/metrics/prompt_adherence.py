@@ -61,8 +61,7 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
 def reconstruction_adherence(model: DiffusionModel, n: int, seed: int, reader: AttributeClassifier) -> dict:
     """What the VAE lets through: the reader's shares on the VAE's reconstructions of `n` drawn images
     (every combination). The model cannot draw what its VAE cannot: a ceiling for its adherence."""
-    images, scenes = shapes.generate(n, model.info.image_size, seed=seed)
-    images = images.float().div_(127.5).sub_(1.0)
+    images, scenes = drawn_images(n, model.info.image_size, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the posterior samples
         rebuilt = torch.cat([model.codec.decode(model.codec.encode(chunk)).float().cpu()
@@ -71,9 +70,15 @@ def reconstruction_adherence(model: DiffusionModel, n: int, seed: int, reader: A
     return {name: shares[name] for name in ("colour", "shape", "position", "all")}
 
 
+def drawn_images(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[shapes.Scene]]:
+    """`n` drawn shapes images in [-1, 1], every combination included (what a perfect model draws), and
+    their scenes."""
+    images, scenes = shapes.generate(n, size, seed=seed)
+    return images.float().div_(127.5).sub_(1.0), scenes
+
+
 def real_images(n: int, size: int, seed: int) -> torch.Tensor:
-    """`n` drawn shapes images in [-1, 1], every combination included (what a perfect model draws)."""
-    return shapes.generate(n, size, seed=seed)[0].float().div_(127.5).sub_(1.0)
+    return drawn_images(n, size, seed)[0]
 
 
 PARTS = (("seen", "seen"), ("held_out", "held-out"))

@@ -430,7 +430,7 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=self.noise_rng).to(device)
         steps = self.model.noise_schedule.config.num_train_timesteps
         shift = self.config.optim.timestep_shift
-        if shift == 1:
+        if shift == 1:  # the uniform draw as it always was: the same seed gives the same run as before
             t = torch.randint(0, steps, (x0.shape[0],), generator=self.noise_rng)
         else:
             t = shifted_timesteps(torch.rand(x0.shape[0], generator=self.noise_rng), shift, steps)
