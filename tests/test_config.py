@@ -72,6 +72,7 @@ def test_bad_config_files(tmp_path):
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be greater than 0"),
     (["--image-size", "0"], "--image-size must be greater than 0"),
     (["--timestep-shift", "0"], r"^--timestep-shift must be greater than 0 \(got 0.0\)$"),
+    (["--vae-detail-weight", "-1"], r"^--vae-detail-weight must be 0 or more \(got -1.0\)$"),
 ])
 def test_bad_values_are_named(flags, message):
     with pytest.raises(ConfigError, match=message if message.startswith("^") else message.replace("[", "\\[")):

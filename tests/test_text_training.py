@@ -183,6 +183,45 @@ def test_a_run_stopped_in_its_vae_stage_resumes_there(tmp_path):
     assert rows[-1]["psnr_eval"]  # the stage finished
 
 
+def test_a_new_latent_text_model_draws_its_timesteps_shifted_and_other_runs_uniformly(trained):
+    from difflab.config import TEXT_TIMESTEP_SHIFT
+    from difflab.training.trainer import resolve_timestep_shift
+
+    info = json.loads((trained / "model" / "difflab.json").read_text())
+    assert info["training"]["timestep_shift"] == TEXT_TIMESTEP_SHIFT != 1  # the default, recorded
+    pixel, fine_tune, unconditional, chosen = text_config(), text_config(), TrainConfig(), text_config()
+    pixel.model.vae = "none"
+    fine_tune.model.base = str(trained)
+    chosen.optim.timestep_shift = 1.5
+    assert [resolve_timestep_shift(c).optim.timestep_shift for c in (pixel, fine_tune, unconditional, chosen)] == [
+        1.0, 1.0, 1.0, 1.5]
+
+
+def test_detail_weights_lift_a_small_objects_pixels_above_its_background():
+    from difflab.training.autoencoder import detail_weights
+
+    images = torch.ones(2, 3, 16, 16)  # white
+    images[0, :, 2:5, 2:5] = torch.tensor([0.7, -0.7, -0.7]).view(3, 1, 1)  # a small red square on the first
+    weights = detail_weights(images, 2.0)
+    assert weights.shape == (2, 1, 16, 16)
+    assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(2))  # the loss keeps its scale
+    assert weights[0, 0, 3, 3] > 5 * weights[0, 0, 10, 10]  # the object's pixels against the background's
+    assert torch.allclose(weights[1], torch.ones(1, 16, 16))  # a plain image: plain MSE
+    assert torch.allclose(detail_weights(images, 0.0), torch.ones(2, 1, 16, 16))
+
+
+def test_the_vae_stage_weighs_its_reconstruction_loss_by_detail(monkeypatch, tmp_path):
+    from difflab.training import autoencoder
+
+    strengths = []
+    original = autoencoder.detail_weights
+    monkeypatch.setattr(autoencoder, "detail_weights", lambda images, s: strengths.append(s) or original(images, s))
+    config = text_config(steps=1, vae_steps=2)
+    config.vae.detail_weight = 3.5
+    train(config, tmp_path / "run")
+    assert strengths == [3.5, 3.5]
+
+
 def test_a_given_text_encoder_and_vae_stay_frozen(tmp_path):
     from safetensors.torch import load_file
 

@@ -157,6 +157,9 @@ class ModelConfig:
                                       "training, which classifier-free guidance needs (0 = never)", check=FRACTION)
 
 
+TEXT_TIMESTEP_SHIFT = 2.0  # --timestep-shift of a new latent text-to-image model
+
+
 @dataclass
 class OptimConfig:
     lr: float = option(1e-3, "peak learning rate (AdamW)", check=POSITIVE, resumable=True)
@@ -169,10 +172,11 @@ class OptimConfig:
     ema_decay: float = option(0.999, "decay of the weights' moving average used for samples and the saved model "
                                      "(0 = off)", check=FRACTION)
     min_snr_gamma: float = option(0.0, "min-SNR-γ loss weighting (5 is typical; 0 = off)")
-    timestep_shift: float = option(1.0, "draw training timesteps shifted towards high noise by this factor (Stable "
-                                        "Diffusion 3's shift; 1 = uniform); larger latents decide a layout at higher "
-                                        "noise (3 taught a 16x16x4 latent model position: docs/text-to-image.md)",
-                                   check=POSITIVE)
+    timestep_shift: float | None = option(None, "draw training timesteps shifted towards high noise by this factor "
+                                                "(Stable Diffusion 3's shift; 1 = uniform). Default: "
+                                                f"{TEXT_TIMESTEP_SHIFT:g} for a new latent text model, whose layout "
+                                                "is decided at high noise (on shapes it lifted position from 65% to "
+                                                "100%: docs/text-to-image.md), else 1", check=POSITIVE)
     precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 on older "
                                     "GPUs, else none)", choices=("auto", "no", "fp16", "bf16"))
 
@@ -181,7 +185,7 @@ class OptimConfig:
 class VaeConfig:
     """The VAE stage of a text-to-image run that is given no --vae."""
 
-    steps: int = option(1000, "optimizer steps of the VAE stage", flag="--vae-steps", check=POSITIVE, resumable=True)
+    steps: int = option(2000, "optimizer steps of the VAE stage", flag="--vae-steps", check=POSITIVE, resumable=True)
     minutes: float | None = option(None, "stop the VAE stage after this many minutes", flag="--vae-minutes",
                                    check=POSITIVE, resumable=True)
     lr: float = option(2e-3, "peak learning rate of the VAE stage", flag="--vae-lr", check=POSITIVE)
@@ -189,6 +193,11 @@ class VaeConfig:
                                  "CPU-minute)", flag="--vae-batch-size", check=POSITIVE)
     kl_weight: float = option(1e-6, "weight of the KL term (small: a nearly deterministic autoencoder, as in latent "
                                     "diffusion)", flag="--vae-kl-weight", check=NOT_NEGATIVE)
+    detail_weight: float = option(2.0, "extra weight in the reconstruction loss on pixels far from their image's mean "
+                                       "colour, so that a small object's colour and shape count beside a large "
+                                       "background (0 = plain mean squared error; 2 lifted colour read back on shapes "
+                                       "from 64% to 100%: docs/text-to-image.md)", flag="--vae-detail-weight",
+                                  check=NOT_NEGATIVE)
 
 
 @dataclass

@@ -27,7 +27,7 @@ SKIPPED = {section: set(names) for section, names in settings_marked(DreamBoothC
 SKIPPED["data"] |= {"spec", "split", "caption_column", "caption_template"}
 SKIPPED["model"] |= {"base", "lora_rank", "vae", "text_encoder", "cond_dropout"}
 SKIPPED["run"] |= {"sample_prompts", "eval_every", "eval_count"}
-SKIPPED["vae"] = {"steps", "minutes", "lr", "batch_size", "kl_weight"}
+SKIPPED["vae"] = {"steps", "minutes", "lr", "batch_size", "kl_weight", "detail_weight"}
 
 
 def add_parser(subparsers) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from difflab.config import TrainConfig, dumps_config
+from difflab.config import TEXT_TIMESTEP_SHIFT, TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.devices import auto_precision
 from difflab.diffusion.generate import generate, row_labels
@@ -37,7 +37,13 @@ from difflab.training.run_folder import MetricsLog, RunFolder
 from difflab.training.signals import stop_if_signalled, stop_signals
 from difflab.training.steps import StepLog, StepStats, TrainState
 from difflab.training.text_batches import CachedLatents, CaptionTokens, TrainingNetwork, sample_latents
-from difflab.training.text_model import TextModelParts, build_text_model, check_same_tokenizer, tokenizer_fingerprint
+from difflab.training.text_model import (
+    PIXEL_SPACE,
+    TextModelParts,
+    build_text_model,
+    check_same_tokenizer,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger("difflab")
 
@@ -99,6 +105,23 @@ def settle_settings(config: TrainConfig, made_data: bool = False
     together: the data fills in the image size and channels left to it; with --from, the pretrained
     model decides the network, schedule, image size and channels, and the data is fitted to it.
     `made_data`: the data comes from a DataMaker once the run folder is ready (None is returned for it)."""
+    config, data, base = settings_and_data(config, made_data)
+    return resolve_timestep_shift(config), data, base
+
+
+def resolve_timestep_shift(config: TrainConfig) -> TrainConfig:
+    """--timestep-shift left to difflab: TEXT_TIMESTEP_SHIFT for a new latent text model (its small latent's
+    layout is decided at high noise), 1 (the uniform draw) for every other run."""
+    if config.optim.timestep_shift is not None:
+        return config
+    m = config.model
+    new_latent_text = not m.base and m.conditioning == "text" and (m.vae or "").lower() != PIXEL_SPACE
+    shift = TEXT_TIMESTEP_SHIFT if new_latent_text else 1.0
+    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, timestep_shift=shift))
+
+
+def settings_and_data(config: TrainConfig, made_data: bool
+                      ) -> tuple[TrainConfig, ImageDataset | None, DiffusionModel | None]:
     if config.model.base:
         if made_data:
             base = finetune.load_base(config)
