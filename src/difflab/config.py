@@ -175,8 +175,8 @@ class OptimConfig:
     timestep_shift: float | None = option(None, "draw training timesteps shifted towards high noise by this factor "
                                                 "(Stable Diffusion 3's shift; 1 = uniform). Default: "
                                                 f"{TEXT_TIMESTEP_SHIFT:g} for a new latent text model, whose layout "
-                                                "is decided at high noise (on shapes it lifted position from 65% to "
-                                                "100%: docs/text-to-image.md), else 1", check=POSITIVE)
+                                                "is decided at high noise (on shapes it lifted position from 65 to "
+                                                "100 per cent: docs/text-to-image.md), else 1", check=POSITIVE)
     precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 on older "
                                     "GPUs, else none)", choices=("auto", "no", "fp16", "bf16"))
 
@@ -196,7 +196,7 @@ class VaeConfig:
     detail_weight: float = option(2.0, "extra weight in the reconstruction loss on pixels far from their image's mean "
                                        "colour, so that a small object's colour and shape count beside a large "
                                        "background (0 = plain mean squared error; 2 lifted colour read back on shapes "
-                                       "from 64% to 100%: docs/text-to-image.md)", flag="--vae-detail-weight",
+                                       "from 64 to 100 per cent: docs/text-to-image.md)", flag="--vae-detail-weight",
                                   check=NOT_NEGATIVE)
 
 
