@@ -77,18 +77,30 @@ def grids(model: Path, out: Path) -> list[str]:
     return paths
 
 
+CIFAR_CFG_SCALES = (1.5, 3, 7.5)  # the class model's default, between, the text model's default
+
+
 def cifar_rows(args) -> list[dict]:
-    """CIFAR-10 with captions from its labels, against the class-conditional pixel model, same minutes."""
+    """CIFAR-10 with captions from its labels (a latent text model) against the class-conditional pixel
+    model, for the same minutes in all (the text model's VAE stage counted in them); each at a few CFG
+    scales, with the latent model's VAE ceiling."""
     rows = []
     work = Path(args.workdir)
-    for name, flags in (("text (latent)", ["--conditioning", "text", "--caption-template", "a photo of a {label}"]),
-                        ("class (pixel)", ["--conditioning", "class"])):
+    vae = args.cifar_vae_minutes
+    text = ["--conditioning", "text", "--caption-template", "a photo of a {label}", "--vae-minutes", str(vae)]
+    for name, minutes, flags in (("text (latent)", args.cifar_minutes - vae, text),
+                                 ("class (pixel)", args.cifar_minutes, ["--conditioning", "class"])):
         out = work / ("cifar-text" if "text" in name else "cifar-class")
-        difflab("train", "--data", args.cifar, "--split", "all", "--minutes", str(args.cifar_minutes),
+        difflab("train", "--data", args.cifar, "--split", "all", "--minutes", str(minutes),
                 "--sample-every", "0", "--checkpoint-every", "0", "--out", str(out), "--overwrite", *flags)
-        result = json.loads(difflab("eval", "--model", str(out), "--data", args.cifar, "-n", str(args.n)))
-        rows.append({"model": name, "class_accuracy": result.get("class_accuracy"),
-                     "frechet_distance": result["frechet_distance"], "frechet_floor": result.get("frechet_floor")})
+        training = json.loads((out / "model" / "difflab.json").read_text())["training"]
+        for scale in CIFAR_CFG_SCALES:
+            result = json.loads(difflab("eval", "--model", str(out), "--data", args.cifar, "-n", str(args.n),
+                                        "--cfg-scale", str(scale)))
+            rows.append({"model": name, "unet_steps": training["steps"], "vae": training.get("vae"),
+                         "vae_psnr": training.get("vae_psnr"), "cfg_scale": scale,
+                         "class_accuracy": result.get("class_accuracy"), "frechet_distance": result["frechet_distance"],
+                         "frechet_floor": result.get("frechet_floor"), "vae_ceiling": result.get("vae_ceiling")})
     return rows
 
 
@@ -103,7 +115,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/bench-t2i")
     parser.add_argument("--skip-pixel", action="store_true")
     parser.add_argument("--cifar", help="the CIFAR-10 folder, to add its rows")
-    parser.add_argument("--cifar-minutes", type=float, default=30.0)
+    parser.add_argument("--cifar-minutes", type=float, default=30.0, help="each CIFAR-10 model's minutes in all")
+    parser.add_argument("--cifar-vae-minutes", type=float, default=4.0,
+                        help="of those, the text model's VAE stage (the rest is its UNet's)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, measures nothing")
     args = parser.parse_args()
     work = Path(args.workdir)

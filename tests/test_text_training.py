@@ -65,9 +65,21 @@ def test_a_text_run_trains_each_component_and_saves_a_stable_diffusion_folder(tr
     assert vae.config.scaling_factor != 1.0  # set from the data
     info = json.loads((model_dir / "difflab.json").read_text())
     assert info["training"]["text_encoder_trained"] is True
-    assert info["training"]["vae_psnr"] > 0
+    assert info["training"]["vae_psnr"] > 0 and info["training"]["vae"] == "trained here (6 steps)"
     card = (model_dir / "README.md").read_text()
     assert "reconstruction PSNR" in card and "StableDiffusionPipeline.from_pretrained" in card
+
+
+def test_the_card_gives_the_steps_the_vae_stage_made_not_those_asked():
+    """--vae-minutes can end the stage before --vae-steps: the card says what was trained."""
+    from difflab.data import open_dataset
+    from difflab.training.autoencoder import VaeReport
+    from difflab.training.text_model import TextModelParts
+
+    config = text_config(vae_steps=2000)
+    parts = TextModelParts(model=None, train_text_encoder=True, vae_report=VaeReport(psnr=21.8, steps=1721))
+    rows = parts.training_rows(config, open_dataset("shapes:n=20"))
+    assert rows["vae"] == "trained here (1721 steps)" and rows["vae_psnr"] == 21.8
 
 
 def test_the_scaling_factor_gives_latents_of_unit_spread(trained):
@@ -195,6 +207,27 @@ def test_a_new_latent_text_model_draws_its_timesteps_shifted_and_other_runs_unif
     chosen.optim.timestep_shift = 1.5
     assert [resolve_timestep_shift(c).optim.timestep_shift for c in (pixel, fine_tune, unconditional, chosen)] == [
         1.0, 1.0, 1.0, 1.5]
+
+
+@pytest.mark.parametrize("preset, independent", [("small", True), ("medium", False)])
+def test_the_small_presets_text_encoder_reads_each_word_apart_from_the_words_before_it(preset, independent, tmp_path):
+    """`small` has no transformer layers: a word's output is its embedding at its place whatever precedes
+    it, so "green triangle" reaches the UNet as "green" and "triangle" (what lets a pair never seen be
+    drawn); a layered encoder (`medium`) mixes each word with those before it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difflab.models.text_presets import text_preset
+
+    config = CLIPTextConfig(**text_preset(preset).text_config(vocab_size=50, max_tokens=8, bos=0, eos=1))
+    encoder = CLIPTextModel(config).eval()
+    encoder.save_pretrained(tmp_path)  # what the saved model holds, loaded back by plain transformers
+    encoder = CLIPTextModel.from_pretrained(tmp_path).eval()
+    green, red, triangle = 5, 6, 7
+    with torch.no_grad():
+        a = encoder(torch.tensor([[0, green, triangle, 1]]))[0][0]
+        b = encoder(torch.tensor([[0, red, triangle, 1]]))[0][0]
+    assert not torch.allclose(a[1], b[1])  # the colours differ
+    assert torch.allclose(a[2], b[2]) == independent  # "triangle" after either colour
 
 
 def test_detail_weights_lift_a_small_objects_pixels_above_its_background():
@@ -367,11 +400,25 @@ def test_a_text_model_of_labelled_data_is_asked_for_each_class_by_its_caption(tm
         return real_generate(model, n, **kw)
 
     monkeypatch.setattr(evaluate, "generate", spy)
-    result = Evaluator.for_data("digits", 16, 3)(model, 20, sampler="ddim", steps=2, cfg_scale=None,
-                                                   caption_template="a digit {label}")
+    evaluator = Evaluator.for_data("digits", 16, 3)
+    result = evaluator(model, 20, sampler="ddim", steps=2, cfg_scale=None, caption_template="a digit {label}")
     assert asked[0]["prompts"][:3] == ["a digit 0", "a digit 1", "a digit 2"] and asked[0]["class_labels"] is None
     assert asked[0]["cfg_scale"] == 7.5
     assert 0 <= result["class_accuracy"] <= 1 and len(result["class_accuracy_per_class"]) == 10
+
+    # the VAE's ceiling: the floor's real images through the VAE, measured as generated ones are
+    two_step_vae = evaluator.vae_ceiling(model, 20)
+
+    class LosesNothing:
+        encode = decode = staticmethod(lambda x: x)
+
+    model.codec = LosesNothing()
+    perfect = evaluator.vae_ceiling(model, 20)
+    real = evaluator.real_batch(20)
+    read = evaluator.classifier.features_and_predictions(real["images"])[1]
+    assert perfect["frechet_distance"] == evaluator.floor(20)
+    assert perfect["class_accuracy"] == round((read == real["labels"]).float().mean().item(), 4)
+    assert two_step_vae["frechet_distance"] > perfect["frechet_distance"]  # a VAE trained 2 steps loses the digits
 
 
 def test_the_clip_score_is_clips_own_image_text_similarity(tiny_clip):

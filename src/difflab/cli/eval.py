@@ -97,8 +97,9 @@ def run(args) -> int:
         result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                            seed=args.seed, batch_size=args.batch_size, progress=True,
                            caption_template=template if model.prompts is not None else None, clip=clip)
-        result = {"model": str(args.model), "data": spec, **result,
-                  "frechet_floor": round(evaluator.floor(args.count), 4)}
+        result = {"model": str(args.model), "data": spec, **result, "frechet_floor": evaluator.floor(args.count)}
+        if model.latent:
+            result["vae_ceiling"] = evaluator.vae_ceiling(model, args.count)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -14,6 +14,7 @@ from difflab.diffusion.generate import generate
 from difflab.errors import DataError
 from difflab.metrics.classifier import TrainedClassifier, load_or_train
 from difflab.metrics.frechet import frechet_distance
+from difflab.models.codec import round_trip
 from difflab.models.model import DiffusionModel
 
 log = logging.getLogger("difflab")
@@ -62,10 +63,29 @@ class Evaluator:
             self._test_features = self.features(self.test.batch(torch.arange(len(self.test)))["images"])
         return self._test_features
 
+    def real_batch(self, n: int, seed: int = 0) -> dict:
+        """n training images (and their labels), the same for the same seed."""
+        index = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.train.batch(index)
+
     def floor(self, n: int, seed: int = 0) -> float:
         """The same distance for n real training images: what a perfect model would score."""
-        index = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:n]
-        return frechet_distance(self.features(self.train.batch(index)["images"]).numpy(), self.test_features().numpy())
+        return self.distance(self.real_batch(n, seed)["images"])
+
+    def distance(self, images: torch.Tensor) -> float:
+        """The Fréchet distance of images in [-1, 1] to the held-out test images."""
+        return round(frechet_distance(self.features(images).numpy(), self.test_features().numpy()), 4)
+
+    def vae_ceiling(self, model: DiffusionModel, n: int, seed: int = 0) -> dict:
+        """What a latent model's VAE lets through: the floor's n real images, encoded and decoded, measured
+        as generated images are. The model cannot draw better than its VAE keeps."""
+        batch = self.real_batch(n, seed)
+        rebuilt = round_trip(model.codec, batch["images"], seed)
+        result = {"frechet_distance": self.distance(rebuilt)}
+        if self.classifier is not None and batch.get("labels") is not None:
+            predictions = self.classifier.features_and_predictions(rebuilt)[1]
+            result["class_accuracy"] = round((predictions == batch["labels"]).float().mean().item(), 4)
+        return result
 
     def __call__(self, model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
                  seed: int = 0, batch_size: int = 250, progress: bool = False,
@@ -86,7 +106,7 @@ class Evaluator:
                           progress=progress) * 2 - 1
         result = {
             "n": n,
-            "frechet_distance": round(frechet_distance(self.features(images).numpy(), self.test_features().numpy()), 4),
+            "frechet_distance": self.distance(images),
             "feature_space": self.feature_space,
             "sampler": sampler, "steps": steps, "seed": seed,
         }
@@ -118,6 +138,9 @@ def summary_line(result: dict) -> str:
     parts[0] += ")"
     if "class_accuracy" in result:
         parts.append(f"class accuracy {100 * result['class_accuracy']:.1f}%")
+    if "frechet_distance" in (ceiling := result.get("vae_ceiling", {})):
+        accuracy = f", class accuracy {100 * ceiling['class_accuracy']:.1f}%" if "class_accuracy" in ceiling else ""
+        parts.append(f"the VAE's reconstructions: Fréchet distance {ceiling['frechet_distance']:.3f}{accuracy}")
     if "classifier_test_accuracy" in result:
         parts.append(f"yardstick classifier {100 * result['classifier_test_accuracy']:.1f}% on held-out images")
     parts.append(f"n={result['n']}, {result['sampler']} {result['steps']} steps")

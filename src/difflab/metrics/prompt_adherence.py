@@ -12,6 +12,7 @@ from difflab.data import shapes
 from difflab.diffusion.generate import generate
 from difflab.metrics.attributes import AttributeClassifier, adherence, load_or_train_attributes
 from difflab.metrics.frechet import frechet_distance
+from difflab.models.codec import round_trip
 from difflab.models.model import DiffusionModel
 
 REFERENCE_SEED = 1_000_003  # the real images the distance is measured against, apart from any prompt seed
@@ -62,11 +63,7 @@ def reconstruction_adherence(model: DiffusionModel, n: int, seed: int, reader: A
     """What the VAE lets through: the reader's shares on the VAE's reconstructions of `n` drawn images
     (every combination). The model cannot draw what its VAE cannot: a ceiling for its adherence."""
     images, scenes = drawn_images(n, model.info.image_size, seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the posterior samples
-        rebuilt = torch.cat([model.codec.decode(model.codec.encode(chunk)).float().cpu()
-                             for chunk in images.split(256)])
-    shares = adherence(rebuilt.clamp(-1, 1), scenes, reader)
+    shares = adherence(round_trip(model.codec, images, seed), scenes, reader)
     return {name: shares[name] for name in ("colour", "shape", "position", "all")}
 
 

@@ -46,3 +46,13 @@ def _latents(encoded, generator):
     if hasattr(encoded, "latent_dist"):
         return encoded.latent_dist.sample(generator)
     return encoded.latents
+
+
+@torch.no_grad()
+def round_trip(codec, images: torch.Tensor, seed: int, chunk: int = 256) -> torch.Tensor:
+    """Images in [-1, 1] through the VAE and back (posterior samples seeded by `seed`), on the CPU in
+    [-1, 1]: what a latent model can draw of them at best."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rebuilt = [codec.decode(codec.encode(part)).float().cpu() for part in images.split(chunk)]
+    return torch.cat(rebuilt).clamp(-1, 1)

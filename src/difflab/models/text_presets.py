@@ -3,8 +3,11 @@
 
 `--model` names one of them, as it names a pixel UNet preset for other runs. `small` is sized for a
 CPU (the built-in `shapes` at 32×32 become 8×8×4 latents; 8 channels keep colours better in the VAE
-but made the whole model no better in the same UNet steps: docs/benchmarks.md); `medium` for GPUs and
-larger images (a VAE with Stable Diffusion's ×8 factor).
+but made the whole model no better in the same UNet steps: docs/benchmarks.md), and its text encoder
+has no transformer layers — each word reaches the UNet as itself, not mixed with the words before it,
+which is what lets a colour-shape pair never seen in training be drawn (docs/text-to-image.md);
+`medium` for GPUs and larger images (a VAE with Stable Diffusion's ×8 factor, a 6-layer text encoder
+for captions whose word order matters).
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ class TextPreset:
 TEXT_PRESETS = {
     "tiny": TextPreset((16, 32), (False, True), 8, text_width=16, text_layers=1, text_heads=2,
                        vae_channels=(8, 8), norm_groups=8, about="for tests"),
-    "small": TextPreset((64, 128), (False, True), 32, text_width=128, text_layers=3, text_heads=4,
+    "small": TextPreset((64, 128), (False, True), 32, text_width=128, text_layers=0, text_heads=4,
                         vae_channels=(16, 32, 64),
-                        about="for CPU work: 4.0 M UNet parameters, latents ×4 smaller than the image"),
+                        about="for CPU work: 4.0 M UNet parameters, latents ×4 smaller than the image, a text "
+                              "encoder without transformer layers"),
     "medium": TextPreset((128, 256, 512), (True, True, True), 64, text_width=512, text_layers=6, text_heads=8,
                          vae_channels=(64, 128, 256, 256),
                          about="for GPU work on 64-256 px images: latents ×8 smaller, as Stable Diffusion's"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,15 +41,25 @@ def stage_folder(run_root: Path) -> RunFolder:
     return RunFolder(Path(run_root) / "vae")
 
 
+@dataclass(frozen=True)
+class VaeReport:
+    """What the stage measured when it finished: the reconstruction PSNR and the steps it made (fewer
+    than asked when --vae-minutes ran out first)."""
+
+    psnr: float | None
+    steps: int | None
+
+
 def finished_vae(run_root: Path):
-    """The stage's saved VAE and its PSNR, if the stage has finished (else None)."""
+    """The stage's saved VAE and its VaeReport, if the stage has finished (else None)."""
     from diffusers import AutoencoderKL
 
     folder = stage_folder(run_root)
     if not (folder.model / "config.json").is_file():
         return None
-    quality = [float(r["psnr_eval"]) for r in MetricsLog(folder.metrics).rows if r.get("psnr_eval")]
-    return AutoencoderKL.from_pretrained(folder.model).eval(), (quality[-1] if quality else None)
+    final = [r for r in MetricsLog(folder.metrics).rows if r.get("psnr_eval")]
+    report = VaeReport(float(final[-1]["psnr_eval"]), int(final[-1]["step"])) if final else VaeReport(None, None)
+    return AutoencoderKL.from_pretrained(folder.model).eval(), report
 
 
 def detail_weights(images: torch.Tensor, strength: float) -> torch.Tensor:
@@ -197,7 +208,7 @@ class VaeStage:
     @torch.no_grad()
     def finish(self):
         """Set the latent scaling factor from the data, measure the PSNR, write a reconstruction grid and
-        save the VAE (main process); returns it, in evaluation mode."""
+        save the VAE (main process); returns it, in evaluation mode, and its VaeReport."""
         vae = self.vae.eval()
         count = min(len(self.data), SCALE_IMAGES)
         picks = torch.linspace(0, len(self.data) - 1, count).long()
@@ -228,4 +239,4 @@ class VaeStage:
             with atomic_folder(self.folder.model) as partial:
                 vae.save_pretrained(partial, safe_serialization=True)
         self.accelerator.wait_for_everyone()
-        return vae, quality
+        return vae, VaeReport(quality, self.steps.state.step)

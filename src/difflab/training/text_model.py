@@ -17,6 +17,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from difflab.models.denoiser import Denoiser
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.text import PromptEncoder
 from difflab.models.text_presets import TextPreset, text_preset
+
+if TYPE_CHECKING:
+    from difflab.training.autoencoder import VaeReport
 
 log = logging.getLogger("difflab")
 
@@ -38,16 +42,17 @@ MAX_TOKENS = 77  # CLIP's; a tokenizer learnt here is shorter when the captions 
 class TextModelParts:
     model: DiffusionModel
     train_text_encoder: bool
-    vae_psnr: float | None  # of the VAE stage, when the run trained the VAE
+    vae_report: VaeReport | None  # of the VAE stage, when the run trained the VAE
 
     def training_rows(self, config, data) -> dict:
         """What difflab.json and the model card say of the text parts of a run."""
         rows = {}
         m = config.model
         if not m.base:  # a new model: where its VAE and text encoder came from
-            rows["vae"] = m.vae or f"trained here ({config.vae.steps} steps)"
-            if self.vae_psnr is not None:
-                rows["vae_psnr"] = self.vae_psnr
+            steps = self.vae_report.steps if self.vae_report and self.vae_report.steps else config.vae.steps
+            rows["vae"] = m.vae or f"trained here ({steps} steps)"
+            if self.vae_report and self.vae_report.psnr is not None:
+                rows["vae_psnr"] = self.vae_report.psnr
             rows["text_encoder"] = m.text_encoder or "trained here, with the UNet"
         rows["text_encoder_trained"] = self.train_text_encoder
         rows["captions"] = len(set(data.captions))
@@ -68,11 +73,11 @@ def build_text_model(config, data, run_root: Path, accelerator, clock) -> TextMo
                                                             config.run.seed)
     pixel = (m.vae or "").lower() == PIXEL_SPACE
     if pixel:  # the UNet works on the images themselves: what the latent space buys is measured against this
-        codec, psnr = None, None
+        codec, report = None, None
         check_image_size(data.image_size, 2 ** (len(preset.unet_channels) - 1), "the UNet")
         side, channels = data.image_size, 3
     else:
-        vae, psnr = vae_component(config, data, run_root, accelerator, preset, clock)
+        vae, report = vae_component(config, data, run_root, accelerator, preset, clock)
         vae.requires_grad_(False)
         codec = LatentCodec(vae)
         check_sizes(data.image_size, codec, preset, m.vae or "the VAE")
@@ -86,7 +91,7 @@ def build_text_model(config, data, run_root: Path, accelerator, clock) -> TextMo
     model = DiffusionModel(Denoiser(unet), schedule, info, codec=codec, prompts=PromptEncoder(tokenizer, text_encoder))
     train_text = trained_here if m.train_text_encoder is None else m.train_text_encoder
     text_encoder.requires_grad_(train_text)
-    return TextModelParts(model, train_text, psnr)
+    return TextModelParts(model, train_text, report)
 
 
 # ---- tokenizer and text encoder -----------------------------------------------------------------
@@ -167,7 +172,7 @@ def check_same_tokenizer(saved: str | None, tokenizer, run_root: Path) -> None:
 # ---- the VAE ------------------------------------------------------------------------------------
 
 def vae_component(config, data, run_root: Path, accelerator, preset: TextPreset, clock):
-    """(the VAE, its PSNR when the run trained it)."""
+    """(the VAE, its VaeReport when the run trained it)."""
     from difflab.training.autoencoder import VaeStage, finished_vae
 
     if config.model.vae:
