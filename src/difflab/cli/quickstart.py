@@ -95,7 +95,7 @@ def finish_digits(config, out: Path, count: int, log) -> int:
     evaluator = Evaluator.for_data("digits", model.info.image_size, model.info.channels)
     result = evaluator(model, count, sampler=run.sample_sampler, steps=run.sample_steps,
                        cfg_scale=model.default_cfg_scale, progress=True)
-    result["frechet_floor"] = round(evaluator.floor(count), 4)
+    result["frechet_floor"] = evaluator.floor(count)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print_outputs(model_dir, log)
     log.info("eval:     %s", out / "eval.json")
