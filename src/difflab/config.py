@@ -177,8 +177,16 @@ class OptimConfig:
                                                 f"{TEXT_TIMESTEP_SHIFT:g} for a new latent text model, whose layout "
                                                 "is decided at high noise (on shapes it lifted position from 65 to "
                                                 "100 per cent: docs/text-to-image.md), else 1", check=POSITIVE)
-    precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 on older "
-                                    "GPUs, else none)", choices=("auto", "no", "fp16", "bf16"))
+    precision: str = option("auto", "mixed precision (auto: bf16 on GPUs and CPUs that run it fast, fp16 with loss "
+                                    "scaling on GPUs older than compute capability 8.0, else none); the frozen parts "
+                                    "(VAE, a text encoder that does not train) are held in the half type",
+                            choices=("auto", "no", "fp16", "bf16"))
+    optimizer: str = option("adamw", "adamw; adamw8bit (bitsandbytes' 8-bit AdamW: a quarter of AdamW's state memory; "
+                                     "pip install 'difflab[gpu]'); adafactor (transformers', factored second moments)",
+                            choices=("adamw", "adamw8bit", "adafactor"))
+    gradient_checkpointing: bool = option(False, "recompute the UNet's (and a trained text encoder's) activations in "
+                                                 "the backward pass instead of keeping them: less memory, about a "
+                                                 "third more time per step", resumable=True)
 
 
 @dataclass

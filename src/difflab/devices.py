@@ -18,6 +18,7 @@ FAST_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 X86_FLAG = "sse2"  # every x86-64 CPU lists it: the flags are x86's, so the absence of the above is meaningful
 BF16_SPEEDUP_NEEDED = 1.3  # what a measured speed-up must reach to choose bf16 where the flags cannot tell
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+FAST_BF16_CUDA_MAJOR = 8  # compute capability from which CUDA GPUs compute in bf16 natively (Ampere)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -52,11 +53,18 @@ def auto_precision(device: str | torch.device = "auto") -> str:
     fp16 on older GPUs, none on Apple's GPUs; on the CPU, bf16 where it has AMX or AVX-512 BF16, else
     "no" (full precision)."""
     name = str(device)
-    if name != "cpu" and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name != "cpu" and torch.cuda.is_available() and not name.startswith("mps"):
+        return cuda_precision(torch.device("cuda") if name == "auto" else torch.device(name))
     if name.startswith("mps") or (name == "auto" and pick_device("auto").type == "mps"):
         return "no"
     return cpu_precision(cpu_flags(), bf16_speedup)
+
+
+def cuda_precision(device: torch.device) -> str:
+    """bf16 from compute capability 8.0 (Ampere) on, fp16 below it. A T4 (7.5) answers
+    torch.cuda.is_bf16_supported() with True, but emulates bf16 without its fast convolutions."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= FAST_BF16_CUDA_MAJOR and torch.cuda.is_bf16_supported() else "fp16"
 
 
 def cpu_precision(flags: set[str] | None, measure_speedup: Callable[[], float]) -> str:

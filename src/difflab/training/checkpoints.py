@@ -162,11 +162,19 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
 # ---- optimizer state <-> tensors + JSON ------------------------------------------------------------
 
 def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as tensors (`INDEX.KEY`, and `INDEX.KEY/INNER` for a nested dict such as
+    bitsandbytes' quantisation state) and JSON for the rest."""
     tensors, scalars = {}, {}
     for index, values in state_dict["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
                 tensors[f"{index}.{key}"] = value
+            elif isinstance(value, dict):
+                for inner, v in value.items():
+                    if torch.is_tensor(v):
+                        tensors[f"{index}.{key}/{inner}"] = v
+                    else:
+                        scalars.setdefault(str(index), {}).setdefault(key, {})[inner] = v
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
@@ -176,7 +184,15 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        if "/" in key:
+            key, inner = key.split("/", 1)
+            state.setdefault(int(index), {}).setdefault(key, {})[inner] = value
+        else:
+            state.setdefault(int(index), {})[key] = value
     for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                state.setdefault(int(index), {}).setdefault(key, {}).update(value)
+            else:
+                state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}

@@ -39,6 +39,7 @@ MANY_INSTANCE_IMAGES = 200  # warned above
 # whole-word token is a word of the captions.
 LARGE_VOCABULARY = 10_000
 RARE_TAIL = 0.9
+CLASS_BATCH = 16  # the most class images generated per call
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -184,15 +185,24 @@ def class_images(config: DreamBoothConfig, base: DiffusionModel, run: RunFolder)
 
 def generate_class_images(config: DreamBoothConfig, base: DiffusionModel, folder: Path, *, start: int,
                           count: int) -> None:
-    """Class images from the base model, before any training, through difflab's one sampler."""
+    """Class images from the base model, before any training, through difflab's one sampler: on the run's
+    device, in its precision, at most CLASS_BATCH at a time and fewer where the VAE's decoder needs the
+    memory (each image still depends only on its seed)."""
+    from difflab.batch_memory import vae_batch
+    from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
     from difflab.images import save_png, to_pil
 
     d, run = config.dreambooth, config.run
     log.info("generating %d class images of %r with the base model into %s", count, d.class_prompt, folder)
     started = time.perf_counter()
+    device = pick_device(run.device)
+    base.to(device)
+    size = base.info.image_size
+    dtype = torch.float32 if config.optim.precision == "no" else torch.float16
+    batch = vae_batch(size, size, dtype, device, CLASS_BATCH, decode=True)
     images = generate(base, count, sampler=run.sample_sampler, steps=run.sample_steps, seed=run.seed + start,
-                      prompts=d.class_prompt, batch_size=16, progress=True)
+                      prompts=d.class_prompt, batch_size=batch, progress=True, precision=config.optim.precision)
     for i, image in enumerate(images):
         save_png(to_pil(image), folder / f"{start + i:04d}.png",
                  {"prompt": d.class_prompt, "seed": run.seed + start + i, "sampler": run.sample_sampler,

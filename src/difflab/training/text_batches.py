@@ -10,6 +10,7 @@ import logging
 import torch
 from torch import nn
 
+from difflab.batch_memory import free_memory, vae_batch
 from difflab.data.dataset import mirrored_captions, pick, with_groups
 from difflab.models.conditioning import Conditioning
 from difflab.models.text import PromptEncoder
@@ -17,7 +18,9 @@ from difflab.progress import progress_bar
 
 log = logging.getLogger("difflab")
 
-ENCODE_BATCH = 256
+ENCODE_BATCH = 256  # the most images per VAE call when caching latents (fewer where memory is short)
+PROMPT_BATCH = 64  # prompts per text-encoder call when caching embeddings
+PROMPT_CACHE_SHARE = 0.1  # of the free memory that cached prompt embeddings may take
 
 
 class TrainingNetwork(nn.Module):
@@ -48,8 +51,14 @@ class CaptionTokens:
         self.seen_long: set[str] = set()
 
     def __call__(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        return self.token_ids(self.drop(captions, generator))
+
+    def drop(self, captions: list[str], generator: torch.Generator) -> list[str]:
+        """The captions, each replaced by the empty one with chance `dropout` (one draw per caption)."""
         dropped = (torch.rand(len(captions), generator=generator) < self.dropout).tolist()
-        captions = ["" if d else c for c, d in zip(captions, dropped)]
+        return ["" if d else c for c, d in zip(captions, dropped)]
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 
@@ -65,6 +74,33 @@ class CaptionTokens:
             log.warning("%d of %d captions are longer than the tokenizer's %d tokens and are truncated in training "
                         "(the longest: %r)", count, len(captions), limit, example[:80] + "..." * (len(example) > 80))
         return count
+
+
+class PromptCache:
+    """A frozen text encoder's embeddings of a run's distinct captions, computed once before training (in
+    batches of PROMPT_BATCH) and looked up by caption at each step, as diffusers' DreamBooth script does
+    with --pre_compute_text_embeddings. Built only when they take at most PROMPT_CACHE_SHARE of the
+    device's free memory (a data set with a caption per image computes them at each step instead)."""
+
+    def __init__(self, rows: dict[str, int], embeddings: torch.Tensor):
+        self.rows = rows
+        self.embeddings = embeddings
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, captions: list[str], text_encoder, tokens: CaptionTokens) -> PromptCache | None:
+        device = next(text_encoder.parameters()).device
+        config = text_encoder.config
+        size = tokens.tokenizer.model_max_length * config.hidden_size * text_encoder.dtype.itemsize
+        if len(captions) * size > free_memory(device) * PROMPT_CACHE_SHARE:
+            return None
+        parts = [text_encoder(tokens.token_ids(captions[i:i + PROMPT_BATCH]).to(device))[0]
+                 for i in range(0, len(captions), PROMPT_BATCH)]
+        return cls({c: i for i, c in enumerate(captions)}, torch.cat(parts))
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        index = torch.tensor([self.rows[c] for c in captions], device=self.embeddings.device)
+        return self.embeddings[index]
 
 
 class CachedLatents:
@@ -83,9 +119,10 @@ class CachedLatents:
     def _encode(data, codec, flip: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
         n = len(data)
+        step = vae_batch(data.image_size, data.image_size, codec.dtype, device, ENCODE_BATCH, decode=False)
         bar = progress_bar(total=n, unit="image", desc="caching latents" + (" (mirrored)" if flip else ""))
-        for start in range(0, n, ENCODE_BATCH):
-            index = torch.arange(start, min(n, start + ENCODE_BATCH))
+        for start in range(0, n, step):
+            index = torch.arange(start, min(n, start + step))
             images = data.batch(index, torch.ones(len(index), dtype=torch.bool) if flip else None)["images"]
             posterior = codec.vae.encode(images.to(device, codec.dtype)).latent_dist
             means.append(posterior.mean.float().cpu())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from difflab.batch_memory import vae_batch
 from difflab.config import TEXT_TIMESTEP_SHIFT, TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.devices import auto_precision
@@ -29,14 +30,14 @@ from difflab.models.model import DiffusionModel
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
-from difflab.training import checkpoints, finetune
+from difflab.training import checkpoints, finetune, memory_features
 from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target, shifted_timesteps
 from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings, show_progress
 from difflab.training.run_folder import MetricsLog, RunFolder
 from difflab.training.signals import stop_if_signalled, stop_signals
 from difflab.training.steps import StepLog, StepStats, TrainState
-from difflab.training.text_batches import CachedLatents, CaptionTokens, TrainingNetwork, sample_latents
+from difflab.training.text_batches import CachedLatents, CaptionTokens, PromptCache, TrainingNetwork, sample_latents
 from difflab.training.text_model import (
     PIXEL_SPACE,
     TextModelParts,
@@ -193,6 +194,7 @@ class Trainer:
         self.model = base or self.new_model(data, clock)
         if self.config.model.lora_rank:
             self.add_lora()
+        self.full_frozen = self.use_memory_features()
         self.describe_training(data)
         self.start_reporting(data)
         self.params, self.optimizer, self.ema = self.make_optimizer()
@@ -200,6 +202,7 @@ class Trainer:
         self.validation_prompts = validation_prompts(self.config.run, data) if self.text else []
         self.train_mode()
         self.stream, self.noise_rng = self.data_order(data)
+        self.prompt_cache = self.cache_prompts(data)
         groups = getattr(data, "loss_groups", None)
         self.loss_groups = groups  # named groups of images, weighted and reported apart (None: one group)
         self.steps = StepLog(Budget.from_config(self.config.run), self.images_per_step, clock,
@@ -244,6 +247,15 @@ class Trainer:
             raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
         add_lora(self.model, self.config.model.lora_rank, text_encoder=self.text.train_text_encoder)
 
+    def use_memory_features(self) -> dict:
+        """--gradient-checkpointing, and the frozen networks in the half type of fp16/bf16 mixed precision;
+        returns the full-precision weights of frozen networks that the saved model holds (memory_features)."""
+        trains_text = bool(self.text and self.text.train_text_encoder)
+        if self.config.optim.gradient_checkpointing:
+            memory_features.enable_gradient_checkpointing(self.model, text_encoder=trains_text)
+        lora = bool(self.config.model.lora_rank)
+        return memory_features.hold_frozen_in_half(self.model, self.accelerator.mixed_precision, keep_full=not lora)
+
     def new_model(self, data: ImageDataset, clock) -> DiffusionModel:
         c = self.config
         if c.model.conditioning == "text":
@@ -283,13 +295,14 @@ class Trainer:
             self.evaluator = Evaluator.for_data(config.data.spec, data.image_size, data.channels)
 
     def make_optimizer(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, object | None]:
-        """The trainable parameters (moved to the device), AdamW over them, and their moving average."""
+        """The trainable parameters (moved to the device), the optimizer over them (--optimizer), and their
+        moving average."""
         from diffusers.training_utils import EMAModel
 
         o = self.config.optim
         self.model.to(self.accelerator.device)
         params = [p for network in self.model.modules() for p in network.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = memory_features.make_optimizer(o.optimizer, params, o.lr, o.weight_decay)
         ema = EMAModel(params, decay=o.ema_decay, foreach=True) if o.ema_decay else None
         return params, optimizer, ema
 
@@ -297,12 +310,23 @@ class Trainer:
         """This process's share of the batches, and its generator of noise, timesteps and label dropout."""
         acc, seed = self.accelerator, self.config.run.seed
         if self.model.latent and self.config.data.cache_latents and isinstance(data, ImageDataset):
-            data = CachedLatents(data, self.model.codec, self.config.data.flip, acc.device)
+            data = CachedLatents(data, self.model.codec, self.config.data.flip, acc.device)  # batches sized by memory
         if self.captions is not None:
             self.captions.check_lengths(data.data.captions if isinstance(data, CachedLatents) else data.captions)
         stream = BatchStream(data, self.config.optim.batch_size, seed=seed, flip=self.config.data.flip,
                              rank=acc.process_index, world_size=acc.num_processes)
         return stream, torch.Generator().manual_seed(seed * 7919 + acc.process_index)
+
+    def cache_prompts(self, data: ImageDataset) -> PromptCache | None:
+        """A frozen text encoder's embeddings of the data's distinct captions (and of the empty caption that
+        caption dropout uses), computed once, when they fit the memory set aside for them."""
+        if not self.text or self.text.train_text_encoder:
+            return None
+        captions = getattr(data, "captions", None)
+        if not captions:
+            return None
+        distinct = list(dict.fromkeys([*captions, *([""] if self.config.model.cond_dropout else [])]))
+        return PromptCache.build(distinct, self.model.prompts.text_encoder, self.captions)
 
     def train_mode(self) -> None:
         """The trained networks in training mode, the frozen ones (a given VAE or text encoder) not."""
@@ -381,7 +405,10 @@ class Trainer:
         groups = batch["groups"].to(self.accelerator.device) if "groups" in batch else None
         if self.captions is None:
             return MicroBatch(x0, self.training_labels(batch), noise, timesteps, groups=groups)
-        token_ids = self.captions(batch["captions"], self.noise_rng).to(self.accelerator.device)
+        captions = self.captions.drop(batch["captions"], self.noise_rng)
+        if self.prompt_cache is not None:
+            return MicroBatch(x0, Conditioning(text=self.prompt_cache(captions)), noise, timesteps, groups=groups)
+        token_ids = self.captions.token_ids(captions).to(self.accelerator.device)
         if self.text.train_text_encoder:
             return MicroBatch(x0, None, noise, timesteps, token_ids, groups)
         with torch.no_grad():  # a frozen text encoder: its output is an input
@@ -549,9 +576,10 @@ class Trainer:
             columns = len(self.validation_prompts)
             prompts = self.validation_prompts * max(1, -(-run.sample_count // columns))
         count = len(labels) if names else len(prompts) if prompts else run.sample_count
-        with self.ema_weights():
+        with self.ema_weights(), self.frozen_half_autocast():
             images = generate(self.model, count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0,
-                              class_labels=labels, prompts=prompts, cfg_scale=self.cfg_scale)
+                              class_labels=labels, prompts=prompts, cfg_scale=self.cfg_scale,
+                              batch_size=self.sample_batch_size(count))
         self.train_mode()
         settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
         if names or prompts:
@@ -561,12 +589,26 @@ class Trainer:
         with self.writing():
             self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
 
+    def sample_batch_size(self, count: int) -> int:
+        """Images generated (and decoded) per call for the grids: as many as the VAE's decoder has memory for."""
+        if not self.model.latent:
+            return count
+        height, width = self.model.info.image_size, self.model.info.image_size
+        return vae_batch(height, width, self.model.codec.dtype, self.accelerator.device, count, decode=True)
+
+    def frozen_half_autocast(self):
+        """Samples and evaluations of a model whose frozen weights are held in the half type run under the
+        run's autocast, as its training steps do (a half weight takes no fp32 input outside it)."""
+        half = memory_features.HALF_TYPES.values()
+        halved = any(p.dtype in half for n in self.model.modules() for p in n.parameters())
+        return self.accelerator.autocast() if halved else nullcontext()
+
     def evaluate(self) -> dict | None:
         """Fréchet distance and class accuracy of the moving-average model, logged to metrics.csv."""
         if self.evaluator is None:
             return None
         run = self.config.run
-        with self.ema_weights():
+        with self.ema_weights(), self.frozen_half_autocast():
             result = self.evaluator(self.model, run.eval_count, sampler=run.sample_sampler, steps=run.sample_steps,
                                     cfg_scale=self.cfg_scale)
         self.train_mode()
@@ -588,12 +630,12 @@ class Trainer:
             return
         optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
         tensors = {
-            "model": self.model.denoiser.state_dict(),
+            "model": self.trained_state(self.model.denoiser),
             "optimizer": optimizer_tensors,
             "rng": {f"noise.{rank}": state for rank, state in enumerate(noise_states)},
         }
         if self.text and self.text.train_text_encoder:
-            tensors["text_encoder"] = self.model.prompts.text_encoder.state_dict()
+            tensors["text_encoder"] = self.trained_state(self.model.prompts.text_encoder)
         if self.ema is not None:
             tensors["ema"] = {str(i): p for i, p in enumerate(self.ema.shadow_params)}
         state = {
@@ -612,8 +654,8 @@ class Trainer:
         if self.text:
             check_same_tokenizer(state.get("tokenizer"), self.model.prompts.tokenizer, self.run.root)
             if "text_encoder" in tensors:
-                self.model.prompts.text_encoder.load_state_dict(tensors["text_encoder"])
-        self.model.denoiser.load_state_dict(tensors["model"])
+                self.load_trained_state(self.model.prompts.text_encoder, tensors["text_encoder"], "text encoder")
+        self.load_trained_state(self.model.denoiser, tensors["model"], "model")
         self.optimizer.load_state_dict(checkpoints.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
         if self.ema is not None and "ema" in tensors:
             device = self.accelerator.device
@@ -628,11 +670,23 @@ class Trainer:
             self.metrics.truncate_after(self.state.step)
         log.info("resuming from %s (step %d)", path, self.state.step)
 
+    def trained_state(self, network: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of a network: all of it, or for a LoRA run only the adapters (the frozen base
+        comes from --from again on resume)."""
+        return memory_features.trained_state(network) if self.config.model.lora_rank else network.state_dict()
+
+    def load_trained_state(self, network: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+        if self.config.model.lora_rank:
+            memory_features.load_trained_state(network, state, what)
+        else:
+            network.load_state_dict(state)
+
     def save_model(self) -> Path:
         if self.accelerator.is_main_process:
             self.model.info.training.update(
                 steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
                 device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay, lr=self.config.optim.lr)
+            memory_features.restore_full(self.model, self.full_frozen)  # the frozen parts as they were given
             with self.ema_weights(), self.writing(self.run.model):
                 if self.config.model.lora_rank:
                     self.save_lora()
