@@ -229,7 +229,7 @@ def test_latents_prompts_class_images_and_grids_go_in_memory_sized_batches(base,
     assert seen["decode"] and max(seen["decode"]) <= 2
     monkeypatch.undo()
     large = trainer(base, instances, tmp_path / "large")  # the same class images, now in one batch
-    torch.testing.assert_close(small.stream.data.mean, large.stream.data.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(small.stream.dataset.mean, large.stream.dataset.mean, rtol=1e-5, atol=1e-5)
 
 
 def test_a_frozen_text_encoders_embeddings_are_computed_once(base, instances, tmp_path, monkeypatch):
@@ -270,9 +270,14 @@ def test_a_lora_runs_checkpoints_hold_only_what_trains_and_resume_bit_exactly(ba
         assert torch.equal(a, b), name
 
 
-def test_a_checkpoint_of_another_lora_is_refused(base, instances, tmp_path):
-    out = tmp_path / "run"
-    trainer(base, instances, out, model={"lora_rank": 2}, run={"steps": 1}).fit()
-    with pytest.raises(Exception, match="does not fit this run"):
-        Trainer(config(base, instances, model={"lora_rank": 4}, run={"steps": 2}), out, resume=True,
-                data=db.make_data)
+def test_a_checkpoint_that_does_not_fit_the_adapters_is_refused():
+    from difflab.errors import TrainingError
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    net[0].requires_grad_(False)  # the frozen base; net[1] trains
+    memory_features.load_trained_state(net, {"1.weight": torch.ones(2, 2), "1.bias": torch.ones(2)}, "model")
+    assert torch.equal(net[1].weight, torch.ones(2, 2))
+    for state in ({"1.weight": torch.ones(2, 2)}, {"1.weight": torch.ones(2, 2), "1.bias": torch.ones(2),
+                                                   "2.weight": torch.ones(2)}):
+        with pytest.raises(TrainingError, match="does not fit this run"):
+            memory_features.load_trained_state(net, state, "model")
