@@ -245,7 +245,7 @@ class Trainer:
 
         if self.text is None:
             raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
-        with torch.random.fork_rng(devices=[]):  # the adapters' initial weights from the run's seed: same seed, same run
+        with torch.random.fork_rng(devices=[]):  # the adapters' first weights from the run's seed: same seed, same run
             torch.manual_seed(self.config.run.seed)
             add_lora(self.model, self.config.model.lora_rank, text_encoder=self.text.train_text_encoder)
 
