@@ -24,7 +24,12 @@ def enable_gradient_checkpointing(model: DiffusionModel, text_encoder: bool) -> 
         raise ConfigError(f"--gradient-checkpointing: this model's {type(unet).__name__} does not support it")
     unet.enable_gradient_checkpointing()
     if text_encoder and model.prompts is not None:
-        model.prompts.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoder = model.prompts.text_encoder
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5's name
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
 
 
 # ---- the optimizer -----------------------------------------------------------------------------------
@@ -67,19 +72,23 @@ def _first_line(error: Exception) -> str:
 
 # ---- frozen networks in the half type ---------------------------------------------------------------
 
-def hold_frozen_in_half(model: DiffusionModel, precision: str, *, keep_full: bool
+def hold_frozen_in_half(model: DiffusionModel, precision: str, *, keep_full: bool, device: torch.device
                         ) -> dict[str, dict[str, torch.Tensor]]:
     """Under fp16/bf16 mixed precision, the weights that do not train (the VAE, a text encoder that does
     not train, a LoRA run's base UNet) held in that half type, as diffusers' scripts do with their
     `weight_dtype`: the autocast copies they would otherwise get each step are not needed, and they take
     half the memory. The trained weights stay fp32 (the optimizer and fp16 loss scaling need them so).
-    Returns, when `keep_full`, the full-precision state of each frozen network that was cast (on the CPU),
-    so that a saved model holds the frozen networks as they were (`restore_full`)."""
+    Returns, when `keep_full`, the full-precision state of each frozen network that was cast (in CPU memory),
+    so that a saved model holds the frozen networks as they were (`restore_full`). Training on the CPU
+    (`device`), that copy would cost more than the half type saves, so wholly frozen networks stay as they are
+    there when `keep_full`; a LoRA run's frozen parts (nothing of them is saved) are cast on every device."""
     dtype = HALF_TYPES.get(precision)
     kept: dict[str, dict[str, torch.Tensor]] = {}
     if dtype is None:
         return kept
     for name, network in frozen_networks(model).items():
+        if keep_full and torch.device(device).type == "cpu":
+            continue
         if keep_full:
             kept[name] = {k: v.detach().to("cpu", copy=v.device.type != "cpu") for k, v in network.state_dict().items()}
         for p in network.parameters():

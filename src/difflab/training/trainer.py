@@ -256,7 +256,8 @@ class Trainer:
         if self.config.optim.gradient_checkpointing:
             memory_features.enable_gradient_checkpointing(self.model, text_encoder=trains_text)
         lora = bool(self.config.model.lora_rank)
-        return memory_features.hold_frozen_in_half(self.model, self.accelerator.mixed_precision, keep_full=not lora)
+        return memory_features.hold_frozen_in_half(self.model, self.accelerator.mixed_precision, keep_full=not lora,
+                                                   device=self.accelerator.device)
 
     def new_model(self, data: ImageDataset, clock) -> DiffusionModel:
         c = self.config
