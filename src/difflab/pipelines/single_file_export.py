@@ -48,9 +48,6 @@ def export_single_file(spec, out, *, overwrite: bool = False) -> tuple[Path, str
 
 
 def write_model(folder: Path, spec, out: Path) -> Path:
-    from safetensors.torch import save_file
-
-    from difflab.files import atomic_path
     from difflab.pipelines.folder import load_model, pipeline_kind
     from difflab.pipelines.original_layout import pipeline_to_original
     from difflab.pipelines.single_file import CONFIGS_METADATA, pack_configs
@@ -68,18 +65,14 @@ def write_model(folder: Path, spec, out: Path) -> Path:
     metadata = {CONFIGS_METADATA: pack_configs(folder),
                 # the model-spec key kohya's and Stability's tools write: SD 2.x files cannot say it otherwise
                 "modelspec.prediction_type": "v" if prediction == "v_prediction" else prediction}
-    with atomic_path(out) as partial:
-        save_file(state, str(partial), metadata=metadata)
-    return out
+    return save(state, out, metadata)
 
 
 def write_lora(file: Path, out: Path) -> Path:
     import torch
     from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
 
-    from difflab.files import atomic_path
     from difflab.models.weights import check_weights
 
     try:
@@ -109,8 +102,25 @@ def write_lora(file: Path, out: Path) -> Path:
     alphas = {float(v) for k, v in out_state.items() if k.endswith(".alpha")}
     info = {"ss_network_module": "networks.lora", "ss_network_dim": ",".join(map(str, sorted(ranks))),
             "ss_network_alpha": ",".join(f"{a:g}" for a in sorted(alphas))}
-    with atomic_path(out) as partial:
-        save_file(out_state, str(partial), metadata=info)
+    return save(out_state, out, info)
+
+
+def save(state: dict, out: Path, metadata: dict) -> Path:
+    """Write the file whole or not at all: an existing one is replaced only once the new one is complete."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from difflab.files import atomic_path, safetensors_os_error
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as partial:
+            try:
+                save_file(state, str(partial), metadata=metadata)
+            except SafetensorError as e:
+                raise safetensors_os_error(e, partial) from None
+    except OSError as e:
+        raise OutputError(f"--single-file {out} cannot be written ({e.strerror or e}); nothing was changed") from None
     return out
 
 
