@@ -161,6 +161,32 @@ def test_the_layout_is_stable_diffusions_at_its_shape():
     assert len(state) == len(unet.state_dict()) + len(vae.state_dict()) + len(text.state_dict())
 
 
+def test_sd2_text_encoders_take_openclips_layout(tmp_path):
+    """A 1024-wide gelu text encoder (SD 2.x's OpenCLIP) is written as OpenCLIP names it, q, k and v in one
+    in_proj_weight (what A1111 reads SD 2.x by), and diffusers' from_single_file reads it back unchanged."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = tiny_sd.build(tmp_path / "sd2", "text")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=32, num_attention_heads=8,
+                                                     num_hidden_layers=2, vocab_size=60, hidden_act="gelu",
+                                                     max_position_embeddings=tiny_sd.PROMPT_TOKENS))
+    pipe.unet = diffusers.UNet2DConditionModel.from_config(
+        {**pipe.unet.config, "cross_attention_dim": 1024})
+    pipe.save_pretrained(folder)
+    state = pipeline_to_original(pipe.unet, pipe.vae, pipe.text_encoder)
+    prefix = "cond_stage_model.model."
+    assert state[prefix + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 1024, 1024)
+    assert prefix + "ln_final.weight" in state and prefix + "positional_embedding" in state
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in state)
+    save_file(state, str(tmp_path / "sd2.safetensors"))
+    loaded = load_model(tmp_path / "sd2.safetensors", config_folder=folder).prompts.text_encoder.state_dict()
+    expected = pipe.text_encoder.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
 def test_built_in_configs_are_sd15_and_sd21_and_chosen_by_layout(tmp_path):
     """difflab's own configs build networks of SD 1.5's and SD 2.1's published sizes, whose original
     layout diffusers reads as v1 / v2 (and as inpainting with a 9-channel UNet)."""

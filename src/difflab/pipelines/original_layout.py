@@ -8,11 +8,17 @@ configs (any number of levels and blocks per level), the top-level names come fr
 `DIFFUSERS_TO_LDM_MAPPING`, and `check_round_trip` runs diffusers' own readers over the result: a
 layout this file cannot express (or gets wrong) is refused, never written.
 
-UNet under `model.diffusion_model.`, VAE under `first_stage_model.`, and a CLIP text encoder under
-`cond_stage_model.transformer.` (SD 1.x's layout; diffusers reads it for any width).
+UNet under `model.diffusion_model.`, VAE under `first_stage_model.`; the text encoder under
+`cond_stage_model.transformer.` (SD 1.x's OpenAI CLIP layout), or for SD 2.x's text encoder (OpenCLIP
+ViT-H: 1024 wide, gelu) under `cond_stage_model.model.` in OpenCLIP's layout (q, k and v in one
+`in_proj_weight`), which is how A1111 tells an SD 2.x file from an SD 1.x one. Like diffusers' script,
+an SD 2.x file has no `text_projection` and no 24th layer: SD 2.x uses neither, and diffusers' text
+encoder does not hold them.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -21,6 +27,8 @@ from difflab.errors import ModelError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+QKV = re.compile(r"(resblocks\.\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
 
 # inside a UNet resnet block: diffusers name -> LDM name (diffusers' update_unet_resnet_ldm_to_diffusers, reversed)
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
@@ -114,18 +122,53 @@ def vae_to_original(vae) -> dict:
             for k, v in out.items()}
 
 
-def text_encoder_to_original(text_encoder) -> dict:
+def is_openclip(text_encoder) -> bool:
+    """SD 2.x's text encoder (OpenCLIP ViT-H/14's text tower) rather than SD 1.x's OpenAI CLIP ViT-L/14."""
+    config = text_encoder.config
+    return config.hidden_size == 1024 and config.hidden_act == "gelu"
+
+
+def _text_state(text_encoder) -> dict:
     if type(text_encoder).__name__ != "CLIPTextModel":
         raise ModelError(f"a {type(text_encoder).__name__} text encoder has no place in the original Stable Diffusion "
                          "single-file layout (it holds a CLIPTextModel)")
-    state = text_encoder.state_dict()
     # transformers 5's CLIPTextModel is flat; the layout (and older transformers) name its layers text_model.*
-    return {TEXT_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state.items()}
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
+
+
+def text_encoder_to_original(text_encoder) -> dict:
+    return {TEXT_PREFIX + k: v for k, v in _text_state(text_encoder).items()}
+
+
+def text_encoder_to_openclip(text_encoder) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    layers = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    renames = DIFFUSERS_TO_LDM_MAPPING["openclip"]["transformer"]
+    out, projections = {}, {}
+    for key, tensor in _text_state(text_encoder).items():
+        if key in layers:
+            out[OPENCLIP_PREFIX + layers[key]] = tensor
+            continue
+        if not key.startswith("text_model.encoder.layers."):
+            raise ModelError(f"the text encoder has a layer ({key}) that the OpenCLIP layout has no place for")
+        for name, ldm_name in renames.items():
+            key = key.replace(name, ldm_name)
+        found = QKV.match(key)
+        if found:  # OpenCLIP keeps q, k and v in one matrix (and one bias), in that order
+            projections.setdefault((found[1], found[3]), {})[found[2]] = tensor
+        else:
+            out[OPENCLIP_PREFIX + "transformer." + key] = tensor
+    for (block, kind), parts in projections.items():
+        out[f"{OPENCLIP_PREFIX}transformer.{block}.attn.in_proj_{kind}"] = torch.cat([parts[p] for p in "qkv"])
+    return out
 
 
 def pipeline_to_original(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     """One state dict in the original layout, contiguous tensors on the CPU, checked by diffusers' readers."""
-    state = {**unet_to_original(unet), **vae_to_original(vae), **text_encoder_to_original(text_encoder)}
+    text = text_encoder_to_openclip(text_encoder) if is_openclip(text_encoder) else text_encoder_to_original(
+        text_encoder)
+    state = {**unet_to_original(unet), **vae_to_original(vae), **text}
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     check_round_trip(state, unet, vae, text_encoder)
     return state
@@ -137,9 +180,12 @@ def check_round_trip(state: dict, unet, vae, text_encoder) -> None:
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
     )
 
-    text = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()}
+    openclip = OPENCLIP_PREFIX + "token_embedding.weight" in state
+    read_text = convert_open_clip_checkpoint(text_encoder, state) if openclip else convert_ldm_clip_checkpoint(state)
+    text = {k.removeprefix("text_model."): v for k, v in read_text.items()}
     text_own = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
     for what, read, own in (("UNet", convert_ldm_unet_checkpoint(dict(state), dict(unet.config)), unet.state_dict()),
                             ("VAE", convert_ldm_vae_checkpoint(dict(state), dict(vae.config)), vae.state_dict()),
