@@ -292,11 +292,37 @@ def test_loading_mistakes(files, tmp_path, capsys):
     shutil.copytree(files["base"], no_tokenizer, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
     err = one_error(capsys, ["sample", "--model", str(plain), "--config-folder", str(no_tokenizer), "--prompt", "a"])
     assert "needs a CLIP tokenizer" in err and "tokenizer/" in err and "hf download" in err
+    (no_tokenizer / "tokenizer").mkdir()  # a tokenizer folder without its vocabulary is not taken for one
+    assert "holds no tokenizer vocabulary" in one_error(
+        capsys, ["sample", "--model", str(plain), "--config-folder", str(no_tokenizer), "--prompt", "a"])
+    (no_tokenizer / "tokenizer").rmdir()
     # With it, a folder of configs alone (no weights) is enough.
     shutil.copytree(files["base"] / "tokenizer", no_tokenizer / "tokenizer")
     assert_same(ours(load_model(plain, config_folder=no_tokenizer)), ours(load_model(files["run"])))
     with pytest.raises(ConfigError):
         load_model(files["run"], config_folder=no_tokenizer)
+
+
+def test_a_tokenizer_in_the_hugging_face_cache_is_found(files, monkeypatch):
+    """Without --config-folder, SD 1.x's tokenizer is looked up in the HF cache (never downloaded)."""
+    import huggingface_hub
+
+    from difflab.pipelines.single_file import CACHED_TOKENIZERS, find_tokenizer
+
+    asked = []
+
+    def cache(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        found = repo == CACHED_TOKENIZERS["sd15"][-1][0] and filename == "tokenizer.json"
+        return str(files["base"] / "tokenizer" / "tokenizer.json") if found else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache)
+    tokenizer = find_tokenizer(files["file"], files["root"] / "none", None, "sd15")
+    assert tokenizer("ab").input_ids == load_model(files["base"]).prompts.tokenizer("ab").input_ids
+    assert asked[0] == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/tokenizer.json")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    with pytest.raises(ModelError, match="hf download stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        find_tokenizer(files["file"], files["root"] / "none", None, "sd15")
 
 
 # ---- LoRA: the kohya format -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ CONFIGS_METADATA = "difflab.diffusers_configs"  # metadata key of the configs di
 SD_LAYOUT_KEY = "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
 BUILT_IN = {"v1": ("sd15", "Stable Diffusion 1.x"), "inpainting": ("sd15", "Stable Diffusion 1.x inpainting"),
             "v2": ("sd21", "Stable Diffusion 2.x"), "inpainting_v2": ("sd21", "Stable Diffusion 2.x inpainting")}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # Where a tokenizer may already be in the Hugging Face cache, per family: (repo, subfolder).
 CACHED_TOKENIZERS = {
     "sd15": [("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
@@ -173,11 +174,13 @@ def find_tokenizer(path: Path, configs: Path, config_folder, family: str | None)
             return _tokenizer_from(CLIPTokenizer, folder, path)
     if (configs / "tokenizer").is_dir():
         return _tokenizer_from(CLIPTokenizer, configs / "tokenizer", path)
+    from huggingface_hub import try_to_load_from_cache
+
     for repo, subfolder in CACHED_TOKENIZERS.get(family, []):
-        try:
-            return CLIPTokenizer.from_pretrained(repo, subfolder=subfolder, local_files_only=True)
-        except (OSError, ValueError):
-            continue
+        for name in TOKENIZER_FILES:
+            cached = try_to_load_from_cache(repo, f"{subfolder}/{name}" if subfolder else name)
+            if isinstance(cached, str):  # the cache's folder holds the tokenizer's other files beside it
+                return _tokenizer_from(CLIPTokenizer, Path(cached).parent, path)
     repo = CACHED_TOKENIZERS.get(family or "sd15")[0][0]
     raise ModelError(f"{path} needs a CLIP tokenizer, which a single file does not hold and none was found here: "
                      f"give --config-folder with a diffusers Stable Diffusion folder (its tokenizer/ is used; the "
@@ -186,6 +189,9 @@ def find_tokenizer(path: Path, configs: Path, config_folder, family: str | None)
 
 
 def _tokenizer_from(cls, folder: Path, path: Path):
+    # transformers 5 builds an empty tokenizer from a folder without vocabulary files, and says nothing
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{folder} holds no tokenizer vocabulary ({' or '.join(TOKENIZER_FILES)}) for {path}")
     try:
         return cls.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as e:
