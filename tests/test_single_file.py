@@ -99,6 +99,11 @@ def test_export_then_load_gives_the_same_images(files, tmp_path):
     model = load_model(files["file"])
     assert model.variant is None and model.info.image_size == load_model(files["run"]).info.image_size
     assert_same(ours(model), ours(load_model(files["run"])))
+    from difflab.training.dreambooth import base_training_info  # DreamBooth reads the base model's training
+
+    run_info = json.loads((files["run"] / "model" / "difflab.json").read_text())
+    assert model.info.to_json() == load_model(files["run"]).info.to_json()  # what the model is, carried along
+    assert base_training_info(str(files["file"])) == (run_info.get("training") or {})
     # The same through the command line: the grid sampled from the file is the run's, pixel for pixel.
     grids = []
     for source in (files["file"], files["run"]):

@@ -235,8 +235,24 @@ def unpack_configs(path: Path, packed: str, scratch: Path) -> Path:
 def metadata_info(metadata: dict):
     from difflab.models.model import ModelInfo
 
-    packed = metadata.get(CONFIGS_METADATA)
-    if not packed:
-        return None
-    info = json.loads(packed).get("difflab.json")
-    return ModelInfo.from_json(json.loads(info)) if info else None
+    info = _info_json(metadata)
+    return ModelInfo.from_json(info) if info else None
+
+
+def carried_info(spec) -> dict:
+    """The difflab.json a single file difflab exported carries ({} for any other file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(str(spec)).expanduser()), framework="pt") as f:
+            return _info_json(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - a pickle, a damaged file: loading it names the problem
+        return {}
+
+
+def _info_json(metadata: dict) -> dict:
+    try:
+        info = json.loads(metadata.get(CONFIGS_METADATA) or "{}").get("difflab.json")
+        return json.loads(info) if info else {}
+    except (ValueError, AttributeError):
+        return {}
