@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
+from difflab.files import read_json_object
 from difflab.models.weights import check_weights
 
 SAFETENSORS = ".safetensors"
@@ -31,8 +32,8 @@ PICKLES = {".ckpt", ".pt", ".pth", ".bin"}
 CONFIGS_METADATA = "difflab.diffusers_configs"  # metadata key of the configs difflab's exports carry
 # A layout key both SD 1.x and 2.x have, and where the built-in configs come from for each kind.
 SD_LAYOUT_KEY = "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
-BUILT_IN = {"v1": ("sd15", "Stable Diffusion 1.x"), "inpainting": ("sd15", "Stable Diffusion 1.x inpainting"),
-            "v2": ("sd21", "Stable Diffusion 2.x"), "inpainting_v2": ("sd21", "Stable Diffusion 2.x inpainting")}
+BUILT_IN = {"v1": "sd15", "inpainting": "sd15", "v2": "sd21", "inpainting_v2": "sd21"}  # diffusers' kind: configs
+BUILT_IN_NAMES = {"sd15": "SD 1.5", "sd21": "SD 2.1"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # Where a tokenizer may already be in the Hugging Face cache, per family: (repo, subfolder).
 CACHED_TOKENIZERS = {
@@ -60,16 +61,18 @@ def load_single_file(spec, *, allow_pickle: bool = False, config_folder=None):
     path = Path(str(spec)).expanduser()
     shapes, metadata = read_layout(path, allow_pickle)
     with tempfile.TemporaryDirectory(prefix="difflab-configs-") as scratch:
-        configs, family = config_source(path, shapes, metadata, config_folder, Path(scratch))
-        index = json.loads((configs / "model_index.json").read_text(encoding="utf-8"))
+        configs, family, label = config_source(path, shapes, metadata, config_folder, Path(scratch))
+        index = read_json_object(configs / "model_index.json", ModelError, f" ({label})")
         pipeline_class = index.get("_class_name", "?")
         if not is_stable_diffusion(pipeline_class):
-            raise ModelError(f"{configs} describes a {pipeline_class}; difflab loads single files of the Stable "
+            raise ModelError(f"{label} describe a {pipeline_class}; difflab loads single files of the Stable "
                              "Diffusion family")
         tokenizer = find_tokenizer(path, configs, config_folder, family)
-        extra = {"feature_extractor": None}
-        if pipeline_class != "StableDiffusionDepth2ImgPipeline":
-            extra.update(safety_checker=None, requires_safety_checker=False)  # a single file holds none
+        extra = {}
+        if pipeline_class != "StableDiffusionDepth2ImgPipeline":  # its feature extractor serves the depth model
+            extra.update(safety_checker=None, feature_extractor=None)  # a single file holds no safety checker
+            if pipeline_class != "StableDiffusionUpscalePipeline":
+                extra["requires_safety_checker"] = False
         diffusers_logging.disable_progress_bar()  # loading takes seconds; sampling has its own bar
         try:
             with quiet_diffusers():
@@ -78,8 +81,8 @@ def load_single_file(spec, *, allow_pickle: bool = False, config_folder=None):
                     torch_dtype=torch.float32, **extra)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
             reason = " ".join(str(e).split())[:300] or type(e).__name__
-            raise ModelError(f"cannot load {path} with the configs of {family or configs} ({reason}); give "
-                             "--config-folder with a diffusers folder of the same model") from None
+            raise ModelError(f"cannot load {path} with {label} ({reason}); give --config-folder with a diffusers "
+                             "folder of the same model") from None
         finally:
             diffusers_logging.enable_progress_bar()
         info = metadata_info(metadata)
@@ -118,20 +121,23 @@ def read_layout(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
     return shapes, metadata
 
 
-def config_source(path: Path, shapes: dict, metadata: dict, config_folder, scratch: Path) -> tuple[Path, str | None]:
-    """The folder of configs to load with, and the built-in family ("sd15"/"sd21") if one was chosen."""
+def config_source(path: Path, shapes: dict, metadata: dict, config_folder, scratch: Path
+                  ) -> tuple[Path, str | None, str]:
+    """The folder of configs to load with, the built-in family ("sd15"/"sd21") if one was chosen, and
+    where the configs came from, for messages."""
     if config_folder is not None:
         folder = Path(config_folder).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"--config-folder {config_folder} is not a folder")
         if (folder / "model_index.json").is_file():
-            return folder, None
+            return folder, None, f"the configs in {config_folder}"
         if not (folder / "tokenizer").is_dir():
             raise ConfigError(f"--config-folder {config_folder} holds neither a diffusers Stable Diffusion folder "
                               "(model_index.json) nor a tokenizer/ folder")
     elif CONFIGS_METADATA in metadata:
-        return unpack_configs(path, metadata[CONFIGS_METADATA], scratch), None
-    return built_in_configs(path, shapes, metadata, scratch)
+        return unpack_configs(path, metadata[CONFIGS_METADATA], scratch), None, "the configs the file carries"
+    folder, family = built_in_configs(path, shapes, metadata, scratch)
+    return folder, family, f"difflab's {BUILT_IN_NAMES[family]} configs"
 
 
 def built_in_configs(path: Path, shapes: dict, metadata: dict, scratch: Path) -> tuple[Path, str]:
@@ -145,7 +151,7 @@ def built_in_configs(path: Path, shapes: dict, metadata: dict, scratch: Path) ->
         raise ModelError(f"{path} does not have the Stable Diffusion 1.x/2.x layout whose configs difflab knows (it "
                          f"reads as {kind}); give --config-folder with a diffusers folder of the same model (its "
                          "configs and tokenizer; the weights are not needed)")
-    family, _ = BUILT_IN[kind]
+    family = BUILT_IN[kind]
     folder = scratch / family
     shutil.copytree(resources.files("difflab.pipelines") / "sd_configs" / family, folder)
     unet_file, scheduler_file = folder / "unet" / "config.json", folder / "scheduler" / "scheduler_config.json"
