@@ -114,6 +114,24 @@ def test_export_then_load_gives_the_same_images(files, tmp_path):
     assert np.array_equal(grids[0], grids[1]) and grids[0].std() > 1
 
 
+def test_a_half_precision_export_loads_to_nearly_the_same_images(files, tmp_path):
+    out = tmp_path / "half.safetensors"
+    assert main(["export", "--single-file", str(out), "--model", str(files["run"]), "--half"]) == 0
+    assert {t.dtype for t in load_file(str(out)).values()} == {torch.float16}
+    assert out.stat().st_size < 0.6 * files["file"].stat().st_size
+    half, full = ours(load_model(out)), ours(load_model(files["run"]))
+    assert np.abs(half - full).max() < 0.05 and np.abs(half - full).max() > 0  # float16's rounding, no more
+    big = tmp_path / "big"
+    shutil.copytree(files["run"], big)
+    model = load_model(big)
+    with torch.no_grad():
+        model.unet.conv_out.weight[0, 0, 0, 0] = 1e6  # finite in float32, infinite in float16
+    save_model(model, big / "model", card="# big\n")
+    with pytest.raises(ModelError, match="beyond float16's range .*without --half"):
+        export_single_file(big, tmp_path / "big.safetensors", half=True)
+    assert not (tmp_path / "big.safetensors").exists()
+
+
 def test_difflab_gives_diffusers_from_single_file_images(files):
     import diffusers
 

@@ -17,6 +17,9 @@ def add_parser(subparsers) -> None:
                    help="the file to write (an existing one only with --overwrite)")
     p.add_argument("--model", required=True, metavar="RUN",
                    help="run folder, model folder (a StableDiffusionPipeline or inpainting folder) or LoRA folder")
+    p.add_argument("--half", action="store_true",
+                   help="write float16 weights: half the size, as most shared Stable Diffusion files are "
+                        "(default: the model's float32)")
     p.add_argument("--overwrite", action="store_true", help="replace --single-file if it exists")
     p.set_defaults(run=run)
 
@@ -26,7 +29,8 @@ def run(args) -> int:
 
     from difflab.pipelines.single_file_export import export_single_file
 
-    out, what = export_single_file(args.model, args.single_file, overwrite=args.overwrite)
+    out, what = export_single_file(args.model, args.single_file, overwrite=args.overwrite,
+                                   half=args.half)
     size = out.stat().st_size / 2**20
     logging.getLogger("difflab").info("wrote the %s in %s as %s (%.1f MiB)", what, args.model, out, size)
     print(out)

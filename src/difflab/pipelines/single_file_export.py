@@ -21,10 +21,10 @@ log = logging.getLogger("difflab")
 EXPORTABLE = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
 
 
-def export_single_file(spec, out, *, overwrite: bool = False) -> tuple[Path, str]:
-    """Write the model or LoRA at `spec` (a run folder, a model folder or a LoRA folder) to `out`;
-    returns (out, "model" or "LoRA"). An existing `out` is replaced only with `overwrite`, and only once
-    the new file is complete."""
+def export_single_file(spec, out, *, overwrite: bool = False, half: bool = False) -> tuple[Path, str]:
+    """Write the model or LoRA at `spec` (a run folder, a model folder or a LoRA folder) to `out`, in
+    float16 when `half`; returns (out, "model" or "LoRA"). An existing `out` is replaced only with
+    `overwrite`, and only once the new file is complete."""
     from difflab.files import check_output_file, local_model_folder
     from difflab.pipelines.lora import LORA_WEIGHTS
 
@@ -36,9 +36,9 @@ def export_single_file(spec, out, *, overwrite: bool = False) -> tuple[Path, str
     check_output_file(out, "--single-file", "model.safetensors")
     folder = local_model_folder(spec)
     if (folder / "model_index.json").is_file():
-        return write_model(folder, spec, out), "model"
+        return write_model(folder, spec, out, half), "model"
     if (folder / LORA_WEIGHTS).is_file():
-        return write_lora(folder / LORA_WEIGHTS, out), "LoRA"
+        return write_lora(folder / LORA_WEIGHTS, out, half), "LoRA"
     if (folder / "unet").is_dir() and (folder / "text_encoder").is_dir():
         raise ModelError(f"{spec} is a text model in pixel space (no VAE); the single-file format holds latent "
                          "(Stable Diffusion) models: train with a VAE to export")
@@ -47,7 +47,7 @@ def export_single_file(spec, out, *, overwrite: bool = False) -> tuple[Path, str
                      "dreambooth or a LoRA")
 
 
-def write_model(folder: Path, spec, out: Path) -> Path:
+def write_model(folder: Path, spec, out: Path, half: bool = False) -> Path:
     from difflab.pipelines.folder import load_model, pipeline_kind
     from difflab.pipelines.original_layout import pipeline_to_original
     from difflab.pipelines.single_file import CONFIGS_METADATA, pack_configs
@@ -65,10 +65,10 @@ def write_model(folder: Path, spec, out: Path) -> Path:
     metadata = {CONFIGS_METADATA: pack_configs(folder),
                 # the model-spec key kohya's and Stability's tools write: SD 2.x files cannot say it otherwise
                 "modelspec.prediction_type": "v" if prediction == "v_prediction" else prediction}
-    return save(state, out, metadata)
+    return save(to_half(state, spec) if half else state, out, metadata)
 
 
-def write_lora(file: Path, out: Path) -> Path:
+def write_lora(file: Path, out: Path, half: bool = False) -> Path:
     import torch
     from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors import SafetensorError, safe_open
@@ -102,7 +102,19 @@ def write_lora(file: Path, out: Path) -> Path:
     alphas = {float(v) for k, v in out_state.items() if k.endswith(".alpha")}
     info = {"ss_network_module": "networks.lora", "ss_network_dim": ",".join(map(str, sorted(ranks))),
             "ss_network_alpha": ",".join(f"{a:g}" for a in sorted(alphas))}
-    return save(out_state, out, info)
+    return save(to_half(out_state, file) if half else out_state, out, info)
+
+
+def to_half(state: dict, source) -> dict:
+    """Floating-point weights as float16 (half the file, as most shared SD files are); refused when a
+    weight lies beyond float16's range, which would be written as infinite."""
+    import torch
+
+    limit = torch.finfo(torch.float16).max
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.numel() and tensor.abs().max() > limit:
+            raise ModelError(f"{source} has weights beyond float16's range (in {name}); export it without --half")
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def save(state: dict, out: Path, metadata: dict) -> Path:
