@@ -142,12 +142,12 @@ def half_type(device: str) -> str:
     return "fp16" if device.startswith("cuda") and auto_precision(device) == "fp16" else "bf16"
 
 
-def row_config(folder: Path, images: Path, row: str, device: str, steps: int):
+def row_config(folder: Path, images: Path, row: str, device: str, steps: int, size: int = 512):
     from difflab.config import dreambooth_defaults
     from difflab.training import dreambooth as db
 
     trains, flags = ROWS[row]
-    instance, klass = write_images(images, 512)
+    instance, klass = write_images(images, size)
     c = dreambooth_defaults()
     c.model.base = str(folder)
     d = c.dreambooth
@@ -188,7 +188,7 @@ class PeakRss:
         self.thread.join()
 
 
-def run_row(folder: Path, row: str, device: str, steps: int) -> dict:
+def run_row(folder: Path, row: str, device: str, steps: int, size: int = 512) -> dict:
     """Build the Trainer for `row` and time `steps` training steps (what `difflab dreambooth` runs)."""
     from difflab.training import dreambooth as db
     from difflab.training.trainer import Trainer
@@ -196,7 +196,7 @@ def run_row(folder: Path, row: str, device: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         started = time.perf_counter()
-        trainer = Trainer(row_config(folder, scratch / "images", row, device, steps), scratch / "run",
+        trainer = Trainer(row_config(folder, scratch / "images", row, device, steps, size), scratch / "run",
                           data=db.make_data)
         setup = time.perf_counter() - started
         cuda = trainer.accelerator.device.type == "cuda"
@@ -274,11 +274,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="training steps per row")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated: " + ", ".join(ROWS))
     parser.add_argument("--max-gib", type=float, default=12.0, help="skip CPU rows estimated above this")
+    parser.add_argument("--image-size", type=int, default=512, help=argparse.SUPPRESS)  # tests: a smaller one
     parser.add_argument("--row", help=argparse.SUPPRESS)  # one row, in this process (what run_rows starts)
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.gettempdir()) / ("difflab-sd15-tiny" if args.tiny else "difflab-sd15")
     if args.row:
-        print(json.dumps(run_row(folder, args.row, args.device, args.steps)))
+        print(json.dumps(run_row(folder, args.row, args.device, args.steps, args.image_size)))
         return
     started = time.perf_counter()
     build_sd15_folder(folder, tiny=args.tiny)

@@ -294,3 +294,17 @@ def test_a_checkpoint_that_does_not_fit_the_adapters_is_refused():
                                                    "2.weight": torch.ones(2)}):
         with pytest.raises(TrainingError, match="does not fit this run"):
             memory_features.load_trained_state(net, state, "model")
+
+
+# ---- the real-scale benchmark's row, on a narrow SD 1.5 layout ---------------------------------------------
+
+@pytest.mark.slow
+def test_the_real_scale_training_benchmark_runs_a_row_on_a_narrow_model(tmp_path):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "bench"))
+    import real_scale_train
+
+    folder = real_scale_train.build_sd15_folder(tmp_path / "sd15", tiny=True)
+    row = real_scale_train.run_row(folder, "unet+te+ckpt+8bit+half", "cpu", 1, size=64)
+    assert row["trained_parameters"] > 1e6 and row["precision"] == "bf16" and len(row["step_s"]) == 1
+    assert 0 < row["steps_peak_rss_gib"] <= row["peak_rss_gib"]
+    assert real_scale_train.estimate_gib(folder, "unet") > real_scale_train.estimate_gib(folder, "lora")
