@@ -158,6 +158,7 @@ def fine_tuning_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset
 
 
 VALIDATION_PROMPTS = 8
+GRID_BATCH = 64  # the most grid images generated per call (fewer where the VAE's decoder needs the memory)
 
 
 def validation_prompts(run, data) -> list[str]:
@@ -595,9 +596,10 @@ class Trainer:
     def sample_batch_size(self, count: int) -> int:
         """Images generated (and decoded) per call for the grids: as many as the VAE's decoder has memory for."""
         if not self.model.latent:
-            return count
+            return min(count, GRID_BATCH)
         height, width = self.model.info.image_size, self.model.info.image_size
-        return vae_batch(height, width, self.model.codec.dtype, self.accelerator.device, count, decode=True)
+        return vae_batch(height, width, self.model.codec.dtype, self.accelerator.device, min(count, GRID_BATCH),
+                         decode=True)
 
     def frozen_half_autocast(self):
         """Samples and evaluations of a model whose frozen weights are held in the half type run under the
