@@ -38,15 +38,16 @@ def add_parser(subparsers) -> None:
                    help="classifier-free guidance: 1 plain conditional, 0 unconditional, higher follows the class "
                         f"or prompt more closely (default {DEFAULT_CFG_SCALE} for class models, "
                         f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
+    p.add_argument("--width", type=int, help="image width in pixels, for any model: a multiple of the VAE's factor (8 "
+                                             "for Stable Diffusion) or, for a pixel model, of the factor its UNet's "
+                                             "levels halve by (default: the input image's, or the model's size)")
+    p.add_argument("--height", type=int, help="image height in pixels (as --width)")
     text = p.add_argument_group("text-to-image models (the Stable Diffusion family)")
     text.add_argument("--prompt", action="append", metavar="TEXT",
                       help="what to draw (repeatable: one grid row of -n images per prompt)")
     text.add_argument("--prompt-file", type=Path, metavar="FILE", help="prompts, one per line (rows, like --prompt)")
     text.add_argument("--negative-prompt", metavar="TEXT", default=None,
                       help="what to steer away from (the unconditional half of classifier-free guidance)")
-    text.add_argument("--width", type=int, help="image width in pixels (a multiple of the VAE's factor, 8 for "
-                                                "Stable Diffusion; default: the input image's, or the model's)")
-    text.add_argument("--height", type=int, help="image height in pixels (as --width)")
     text.add_argument("--lora", action="append", metavar="RUN_OR_FILE",
                       help="apply a LoRA (repeatable, to combine several): a pytorch_lora_weights.safetensors file "
                            "(diffusers' or kohya's format), the folder or run folder that holds one, or a Hub id")
@@ -59,8 +60,8 @@ def add_parser(subparsers) -> None:
                        help="img2img: start from this image, noised part-way (see --strength); with --mask, "
                             "inpainting; the upscaler's low-resolution input")
     start.add_argument("--strength", type=float,
-                       help="how much of --image is repainted, in (0, 1]: 1 starts from pure noise (default 0.8; "
-                            "inpainting 1.0)")
+                       help="how much of --image is repainted, in (0, 1]: 1 repaints everything (starts from "
+                            "pure noise), 0.3 a little (default 0.8; inpainting 1.0)")
     start.add_argument("--mask", metavar="MASK.png",
                        help="inpainting: white where the image is repainted, black where it is kept")
     start.add_argument("--depth", metavar="DEPTH.png", help="depth-to-image models: the depth map (nearer = brighter)")
@@ -82,7 +83,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--classifier-data", metavar="SPEC",
                    help="labelled data to train the classifier= guidance classifier on (default: the model's "
                         "training data; the classifier is the one difflab eval trains, cached)")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid image to write (default samples.png)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"),
+                   help="grid image to write: .png, .jpg or .webp, with the settings in it (default samples.png); "
+                        "never one of the inputs")
     p.add_argument("--out-dir", type=Path, help="also write each image as its own PNG here")
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -103,6 +106,7 @@ def run(args) -> int:
     from difflab.cli.checks import check_flags, check_with_model
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
+    from difflab.diffusion.request import check_inputs, mode_of, strength_of
     from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
@@ -123,6 +127,9 @@ def run(args) -> int:
     loras = plan_loras(args.lora, args.lora_scale, allow_pickle=args.allow_pickle) if args.lora else []
     model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device),
                        safety_checker=not args.no_safety_checker)
+    # Which inputs this model takes, before a LoRA or depth estimator is fetched and before the workload is timed
+    check_inputs(model, image=args.image, mask=args.mask, depth=args.depth, strength=args.strength,
+                 noise_level=args.noise_level, width=args.width, height=args.height, depth_model=args.depth_model)
     check_with_model(args, model, prompts=len(prompts or []))  # steps the schedule takes, a workload that fits
     apply_loras(model, loras)
     if args.depth_model:
@@ -134,9 +141,14 @@ def run(args) -> int:
     if loras:
         settings.update(lora=args.lora, lora_scale=[scale for _, scale in loras])
     settings.update({name: value for name, value in (("eta", args.eta), ("negative_prompt", args.negative_prompt),
-                                                     ("image", args.image), ("strength", args.strength),
-                                                     ("mask", args.mask), ("depth", args.depth),
-                                                     ("noise_level", args.noise_level)) if value is not None})
+                                                     ("image", args.image), ("mask", args.mask),
+                                                     ("depth", args.depth), ("noise_level", args.noise_level))
+                     if value is not None})
+    mode = mode_of(model, args.image, args.mask)
+    if mode != "txt2img":  # the mode and the strength it ran at, default or not
+        settings["mode"] = mode
+    if strength_of(mode, args.strength) is not None:
+        settings["strength"] = strength_of(mode, args.strength)
     labels = columns = names = per_image_prompts = None
     if args.classes is not None and model.prompts is not None:
         raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class (--class)")
@@ -160,6 +172,7 @@ def run(args) -> int:
                       strength=args.strength, noise_level=args.noise_level, width=args.width, height=args.height,
                       guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True,
                       safety_check=not args.no_safety_checker, precision=args.precision)
+    settings.update(width=images.shape[-1], height=images.shape[-2])  # one image's (the grid is larger)
     if per_image_prompts and len(set(per_image_prompts)) == 1:
         settings["prompt"] = per_image_prompts[0]
     save_png(make_grid(images, columns or args.columns, names), args.out, {**settings, "count": len(images)})

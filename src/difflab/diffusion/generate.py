@@ -66,7 +66,7 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     runs fast on the model's device (devices.auto_precision); "no" is exact fp32."""
     job = prepare(model, count, class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                   cfg_scale=cfg_scale, image=image, mask=mask, depth=depth, strength=strength,
-                  noise_level=noise_level, width=width, height=height)
+                  noise_level=noise_level, width=width, height=height, seed=seed)
     for part in model.modules():
         part.eval()
     scheduler = make_sampler(sampler, model.sampler_config)

@@ -15,7 +15,8 @@ each: the output of a projection is W·x + Σ weightᵢ·(αᵢ/rᵢ)·Bᵢ·A�
 
 Before anything is loaded, the file is checked against the model: a file that is not a LoRA, or whose
 layers are missing from this model or have other widths (a LoRA made for another base model), is a
-one-line `ModelError` that names the layers that do not fit, and the model is left as it was.
+one-line `ModelError` that names the layers that do not fit, and the model is left as it was; so is
+one whose values are damaged (NaN, infinite or absurd: `models/weights.py`), named as damaged.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
 from difflab.models.model import DiffusionModel
+from difflab.models.weights import check_weights
 
 log = logging.getLogger("difflab")
 
@@ -220,6 +222,7 @@ def apply_lora(model: DiffusionModel, spec: str | Path, scale: float = 1.0, *, a
         raise ModelError(f"this model already has a LoRA adapter named {name!r}")
     state_dict, kwargs = _read(pipe, source)
     check_fits(model, state_dict, source.label)
+    check_weights(state_dict, source.label)  # NaN or infinite weights would give black images, with exit 0
     with quiet_diffusers(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Already found a `peft_config`")  # peft's note on a second adapter
         try:
