@@ -20,8 +20,8 @@ from difflab.images import MIN_GRID_CELL
 
 log = logging.getLogger("difflab")
 
-TIMED_FROM = 20_000 * 32 * 32  # pixel-steps (images × steps × pixels); smaller requests take seconds, not timed
-TIMED_AT_MOST = 512 * 512  # pixels: a larger request is timed at this size and scaled (a lower bound)
+TIMED_FROM = 20 * 256 * 256  # pixel-steps (images × steps × pixels): smaller requests take seconds, not timed
+TIMED_AT_MOST = 128 * 128  # sample positions (SD 1024²: a latent of 128²): a larger request is timed at this size and scaled
 ASK_BEYOND_SECONDS = 3600.0
 SAY_BEYOND_SECONDS = 60.0
 
@@ -62,15 +62,28 @@ def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool,
 
 
 def _seconds_per_call(model, batch: int, size: tuple[int, int] | None = None) -> float:
-    """One forward pass of the network on a batch at `size` (width, height), timed after a warm-up call; a
-    size over TIMED_AT_MOST pixels is timed at about that many and scaled by the pixels (a lower bound:
-    attention grows faster)."""
-    device = model.device
+    """One forward pass of the network on a batch at `size` (width, height), timed after a warm-up call.
+    A size over TIMED_AT_MOST sample positions (latent or pixel) is timed at about that many and at a
+    quarter of them, and extrapolated as a·N + b·N² (convolutions grow with the positions N, attention
+    with their square), so that timing never takes long itself."""
     width, height = size or (model.info.image_size, model.info.image_size)
-    shrink = max(1.0, math.sqrt(width * height / TIMED_AT_MOST))
     factor = model.size_factor
-    timed_w, timed_h = (max(factor, int(side / shrink) // factor * factor) for side in (width, height))
-    x = torch.zeros((batch, *model.sample_shape(timed_h, timed_w)), device=device)
+    shrink = math.sqrt(width * height / (TIMED_AT_MOST * factor * factor))
+    if shrink <= 1:
+        return _timed(model, batch, width, height)
+    sizes = [tuple(max(factor, int(side / (shrink * k)) // factor * factor) for side in (width, height)) for k in (1, 2)]
+    (n1, t1), (n2, t2) = ((w * h, _timed(model, batch, w, h)) for w, h in sizes)
+    n = width * height
+    if n1 == n2:
+        return t1 * n / n1
+    b = max(0.0, (t1 / n1 - t2 / n2) / (n1 - n2))  # t/N = a + b·N through both points
+    a = max(0.0, t1 / n1 - b * n1)
+    return max(a * n + b * n * n, t1 * n / n1)
+
+
+def _timed(model, batch: int, width: int, height: int) -> float:
+    device = model.device
+    x = torch.zeros((batch, *model.sample_shape(height, width)), device=device)
     t = torch.full((batch,), 1, device=device, dtype=torch.long)
     conditioning = stand_in_conditioning(model, x)
     with torch.no_grad():
@@ -81,7 +94,7 @@ def _seconds_per_call(model, batch: int, size: tuple[int, int] | None = None) ->
         model.denoiser(x, t, conditioning)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return (time.perf_counter() - started) * (width * height) / (timed_w * timed_h)
+    return time.perf_counter() - started
 
 
 def stand_in_conditioning(model, x: torch.Tensor):
