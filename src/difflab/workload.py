@@ -21,7 +21,7 @@ from difflab.images import MIN_GRID_CELL
 log = logging.getLogger("difflab")
 
 TIMED_FROM = 20 * 256 * 256  # pixel-steps (images × steps × pixels): smaller requests take seconds, not timed
-TIMED_AT_MOST = 128 * 128  # sample positions (SD 1024²: a latent of 128²): a larger request is timed at this size and scaled
+TIMED_AT_MOST = 128 * 128  # sample positions (SD at 1024²): a larger request is timed at this size, scaled
 ASK_BEYOND_SECONDS = 3600.0
 SAY_BEYOND_SECONDS = 60.0
 
@@ -54,8 +54,9 @@ def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool,
     at = f"{width}×{height} " if size else ""
     if seconds > ASK_BEYOND_SECONDS:
         raise ConfigError(f"{what} {count} images {at}× {steps} steps would take about {_duration(seconds)} on "
-                          f"{model.device.type} (measured here); lower {what}, --steps"
-                          + (" or the size" if size else "") + ", or pass --yes to start anyway")
+                          f"{model.device.type} (measured here); lower "
+                          + (f"{what}, --steps or the size" if size else f"{what} or --steps")
+                          + ", or pass --yes to start anyway")
     if seconds > SAY_BEYOND_SECONDS:
         log.info("%d images %s× %d steps: about %s on %s (estimated)", count, at, steps, _duration(seconds),
                  model.device.type)
@@ -71,7 +72,8 @@ def _seconds_per_call(model, batch: int, size: tuple[int, int] | None = None) ->
     shrink = math.sqrt(width * height / (TIMED_AT_MOST * factor * factor))
     if shrink <= 1:
         return _timed(model, batch, width, height)
-    sizes = [tuple(max(factor, int(side / (shrink * k)) // factor * factor) for side in (width, height)) for k in (1, 2)]
+    sizes = [tuple(max(factor, int(side / (shrink * k)) // factor * factor) for side in (width, height))
+             for k in (1, 2)]
     (n1, t1), (n2, t2) = ((w * h, _timed(model, batch, w, h)) for w, h in sizes)
     n = width * height
     if n1 == n2:
