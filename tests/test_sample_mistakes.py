@@ -94,7 +94,7 @@ def one_error(capsys, argv) -> str:
     # 12: seeds torch's generators do not take
     ("text", ["--seed", "99999999999999999999"], "--seed must be a whole number from 0 to 18446744073709551615; got"),
     ("text", ["--seed", "-1"], "--seed must be a whole number from 0 to 18446744073709551615; got -1"),
-    ("text", ["--seed", str(2 ** 64 - 1), "-n", "2"], r"SEED+i, so with 2 images at most 18446744073709551614\); got"),
+    ("text", ["--seed", str(2 ** 64 - 1), "-n", "2"], r"SEED\+i, so with 2 images at most 18446744073709551614\); got"),
     # 18: sizes that are no size, strength said one way, a depth model for a model that takes none
     ("text", ["--width", "0"], r"--width must be a positive number of pixels \(got 0\)"),
     ("text", ["--height", "-16"], r"--height must be a positive number of pixels \(got -16\)"),
