@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -83,7 +84,7 @@ def prepare(model: DiffusionModel, count: int, *, class_labels=None, prompts=Non
 def check_settings(*, seed: int | None = None, count: int = 1, strength=None, width=None, height=None) -> None:
     """The request's numbers, before anything is loaded: a seed torch's generators take for every image,
     a strength in (0, 1], sides of at least one pixel."""
-    if seed is not None and not (isinstance(seed, int) and 0 <= seed and seed + max(count, 1) - 1 <= MAX_SEED):
+    if seed is not None and not (isinstance(seed, Integral) and 0 <= seed and seed + max(count, 1) - 1 <= MAX_SEED):
         last = "" if count <= 1 else f" (image i uses SEED+i, so with {count} images at most {MAX_SEED - count + 1})"
         raise InputError(f"--seed must be a whole number from 0 to {MAX_SEED}{last}; got {seed}")
     if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
