@@ -119,7 +119,8 @@ class PromptEncoder:
 
         # compel tokenizes a long prompt whole before it chunks it; transformers' warning that such a
         # sequence would overflow the text encoder is not true here.
-        getattr(self.tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+        told = getattr(self.tokenizer, "deprecation_warnings", {})
+        told["sequence-length-is-longer-than-the-specified-maximum"] = True
         return Compel(tokenizer=self.tokenizer, text_encoder=self.text_encoder, truncate_long_prompts=not long,
                       split_long_text_mode=SplitLongTextMode.PHRASES, device=self.device)
 
