@@ -246,3 +246,25 @@ def test_a_model_that_takes_one_chunk_gives_diffusers_images_for_a_long_plain_pr
     theirs = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
     assert model.prompts.length(prompt, long=False) == LIMIT
     assert torch.equal(model.prompts.encode([prompt], long=False), theirs)
+
+
+# --- training: --sample-prompts are prompts (checked before the run folder exists), captions are text ---
+
+def test_bad_sample_prompts_are_refused_before_the_run_folder_is_made(tmp_path):
+    from difflab.config import TrainConfig
+    from difflab.training.trainer import train
+
+    config = TrainConfig()
+    config.data.spec, config.data.image_size, config.model.conditioning = "shapes:n=8", 16, "text"
+    config.run.sample_prompts = "a red circle | a (blue square"
+    with pytest.raises(InputError, match=r"'\(' at character 3 is never closed"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("caption", ["a smile :)", "a (left) [right] \\ dog", "plain words"])
+def test_a_caption_escaped_is_its_own_text_as_a_prompt(model, caption):
+    from difflab.models.prompt_syntax import escape
+
+    assert parse_prompt(escape(caption)) == [[(caption, 1.0)]]
+    assert torch.equal(model.prompts.encode([escape(caption)]), model.prompts._encode_plain([caption]))

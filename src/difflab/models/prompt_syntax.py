@@ -111,6 +111,11 @@ def _join(pieces: list[Piece]) -> list[Piece]:
     return [(text, weight) for text, weight in joined if text.strip()]
 
 
+def escape(text: str) -> str:
+    """`text` as a prompt that means itself: brackets and backslashes escaped (for captions, which are text)."""
+    return re.sub(r"([\\()\[\]])", r"\\\1", text)
+
+
 def plain_text(segments: list[list[Piece]]) -> str | None:
     """The prompt's text when it has no weight and no BREAK (what diffusers would encode), else None."""
     if len(segments) == 1 and len(segments[0]) == 1 and segments[0][0][1] == 1.0:
