@@ -214,6 +214,7 @@ def test_the_png_records_the_weighted_prompt_and_the_blend(tmp_path, folder):
 def test_a_model_that_takes_one_chunk_cuts_the_prompt_with_one_short_warning_before_the_progress_bar(
         capsys, tmp_path, folder, monkeypatch):
     monkeypatch.setattr(Denoiser, "takes_long_context", property(lambda self: False))
+    monkeypatch.delenv("DIFFLAB_QUIET", raising=False)  # the progress bar shows (an earlier `difflab -q` hides it)
     prompt = "a small red circle at the top left on a white background " * 180  # about 10,000 characters
     code = main(["sample", "--model", str(folder), "--prompt", prompt, "--steps", "2", "-n", "1",
                  "--out", str(tmp_path / "o.png")])
