@@ -79,7 +79,7 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
     """Unconditional and class-conditional pixel models: sampler, steps, seed, count, class and CFG, guidance."""
     import gradio as gr
 
-    from difflab.app.fields import Slider
+    from difflab.app.fields import slider
 
     classes = model.class_names or []
 
@@ -97,7 +97,7 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
                 sampler, steps, seed, randomize, count = sampling_controls(limits)
                 class_name = gr.Dropdown(classes, value=classes[0] if classes else None, label="Class",
                                          visible=bool(classes), elem_id="class")
-                cfg_scale = Slider(0, MAX_CFG_SCALE, value=DEFAULT_CFG_SCALE, step=0.1,
+                cfg_scale = slider(0, MAX_CFG_SCALE, value=DEFAULT_CFG_SCALE, step=0.1,
                                       label="Classifier-free guidance scale (1 = plain conditional)",
                                       visible=bool(classes), elem_id="cfg-scale")
                 color, color_scale = colour_controls(guides)
@@ -122,7 +122,7 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
     /inpaint, /depth, /upscale); every endpoint takes the LoRA and its weight last (both optional)."""
     import gradio as gr
 
-    from difflab.app.fields import ImageEditor, Slider
+    from difflab.app.fields import image_editor, slider
 
     modes = modes_of(model)
     factor, largest = model.size_factor, largest_side(model, limits)
@@ -190,7 +190,7 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                             buttons["img2img"] = generate_button("img2img")
                     if "inpaint" in modes:
                         with gr.Tab("Inpainting", id="inpaint", elem_id="tab-inpaint"):
-                            editor = ImageEditor(
+                            editor = image_editor(
                                 label="Upload an image, then paint over what to repaint", type="pil",
                                 image_mode="RGBA", sources=("upload", "clipboard"), format="png",
                                 transforms=(), layers=False, eraser=gr.Eraser(),
@@ -211,26 +211,23 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                             upscale_image = image_input(f"Low-resolution image (at most {largest // 4} pixels a "
                                                         "side; the result is 4× larger)", "upscale-image")
                             highest = model.max_noise_level if model.max_noise_level is not None else 350
-                            noise_level = Slider(0, highest, value=min(DEFAULT_NOISE_LEVEL, highest), step=1,
+                            noise_level = slider(0, highest, value=min(DEFAULT_NOISE_LEVEL, highest), step=1,
                                                     label="Noise level (added to the input; more lets the model "
                                                           "invent more detail)", elem_id="noise-level")
                             buttons["upscale"] = generate_button("upscale")
-                cfg_scale = Slider(0, MAX_CFG_SCALE, value=model.default_cfg_scale, step=0.5,
+                cfg_scale = slider(0, MAX_CFG_SCALE, value=model.default_cfg_scale, step=0.5,
                                       label="CFG scale (how closely to follow the prompt; 1 = plain conditional)",
                                       elem_id="cfg-scale")
                 sampler, steps, seed, randomize, count = sampling_controls(limits)
                 with gr.Row(visible="upscale" not in modes):
-                    width = Slider(factor, largest, value=size, step=factor, label="Width", elem_id="width")
-                    height = Slider(factor, largest, value=size, step=factor, label="Height", elem_id="height")
+                    width = slider(factor, largest, value=size, step=factor, label="Width", elem_id="width")
+                    height = slider(factor, largest, value=size, step=factor, label="Height", elem_id="height")
                 color, color_scale = colour_controls(guides)
                 with gr.Group(visible=guides.clip is not None):
                     clip_scale = clip_control(guides, "CLIP guidance towards the prompt: scale")
             with gr.Column(scale=2):
-                gallery, files = outputs()
+                gallery, send, files = outputs(lambda: send_buttons(modes))
                 chosen = gr.State(None)  # the index of the image clicked in the gallery
-                with gr.Row():
-                    send = {mode: gr.Button(f"Send to {name}", size="sm", elem_id=f"send-{mode}")
-                            for mode, name in (("img2img", "img2img"), ("inpaint", "inpainting")) if mode in modes}
         gr.Markdown(f"Limits: at most {limits.max_steps} steps, {limits.max_images} images and {largest} pixels "
                     "a side a request; requests queue and run one at a time. The PNGs carry the prompt and "
                     "settings (AUTOMATIC1111's `parameters` text, and JSON in a `difflab` chunk).")
@@ -271,8 +268,10 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                 component.upload(size_of, inputs=component, outputs=[width, height], queue=False,
                                  api_visibility="private")
 
-        def choose(event: gr.SelectData):
+        def choose(event):
             return event.index
+
+        choose.__annotations__["event"] = gr.SelectData  # a real class (this module's annotations are strings)
 
         def send_to(mode):
             def sent(results, index):
@@ -283,13 +282,23 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
             return sent
 
         gallery.select(choose, outputs=chosen, queue=False, api_visibility="private")
-        gallery.change(lambda: None, outputs=chosen, queue=False, api_visibility="private")  # new results
+        # new results keep the preview's selection (the page shows the same place chosen); closing it chooses none
+        gallery.preview_close(lambda: None, outputs=chosen, queue=False, api_visibility="private")
         targets = {"img2img": img2img_image if "img2img" in modes else None,
                    "inpaint": editor if "inpaint" in modes else None}
         for mode, button in send.items():
             button.click(send_to(mode), inputs=[gallery, chosen], outputs=[targets[mode], tabs, width, height],
                          queue=False, api_visibility="private")
     return demo
+
+
+def send_buttons(modes) -> dict:
+    """{mode: button} of "Send to img2img" / "Send to inpainting", for the tabs the model has."""
+    import gradio as gr
+
+    with gr.Row():
+        return {mode: gr.Button(f"Send to {name}", size="sm", elem_id=f"send-{mode}")
+                for mode, name in (("img2img", "img2img"), ("inpaint", "inpainting")) if mode in modes}
 
 
 def chosen_result(results, index) -> str:
@@ -307,12 +316,12 @@ def lora_controls(loras: LoraMenu):
     """The LoRA picker: none (the base model) or one of the LoRAs the demo was started with, and its weight."""
     import gradio as gr
 
-    from difflab.app.fields import Slider
+    from difflab.app.fields import slider
 
     with gr.Row(visible=bool(loras), elem_id="lora-row"):
         lora = gr.Dropdown([("none (the base model)", "")] + [(label, label) for label in loras.labels], value="",
                            label="LoRA", elem_id="lora", scale=2)
-        scale = Slider(0, MAX_LORA_SCALE, value=1.0, step=0.05, label="LoRA weight (0 = the base model, 1 = as "
+        scale = slider(0, MAX_LORA_SCALE, value=1.0, step=0.05, label="LoRA weight (0 = the base model, 1 = as "
                        "trained)", elem_id="lora-scale", scale=3)
     return lora, scale
 
@@ -320,15 +329,15 @@ def lora_controls(loras: LoraMenu):
 def sampling_controls(limits: Limits):
     import gradio as gr
 
-    from difflab.app.fields import Number, Slider
+    from difflab.app.fields import number, slider
 
     sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
-    steps = Slider(1, limits.max_steps, value=min(DEFAULT_STEPS, limits.max_steps), step=1,
+    steps = slider(1, limits.max_steps, value=min(DEFAULT_STEPS, limits.max_steps), step=1,
                       label="Steps", elem_id="steps")
     with gr.Row(equal_height=True):
-        seed = Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed", scale=3)
+        seed = number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed", scale=3)
         randomize = gr.Button("Random seed", elem_id="random-seed", scale=1)
-    count = Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
+    count = slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
                       label="Number of images", elem_id="count")
     return sampler, steps, seed, randomize, count
 
@@ -336,30 +345,32 @@ def sampling_controls(limits: Limits):
 def colour_controls(guides: Guides):
     import gradio as gr
 
-    from difflab.app.fields import Slider
+    from difflab.app.fields import slider
 
     with gr.Group():
         color = gr.ColorPicker("#ff0000", label="Colour guidance: colour", elem_id="color")
-        color_scale = Slider(0, guides.max_color_scale, value=0, step=1,
+        color_scale = slider(0, guides.max_color_scale, value=0, step=1,
                                 label=f"Colour guidance scale (0 = off; {guides.default_color_scale:g} "
                                       "is a good start)", elem_id="color-scale")
     return color, color_scale
 
 
 def clip_control(guides: Guides, label: str = "CLIP guidance scale"):
-    from difflab.app.fields import Slider
+    from difflab.app.fields import slider
 
-    return Slider(0, guides.max_clip_scale or 1, value=0, step=0.5,
+    return slider(0, guides.max_clip_scale or 1, value=0, step=0.5,
                   label=f"{label} (0 = off; {guides.default_clip_scale:g} is a good start)", elem_id="clip-scale")
 
 
-def outputs():
+def outputs(between=None):
+    """The gallery and the PNGs to download; `between()` makes what goes between them."""
     import gradio as gr
 
     gallery = gr.Gallery(label="Images (settings under each; the PNGs carry them too)", columns=4,
-                         object_fit="contain", height="auto", elem_id="gallery")
+                         object_fit="contain", height="auto", elem_id="gallery", interactive=False)
+    made = between() if between is not None else None
     files = gr.File(label="Download the PNGs", file_count="multiple", elem_id="files")
-    return gallery, files
+    return (gallery, files) if between is None else (gallery, made, files)
 
 
 def generate_button(mode: str):
@@ -369,15 +380,15 @@ def generate_button(mode: str):
 
 
 def image_input(label: str, elem_id: str):
-    from difflab.app.fields import ImageInput
+    from difflab.app.fields import image_upload
 
-    return ImageInput(label=label, type="filepath", sources=("upload", "clipboard"), elem_id=elem_id)
+    return image_upload(label=label, type="pil", sources=("upload", "clipboard"), elem_id=elem_id)
 
 
 def strength_slider(value: float, elem_id: str):
-    from difflab.app.fields import Slider
+    from difflab.app.fields import slider
 
-    return Slider(STRENGTH_STEP, 1.0, value=value, step=STRENGTH_STEP,
+    return slider(STRENGTH_STEP, 1.0, value=value, step=STRENGTH_STEP,
                   label="Strength (how much is repainted: 1 = everything, 0.3 keeps most of the image)",
                   elem_id=elem_id)
 
