@@ -36,7 +36,9 @@ from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAU
 from difflab.errors import DifflabError
 
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {MAX_SEED + 1})"  # in the page: no round trip
-CSS = "#gallery img { image-rendering: pixelated; }"  # small images stay sharp when enlarged
+# small images stay sharp when enlarged; an input image (uploaded or sent from the results) is shown at a size one sees
+CSS = ("#gallery img { image-rendering: pixelated; }\n"
+       ".input-image img { image-rendering: pixelated; min-height: 160px; object-fit: contain; }")
 
 
 def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits: Limits | None = None,
@@ -319,10 +321,10 @@ def lora_controls(loras: LoraMenu):
     from difflab.app.fields import slider
 
     with gr.Row(visible=bool(loras), elem_id="lora-row"):
-        lora = gr.Dropdown([("none (the base model)", "")] + [(label, label) for label in loras.labels], value="",
-                           label="LoRA", elem_id="lora", scale=2)
-        scale = slider(0, MAX_LORA_SCALE, value=1.0, step=0.05, label="LoRA weight (0 = the base model, 1 = as "
-                       "trained)", elem_id="lora-scale", scale=3)
+        lora = gr.Dropdown([("none", "")] + [(label, label) for label in loras.labels], value="", label="LoRA",
+                           elem_id="lora", scale=2)
+        scale = slider(0, MAX_LORA_SCALE, value=1.0, step=0.05, label="LoRA weight (1 = as trained)",
+                       elem_id="lora-scale", scale=3)
     return lora, scale
 
 
@@ -382,7 +384,8 @@ def generate_button(mode: str):
 def image_input(label: str, elem_id: str):
     from difflab.app.fields import image_upload
 
-    return image_upload(label=label, type="pil", sources=("upload", "clipboard"), elem_id=elem_id)
+    return image_upload(label=label, type="pil", sources=("upload", "clipboard"), elem_id=elem_id,
+                        elem_classes=["input-image"])
 
 
 def strength_slider(value: float, elem_id: str):
