@@ -38,8 +38,8 @@ from difflab.errors import DifflabError
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {MAX_SEED + 1})"  # in the page: no round trip
 # small images stay sharp when enlarged; an input image (uploaded or sent from the results) is shown at a size one sees
 CSS = ("#gallery img { image-rendering: pixelated; }\n"
-       ".input-image img { image-rendering: pixelated; width: 100% !important; height: 160px !important; "
-       "object-fit: contain; }")
+       ".input-image img { image-rendering: pixelated; width: 160px !important; height: 160px !important; "
+       "object-fit: contain !important; }")
 
 
 def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits: Limits | None = None,
