@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from difflab.errors import ModelError
+from difflab.errors import ConfigError, ModelError
 from difflab.files import atomic_folder, local_model_folder, read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.weights import check_safetensors_files, check_weights, weights_file
@@ -132,9 +132,24 @@ def unet_folder(folder: Path, spec) -> Path:
     from difflab.pipelines.lora import LORA_WEIGHTS
 
     if (folder / LORA_WEIGHTS).is_file():
+        base = lora_run_base(folder)
         raise ModelError(f"{spec} holds a LoRA, which adapts a base model: give the base model and the LoRA, "
-                         f"as in --model BASE --lora {spec}")
+                         f"as in --model {base or 'BASE'} --lora {spec} (difflab sample and difflab demo take both)")
     raise ModelError(f"{spec} has no UNet (no unet/config.json); is it a diffusers DDPMPipeline folder?")
+
+
+def lora_run_base(folder: Path) -> str | None:
+    """The base model a LoRA run (whose model/ is `folder`) was trained on, as its config.toml names it."""
+    import tomllib
+
+    config = folder.parent / "config.toml"
+    if folder.name != "model" or not config.is_file():
+        return None
+    try:
+        base = tomllib.loads(config.read_text(encoding="utf-8")).get("model", {}).get("base")
+    except (OSError, UnicodeError, tomllib.TOMLDecodeError):
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def pickled_weights(unet_dir: Path, allow_pickle: bool) -> Path | None:
@@ -201,10 +216,21 @@ def load_unet(unet_dir: Path, allow_pickle: bool, unet_class: str = "UNet2DModel
 
 
 def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu",
-               safety_checker: bool = True) -> DiffusionModel:
+               safety_checker: bool = True, config_folder: str | Path | None = None) -> DiffusionModel:
     """A model folder, a run folder or a Hub id: pixel models (DDPMPipeline folders) and the Stable
     Diffusion family (whose safety checker, when the folder has one, runs unless `safety_checker`
-    is False)."""
+    is False); or a single-file Stable Diffusion checkpoint (`model.safetensors`; see
+    pipelines/single_file.py), whose configs come from `config_folder` when given."""
+    from difflab.pipelines.single_file import is_single_file
+
+    if is_single_file(spec):
+        from difflab.pipelines.single_file import load_single_file
+        from difflab.pipelines.stable_diffusion import from_pipeline
+
+        pipe, info = load_single_file(spec, allow_pickle=allow_pickle, config_folder=config_folder)
+        return from_pipeline(pipe, str(spec), info).to(device)
+    if config_folder is not None:
+        raise ConfigError(f"--config-folder is for single-file checkpoints (model.safetensors); {spec} is not one")
     folder = resolve_model_folder(spec, allow_pickle)
     kind = pipeline_kind(folder, spec)
     if kind is not None and kind not in PIXEL_PIPELINES:
