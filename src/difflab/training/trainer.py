@@ -129,6 +129,9 @@ def settings_and_data(config: TrainConfig, made_data: bool
         return fine_tuning_settings(config)
     if made_data:
         raise ConfigError("training data made for the run needs a pretrained model to start from (--from)")
+    if config.model.lora_rank:  # adapters on new random weights, with the weights themselves frozen, learn nothing
+        raise ConfigError("--lora-rank trains adapters on a pretrained text-to-image model: give that model with "
+                          "--from (a new model trains every weight)")
     d, text = config.data, config.model.conditioning == "text"
     if text and d.channels == 1:
         raise DataError("--conditioning text makes RGB models (the VAE takes 3 channels); leave out --channels 1")
