@@ -57,6 +57,9 @@ def check_settings(config: DreamBoothConfig) -> DreamBoothConfig:
     if d.prior_preservation and not (d.class_prompt or d.class_data):
         raise ConfigError('--prior-preservation needs the class: give --class-prompt (such as "a photo of dog") to '
                           "generate class images, or --class-data FOLDER")
+    count_images(d.instance_data, "--instance-data")  # before the base model loads and the run folder is written
+    if d.prior_preservation and d.class_data:
+        count_images(d.class_data, "--class-data")
     return dataclasses.replace(config, data=dataclasses.replace(config.data, spec=d.instance_data))
 
 

@@ -42,6 +42,7 @@ from difflab.training.text_model import (
     TextModelParts,
     build_text_model,
     check_same_tokenizer,
+    given_text_parts,
     tokenizer_fingerprint,
 )
 
@@ -185,15 +186,31 @@ class Trainer:
         check_tracker(config.run.log_with)
         self.accelerator = make_accelerator(config, out)
         self.config, made, base = settle_settings(config, made_data=data is not None)
+        # a new text model's given VAE and text encoder, loaded, and its sizes checked: before the run folder
+        # is touched and before its VAE stage trains for minutes
+        given = given_text_parts(self.config, made) if base is None and self.config.model.conditioning == "text" \
+            else None
         self.run = RunFolder(out)
         checkpoint = self.prepare_run_folder(resume=resume, overwrite=overwrite)
-        if data is not None:
-            made, base = self.made_data(data, base)
+        try:
+            self.set_up(made, base, data, given, checkpoint, clock)
+        except BaseException:
+            # a start refused before its first step leaves nothing behind, so the corrected command runs as
+            # it is (a stage that trained, generated class images or a checkpoint are kept: they are work)
+            if checkpoint is None and self.accelerator.is_main_process:
+                self.run.discard_unstarted()
+            raise
+
+    def set_up(self, made, base, maker: DataMaker | None, given, checkpoint: Path | None, clock) -> None:
+        """The rest of __init__, once the run folder is ready: the model, reporting, optimizer, data order and
+        the checkpoint to resume from."""
+        if maker is not None:
+            made, base = self.made_data(maker, base)
         data = made
         self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
         if base is not None and base.prompts is not None:
             self.text = TextModelParts(base, bool(self.config.model.train_text_encoder), None)
-        self.model = base or self.new_model(data, clock)
+        self.model = base or self.new_model(data, clock, given)
         if self.config.model.lora_rank:
             self.add_lora()
         self.describe_training(data)
@@ -247,10 +264,10 @@ class Trainer:
             raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
         add_lora(self.model, self.config.model.lora_rank, text_encoder=self.text.train_text_encoder)
 
-    def new_model(self, data: ImageDataset, clock) -> DiffusionModel:
+    def new_model(self, data: ImageDataset, clock, given=None) -> DiffusionModel:
         c = self.config
         if c.model.conditioning == "text":
-            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock)
+            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock, given)
             return self.text.model
         names = data.class_names if c.model.conditioning == "class" else None
         return build_model(c.model, data.image_size, data.channels, data.source, c.run.seed, names)
