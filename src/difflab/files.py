@@ -64,23 +64,22 @@ def local_model_folder(spec: str | Path) -> Path:
         if (path / "config.toml").is_file():
             if (path / "model").is_dir():
                 return path / "model"  # a run folder
-            raise ModelError(f"{unfinished_run(path)}, then use {path / 'model'}")
+            raise ModelError(unfinished_run(path))
         if path.resolve().name == "vae" and (path.resolve().parent / "config.toml").is_file():
             run = path.parent
             if (run / "model").is_dir():
                 raise ModelError(f"{spec} is the VAE stage of the run {run}, not a diffusion model; give the run's "
                                  f"model: {run / 'model'}")
-            raise ModelError(f"{spec} is the VAE stage of the run {run}, not a diffusion model; "
-                             f"{unfinished_run(run).replace(f'{run} is a', 'the run is a', 1)}, then use "
-                             f"{run / 'model'}")
+            raise ModelError(f"{spec} is the VAE stage of the run {run}, not a diffusion model; {unfinished_run(run)}")
         return path
     if path.exists():
         raise ModelError(f"{spec} is a file; give the model folder that holds it")
     raise ModelError(f"model folder {spec} does not exist")
 
 
-def unfinished_run(folder: Path) -> str:
-    """'FOLDER is a run folder …': what a run folder without a model/ is, and the command that finishes it
+def unfinished_run(folder: Path, consequence: str = "") -> str:
+    """'FOLDER is a run folder …': what a run folder without a model/ is (and `consequence`, such as ", so
+    there is nothing to push yet"), and, last, the command that finishes it, ready to paste
     (the one that made it: dreambooth for a DreamBooth run, else train, which takes every other run's
     config.toml): --resume once it has a checkpoint or a finished stage, its config.toml again if it never
     trained a step (a resume would be refused)."""
@@ -95,10 +94,10 @@ def unfinished_run(folder: Path) -> str:
                or (folder / "vae" / "model" / "config.json").is_file())
     quoted = shlex.quote(str(folder))
     if started:
-        return (f"{folder} is a run folder whose training has not finished (no model/ yet): finish it with "
-                f"'difflab {command} --out {quoted} --resume'")
-    return (f"{folder} is a run folder that never trained a step (no model/ yet): start it with "
-            f"'difflab {command} --config {shlex.quote(str(folder / 'config.toml'))} --out {quoted}'")
+        return (f"{folder} is a run folder whose training has not finished (no model/ yet){consequence}; finish it "
+                f"with: difflab {command} --out {quoted} --resume")
+    return (f"{folder} is a run folder that never trained a step (no model/ yet){consequence}; start it with: "
+            f"difflab {command} --config {shlex.quote(str(folder / 'config.toml'))} --out {quoted}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -65,15 +65,15 @@ def sample_command(config: TrainConfig, model_dir: Path) -> list[str]:
         return ["difflab", "sample", "--model", str(m.base), "--lora", str(model_dir), "--prompt", prompt,
                 "-n", "4", "--out", "grid.png"]
     command = ["difflab", "sample", "--model", str(model_dir)]
-    if m.conditioning == "text":
+    if (model_dir / "text_encoder").is_dir():  # what was saved decides (a fine-tuned base's kind is its own)
         command += ["--prompt", prompt]
     return command + ["-n", "16", "--out", "grid.png"]
 
 
-def output_kind(config: TrainConfig) -> str:
+def output_kind(config: TrainConfig, model_dir: Path) -> str:
     if config.model.lora_rank:
         return "LoRA: pytorch_lora_weights.safetensors with a model card"
-    if config.model.conditioning == "text":
+    if (model_dir / "text_encoder").is_dir():
         return "StableDiffusionPipeline folder with a model card"
     return "diffusers DDPMPipeline folder with a model card"
 
@@ -94,7 +94,8 @@ def print_outputs(model_dir: Path, log, kind: str, command: list[str]) -> None:
 def print_run_outputs(config: TrainConfig, model_dir: Path) -> None:
     import logging
 
-    print_outputs(model_dir, logging.getLogger("difflab"), output_kind(config), sample_command(config, model_dir))
+    print_outputs(model_dir, logging.getLogger("difflab"), output_kind(config, model_dir),
+                  sample_command(config, model_dir))
 
 
 def run(args) -> int:

@@ -104,7 +104,7 @@ def folder_kind(folder: Path) -> str:
         if not (folder / RUN_MODEL).is_dir():
             from difflab.files import unfinished_run
 
-            raise HubError(f"{unfinished_run(folder)}, then push")
+            raise HubError(unfinished_run(folder, ", so there is nothing to push yet"))
         return "run"
     if (folder / "app.py").is_file() and "sdk" in front_matter(_read_card(folder))[0]:
         return "space"

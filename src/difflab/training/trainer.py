@@ -106,6 +106,8 @@ def settle_settings(config: TrainConfig, made_data: bool = False
     together: the data fills in the image size and channels left to it; with --from, the pretrained
     model decides the network, schedule, image size and channels, and the data is fitted to it.
     `made_data`: the data comes from a DataMaker once the run folder is ready (None is returned for it)."""
+    if config.run.sample_prompts is not None:
+        validation_prompts(config.run, None)  # an empty --sample-prompts is refused before any work
     config, data, base = settings_and_data(config, made_data)
     return resolve_timestep_shift(config), data, base
 
