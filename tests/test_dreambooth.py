@@ -261,7 +261,7 @@ def bad_input(case, tmp_path, base, instances, lora_run, pixel_model):
         "lora on a pixel model": (args(pixel_model, instances, run, "--lora"), "LoRA files adapt text-to-image"),
         "lora of another base": (["-q", "sample", "--model", str(other), "--lora", str(lora_run), "--prompt", "a",
                                   "--out", str(tmp_path / "x.png")], "does not fit this model"),
-        "rank without lora": (args(base, instances, run, "--rank", "2"), "--rank is the rank of LoRA adapters"),
+        "rank without lora": (args(base, instances, run, "--rank", "2"), "--lora-rank is the rank of LoRA adapters"),
     }[case]
 
 

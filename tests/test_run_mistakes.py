@@ -447,3 +447,29 @@ def test_features_on_a_shapes_text_model_are_not_ignored(base, tiny_clip, capsys
     assert seen["features"].name == f"clip:{tiny_clip}"
     message = one_line_error(["eval", "--model", str(base), "-n", "2", "--features", "classifier"], capsys)
     assert "a text model trained on shapes is measured in the attribute reader's features" in message
+
+
+def card_commands(card: str) -> list[str]:
+    """The difflab commands of a model card's bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", card, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith("difflab ")]
+
+
+@pytest.mark.parametrize("kind", ["text", "pixel", "dreambooth lora"])
+def test_the_commands_of_a_model_card_run_as_printed(kind, tmp_path, base, pixel, instances, monkeypatch):
+    if kind == "dreambooth lora":
+        out = tmp_path / "lora"
+        assert main(dreambooth(base, instances, out, "--lora", "--rank", "2")) == 0
+        model = out / "model"
+    else:
+        model = (base if kind == "text" else pixel) / "model"
+    commands = card_commands((model / "README.md").read_text())
+    assert commands, "the card shows how to sample the model"
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "photo.png")
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (0, 0, 8, 16))  # repaint the left half
+    mask.save(tmp_path / "mask.png")
+    for command in commands:
+        command = command.replace("--steps 20", "--steps 2")  # the same command, quicker
+        assert run_printed(command, tmp_path, monkeypatch) == 0, command
