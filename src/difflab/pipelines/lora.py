@@ -283,6 +283,20 @@ def set_lora_weights(model: DiffusionModel, weights: dict[str, float]) -> None:
         lora_pipeline(model).set_adapters(list(current), adapter_weights=list(current.values()))
 
 
+def use_lora(model: DiffusionModel, name: str | None, scale: float = 1.0) -> None:
+    """Make adapter `name` the only active one, with weight `scale`; None: no adapter (the base model). The
+    others stay loaded: the demo switches between LoRAs per request this way, without reading files again."""
+    pipe = lora_pipeline(model)
+    with quiet_diffusers():
+        if name is None:
+            pipe.disable_lora()
+            return
+        if name not in adapter_weights(model):
+            raise ModelError(f"no LoRA adapter named {name!r}; this model has {', '.join(adapter_weights(model))}")
+        pipe.enable_lora()
+        pipe.set_adapters([name], adapter_weights=[check_scale(scale)])
+
+
 def adapter_weights(model: DiffusionModel) -> dict[str, float]:
     """{adapter name: weight} of the adapters on the model, as peft holds them: a LoRA layer's scaling
     is weight·alpha/rank (alpha/√rank with rsLoRA)."""
