@@ -29,13 +29,16 @@ from difflab.app.service import (
 )
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import DifflabError
+from difflab.models.embeddings import learned_tokens
 
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {MAX_SEED + 1})"  # in the page: no round trip
 CSS = "#gallery img { image-rendering: pixelated; }"  # small images stay sharp when enlarged
 
 
 def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits: Limits | None = None,
-               device="auto", allow_pickle: bool = False, title: str | None = None):
+               device="auto", allow_pickle: bool = False, title: str | None = None, embeddings=()):
+    """`embeddings`: textual inversion files (`FILE[:TOKEN]`) loaded onto the model; their tokens are listed
+    under the prompt."""
     from difflab.devices import pick_device
     from difflab.pipelines.folder import load_model
 
@@ -43,6 +46,10 @@ def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits:
     device = pick_device(device) if isinstance(device, str) else device
     model = load_model(model_spec, allow_pickle=allow_pickle, device=device)
     check_model(model, limits, model_spec)
+    if embeddings:
+        from difflab.models.embeddings import load_embeddings
+
+        load_embeddings(model, embeddings, allow_pickle=allow_pickle)
     guides = Guides(clip_model, device=device)
     name = model_label(model_spec)
     generator = Generator(model, name, limits, guides)
@@ -158,6 +165,10 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox("", label="Prompt", placeholder="what to draw", lines=2, elem_id="prompt")
+                tokens = learned_tokens(model.prompts.tokenizer)
+                if tokens:
+                    gr.Markdown("Textual inversion tokens: " + ", ".join(f"`{t}`" for t in tokens),
+                                elem_id="embedding-tokens")
                 negative = gr.Textbox("", label="Negative prompt", placeholder="what to steer away from (optional)",
                                       lines=1, elem_id="negative-prompt")
                 buttons = {}

@@ -23,6 +23,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
     p.add_argument("--clip-model", help="a CLIP model (folder or Hub id) for CLIP guidance by prompt")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="load a textual inversion embedding (repeatable); its token is listed under the prompt")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1, this machine only; 0.0.0.0 for every network)")
     p.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
@@ -55,6 +57,8 @@ def run(args) -> int:
     limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_image_size=args.max_image_size,
                     max_queue=args.max_queue)
     if args.export:
+        if args.embedding:
+            raise ConfigError("--embedding is not carried into an exported Space yet; serve the demo instead")
         from difflab.app.export import export_space
         from difflab.files import check_output_folder
 
@@ -69,6 +73,6 @@ def run(args) -> int:
     from difflab.app import build_demo, launch
 
     demo = build_demo(args.model, clip_model=args.clip_model, limits=limits, device=args.device,
-                      allow_pickle=args.allow_pickle)
+                      allow_pickle=args.allow_pickle, embeddings=args.embedding or ())
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from difflab.errors import ModelError
+from difflab.models.embeddings import expand_tokens
 
 log = logging.getLogger("difflab")
 
@@ -47,6 +48,7 @@ class PromptEncoder:
         """Prompt embeddings [len(prompts), max_tokens, D], the text encoder's last hidden state."""
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ModelError("prompts must be a list of strings")
+        prompts = expand_tokens(prompts, self.tokenizer)  # a textual inversion token of several vectors: all of them
         ids = self.token_ids(prompts).to(self.device)
         config = self.text_encoder.config
         mask = None
