@@ -152,3 +152,45 @@ def test_bad_input_is_one_line_and_exit_2(case, sd, images, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("difflab: error:") and message in err[0], err
+
+
+def test_the_rows_learn_as_in_diffusers_script(sd):
+    """diffusers' textual_inversion.py gives AdamW the whole embedding table and copies every other row back
+    after each step; difflab gives AdamW only the new rows. The new rows, and every output, come out the same."""
+    config = textual_inversion_defaults()
+    config.model.base = str(sd)
+    config.textual_inversion.token, config.textual_inversion.init_word = TOKEN, "a"
+    config.textual_inversion.num_vectors = 2
+    ours, theirs = load_model(sd), load_model(sd)
+    part = ti.NewTokenRows(config, ours)
+    ours_opt = torch.optim.AdamW([part.embedding.rows], lr=0.1, weight_decay=1e-2)
+    # the script, step by step
+    tokenizer, encoder = theirs.prompts.tokenizer, theirs.prompts.text_encoder
+    tokens = [TOKEN, f"{TOKEN}_1"]
+    tokenizer.add_tokens(tokens)
+    encoder.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    table = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[ids] = table[tokenizer.convert_tokens_to_ids("a</w>")].clone()
+    original = table.detach().clone()
+    encoder.requires_grad_(False)
+    table.requires_grad_(True)
+    theirs_opt = torch.optim.AdamW([table], lr=0.1, weight_decay=1e-2)
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[ids] = False
+    prompts = [f"a photo of a {TOKEN} {TOKEN}_1", f"the {TOKEN} {TOKEN}_1 on a hill"]
+    batch = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+    for step in range(3):
+        for model, optimizer in ((ours, ours_opt), (theirs, theirs_opt)):
+            loss = model.prompts.text_encoder(batch)[0].pow(2).mean() * (step + 1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():  # the script's restore
+            table[keep] = original[keep]
+    torch.testing.assert_close(part.embedding.rows.detach(), table[ids].detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(part.embedding.rows.detach(), original[ids])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.prompts.text_encoder(batch)[0], theirs.prompts.text_encoder(batch)[0])
