@@ -127,7 +127,7 @@ def bad_input(case: str, sd, images, tmp_path) -> tuple[list[str], str]:
     base = args(sd, images, out)
     replaced = {
         "init word of two tokens": (["--init-word", "ab"], "is 2 tokens to this model's tokenizer (a + b</w>)"),
-        "token in the tokenizer": (["--token", "b</w>"], "already in the tokenizer"),
+        "token in the tokenizer": (["--token", "b"], "already in the tokenizer"),
         "no images": (["--data", str(empty)], "no images in --data folder"),
         "no vectors": (["--num-vectors", "0"], "--num-vectors must be greater than 0"),
         "token with a space": (["--token", "my thing"], "one word without spaces"),
