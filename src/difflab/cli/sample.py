@@ -20,11 +20,18 @@ def add_parser(subparsers) -> None:
         "sample", help="generate images from a trained model",
         description="Generate images from a difflab model folder, a run folder, a diffusers DDPMPipeline/"
                     "DDIMPipeline folder or a Stable Diffusion family folder (text-to-image, inpainting, "
-                    "depth-to-image, ×4 upscaler), or a Hub id. Image i uses seed SEED+i. Text models: --prompt; "
+                    "depth-to-image, ×4 upscaler), a Hub id, or a single-file checkpoint (model.safetensors). "
+                    "Image i uses seed SEED+i. Text models: --prompt; "
                     "img2img: --image and --strength; inpainting: --image and --mask; depth-to-image: --image "
                     "with --depth or --depth-model; upscaling: --image (the low-resolution one) and --noise-level.",
     )
-    p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
+    p.add_argument("--model", required=True,
+                   help="model folder, run folder, Hub id, or a single-file Stable Diffusion checkpoint "
+                        "(model.safetensors; .ckpt only with --allow-pickle)")
+    p.add_argument("--config-folder", metavar="FOLDER",
+                   help="for a single-file checkpoint: a diffusers Stable Diffusion folder of the same model whose "
+                        "configs and tokenizer/ are used (its weights are not needed), or a folder holding just "
+                        "tokenizer/ (default: the configs the file carries, else difflab's own SD 1.x/2.x configs)")
     p.add_argument("-n", "--count", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER,
                    help=f"one of {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
@@ -126,7 +133,7 @@ def run(args) -> int:
         raise ConfigError("--lora-scale sets the weights of LoRAs: give them with --lora")
     loras = plan_loras(args.lora, args.lora_scale, allow_pickle=args.allow_pickle) if args.lora else []
     model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device),
-                       safety_checker=not args.no_safety_checker)
+                       safety_checker=not args.no_safety_checker, config_folder=args.config_folder)
     check_with_model(args, model, prompts=len(prompts or []))  # steps the schedule takes, a workload that fits
     apply_loras(model, loras)
     if args.embedding:

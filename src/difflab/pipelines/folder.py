@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from difflab.errors import ModelError
+from difflab.errors import ConfigError, ModelError
 from difflab.files import atomic_folder, local_model_folder, read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.weights import check_safetensors_files, check_weights, weights_file
@@ -201,10 +201,21 @@ def load_unet(unet_dir: Path, allow_pickle: bool, unet_class: str = "UNet2DModel
 
 
 def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu",
-               safety_checker: bool = True) -> DiffusionModel:
+               safety_checker: bool = True, config_folder: str | Path | None = None) -> DiffusionModel:
     """A model folder, a run folder or a Hub id: pixel models (DDPMPipeline folders) and the Stable
     Diffusion family (whose safety checker, when the folder has one, runs unless `safety_checker`
-    is False)."""
+    is False); or a single-file Stable Diffusion checkpoint (`model.safetensors`; see
+    pipelines/single_file.py), whose configs come from `config_folder` when given."""
+    from difflab.pipelines.single_file import is_single_file
+
+    if is_single_file(spec):
+        from difflab.pipelines.single_file import load_single_file
+        from difflab.pipelines.stable_diffusion import from_pipeline
+
+        pipe, info = load_single_file(spec, allow_pickle=allow_pickle, config_folder=config_folder)
+        return from_pipeline(pipe, str(spec), info).to(device)
+    if config_folder is not None:
+        raise ConfigError(f"--config-folder is for single-file checkpoints (model.safetensors); {spec} is not one")
     folder = resolve_model_folder(spec, allow_pickle)
     kind = pipeline_kind(folder, spec)
     if kind is not None and kind not in PIXEL_PIPELINES:
