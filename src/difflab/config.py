@@ -292,6 +292,40 @@ def dreambooth_defaults() -> DreamBoothConfig:
     return config
 
 
+# ---- textual inversion (difflab textual-inversion) ------------------------------------------------------
+
+@dataclass
+class TextualInversionSection:
+    """What textual inversion adds to a fine-tuning run: the new token, where its rows start, the captions."""
+
+    token: str | None = option(None, 'the new token, such as "<my-thing>": a string the tokenizer does not hold')
+    init_word: str | None = option(None, "a word the tokenizer holds as one token (what the subject is: dog, shape, "
+                                         "painting): the new rows start from its embedding")
+    num_vectors: int = option(1, "embedding rows the token learns (more hold more detail, and take more of the "
+                                 "prompt's length)", check=POSITIVE)
+    what: str = option("object", "the caption templates: object ('a photo of a {token}', ...) or style ('a painting "
+                                 "in the style of {token}', ...)", choices=("object", "style"))
+
+
+@dataclass
+class TextualInversionConfig(TrainConfig):
+    textual_inversion: TextualInversionSection = field(default_factory=TextualInversionSection)
+
+
+def textual_inversion_defaults() -> TextualInversionConfig:
+    """After diffusers' textual_inversion.py as its README runs it (batch 1 x 4 accumulated, 5e-4 scaled by the
+    batch to 2e-3, constant, no warmup, 3,000 steps, AdamW weight decay 1e-2, random flips, no gradient
+    clipping): here 4 images a step at 2e-3. No moving average, no caption dropout."""
+    config = TextualInversionConfig()
+    o, run = config.optim, config.run
+    o.lr, o.lr_schedule, o.warmup_steps, o.batch_size, o.ema_decay = 2e-3, "constant", 0, 4, 0.0
+    o.weight_decay, o.clip_grad = 1e-2, 0.0
+    config.model.cond_dropout = 0.0
+    config.data.flip = True
+    run.steps, run.sample_every, run.checkpoint_every, run.sample_count = 3000, 500, 500, 4
+    return config
+
+
 # ---- the from-scratch teaching model (difflab scratch train) -----------------------------------------
 
 SCRATCH_SAMPLE_STEPS = 40  # the course's final grid uses 40 steps of the naive sampler

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -101,6 +102,24 @@ class MicroBatch:
 DataMaker = Callable[[TrainConfig, DiffusionModel, RunFolder], ImageDataset]
 
 
+class TrainedPart(Protocol):
+    """What trains when it is neither the whole network nor LoRA on it (textual inversion's new token rows):
+    made from the settled config and the pretrained model by a `PartMaker`, after which only its parameters
+    require gradients. A checkpoint holds only its tensors (and their optimizer state), and the run's model
+    is what it saves."""
+
+    text_encoder_in_step: bool  # the step runs the text encoder forward (its output is not a ready input)
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def save(self, folder: Path, model: DiffusionModel) -> None: ...
+
+
+PartMaker = Callable[[TrainConfig, DiffusionModel], TrainedPart]
+
+
 def settle_settings(config: TrainConfig, made_data: bool = False
                     ) -> tuple[TrainConfig, ImageDataset | None, DiffusionModel | None]:
     """The run's complete settings, its data and (fine-tuning) the pretrained model. They are decided
@@ -186,7 +205,8 @@ class Trainer:
     `clock` (seconds) measures training time for --minutes and images/s; tests inject one."""
 
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None):
+                 clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None,
+                 trained: PartMaker | None = None):
         config.validate()
         if config.run.sample_prompts:  # their syntax, before the run folder is made
             validation_prompts(config.run, None)
@@ -220,6 +240,7 @@ class Trainer:
         self.model = base or self.new_model(data, clock, given)
         if self.config.model.lora_rank:
             self.add_lora()
+        self.part = trained(self.config, self.model) if trained is not None else None
         self.describe_training(data)
         self.start_reporting(data)
         self.params, self.optimizer, self.ema = self.make_optimizer()
@@ -237,7 +258,7 @@ class Trainer:
         # accelerate's wrapper (DDP across processes) syncs the gradients, so the training forward pass goes
         # through it; everything else (samples, checkpoints, the saved model) uses self.model's networks, the
         # same modules with the same weights.
-        trained_text_encoder = self.model.prompts.text_encoder if self.text and self.text.train_text_encoder else None
+        trained_text_encoder = self.model.prompts.text_encoder if self.text_in_step else None
         self.synced_network, self.optimizer = self.accelerator.prepare(
             TrainingNetwork(self.model.denoiser, trained_text_encoder), self.optimizer)
 
@@ -336,8 +357,15 @@ class Trainer:
         for network in self.model.modules():
             network.eval()
         self.model.denoiser.train()
-        if self.text and self.text.train_text_encoder:
+        if self.text_in_step:
             self.model.prompts.text_encoder.train()
+
+    @property
+    def text_in_step(self) -> bool:
+        """Whether the step runs the text encoder forward: it trains, or a part of it does."""
+        if self.text is None:
+            return False
+        return self.text.train_text_encoder or bool(getattr(self, "part", None) and self.part.text_encoder_in_step)
 
     # ---- where the run stands ----------------------------------------------------------------------
     @property
@@ -409,7 +437,7 @@ class Trainer:
         if self.captions is None:
             return MicroBatch(x0, self.training_labels(batch), noise, timesteps, groups=groups)
         token_ids = self.captions(batch["captions"], self.noise_rng).to(self.accelerator.device)
-        if self.text.train_text_encoder:
+        if self.text_in_step:
             return MicroBatch(x0, None, noise, timesteps, token_ids, groups)
         with torch.no_grad():  # a frozen text encoder: its output is an input
             embeddings = self.model.prompts.text_encoder(token_ids)[0]
@@ -617,7 +645,8 @@ class Trainer:
             return
         optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
         tensors = {
-            "model": self.model.denoiser.state_dict(),
+            # only what trains, when a part of the model does; else the whole network
+            **({"trained": self.part.state_dict()} if self.part else {"model": self.model.denoiser.state_dict()}),
             "optimizer": optimizer_tensors,
             "rng": {f"noise.{rank}": state for rank, state in enumerate(noise_states)},
         }
@@ -642,7 +671,10 @@ class Trainer:
             check_same_tokenizer(state.get("tokenizer"), self.model.prompts.tokenizer, self.run.root)
             if "text_encoder" in tensors:
                 self.model.prompts.text_encoder.load_state_dict(tensors["text_encoder"])
-        self.model.denoiser.load_state_dict(tensors["model"])
+        if self.part is not None:
+            self.part.load_state_dict(tensors["trained"])
+        else:
+            self.model.denoiser.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(checkpoints.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
         if self.ema is not None and "ema" in tensors:
             device = self.accelerator.device
@@ -663,7 +695,9 @@ class Trainer:
                 steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
                 device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay, lr=self.config.optim.lr)
             with self.ema_weights(), self.writing(self.run.model):
-                if self.config.model.lora_rank:
+                if self.part is not None:
+                    self.part.save(self.run.model, self.model)
+                elif self.config.model.lora_rank:
                     self.save_lora()
                 else:
                     card = model_card(self.model, str(self.run.model), dumps_config(self.config))
