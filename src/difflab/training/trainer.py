@@ -220,7 +220,7 @@ class Trainer:
         self.run = RunFolder(out)
         checkpoint = self.prepare_run_folder(resume=resume, overwrite=overwrite)
         try:
-            self.set_up(made, base, data, given, checkpoint, clock)
+            self.set_up(made, base, data, trained, given, checkpoint, clock)
         except BaseException:
             # a start refused before its first step leaves nothing behind, so the corrected command runs as
             # it is (a stage that trained, generated class images or a checkpoint are kept: they are work)
@@ -228,7 +228,8 @@ class Trainer:
                 self.run.discard_unstarted()
             raise
 
-    def set_up(self, made, base, maker: DataMaker | None, given, checkpoint: Path | None, clock) -> None:
+    def set_up(self, made, base, maker: DataMaker | None, trained: PartMaker | None, given, checkpoint: Path | None,
+               clock) -> None:
         """The rest of __init__, once the run folder is ready: the model, reporting, optimizer, data order and
         the checkpoint to resume from."""
         if maker is not None:
