@@ -34,6 +34,7 @@ from difflab.app.service import (
 )
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import DifflabError
+from difflab.models.embeddings import learned_tokens
 
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {MAX_SEED + 1})"  # in the page: no round trip
 # small images stay sharp when enlarged; an input image (uploaded or sent from the results) is shown at a size one sees
@@ -43,8 +44,10 @@ CSS = ("#gallery img { image-rendering: pixelated; }\n"
 
 
 def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits: Limits | None = None,
-               device="auto", allow_pickle: bool = False, title: str | None = None, loras=()):
-    """The page for `model_spec`; `loras` (files, folders or run folders) are offered in its LoRA picker."""
+               device="auto", allow_pickle: bool = False, title: str | None = None, loras=(), embeddings=()):
+    """The page for `model_spec`; `loras` (files, folders or run folders) are offered in its LoRA picker;
+    `embeddings`, textual inversion files (`FILE[:TOKEN]`), are loaded onto the model and their tokens listed
+    under the prompt."""
     from difflab.devices import pick_device
     from difflab.pipelines.folder import load_model
 
@@ -55,6 +58,10 @@ def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits:
     check_model(model, limits, model_spec)
     if menu:
         menu.load(model)  # a pixel model, or a LoRA made for another base, is refused here
+    if embeddings:
+        from difflab.models.embeddings import load_embeddings
+
+        load_embeddings(model, embeddings, allow_pickle=allow_pickle)
     guides = Guides(clip_model, device=device)
     name = model_label(model_spec)
     generator = Generator(model, name, limits, guides, loras=menu)
@@ -178,6 +185,10 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox("", label="Prompt", placeholder="what to draw", lines=2, elem_id="prompt")
+                tokens = learned_tokens(model.prompts.tokenizer)
+                if tokens:
+                    gr.Markdown("Textual inversion tokens: " + ", ".join(f"`{t}`" for t in tokens),
+                                elem_id="embedding-tokens")
                 negative = gr.Textbox("", label="Negative prompt", placeholder="what to steer away from (optional)",
                                       lines=1, elem_id="negative-prompt")
                 lora, lora_scale = lora_controls(loras)

@@ -28,6 +28,8 @@ def add_parser(subparsers) -> None:
                         "pytorch_lora_weights.safetensors file, the folder or run folder that holds one (a LoRA "
                         "DreamBooth run), as 'difflab sample --lora' takes; each request picks one and its weight")
     p.add_argument("--clip-model", help="a CLIP model (folder or Hub id) for CLIP guidance by prompt")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="load a textual inversion embedding (repeatable); its token is listed under the prompt")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1, this machine only; 0.0.0.0 for every network)")
     p.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
@@ -63,6 +65,8 @@ def run(args) -> int:
         if args.lora:
             raise ConfigError("--export does not carry LoRAs into the Space yet: export the demo without --lora, or "
                               "serve it here with --lora")
+        if args.embedding:
+            raise ConfigError("--embedding is not carried into an exported Space yet; serve the demo instead")
         from difflab.app.export import export_space
         from difflab.files import check_output_folder
 
@@ -79,6 +83,6 @@ def run(args) -> int:
 
     check_host(args.host)  # before the model loads
     demo = build_demo(args.model, clip_model=args.clip_model, limits=limits, device=args.device,
-                      allow_pickle=args.allow_pickle, loras=args.lora)
+                      allow_pickle=args.allow_pickle, loras=args.lora, embeddings=args.embedding or ())
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

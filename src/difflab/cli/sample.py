@@ -64,6 +64,10 @@ def add_parser(subparsers) -> None:
                            "(diffusers' or kohya's format), the folder or run folder that holds one, or a Hub id")
     text.add_argument("--lora-scale", type=float, nargs="+", metavar="S",
                       help="the LoRAs' weights: one for all, or one per --lora in order (default 1; 0: the base model)")
+    text.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                      help="load a textual inversion embedding (repeatable): learned_embeds.safetensors, an A1111 "
+                           ".safetensors, or the run folder of difflab textual-inversion; its token (the file's own, "
+                           "or TOKEN) then works in prompts; .pt/.bin only with --allow-pickle")
     text.add_argument("--no-safety-checker", action="store_true",
                       help="do not run the safety checker of a folder that has one (it blacks out flagged images)")
     start = p.add_argument_group("starting from an image (any model)")
@@ -144,12 +148,19 @@ def run(args) -> int:
                  noise_level=args.noise_level, width=args.width, height=args.height, depth_model=args.depth_model)
     check_with_model(args, model, prompts=len(prompts or []))  # steps the schedule takes, a workload that fits
     apply_loras(model, loras)
+    if args.embedding:
+        from difflab.models.embeddings import load_embeddings
+
+        tokens = load_embeddings(model, args.embedding, allow_pickle=args.allow_pickle)
+        log.info("textual inversion tokens: %s", ", ".join(tokens))
     if args.depth_model:
         from difflab.models.depth import load_depth_estimator
 
         model.depth_estimator = load_depth_estimator(args.depth_model, model.device)
     guidance = guidance_terms(args, model)
     settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
+    if args.embedding:
+        settings["embedding"] = args.embedding
     if loras:
         settings.update(lora=args.lora, lora_scale=[scale for _, scale in loras])
     settings.update({name: value for name, value in (("eta", args.eta), ("negative_prompt", args.negative_prompt),

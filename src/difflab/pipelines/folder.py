@@ -113,7 +113,10 @@ def pipeline_kind(folder: Path, spec) -> str | None:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         return None
-    kind = _read_json(index_file).get("_class_name", "?")
+    kind = _read_json(index_file).get("_class_name")
+    if not isinstance(kind, str) or not kind:
+        raise ModelError(f"{index_file} names no pipeline class (_class_name); the model folder {spec} is damaged: "
+                         "save or download it again")
     if kind in PIXEL_PIPELINES or is_stable_diffusion(kind):
         return kind
     raise ModelError(f"{spec} holds a {kind}; difflab runs DDPMPipeline/DDIMPipeline folders and the Stable "

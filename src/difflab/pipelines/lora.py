@@ -52,8 +52,7 @@ def add_lora(model: DiffusionModel, rank: int = 4, alpha: float | None = None, *
     from peft import LoraConfig
 
     check_attention(model)
-    if not (isinstance(rank, int) and rank >= 1):
-        raise ConfigError(f"the LoRA rank must be a whole number of at least 1 (got {rank})")
+    check_rank(model, rank, text_encoder=text_encoder)
     alpha = float(rank if alpha is None else alpha)
     if not alpha > 0:
         raise ConfigError(f"the LoRA alpha must be more than 0 (got {alpha})")
@@ -69,6 +68,27 @@ def add_lora(model: DiffusionModel, rank: int = 4, alpha: float | None = None, *
             LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                        target_modules=list(TEXT_ENCODER_TARGETS)), adapter_name=name)
     return lora_parameters(model)
+
+
+def check_rank(model: DiffusionModel, rank, *, text_encoder: bool = False) -> None:
+    """A rank of at least 1 and at most the width of the narrowest layer it adapts: an adapter's update
+    B·A has rank min(rank, in, out), so a larger rank adds weights and time (it made a tiny run take
+    40 s a step and 1.7 GB), never capacity."""
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise ConfigError(f"--lora-rank must be a whole number of at least 1 (got {rank})")
+    networks = {"unet": (model.unet, UNET_TARGETS)}
+    if text_encoder and model.prompts is not None:
+        networks["text_encoder"] = (model.prompts.text_encoder, TEXT_ENCODER_TARGETS)
+    widths = [(min(_width(module, "A"), _width(module, "B")), f"{part}.{name}")
+              for part, (network, targets) in networks.items()
+              for name, module in network.named_modules()
+              if name.endswith(targets) and _width(module, "A") is not None]
+    if widths:
+        narrowest, where = min(widths)
+        if rank > narrowest:
+            raise ConfigError(f"--lora-rank {rank} is more than the width of the layers it adapts (the narrowest, "
+                              f"{where}, is {narrowest} wide): a larger rank adds time and size, not capacity; use "
+                              f"--lora-rank {narrowest} or less (4 to 64 is typical)")
 
 
 def lora_parameters(model: DiffusionModel, name: str | None = None) -> list:
