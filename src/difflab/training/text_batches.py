@@ -13,6 +13,7 @@ from torch import nn
 from difflab.batch_memory import free_memory, vae_batch
 from difflab.data.dataset import mirrored_captions, pick, with_groups
 from difflab.models.conditioning import Conditioning
+from difflab.models.embeddings import expand_tokens
 from difflab.models.text import PromptEncoder
 from difflab.progress import progress_bar
 
@@ -59,6 +60,7 @@ class CaptionTokens:
         return ["" if d else c for c, d in zip(captions, dropped)]
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
+        captions = expand_tokens(captions, self.tokenizer)  # a learnt token of several vectors: all of them
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 

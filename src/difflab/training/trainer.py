@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -27,6 +28,7 @@ from difflab.images import make_grid
 from difflab.models.build import build_model
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
+from difflab.models.prompt_syntax import escape, parse_prompt
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
@@ -43,6 +45,7 @@ from difflab.training.text_model import (
     TextModelParts,
     build_text_model,
     check_same_tokenizer,
+    given_text_parts,
     tokenizer_fingerprint,
 )
 
@@ -100,12 +103,32 @@ class MicroBatch:
 DataMaker = Callable[[TrainConfig, DiffusionModel, RunFolder], ImageDataset]
 
 
+class TrainedPart(Protocol):
+    """What trains when it is neither the whole network nor LoRA on it (textual inversion's new token rows):
+    made from the settled config and the pretrained model by a `PartMaker`, after which only its parameters
+    require gradients. A checkpoint holds only its tensors (and their optimizer state), and the run's model
+    is what it saves."""
+
+    text_encoder_in_step: bool  # the step runs the text encoder forward (its output is not a ready input)
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def save(self, folder: Path, model: DiffusionModel) -> None: ...
+
+
+PartMaker = Callable[[TrainConfig, DiffusionModel], TrainedPart]
+
+
 def settle_settings(config: TrainConfig, made_data: bool = False
                     ) -> tuple[TrainConfig, ImageDataset | None, DiffusionModel | None]:
     """The run's complete settings, its data and (fine-tuning) the pretrained model. They are decided
     together: the data fills in the image size and channels left to it; with --from, the pretrained
     model decides the network, schedule, image size and channels, and the data is fitted to it.
     `made_data`: the data comes from a DataMaker once the run folder is ready (None is returned for it)."""
+    if config.run.sample_prompts is not None:
+        validation_prompts(config.run, None)  # an empty --sample-prompts is refused before any work
     config, data, base = settings_and_data(config, made_data)
     return resolve_timestep_shift(config), data, base
 
@@ -130,6 +153,9 @@ def settings_and_data(config: TrainConfig, made_data: bool
         return fine_tuning_settings(config)
     if made_data:
         raise ConfigError("training data made for the run needs a pretrained model to start from (--from)")
+    if config.model.lora_rank:  # adapters on new random weights, with the weights themselves frozen, learn nothing
+        raise ConfigError("--lora-rank trains adapters on a pretrained text-to-image model: give that model with "
+                          "--from (a new model trains every weight)")
     d, text = config.data, config.model.conditioning == "text"
     if text and d.channels == 1:
         raise DataError("--conditioning text makes RGB models (the VAE takes 3 channels); leave out --channels 1")
@@ -167,6 +193,8 @@ def validation_prompts(run, data) -> list[str]:
         prompts = [p.strip() for p in run.sample_prompts.split("|") if p.strip()]
         if not prompts:
             raise ConfigError("--sample-prompts holds no prompt; separate prompts with |")
+        for prompt in prompts:  # A1111's syntax (docs/prompts.md)
+            parse_prompt(prompt)
         return prompts
     distinct = list(dict.fromkeys(c for c in data.captions if c))
     step = max(1, len(distinct) // VALIDATION_PROMPTS)
@@ -179,22 +207,43 @@ class Trainer:
     `clock` (seconds) measures training time for --minutes and images/s; tests inject one."""
 
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None):
+                 clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None,
+                 trained: PartMaker | None = None):
         config.validate()
+        if config.run.sample_prompts:  # their syntax, before the run folder is made
+            validation_prompts(config.run, None)
         check_tracker(config.run.log_with)
         self.accelerator = make_accelerator(config, out)
         self.config, made, base = settle_settings(config, made_data=data is not None)
+        # a new text model's given VAE and text encoder, loaded, and its sizes checked: before the run folder
+        # is touched and before its VAE stage trains for minutes
+        given = given_text_parts(self.config, made) if base is None and self.config.model.conditioning == "text" \
+            else None
         self.run = RunFolder(out)
         checkpoint = self.prepare_run_folder(resume=resume, overwrite=overwrite)
-        if data is not None:
-            made, base = self.made_data(data, base)
+        try:
+            self.set_up(made, base, data, trained, given, checkpoint, clock)
+        except BaseException:
+            # a start refused before its first step leaves nothing behind, so the corrected command runs as
+            # it is (a stage that trained, generated class images or a checkpoint are kept: they are work)
+            if checkpoint is None and self.accelerator.is_main_process:
+                self.run.discard_unstarted()
+            raise
+
+    def set_up(self, made, base, maker: DataMaker | None, trained: PartMaker | None, given, checkpoint: Path | None,
+               clock) -> None:
+        """The rest of __init__, once the run folder is ready: the model, reporting, optimizer, data order and
+        the checkpoint to resume from."""
+        if maker is not None:
+            made, base = self.made_data(maker, base)
         data = made
         self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
         if base is not None and base.prompts is not None:
             self.text = TextModelParts(base, bool(self.config.model.train_text_encoder), None)
-        self.model = base or self.new_model(data, clock)
+        self.model = base or self.new_model(data, clock, given)
         if self.config.model.lora_rank:
             self.add_lora()
+        self.part = trained(self.config, self.model) if trained is not None else None
         self.full_frozen = self.use_memory_features()
         self.describe_training(data)
         self.start_reporting(data)
@@ -214,7 +263,7 @@ class Trainer:
         # accelerate's wrapper (DDP across processes) syncs the gradients, so the training forward pass goes
         # through it; everything else (samples, checkpoints, the saved model) uses self.model's networks, the
         # same modules with the same weights.
-        trained_text_encoder = self.model.prompts.text_encoder if self.text and self.text.train_text_encoder else None
+        trained_text_encoder = self.model.prompts.text_encoder if self.text_in_step else None
         self.synced_network, self.optimizer = self.accelerator.prepare(
             TrainingNetwork(self.model.denoiser, trained_text_encoder), self.optimizer)
 
@@ -257,13 +306,15 @@ class Trainer:
         if self.config.optim.gradient_checkpointing:
             memory_features.enable_gradient_checkpointing(self.model, text_encoder=trains_text)
         lora = bool(self.config.model.lora_rank)
+        if self.part is not None:  # textual inversion: its text encoder runs in the step; left as it is
+            return {}
         return memory_features.hold_frozen_in_half(self.model, self.accelerator.mixed_precision, keep_full=not lora,
                                                    device=self.accelerator.device)
 
-    def new_model(self, data: ImageDataset, clock) -> DiffusionModel:
+    def new_model(self, data: ImageDataset, clock, given=None) -> DiffusionModel:
         c = self.config
         if c.model.conditioning == "text":
-            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock)
+            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock, given)
             return self.text.model
         names = data.class_names if c.model.conditioning == "class" else None
         return build_model(c.model, data.image_size, data.channels, data.source, c.run.seed, names)
@@ -324,7 +375,7 @@ class Trainer:
     def cache_prompts(self, data: ImageDataset) -> PromptCache | None:
         """A frozen text encoder's embeddings of the data's distinct captions (and of the empty caption that
         caption dropout uses), computed once, when they fit the memory set aside for them."""
-        if not self.text or self.text.train_text_encoder:
+        if not self.text or self.text_in_step:
             return None
         captions = getattr(data, "captions", None)
         if not captions:
@@ -337,8 +388,15 @@ class Trainer:
         for network in self.model.modules():
             network.eval()
         self.model.denoiser.train()
-        if self.text and self.text.train_text_encoder:
+        if self.text_in_step:
             self.model.prompts.text_encoder.train()
+
+    @property
+    def text_in_step(self) -> bool:
+        """Whether the step runs the text encoder forward: it trains, or a part of it does."""
+        if self.text is None:
+            return False
+        return self.text.train_text_encoder or bool(getattr(self, "part", None) and self.part.text_encoder_in_step)
 
     # ---- where the run stands ----------------------------------------------------------------------
     @property
@@ -413,7 +471,7 @@ class Trainer:
         if self.prompt_cache is not None:
             return MicroBatch(x0, Conditioning(text=self.prompt_cache(captions)), noise, timesteps, groups=groups)
         token_ids = self.captions.token_ids(captions).to(self.accelerator.device)
-        if self.text.train_text_encoder:
+        if self.text_in_step:
             return MicroBatch(x0, None, noise, timesteps, token_ids, groups)
         with torch.no_grad():  # a frozen text encoder: its output is an input
             embeddings = self.model.prompts.text_encoder(token_ids)[0]
@@ -578,7 +636,9 @@ class Trainer:
             labels = row_labels(len(names), columns)
         elif self.text:
             columns = len(self.validation_prompts)
-            prompts = self.validation_prompts * max(1, -(-run.sample_count // columns))
+            # Captions are text, --sample-prompts are prompts (weights and all).
+            shown = self.validation_prompts if run.sample_prompts else [escape(p) for p in self.validation_prompts]
+            prompts = shown * max(1, -(-run.sample_count // columns))
         count = len(labels) if names else len(prompts) if prompts else run.sample_count
         with self.ema_weights(), self.frozen_half_autocast():
             images = generate(self.model, count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0,
@@ -635,7 +695,9 @@ class Trainer:
             return
         optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
         tensors = {
-            "model": self.trained_state(self.model.denoiser),
+            # only what trains, when a part of the model does (textual inversion, LoRA); else the whole network
+            **({"trained": self.part.state_dict()} if self.part
+               else {"model": self.trained_state(self.model.denoiser)}),
             "optimizer": optimizer_tensors,
             "rng": {f"noise.{rank}": state for rank, state in enumerate(noise_states)},
         }
@@ -660,7 +722,10 @@ class Trainer:
             check_same_tokenizer(state.get("tokenizer"), self.model.prompts.tokenizer, self.run.root)
             if "text_encoder" in tensors:
                 self.load_trained_state(self.model.prompts.text_encoder, tensors["text_encoder"], "text encoder")
-        self.load_trained_state(self.model.denoiser, tensors["model"], "model")
+        if self.part is not None:
+            self.part.load_state_dict(tensors["trained"])
+        else:
+            self.load_trained_state(self.model.denoiser, tensors["model"], "model")
         self.optimizer.load_state_dict(checkpoints.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
         if self.ema is not None and "ema" in tensors:
             device = self.accelerator.device
@@ -693,7 +758,9 @@ class Trainer:
                 device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay, lr=self.config.optim.lr)
             memory_features.restore_full(self.model, self.full_frozen)  # the frozen parts as they were given
             with self.ema_weights(), self.writing(self.run.model):
-                if self.config.model.lora_rank:
+                if self.part is not None:
+                    self.part.save(self.run.model, self.model)
+                elif self.config.model.lora_rank:
                     self.save_lora()
                 else:
                     card = model_card(self.model, str(self.run.model), dumps_config(self.config))
