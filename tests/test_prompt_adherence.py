@@ -70,5 +70,6 @@ def test_eval_of_a_text_model_on_other_data_says_what_it_measures(shapes_text_mo
     shutil.copytree(shapes_text_model, other)
     (other / "difflab.json").write_text(json.dumps({"image_size": 16, "channels": 3, "data": "digits"}))
     assert main(["eval", "--model", str(other), "-n", "4", "--steps", "2"]) == 2
-    assert re.search(r"prompt adherence is measured on the built-in shapes data.*trained on digits",
+    # digits hold no captions: a text model trained on them is measured on captioned data it is given
+    assert re.search(r"digits have no captions to prompt a text model with; give --data captioned images",
                      capsys.readouterr().err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difflab.cli.dreambooth import HELPS as DREAMBOOTH_HELPS
 from difflab.cli.dreambooth import argparse_suppress
 from difflab.cli.options import add_run_options
 from difflab.config import (
@@ -24,6 +25,7 @@ SKIPPED["model"] |= {"base", "lora_rank", "vae", "text_encoder", "train_text_enc
 SKIPPED["run"] |= {"sample_prompts", "eval_every", "eval_count"}
 SKIPPED["vae"] = {"steps", "minutes", "lr", "batch_size", "kl_weight", "detail_weight"}
 SKIPPED["textual_inversion"] = {"token", "init_word", "num_vectors", "what"}  # declared below, with short help
+HELPS = {"model.allow_pickle": DREAMBOOTH_HELPS["model.allow_pickle"]}  # train's words name --from
 
 
 def add_parser(subparsers) -> None:
@@ -56,7 +58,8 @@ def add_parser(subparsers) -> None:
                    help="prompts of the validation grids in samples/ (fixed seeds), separated by | (default: "
                         "captions of the run)")
     add_run_options(p, "runs/textual-inversion")
-    add_config_flags(p, TextualInversionConfig, defaults=textual_inversion_defaults(), skip=SKIPPED)
+    add_config_flags(p, TextualInversionConfig, defaults=textual_inversion_defaults(), skip=SKIPPED,
+                     helps=HELPS)
     p.set_defaults(run=run)
 
 
