@@ -180,18 +180,24 @@ def run_side(args) -> dict:
     size = args.size
     started = time.perf_counter()
     if args.side == "difflab":
+        from difflab.cli.sample import half_weights
         from difflab.diffusion.generate import generate
+        from difflab.models.offload import offload
         from difflab.pipelines.folder import load_model
 
-        model = load_model(args.folder, device=device, safety_checker=False)
+        dtype, variant = half_weights(args.precision, torch.device(device))  # as `difflab sample` loads
+        model = load_model(args.folder, device="cpu" if args.offload else device, safety_checker=False,
+                           dtype=dtype, variant=variant)
+        if args.offload:
+            offload(model, device)
+        model.freeze()
         loaded = time.perf_counter() - started
         modules = model.modules()
         grads = sum(p.requires_grad for m in modules for p in m.parameters())
 
         def sample():
             return generate(model, args.batch, sampler=SAMPLER, steps=args.steps, seed=0, prompts=PROMPT,
-                            cfg_scale=7.5, width=size, height=size, precision=args.precision,
-                            offload=args.offload)
+                            cfg_scale=7.5, width=size, height=size, precision=args.precision)
     else:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None,
@@ -237,7 +243,7 @@ def side_process(side: str, folder: Path, args, images: Path, batch: int) -> dic
 def sampling(args) -> dict:
     import numpy as np
 
-    from difflab.memory import estimate_sampling
+    from difflab.memory import ModelShape, estimate_sampling
 
     folder = build(args.model, args.tiny)
     args.size = args.size or configs(args.model, args.tiny)["size"]
@@ -253,9 +259,8 @@ def sampling(args) -> dict:
         gib = 2 ** 30
         seconds = {side: median([r["sample_seconds"] for r in rs]) for side, rs in runs.items()}
         peak = {side: median([r["peak_bytes"] for r in rs]) for side, rs in runs.items()}
-        estimate = estimate_sampling(parameter_counts(folder), configs(args.model, args.tiny)["vae"]["block_out_channels"],
-                                     height=args.size, width=args.size, batch=batch, cfg=True,
-                                     precision=args.precision, offload=args.offload, device=args.device)
+        estimate = estimate_sampling(ModelShape.of_folder(folder), height=args.size, width=args.size, batch=batch,
+                                     cfg=True, precision=args.precision, offload=args.offload)
         difference = np.abs(images["difflab"] - images["diffusers"]).max()
         rows.append({
             "batch": batch,

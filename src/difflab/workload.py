@@ -22,10 +22,15 @@ ASK_BEYOND_SECONDS = 3600.0
 
 
 def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool, sampler: str = "",
-                   guided: bool = False, what: str = "-n") -> None:
+                   guided: bool = False, what: str = "-n", height: int | None = None, width: int | None = None,
+                   offload: bool = False) -> None:
     """Refuse a generation whose images would not fit in memory, and, without `yes`, one estimated to
-    take more than an hour (said with the estimate and what to do). `guided`: two network passes per
-    step (classifier-free guidance)."""
+    take more than an hour (said with the estimate and what to do), or a latent model's sampling whose
+    estimated peak memory exceeds what its device has free (difflab.memory). `guided`: two network
+    passes per step (classifier-free guidance)."""
+    if model.codec is not None:
+        check_sampling_memory(model, min(batch_size, count), height or model.info.image_size,
+                              width or model.info.image_size, guided=guided, offload=offload, yes=yes)
     info = model.info
     cell = info.image_size * max(1, MIN_GRID_CELL // info.image_size) + 2  # as images.make_grid draws it
     image_bytes = info.channels * info.image_size ** 2 * 4 + cell ** 2 * 3  # float32 results, and the RGB grid
@@ -45,6 +50,29 @@ def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool,
         raise ConfigError(f"{what} {count} images × {steps} steps would take about {_duration(seconds)} on "
                           f"{model.device.type} (measured here); lower {what} or --steps, or pass --yes to start "
                           "anyway")
+
+
+def check_sampling_memory(model, batch: int, height: int, width: int, *, guided: bool, offload: bool,
+                          yes: bool) -> None:
+    """Log the estimated peak memory of sampling a batch on the model's device; refuse (unless `yes`)
+    when what it needs beyond the weights already there exceeds the device's free memory, naming the
+    flags that would make it fit."""
+    import logging
+
+    from difflab.memory import ModelShape, check_fits, estimate_sampling, free_memory, sampling_remedies
+
+    shape = ModelShape.of_model(model)
+    flags = dict(height=height, width=width, batch=batch, cfg=guided, offload=offload,
+                 precision="no" if model.dtype == torch.float32 else "fp16")
+    estimate = estimate_sampling(shape, **flags)
+    device = model.device
+    free = free_memory(device)
+    resident = 0 if offload else sum(p.numel() * p.element_size() for part in model.modules()
+                                     for p in part.parameters() if p.device.type == device.type)
+    room = None if free is None else free + resident  # the loaded weights are part of the estimate
+    remedies = (sampling_remedies(shape, room, device.type == "cuda", **flags)
+                if room is not None and estimate.total > room else [])
+    logging.getLogger("difflab").info(check_fits(estimate, device, yes=yes, remedies=remedies, free=room))
 
 
 def _seconds_per_call(model, batch: int) -> float:

@@ -41,4 +41,5 @@ def check_with_model(args, model, per_class: bool = True, prompts: int = 0) -> N
         guided = args.cfg_scale != 1
     check_sampler_steps(args.steps, model.noise_schedule.config.num_train_timesteps, args.sampler)
     check_workload(model, count, args.steps, args.batch_size, yes=getattr(args, "yes", False), sampler=args.sampler,
-                   guided=guided)
+                   guided=guided, height=getattr(args, "height", None), width=getattr(args, "width", None),
+                   offload=getattr(args, "offload", False))
