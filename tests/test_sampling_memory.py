@@ -161,9 +161,9 @@ def test_a_hub_download_in_half_precision_fetches_the_fp16_files_only(monkeypatc
 # ---- the VAE: slicing and tiling ---------------------------------------------------------------------
 
 def test_several_images_decode_one_at_a_time_with_the_same_images_and_less_memory():
-    from difflab.models.codec import LatentCodec, vae_modes
-
     from diffusers import AutoencoderKL
+
+    from difflab.models.codec import LatentCodec, vae_modes
 
     torch.manual_seed(0)
     vae = AutoencoderKL(latent_channels=4, block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
