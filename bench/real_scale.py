@@ -7,7 +7,7 @@ estimate (difflab.memory) set beside the measured peaks.
     python bench/real_scale.py sampling --model sd15        # 512×512, CFG 7.5, 10 steps, batch 1, CPU
     python bench/real_scale.py sampling --device cuda --steps 20 --batch 1 4 [--model sd21]   # GPU rows
     python bench/real_scale.py loading --model sd15         # difflab's load_model against from_pretrained
-    python bench/real_scale.py dreambooth                   # one DreamBooth step (bench/real_scale_train.py)
+    python bench/real_scale.py dreambooth [its options]     # one DreamBooth step: runs bench/real_scale_train.py
     python bench/real_scale.py sampling --tiny              # the same, on a scaled-down config (seconds)
 
 Each side runs in its own fresh process (so one side's freed memory cannot hide the other's), the sides
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -105,21 +105,6 @@ def build(model: str, tiny: bool) -> Path:
     (partial / "model").rename(folder)
     shutil.rmtree(partial)
     return folder
-
-
-def parameter_counts(folder: Path) -> dict:
-    """Parameters per component, read from the safetensors headers (nothing loaded)."""
-    from safetensors import safe_open
-
-    counts = {}
-    for part in ("unet", "text_encoder", "vae"):
-        total = 0
-        for path in (folder / part).glob("*.safetensors"):
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    total += math.prod(f.get_slice(key).get_shape())
-        counts[part] = total
-    return counts
 
 
 # ---- one side, in its own process --------------------------------------------------------------------
@@ -276,7 +261,8 @@ def sampling(args) -> dict:
         })
     return {"setup": {"model": args.model, "tiny": args.tiny, "size": args.size, "steps": args.steps,
                       "cfg_scale": 7.5, "sampler": SAMPLER, "precision": args.precision, "offload": args.offload,
-                      "device": args.device, "repeats_per_side": args.repeats, "parameters": parameter_counts(folder),
+                      "device": args.device, "repeats_per_side": args.repeats,
+                      "model_shape": asdict(ModelShape.of_folder(folder)),
                       "targets": {"time_ratio": "<= 1.03", "peak": "difflab <= diffusers", "estimate": "within 15%"}},
             "rows": rows}
 
@@ -306,14 +292,15 @@ def loading(args) -> dict:
             "target": "<= 1.10", "runs": {k: [round(x, 3) for x in v] for k, v in seconds.items()}}
 
 
-def dreambooth(args) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        import real_scale_train
-    except ImportError:
-        raise SystemExit("bench/real_scale_train.py (the DreamBooth step rows) is not in this checkout; "
-                         "it comes with the training-side memory features") from None
-    return real_scale_train.run(build(args.model, args.tiny), args)
+def dreambooth(args, extra: list[str]) -> None:
+    """One DreamBooth step at 512 px: the training side's rows, bench/real_scale_train.py (run as it is, its
+    JSON printed as it prints it; options this script does not know are passed on to it)."""
+    script = Path(__file__).with_name("real_scale_train.py")
+    if not script.is_file():
+        raise SystemExit("bench/real_scale_train.py (the DreamBooth step rows) is not in this checkout; it comes "
+                         "with the training-side memory features of issue 25")
+    command = [sys.executable, str(script), "--device", args.device, *(["--tiny"] if args.tiny else []), *extra]
+    raise SystemExit(subprocess.run(command).returncode)
 
 
 def main() -> None:
@@ -331,7 +318,11 @@ def main() -> None:
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if args.part == "dreambooth":
+        dreambooth(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if args.part == "side":  # a child process
         args.batch = args.batch[0]
@@ -340,7 +331,7 @@ def main() -> None:
     if args.part == "build":
         print(build(args.model, args.tiny))
         return
-    result = {"sampling": sampling, "loading": loading, "dreambooth": dreambooth}[args.part](args)
+    result = {"sampling": sampling, "loading": loading}[args.part](args)
     emit({"benchmark": f"real_scale_{args.part}", **result})
 
 
