@@ -112,23 +112,29 @@ def weight_bytes(precision: str) -> int:
     return 2 if precision in HALF else 4
 
 
-def vae_plan(height: int, width: int, images: int, tile: int) -> tuple[bool, bool]:
+def decode_bytes(height: int, width: int, channels: int, bytes_per_value: int) -> float:
+    """Working memory of decoding one image of height × width (see DECODE_TENSORS)."""
+    return DECODE_TENSORS * height * width * channels * bytes_per_value
+
+
+def vae_plan(images: int, one_image: float, free: float | None) -> tuple[bool, bool]:
     """(slicing, tiling) as chosen automatically: decode one image at a time whenever there are several
-    (the same images within float rounding, a fraction of the memory); decode in tiles of the VAE's own
-    sample size (`tile`) when an image has four times its area or more (then the images differ: tiles
-    are blended at their seams, as diffusers' enable_vae_tiling does)."""
-    return images > 1, height * width >= 4 * tile ** 2
+    (the same images within float rounding, a fraction of the memory); decode in tiles (blended at
+    their seams, as diffusers' enable_vae_tiling does: the image changes a little) only when decoding one
+    image (`one_image` bytes) would take more than half of the `free` memory — a large image on a small GPU."""
+    return images > 1, free is not None and one_image > free / 2
 
 
 def estimate_sampling(shape: ModelShape, *, height: int, width: int, batch: int = 1, cfg: bool = True,
                       precision: str = "no", offload: bool = False, vae_slicing: bool | None = None,
-                      vae_tiling: bool | None = None) -> Estimate:
+                      vae_tiling: bool | None = None, free: float | None = None) -> Estimate:
     """Peak memory of sampling `batch` images of height × width: the weights (half-size in fp16/bf16,
     which are loaded as such), and the larger of the UNet's working memory (twice the batch under
     classifier-free guidance) and the decoder's. With `offload` only one network is on the device at a
-    time (the peak of the largest one and its work)."""
+    time (the peak of the largest one and its work). VAE slicing and tiling: as chosen for `free` bytes
+    (see vae_plan), unless given."""
     wb = weight_bytes(precision)
-    auto_slicing, auto_tiling = vae_plan(height, width, batch, shape.vae_tile)
+    auto_slicing, auto_tiling = vae_plan(batch, decode_bytes(height, width, shape.vae_channels, wb), free)
     slicing = auto_slicing if vae_slicing is None else vae_slicing
     tiling = auto_tiling if vae_tiling is None else vae_tiling
     f = shape.latent_factor
@@ -136,7 +142,7 @@ def estimate_sampling(shape: ModelShape, *, height: int, width: int, batch: int 
                  + UNET_TENSORS * batch * (2 if cfg else 1) * (height // f) * (width // f) * shape.unet_channels * wb)
     decoded = 1 if slicing else batch
     tile_area = min(height, shape.vae_tile) * min(width, shape.vae_tile) if tiling else height * width
-    decode_work = DECODE_TENSORS * decoded * tile_area * shape.vae_channels * wb if shape.vae else 0
+    decode_work = decoded * decode_bytes(1, tile_area, shape.vae_channels, wb) if shape.vae else 0
     weights = {"UNet": shape.unet * wb, "text encoder": shape.text_encoder * wb, "VAE": shape.vae * wb}
     if offload:  # the text encoder, the UNet and the VAE take turns on the device
         stages = {"UNet": unet_work, "VAE": decode_work, "text encoder": 0.0}

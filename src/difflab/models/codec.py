@@ -41,15 +41,16 @@ class LatentCodec:
         return latents * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in about [-1, 1]. Several images decode one at a time and large ones
-        in tiles (diffusers' VAE slicing and tiling, chosen by difflab.memory.vae_plan): at 512 px one
-        image's decoding holds about 1.2 GB in fp32, a batch holds that for each image."""
-        from difflab.memory import vae_plan
+        """Scaled latents -> images in about [-1, 1]. Several images decode one at a time, and an image
+        too large for the device's free memory in tiles (diffusers' VAE slicing and tiling, chosen by
+        difflab.memory.vae_plan): at 512 px one image's decoding holds about 1 GB in fp32, a batch holds
+        that for each image."""
+        from difflab.memory import decode_bytes, free_memory, vae_plan
 
-        tile = self.vae.config.sample_size
-        tile = tile if isinstance(tile, int) else tile[0]
-        height, width = latents.shape[-2] * self.factor, latents.shape[-1] * self.factor
-        slicing, tiling = vae_plan(height, width, latents.shape[0], tile)
+        channels = self.vae.config.block_out_channels
+        one_image = decode_bytes(latents.shape[-2] * self.factor, latents.shape[-1] * self.factor,
+                                 channels[min(1, len(channels) - 1)], torch.finfo(self.dtype).bits // 8)
+        slicing, tiling = vae_plan(latents.shape[0], one_image, free_memory(self.device))
         with vae_modes(self.vae, slicing, tiling):
             return self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
 
