@@ -251,4 +251,4 @@ def check_fits(estimate: Estimate, device, *, yes: bool, remedies: list[str], fr
 
 
 def _gb(n: float) -> str:
-    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 2**20:.0f} MB"
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.0f} MB"
