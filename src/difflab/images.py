@@ -67,6 +67,8 @@ def a1111_parameters(settings: dict, size: tuple[int, int]) -> str:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     pairs = [f"{label}: {settings[key]}" for label, key in A1111_FIELDS if key in settings]
     pairs.insert(4, f"Size: {size[0]}x{size[1]}")
+    if settings.get("blend"):  # not an A1111 setting: shown, quoted as A1111 quotes values with commas
+        pairs.append(f"Blend: {json.dumps(' | '.join(settings['blend']))}")
     lines.append(", ".join(pairs))
     return "\n".join(lines)
 

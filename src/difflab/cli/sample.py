@@ -20,11 +20,18 @@ def add_parser(subparsers) -> None:
         "sample", help="generate images from a trained model",
         description="Generate images from a difflab model folder, a run folder, a diffusers DDPMPipeline/"
                     "DDIMPipeline folder or a Stable Diffusion family folder (text-to-image, inpainting, "
-                    "depth-to-image, ×4 upscaler), or a Hub id. Image i uses seed SEED+i. Text models: --prompt; "
+                    "depth-to-image, ×4 upscaler), a Hub id, or a single-file checkpoint (model.safetensors). "
+                    "Image i uses seed SEED+i. Text models: --prompt; "
                     "img2img: --image and --strength; inpainting: --image and --mask; depth-to-image: --image "
                     "with --depth or --depth-model; upscaling: --image (the low-resolution one) and --noise-level.",
     )
-    p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
+    p.add_argument("--model", required=True,
+                   help="model folder, run folder, Hub id, or a single-file Stable Diffusion checkpoint "
+                        "(model.safetensors; .ckpt only with --allow-pickle)")
+    p.add_argument("--config-folder", metavar="FOLDER",
+                   help="for a single-file checkpoint: a diffusers Stable Diffusion folder of the same model whose "
+                        "configs and tokenizer/ are used (its weights are not needed), or a folder holding just "
+                        "tokenizer/ (default: the configs the file carries, else difflab's own SD 1.x/2.x configs)")
     p.add_argument("-n", "--count", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER,
                    help=f"one of {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
@@ -40,10 +47,14 @@ def add_parser(subparsers) -> None:
                         f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
     text = p.add_argument_group("text-to-image models (the Stable Diffusion family)")
     text.add_argument("--prompt", action="append", metavar="TEXT",
-                      help="what to draw (repeatable: one grid row of -n images per prompt)")
+                      help="what to draw (repeatable: one grid row of -n images per prompt); A1111's syntax "
+                           "weighs words: (word:1.3), (word), [word], BREAK; no length limit (docs/prompts.md)")
     text.add_argument("--prompt-file", type=Path, metavar="FILE", help="prompts, one per line (rows, like --prompt)")
     text.add_argument("--negative-prompt", metavar="TEXT", default=None,
                       help="what to steer away from (the unconditional half of classifier-free guidance)")
+    text.add_argument("--blend", action="append", metavar="PROMPT:WEIGHT",
+                      help="mix another prompt's embeddings into each prompt's: \"a leopard:0.5\" is half of each "
+                           "(repeatable; the weights, each in (0, 1], add up to at most 1)")
     text.add_argument("--width", type=int, help="image width in pixels (a multiple of the VAE's factor, 8 for "
                                                 "Stable Diffusion; default: the input image's, or the model's)")
     text.add_argument("--height", type=int, help="image height in pixels (as --width)")
@@ -126,6 +137,7 @@ def run(args) -> int:
         raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale}); 1 is plain conditional sampling")
     check_flags(args)  # numbers, columns and output paths, before any work
     prompts = read_prompts(args)
+    check_prompt_syntax(prompts, args.negative_prompt, args.blend)  # before the model loads
     if args.lora_scale and not args.lora:
         raise ConfigError("--lora-scale sets the weights of LoRAs: give them with --lora")
     loras = plan_loras(args.lora, args.lora_scale, allow_pickle=args.allow_pickle) if args.lora else []
@@ -134,7 +146,8 @@ def run(args) -> int:
     if args.offload:
         check_offload(device)  # before loading
     model = load_model(args.model, allow_pickle=args.allow_pickle, device="cpu" if args.offload else device,
-                       safety_checker=not args.no_safety_checker, dtype=dtype, variant=variant)
+                       safety_checker=not args.no_safety_checker, config_folder=args.config_folder, dtype=dtype,
+                       variant=variant)
     if args.offload:
         offload(model, device)
     check_with_model(args, model, prompts=len(prompts or []))  # steps the schedule takes, a workload that fits
@@ -149,6 +162,7 @@ def run(args) -> int:
     if loras:
         settings.update(lora=args.lora, lora_scale=[scale for _, scale in loras])
     settings.update({name: value for name, value in (("eta", args.eta), ("negative_prompt", args.negative_prompt),
+                                                     ("blend", args.blend),
                                                      ("image", args.image), ("strength", args.strength),
                                                      ("mask", args.mask), ("depth", args.depth),
                                                      ("noise_level", args.noise_level)) if value is not None})
@@ -174,7 +188,7 @@ def run(args) -> int:
                       cfg_scale=args.cfg_scale, image=args.image, mask=args.mask, depth=args.depth,
                       strength=args.strength, noise_level=args.noise_level, width=args.width, height=args.height,
                       guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True,
-                      safety_check=not args.no_safety_checker, precision=args.precision)
+                      safety_check=not args.no_safety_checker, precision=args.precision, blend=args.blend or ())
     if per_image_prompts and len(set(per_image_prompts)) == 1:
         settings["prompt"] = per_image_prompts[0]
     save_png(make_grid(images, columns or args.columns, names), args.out, {**settings, "count": len(images)})
@@ -219,6 +233,15 @@ def read_prompts(args) -> list[str] | None:
         if not prompts:
             raise InputError(f"the prompt file {args.prompt_file} holds no prompt (one per line)")
     return prompts or None
+
+
+def check_prompt_syntax(prompts: list[str] | None, negative: str | None, blends: list[str] | None) -> None:
+    from difflab.models.prompt_syntax import check_blends, parse_prompt
+
+    for prompt in [*(prompts or []), *([negative] if negative else [])]:
+        parse_prompt(prompt)
+    for prompt, _ in check_blends(list(blends or [])):
+        parse_prompt(prompt)
 
 
 def short(text: str, limit: int = 40) -> str:

@@ -50,15 +50,20 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
              cfg_scale: float | None = None, image=None, mask=None, depth=None, strength: float | None = None,
              noise_level: int | None = None, width: int | None = None, height: int | None = None,
              guidance: Sequence[GuidanceTerm] = (), guidance_mode: str = "fast", batch_size: int = 64,
-             progress: bool = False, safety_check: bool = True, precision: str = "no") -> torch.Tensor:
+             progress: bool = False, safety_check: bool = True, precision: str = "no",
+             blend: Sequence[tuple[str, float] | str] = (), prompt_embeds: torch.Tensor | None = None,
+             negative_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """`count` images as a float tensor [count, C, H, W] in [0, 1] on the CPU.
 
     Image i depends only on seed + i and its own inputs, not on `batch_size`. Conditioning:
-    `class_labels` (one per image) for class-conditional models; `prompts` (one, or one per image)
-    and `negative_prompt` for text models; classifier-free guidance at `cfg_scale` (default: the
-    model kind's). Where sampling starts: `image` (a path, PIL image or [C, H, W] tensor in [0, 1])
-    with `strength` (img2img; depth-to-image with `depth` or the model's depth estimator), `image` +
-    `mask` (inpainting, white = repaint), `image` + `noise_level` (the ×4 upscaler's low-res input).
+    `class_labels` (one per image) for class-conditional models; `prompts` (one, or one per image,
+    in A1111's syntax: docs/prompts.md) and `negative_prompt` for text models, `blend` mixing other
+    prompts into each (("a leopard", 0.5) or "a leopard:0.5"), or the embeddings themselves
+    (`prompt_embeds` [1 or count, tokens, width], `negative_prompt_embeds`, as diffusers' pipelines
+    take them); classifier-free guidance at `cfg_scale` (default: the model kind's). Where sampling
+    starts: `image` (a path, PIL image or [C, H, W] tensor in [0, 1]) with `strength` (img2img;
+    depth-to-image with `depth` or the model's depth estimator), `image` + `mask` (inpainting, white =
+    repaint), `image` + `noise_level` (the ×4 upscaler's low-res input).
     `guidance` terms steer every image through x̂₀ (decoded, for latent models), with the gradient
     through x̂₀ only (`guidance_mode="fast"`) or through the network too ("full"). A safety checker
     in the model's folder blacks out flagged images unless `safety_check=False`. `precision` "bf16" or
@@ -67,7 +72,8 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     half precision (load_model(dtype=...)) runs in its own type, without autocast's copies."""
     job = prepare(model, count, class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                   cfg_scale=cfg_scale, image=image, mask=mask, depth=depth, strength=strength,
-                  noise_level=noise_level, width=width, height=height)
+                  noise_level=noise_level, width=width, height=height, blend=blend, prompt_embeds=prompt_embeds,
+                  negative_prompt_embeds=negative_prompt_embeds)
     for part in model.modules():
         part.eval()
     scheduler = make_sampler(sampler, model.sampler_config)

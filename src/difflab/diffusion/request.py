@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,8 @@ from difflab.diffusion.modes import Prepared, Start
 from difflab.errors import InputError
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
+from difflab.models.prompt_syntax import check_blends
+from difflab.models.text import PromptEncoder, mix
 
 DEFAULT_STRENGTH = 0.8  # img2img and depth-to-image, as in diffusers; inpainting starts from noise (1.0)
 DEFAULT_NOISE_LEVEL = 20  # the ×4 upscaler's, as in diffusers
@@ -26,19 +28,17 @@ class Job:
     inputs: Prepared
     cfg_scale: float
     labels: torch.Tensor | None = None  # one per image
-    prompts: list[str] | None = None  # one per image
-    negatives: list[str] | None = None  # one per image
+    text: PromptPlan | None = None  # text models: what each image's prompt embeddings are made from
 
     def conditioning(self, first: int, n: int, begin: Start) -> tuple[Conditioning, Conditioning | None]:
         """The conditioning of images first..first+n and its unconditional twin (None: no guidance)."""
         device = self.model.device
         maps = Conditioning(channels=begin.channels, noise_level=begin.noise_level)
-        if self.prompts is not None:
-            encode = self.model.prompts.encode
-            conditioning = maps.replace(text=encode(self.prompts[first:first + n]))
+        if self.text is not None:
+            conditioning = maps.replace(text=self.text.embeddings(first, n))
             if self.cfg_scale == 1.0:
                 return conditioning, None
-            return conditioning, conditioning.replace(text=encode(self.negatives[first:first + n]))
+            return conditioning, conditioning.replace(text=self.text.embeddings(first, n, negative=True))
         if self.labels is not None:
             labels = self.labels[first:first + n].to(device)
             conditioning = maps.replace(labels=labels)
@@ -46,6 +46,35 @@ class Job:
                 return conditioning, None
             return conditioning, maps.replace(labels=torch.full_like(labels, self.model.denoiser.null_class))
         return maps, None
+
+
+@dataclass
+class PromptPlan:
+    """A request's prompt embeddings, made batch by batch: from prompts (in A1111's syntax, blended with
+    `blends`) or given as tensors; the negative ones likewise. Every sequence of the request is as long
+    as its longest (padded with the empty prompt's embeddings), so batching never changes an image."""
+
+    encoder: PromptEncoder
+    length: int  # tokens of every sequence
+    long: bool  # the UNet takes sequences longer than one chunk
+    prompts: list[str] | None = None  # one per image
+    negatives: list[str] | None = None  # one per image
+    blends: list[tuple[str, float]] = field(default_factory=list)
+    embeds: torch.Tensor | None = None  # given: [1 or count, L, D]
+    negative_embeds: torch.Tensor | None = None
+
+    def embeddings(self, first: int, n: int, negative: bool = False) -> torch.Tensor:
+        given = self.negative_embeds if negative else self.embeds
+        if given is not None:
+            chosen = given[first:first + n] if len(given) > 1 else given.expand(n, -1, -1)
+            return self.encoder.pad(chosen.to(self.encoder.device), self.length)
+        texts = (self.negatives if negative else self.prompts)[first:first + n]
+        embeddings = self.encoder.encode(texts, self.length, self.long)
+        if negative or not self.blends:
+            return embeddings
+        others = [(self.encoder.encode([prompt], self.length, self.long).expand(n, -1, -1), weight)
+                  for prompt, weight in self.blends]
+        return mix(embeddings, others)
 
 
 def per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[str] | None:
@@ -61,16 +90,62 @@ def per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[
 
 def prepare(model: DiffusionModel, count: int, *, class_labels=None, prompts=None, negative_prompt=None,
             cfg_scale=None, image=None, mask=None, depth=None, strength=None, noise_level=None,
-            width=None, height=None) -> Job:
+            width=None, height=None, blend=None, prompt_embeds=None, negative_prompt_embeds=None) -> Job:
     cfg_scale = model.default_cfg_scale if cfg_scale is None else float(cfg_scale)
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise InputError(f"the classifier-free guidance scale must be a finite number, 0 or more (got {cfg_scale})")
     prompts, negatives = per_image(prompts, count, "prompt"), per_image(negative_prompt, count, "negative prompt")
-    check_conditioning(model, class_labels, prompts, negatives, count)
-    if prompts is not None:
-        negatives = negatives or [""] * count
+    embedded = prompt_embeds is not None or negative_prompt_embeds is not None
+    if embedded and model.prompts is None:
+        raise InputError("prompt embeddings need a text-to-image model; this model has no text encoder")
+    check_conditioning(model, class_labels, [""] if embedded and prompts is None else prompts, negatives, count)
+    if blend and model.prompts is None:
+        raise InputError("a blend mixes prompts: it needs a text-to-image model")
+    text = None
+    if model.prompts is not None:
+        text = plan_prompts(model, count, prompts, negatives, blend, prompt_embeds, negative_prompt_embeds)
     inputs = prepare_inputs(model, image, mask, depth, strength, noise_level, width, height)
-    return Job(model, inputs, cfg_scale, class_labels, prompts, negatives)
+    return Job(model, inputs, cfg_scale, class_labels, text)
+
+
+def plan_prompts(model: DiffusionModel, count: int, prompts, negatives, blend, embeds, negative_embeds) -> PromptPlan:
+    """Check the prompts (syntax, blends, given embeddings) and measure them, before any work: a prompt the
+    model must cut is said here, before the progress bar starts."""
+    encoder = model.prompts
+    long = model.denoiser.takes_long_context
+    blends = check_blends(list(blend or []))
+    if embeds is not None and (prompts is not None or blends):
+        raise InputError("give prompts or prompt embeddings, not both (to blend embeddings, mix them yourself: "
+                         "docs/stable-diffusion.md)")
+    embeds = checked_embeddings(embeds, count, encoder, "prompt_embeds")
+    negative_embeds = checked_embeddings(negative_embeds, count, encoder, "negative_prompt_embeds")
+    if negative_embeds is not None and negatives is not None:
+        raise InputError("give a negative prompt or negative prompt embeddings, not both")
+    if embeds is None and negative_embeds is not None:
+        raise InputError("negative prompt embeddings need prompt embeddings (prompt_embeds) beside them")
+    if negative_embeds is None:
+        negatives = negatives or [""] * count
+    texts = list(dict.fromkeys((prompts or []) + (negatives or []) + [prompt for prompt, _ in blends]))
+    lengths = [encoder.length(text, long) for text in texts]
+    lengths += [e.shape[1] for e in (embeds, negative_embeds) if e is not None]
+    if not long:
+        encoder.warn_truncated(texts)
+    return PromptPlan(encoder, max(lengths), long, prompts, negatives, blends, embeds, negative_embeds)
+
+
+def checked_embeddings(embeds, count: int, encoder: PromptEncoder, name: str) -> torch.Tensor | None:
+    """Given prompt embeddings: [L, D] or [1 or count, L, D] finite floats, D the text encoder's width."""
+    if embeds is None:
+        return None
+    width = encoder.text_encoder.config.hidden_size
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        raise InputError(f"{name} must be a float tensor [images, tokens, {width}] (got {type(embeds).__name__})")
+    embeds = embeds[None] if embeds.dim() == 2 else embeds
+    if embeds.dim() != 3 or embeds.shape[-1] != width or len(embeds) not in (1, count) or embeds.shape[1] == 0:
+        raise InputError(f"{name} has shape {list(embeds.shape)}: this model takes [1 or {count}, tokens, {width}]")
+    if not torch.isfinite(embeds).all():
+        raise InputError(f"{name} holds values that are not finite numbers (NaN or infinity)")
+    return embeds.detach()
 
 
 def check_conditioning(model: DiffusionModel, labels, prompts, negatives, count: int) -> None:

@@ -41,6 +41,14 @@ class Denoiser(nn.Module):
     def null_class(self) -> int | None:
         return self.num_classes
 
+    @property
+    def takes_long_context(self) -> bool:
+        """Whether the text door takes a prompt sequence of any length: diffusers' cross-attention UNet
+        does (its keys and values are projected token by token), so a long prompt reaches it whole."""
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(self.unet, UNet2DConditionModel)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 conditioning: Conditioning | torch.Tensor | None = None) -> torch.Tensor:
         """`conditioning` may also be a tensor of class labels (the common case in training)."""

@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from difflab.errors import ModelError
+from difflab.errors import ConfigError, ModelError
 from difflab.files import atomic_folder, local_model_folder, read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.weights import check_safetensors_files, check_weights, weights_file
@@ -224,12 +224,27 @@ def load_unet(unet_dir: Path, allow_pickle: bool, unet_class: str = "UNet2DModel
 
 
 def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu", safety_checker: bool = True,
-               dtype=None, variant: str | None = None) -> DiffusionModel:
+               config_folder: str | Path | None = None, dtype=None, variant: str | None = None) -> DiffusionModel:
     """A model folder, a run folder or a Hub id: pixel models (DDPMPipeline folders) and the Stable
     Diffusion family (whose safety checker, when the folder has one, runs unless `safety_checker`
-    is False). `dtype` (torch.float16/bfloat16): a Stable Diffusion folder's weights held in that type,
-    for sampling in half precision (pixel models stay fp32: they are small, and run under autocast);
-    `variant` ("fp16"): its half-precision weight files are fetched and read where it has them."""
+    is False); or a single-file Stable Diffusion checkpoint (`model.safetensors`; see
+    pipelines/single_file.py), whose configs come from `config_folder` when given. `dtype`
+    (torch.float16/bfloat16): a Stable Diffusion model's weights held in that type, for sampling in half
+    precision (pixel models stay fp32: they are small, and run under autocast); `variant` ("fp16"): a
+    folder's or Hub repo's half-precision weight files are fetched and read where it has them."""
+    from difflab.pipelines.single_file import is_single_file
+
+    if is_single_file(spec):
+        from difflab.pipelines.single_file import load_single_file
+        from difflab.pipelines.stable_diffusion import from_pipeline
+
+        pipe, info = load_single_file(spec, allow_pickle=allow_pickle, config_folder=config_folder)
+        model = from_pipeline(pipe, str(spec), info)
+        for part in model.modules() if dtype is not None else []:
+            part.to(dtype)
+        return model.to(device)
+    if config_folder is not None:
+        raise ConfigError(f"--config-folder is for single-file checkpoints (model.safetensors); {spec} is not one")
     folder = resolve_model_folder(spec, allow_pickle, variant)
     kind = pipeline_kind(folder, spec)
     if kind is not None and kind not in PIXEL_PIPELINES:

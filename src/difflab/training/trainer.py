@@ -26,6 +26,7 @@ from difflab.images import make_grid
 from difflab.models.build import build_model
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
+from difflab.models.prompt_syntax import escape, parse_prompt
 from difflab.pipelines.card import model_card
 from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
@@ -165,6 +166,8 @@ def validation_prompts(run, data) -> list[str]:
         prompts = [p.strip() for p in run.sample_prompts.split("|") if p.strip()]
         if not prompts:
             raise ConfigError("--sample-prompts holds no prompt; separate prompts with |")
+        for prompt in prompts:  # A1111's syntax (docs/prompts.md)
+            parse_prompt(prompt)
         return prompts
     distinct = list(dict.fromkeys(c for c in data.captions if c))
     step = max(1, len(distinct) // VALIDATION_PROMPTS)
@@ -179,6 +182,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                  clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None):
         config.validate()
+        if config.run.sample_prompts:  # their syntax, before the run folder is made
+            validation_prompts(config.run, None)
         check_tracker(config.run.log_with)
         self.accelerator = make_accelerator(config, out)
         self.config, made, base = settle_settings(config, made_data=data is not None)
@@ -547,7 +552,9 @@ class Trainer:
             labels = row_labels(len(names), columns)
         elif self.text:
             columns = len(self.validation_prompts)
-            prompts = self.validation_prompts * max(1, -(-run.sample_count // columns))
+            # Captions are text, --sample-prompts are prompts (weights and all).
+            shown = self.validation_prompts if run.sample_prompts else [escape(p) for p in self.validation_prompts]
+            prompts = shown * max(1, -(-run.sample_count // columns))
         count = len(labels) if names else len(prompts) if prompts else run.sample_count
         with self.ema_weights():
             images = generate(self.model, count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0,
