@@ -293,6 +293,20 @@ def test_training_estimates_follow_the_flags_and_name_what_fits():
         estimate_training(sd15, height=512, width=512, optimizer="sgd")
 
 
+def test_a_training_run_that_will_not_fit_is_refused_with_the_flags_that_fit(monkeypatch):
+    from difflab import memory
+    from difflab.memory import ModelShape, check_training_memory
+
+    sd15 = ModelShape(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, latent_factor=8)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 15e9)  # a T4, less the CUDA context
+    flags = dict(height=512, width=512, prior_preservation=True)
+    with pytest.raises(ConfigError, match=r"training on cuda: about 18\.\d GB .* 15\.0 GB is available on cuda: "
+                                          r"add --gradient-checkpointing --optimizer adamw8bit, or pass --yes"):
+        check_training_memory(sd15, "cuda", yes=False, **flags)
+    assert "about 18" in check_training_memory(sd15, "cuda", yes=True, **flags)
+    assert "15.0 GB available" in check_training_memory(sd15, "cuda", yes=False, lora=True, **flags)
+
+
 def test_the_benchmarks_folders_have_the_published_sizes():
     import sys
     from pathlib import Path

@@ -219,6 +219,15 @@ def sampling_remedies(shape: ModelShape, free: float, on_gpu: bool, **flags) -> 
     return []
 
 
+def check_training_memory(shape: ModelShape, device, *, yes: bool, **flags) -> str:
+    """For the trainer, one call at its start: the training estimate (`flags` as estimate_training takes
+    them) in words, or ConfigError (unless `yes`) naming the flags that would make it fit on `device`."""
+    estimate = estimate_training(shape, **flags)
+    free = free_memory(device)
+    remedies = training_remedies(shape, free, **flags) if free is not None and estimate.total > free else []
+    return check_fits(estimate, device, yes=yes, remedies=remedies, free=free)
+
+
 def free_memory(device) -> float | None:
     """Bytes free for new allocations on `device`: the GPU's free memory, or the machine's available
     memory for the CPU; None where unknown."""
