@@ -1,6 +1,7 @@
 """DreamBooth on the shapes text-to-image model: teach it a subject it never saw (a star) from 5 images.
 
-Four runs of `difflab dreambooth` (full fine-tune and LoRA, each with and without prior preservation),
+Four runs of `difflab dreambooth` (full fine-tune and LoRA, each with and without prior preservation) and
+one of `difflab textual-inversion` (only the new token "sks"'s embedding rows learn, from --ti-init-word),
 each a fresh process, measured DreamBooth-paper style with the shapes attribute reader's features:
 
 - subject fidelity: mean cosine similarity of the reader's features of "a sks shape" samples to those of
@@ -10,7 +11,7 @@ each a fresh process, measured DreamBooth-paper style with the shapes attribute 
 - prior preservation: prompt adherence and Fréchet distance of the base model's own prompts
   (`difflab.metrics.prompt_adherence.evaluate_prompts`) before and after: the language drift that prior
   preservation exists to prevent;
-- what each run saves: the LoRA file against the full model's UNet.
+- what each run saves: the LoRA file and learned_embeds.safetensors against the full model's UNet.
 
     python bench/dreambooth.py --base runs/shapes-text/model --out runs/bench-dreambooth
     python bench/dreambooth.py --base BASE --out /tmp/db --quick   # a check that it runs (seconds)
@@ -38,8 +39,11 @@ from common import emit
 INSTANCE_PROMPT = "a sks shape"
 CLASS_PROMPT = "a shape"
 RECONTEXT_PROMPT = "a blue sks shape at the bottom right"
-SETTINGS = {  # name: (LoRA?, prior preservation?)
-    "full": (False, False), "full+prior": (False, True), "lora": (True, False), "lora+prior": (True, True)}
+SETTINGS = {  # name: (LoRA?, prior preservation?); textual inversion: neither, its own command
+    "full": (False, False), "full+prior": (False, True), "lora": (True, False), "lora+prior": (True, True),
+    "textual-inversion": (False, False)}
+TEXTUAL_INVERSION = "textual-inversion"
+TOKEN = "sks"  # the instance prompt's word becomes the learnt token, so every row is measured on the same prompts
 
 
 def star(size: int, rng: np.random.Generator, colour=(220, 40, 40)) -> np.ndarray:
@@ -77,6 +81,21 @@ def run_dreambooth(base: str, instances: Path, out: Path, lora: bool, prior: boo
         command += ["--prior-preservation", "--class-prompt", CLASS_PROMPT, "--num-class-images", str(a.class_images)]
     if a.lr:
         command += ["--lr", str(a.lr_lora if lora else a.lr)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env)
+    return time.perf_counter() - started
+
+
+def run_textual_inversion(base: str, instances: Path, out: Path, a) -> float:
+    """One `difflab textual-inversion` run in a fresh process; its wall-clock seconds."""
+    command = [sys.executable, "-m", "difflab", "-q", "textual-inversion", "--model", base, "--data", str(instances),
+               "--token", TOKEN, "--init-word", a.ti_init_word, "--num-vectors", str(a.ti_vectors), "--out", str(out),
+               "--overwrite", "--steps", str(a.ti_steps or a.steps), "--sample-steps", str(a.sample_steps),
+               "--validation-prompt", f"{INSTANCE_PROMPT}|{RECONTEXT_PROMPT}",
+               "--sample-every", str(max(1, (a.ti_steps or a.steps) // 4)), "--checkpoint-every", "0"]
+    if a.ti_lr:
+        command += ["--lr", str(a.ti_lr)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env)
@@ -134,16 +153,22 @@ def main() -> None:
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    p.add_argument("--ti-steps", type=int, help="textual inversion steps (default: --steps)")
+    p.add_argument("--ti-lr", type=float, help="textual inversion learning rate (default: difflab textual-inversion's)")
+    p.add_argument("--ti-init-word", default="triangle", help="the word the token starts from (default triangle: the "
+                                                              "pointed shape the base model knows)")
+    p.add_argument("--ti-vectors", type=int, default=1, help="textual inversion vectors (default 1)")
     p.add_argument("--quick", action="store_true", help="tiny settings, to check that the script runs")
     p.add_argument("--reuse", action="store_true", help="measure the runs already in --out instead of training them")
     a = p.parse_args()
     if a.quick:
-        a.steps, a.class_images, a.samples, a.eval_n, a.sample_steps = 2, 2, 4, 4, 2
+        a.steps, a.class_images, a.samples, a.eval_n, a.sample_steps, a.ti_steps = 2, 2, 4, 4, 2, 2
     if a.lr and not a.lr_lora:
         p.error("give --lr-lora with --lr")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     from difflab.metrics.attributes import load_or_train_attributes
+    from difflab.models.embeddings import EMBEDDING_FILE
     from difflab.pipelines.folder import load_model
     from difflab.pipelines.lora import LORA_WEIGHTS, apply_lora
 
@@ -166,23 +191,32 @@ def main() -> None:
         lora, prior = SETTINGS[name]
         run = a.out / name
         reused = a.reuse and (run / "model").is_dir()
-        seconds = None if reused else run_dreambooth(a.base, a.out / "instances", run, lora, prior, a)
-        if lora:
+        if name == TEXTUAL_INVERSION:
+            seconds = None if reused else run_textual_inversion(a.base, a.out / "instances", run, a)
             model = load_model(a.base)
-            apply_lora(model, run)
-            saved = (run / "model" / LORA_WEIGHTS).stat().st_size
+            model.load_textual_inversion(run)
+            saved = (run / "model" / EMBEDDING_FILE).stat().st_size
         else:
-            model = load_model(run)
-            saved = (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+            seconds = None if reused else run_dreambooth(a.base, a.out / "instances", run, lora, prior, a)
+            if lora:
+                model = load_model(a.base)
+                apply_lora(model, run)
+                saved = (run / "model" / LORA_WEIGHTS).stat().st_size
+            else:
+                model = load_model(run)
+                saved = (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
         figures = measure(model, reader, instance_features, class_features, a)
         save_grid(figures.pop("_grid"), a.out / f"{name}.png")
-        results[name] = {"seconds": seconds and round(seconds, 1), "saved_mib": round(saved / 2**20, 3), **figures}
+        results[name] = {"seconds": seconds and round(seconds, 1), "minutes": seconds and round(seconds / 60, 2),
+                         "saved_mib": round(saved / 2**20, 4), "saved_bytes": saved, **figures}
     from difflab.pipelines.folder import resolve_model_folder
 
     full_unet = resolve_model_folder(a.base) / "unet" / "diffusion_pytorch_model.safetensors"
     emit({
         "benchmark": "dreambooth",
         "base": a.base, "instances": a.instances, "steps": a.steps, "rank": a.rank, "class_images": a.class_images,
+        "textual_inversion": {"token": TOKEN, "init_word": a.ti_init_word, "vectors": a.ti_vectors,
+                              "steps": a.ti_steps or a.steps, "lr": a.ti_lr},
         "prompts": {"instance": INSTANCE_PROMPT, "class": CLASS_PROMPT, "recontext": RECONTEXT_PROMPT},
         "samples": a.samples, "eval_n": a.eval_n, "sampler": a.sampler, "sample_steps": a.sample_steps,
         "quick": a.quick,

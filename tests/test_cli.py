@@ -74,7 +74,7 @@ def test_train_then_sample_from_the_command_line(capsys, tmp_path):
     assert code == 0 and "wrote 3 images" in err
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["000010.png", "000011.png", "000012.png"]
     settings = png_settings(tmp_path / "each" / "000011.png")
-    assert settings == {"model": str(run), "sampler": "dpm++2m", "steps": 4, "seed": 11}
+    assert settings == {"model": str(run), "sampler": "dpm++2m", "steps": 4, "seed": 11, "width": 8, "height": 8}
     check_grid_layout(tmp_path / "grid.png", [tmp_path / "each" / f"{seed:06d}.png" for seed in (10, 11, 12)])
 
 

@@ -61,7 +61,11 @@ def right_half(size=(32, 32)) -> Image.Image:
     (dict(mode="img2img", image=picture(), strength=1.5), "strength must be a number from 0 to 1"),
     (dict(mode="img2img", image=picture(), strength=0.2), "strength 0.2 of 4 steps leaves no step to run: use at "
                                                           "least 5 steps"),
+    (dict(mode="img2img", image=picture(), steps=2, strength=0.05), "strength 0.05 of 2 steps leaves no step to run: "
+     "use a strength of at least 0.5 at 2 steps, or of at least 0.1 at 10 steps (this demo's most)"),  # not 20 steps
     (dict(cfg_scale=25), "CFG scale must be a number from 0 to 20"),
+    (dict(lora="mine"), "no LoRA named 'mine' here: this demo was started without LoRAs (difflab demo --model BASE "
+                        "--lora RUN)"),
 ])
 def test_bad_text_requests_get_one_line_messages(text_model, change, message):
     request = Request(**{**FAST, "prompt": "a fox", "width": 16, "height": 16, **change})

@@ -261,7 +261,7 @@ def bad_input(case, tmp_path, base, instances, lora_run, pixel_model):
         "lora on a pixel model": (args(pixel_model, instances, run, "--lora"), "LoRA files adapt text-to-image"),
         "lora of another base": (["-q", "sample", "--model", str(other), "--lora", str(lora_run), "--prompt", "a",
                                   "--out", str(tmp_path / "x.png")], "does not fit this model"),
-        "rank without lora": (args(base, instances, run, "--rank", "2"), "--rank is the rank of LoRA adapters"),
+        "rank without lora": (args(base, instances, run, "--rank", "2"), "--lora-rank is the rank of LoRA adapters"),
     }[case]
 
 
@@ -304,14 +304,15 @@ def test_the_benchmark_runs_on_a_tiny_model(base, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, str(root / "bench" / "dreambooth.py"), "--base", str(base), "--out",
-                             str(tmp_path), "--quick", "--settings", "lora+prior"],
+                             str(tmp_path), "--quick", "--settings", "lora+prior,textual-inversion"],
                             capture_output=True, text=True, env={**__import__("os").environ,
                                                                   "PYTHONPATH": str(root / "src")})
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert set(report["runs"]) == {"lora+prior"}
+    assert set(report["runs"]) == {"lora+prior", "textual-inversion"}
     for figures in (report["base_model"], *report["runs"].values()):
         assert -1 <= figures["subject_fidelity"] <= 1 and 0 <= figures["recontext"]["both"] <= 1
     assert report["runs"]["lora+prior"]["saved_mib"] < report["full_unet_mib"]
+    assert report["runs"]["textual-inversion"]["saved_bytes"] < 2**20 * report["runs"]["lora+prior"]["saved_mib"]
     assert (tmp_path / "instances.png").is_file() and (tmp_path / "lora+prior.png").is_file()
     assert len(list((tmp_path / "lora+prior" / "class_images").glob("*.png"))) == 2

@@ -264,7 +264,7 @@ def test_a_generation_estimated_at_hours_asks_for_yes(monkeypatch, finished_run)
     from difflab.pipelines.folder import load_model
 
     model = load_model(finished_run)
-    monkeypatch.setattr(workload, "_seconds_per_call", lambda model, batch: 0.5)  # a slow machine, made up
+    monkeypatch.setattr(workload, "_seconds_per_call", lambda model, batch, size=None: 0.5)  # a slow machine, made up
     workload.check_workload(model, 1000, 20, 64, yes=False)  # 16 batches × 20 steps × 0.5 s: under 3 minutes
     with pytest.raises(ConfigError, match=r"^-n 100000 images × 20 steps would take about 4.3 hours on cpu "
                                           r"\(measured here\); lower -n or --steps, or pass --yes to start anyway$"):

@@ -54,20 +54,22 @@ FRACTION = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def option(default, help: str, *, flag: str | None = None, choices=None, check: Check | None = None,
-           resumable: bool = False, set_by_base: bool = False):
+           resumable: bool = False, set_by_base: bool = False, default_text: str | None = None):
     """A config field with everything said about it in one place: its default, command-line flag
     (default: --field-name) and help text; the values it may take (`choices`, or a `check` on any value
     given); whether a resumed run may change it (`resumable`: it changes no weights, or it lets a
     diverged run go on from its last good checkpoint); and whether a pretrained model decides it when
-    fine-tuning (`set_by_base`)."""
+    fine-tuning (`set_by_base`); `default_text`: what --help says of a default of None (say, "1000 when no
+    budget is given"), unless a command has a default of its own."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "check": check,
-                                            "resumable": resumable, "set_by_base": set_by_base})
+                                            "resumable": resumable, "set_by_base": set_by_base,
+                                            "default_text": default_text})
 
 
 # Settings both run kinds (difflab train and difflab scratch train) have, declared once.
 def steps_option(what: str = "steps"):
-    return option(None, f"stop after this many {what} (default 1000 when no budget is given)", check=POSITIVE,
-                  resumable=True)
+    return option(None, f"stop after this many {what}", check=POSITIVE, resumable=True,
+                  default_text="1000 when no budget is given")
 
 
 def epochs_option():
@@ -149,10 +151,11 @@ class ModelConfig:
                                             "extra input channels (the course's way)",
                                choices=("embedding", "channels"), set_by_base=True)
     class_embed_dim: int = option(4, "width of the class embedding for --class-method channels", set_by_base=True)
-    lora_rank: int | None = option(None, "text models: train LoRA adapters of this rank on the attention projections "
-                                         "(of the UNet, and of the text encoder when it trains) instead of every "
-                                         "weight; the run saves pytorch_lora_weights.safetensors (diffusers' LoRA "
-                                         "format)", check=POSITIVE)
+    lora_rank: int | None = option(None, "fine-tuning a text model (--from): train LoRA adapters of this rank (at most "
+                                         "the width of the layers they adapt) on the attention projections (of the "
+                                         "UNet, and of the text encoder when it trains) instead of every weight; the "
+                                         "run saves pytorch_lora_weights.safetensors (diffusers' LoRA format)",
+                                   check=POSITIVE)
     cond_dropout: float = option(0.1, "chance of dropping a label to the null class (a caption to the empty one) in "
                                       "training, which classifier-free guidance needs (0 = never)", check=FRACTION)
 
@@ -286,6 +289,40 @@ def dreambooth_defaults() -> DreamBoothConfig:
     o.lr, o.lr_schedule, o.warmup_steps, o.batch_size, o.ema_decay = STABLE_DIFFUSION_LR * 0.05, "constant", 0, 2, 0.0
     config.model.cond_dropout = 0.0
     run.steps, run.sample_every, run.checkpoint_every, run.sample_count = 400, 100, 200, 4
+    return config
+
+
+# ---- textual inversion (difflab textual-inversion) ------------------------------------------------------
+
+@dataclass
+class TextualInversionSection:
+    """What textual inversion adds to a fine-tuning run: the new token, where its rows start, the captions."""
+
+    token: str | None = option(None, 'the new token, such as "<my-thing>": a string the tokenizer does not hold')
+    init_word: str | None = option(None, "a word the tokenizer holds as one token (what the subject is: dog, shape, "
+                                         "painting): the new rows start from its embedding")
+    num_vectors: int = option(1, "embedding rows the token learns (more hold more detail, and take more of the "
+                                 "prompt's length)", check=POSITIVE)
+    what: str = option("object", "the caption templates: object ('a photo of a {token}', ...) or style ('a painting "
+                                 "in the style of {token}', ...)", choices=("object", "style"))
+
+
+@dataclass
+class TextualInversionConfig(TrainConfig):
+    textual_inversion: TextualInversionSection = field(default_factory=TextualInversionSection)
+
+
+def textual_inversion_defaults() -> TextualInversionConfig:
+    """After diffusers' textual_inversion.py as its README runs it (batch 1 x 4 accumulated, 5e-4 scaled by the
+    batch to 2e-3, constant, no warmup, 3,000 steps, AdamW weight decay 1e-2, random flips, no gradient
+    clipping): here 4 images a step at 2e-3. No moving average, no caption dropout."""
+    config = TextualInversionConfig()
+    o, run = config.optim, config.run
+    o.lr, o.lr_schedule, o.warmup_steps, o.batch_size, o.ema_decay = 2e-3, "constant", 0, 4, 0.0
+    o.weight_decay, o.clip_grad = 1e-2, 0.0
+    config.model.cond_dropout = 0.0
+    config.data.flip = True
+    run.steps, run.sample_every, run.checkpoint_every, run.sample_count = 3000, 500, 500, 4
     return config
 
 
@@ -452,10 +489,11 @@ def differences(a, b) -> list[str]:
 # ---- command-line flags ----------------------------------------------------------------------------
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, defaults=None,
-                     skip: dict[str, set[str]] | None = None) -> None:
+                     skip: dict[str, set[str]] | None = None, helps: dict[str, str] | None = None) -> None:
     """One flag per config field, grouped by section. Flags left out keep the file's/default value.
     `defaults`: a config whose values --help shows (a command with defaults of its own); `skip`:
-    {section: fields} that get no flag."""
+    {section: fields} that get no flag; `helps`: {"section.field": text} for a command whose own flags
+    or defaults a setting's help must speak of (a text that says "default" gets no default appended)."""
     defaults = defaults if defaults is not None else cls()
     for section in dataclasses.fields(cls):
         section_cls = _field_types(cls)[section.name]
@@ -465,13 +503,17 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, defaults=
             if f.name in (skip or {}).get(section.name, ()):
                 continue
             typ = types_[f.name]
-            help_ = f.metadata["help"]
+            dest = f"{section.name}.{f.name}"
+            help_ = (helps or {}).get(dest, f.metadata["help"])
             if f.metadata["choices"]:
                 help_ += f" ({', '.join(map(str, f.metadata['choices']))})"
             default = getattr(getattr(defaults, section.name), f.name)
-            if default is not None and default is not False:
+            if "default" in (helps or {}).get(dest, ""):
+                pass  # the command's own text says it
+            elif default is not None and default is not False:
                 help_ += f"; default {default}"
-            dest = f"{section.name}.{f.name}"
+            elif default is None and f.metadata["default_text"]:
+                help_ += f"; default {f.metadata['default_text']}"
             if typ is bool:
                 group.add_argument(flag_of(f), dest=dest, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_)

@@ -41,18 +41,56 @@ def make_grid(images: torch.Tensor, columns: int | None = None, row_labels: list
     return grid
 
 
+# What --out may name: the suffix names the format. PNG keeps the settings in text chunks; JPEG and WebP
+# in EXIF (A1111's `parameters` text in UserComment, as A1111 writes them; difflab's JSON in ImageDescription).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IFD, USER_COMMENT, IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
+
+
+def image_format(path: str | Path, flag: str = "--out") -> str:
+    """The format `path`'s suffix names; OutputError for a suffix difflab does not write."""
+    from difflab.errors import OutputError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise OutputError(f"{flag} {path}: difflab writes images as .png, .jpg (or .jpeg) and .webp, the format its "
+                          f"suffix names, not {suffix or 'a name with no suffix'}; give, for example, "
+                          f"{Path(path).with_suffix('.png')}")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_png(image: Image.Image, path: str | Path, settings: dict | None = None) -> Path:
-    """Write a PNG atomically (a crash never leaves half a file), with `settings` as JSON in its
-    'difflab' text chunk so the image says how it was made."""
+    """Write an image atomically (a crash never leaves half a file) in the format its suffix names (PNG,
+    JPEG or WebP; see `image_format`), with `settings` in it so the image says how it was made: PNG's
+    'difflab' text chunk holds them as JSON (and 'parameters' AUTOMATIC1111's text, for a prompt); JPEG
+    and WebP hold the same in EXIF. AUTOMATIC1111's `Size:` is one image's: `settings["width"]` and
+    `["height"]` where given (a grid's picture is larger), else the picture's."""
     path = Path(path)
+    fmt = image_format(path, "the image file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    if settings:
-        info.add_text("difflab", json.dumps(settings, sort_keys=True))
-        if "prompt" in settings:  # what AUTOMATIC1111, ComfyUI and image viewers read
-            info.add_text("parameters", a1111_parameters(settings, image.size))
+    text = json.dumps(settings, sort_keys=True) if settings else None
+    size = (settings["width"], settings["height"]) if settings and "width" in settings else image.size
+    parameters = a1111_parameters(settings, size) if settings and "prompt" in settings else None
+    options: dict = {}
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        if text:
+            info.add_text("difflab", text)
+        if parameters:  # what AUTOMATIC1111, ComfyUI and image viewers read
+            info.add_text("parameters", parameters)
+        options["pnginfo"] = info
+    else:
+        options["quality"] = 95
+        exif = Image.Exif()
+        if text:
+            exif[IMAGE_DESCRIPTION] = text  # ASCII: json.dumps escapes the rest
+        if parameters:  # A1111's own encoding of UserComment
+            exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\x00" + parameters.encode("utf-16-be")
+        options["exif"] = exif
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
     with atomic_path(path) as partial:
-        image.save(partial, format="PNG", pnginfo=info)
+        image.save(partial, format=fmt, **options)
     return path
 
 
@@ -74,7 +112,20 @@ def a1111_parameters(settings: dict, size: tuple[int, int]) -> str:
 
 
 def png_settings(path: str | Path) -> dict | None:
+    """The settings `save_png` wrote into an image (PNG, JPEG or WebP), or None."""
     with Image.open(path) as img:
         text = img.info.get("difflab")
+        if text is None and img.format in ("JPEG", "WEBP"):
+            text = img.getexif().get(IMAGE_DESCRIPTION)
     return json.loads(text) if text else None
 
+
+def a1111_text(path: str | Path) -> str | None:
+    """AUTOMATIC1111's 'parameters' text of an image `save_png` wrote (PNG chunk, or EXIF UserComment)."""
+    with Image.open(path) as img:
+        if img.format == "PNG":
+            return img.info.get("parameters")
+        comment = img.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if not comment:
+        return None
+    return comment[8:].decode("utf-16-be") if comment.startswith(b"UNICODE\x00") else comment[8:].decode("ascii")

@@ -8,6 +8,7 @@ more than an hour unless the user says `--yes`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -17,39 +18,53 @@ import torch
 from difflab.errors import ConfigError
 from difflab.images import MIN_GRID_CELL
 
-TIMED_FROM = 20_000  # image-steps (images × steps); smaller requests take seconds, and are not timed
+log = logging.getLogger("difflab")
+
+TIMED_FROM = 20 * 256 * 256  # pixel-steps (images × steps × pixels): smaller requests take seconds, not timed
+TIMED_AT_MOST = 128 * 128  # sample positions (SD at 1024²): a larger request is timed at this size, scaled
 ASK_BEYOND_SECONDS = 3600.0
+SAY_BEYOND_SECONDS = 60.0
 
 
 def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool, sampler: str = "",
-                   guided: bool = False, what: str = "-n", height: int | None = None, width: int | None = None,
+                   guided: bool = False, what: str = "-n", size: tuple[int, int] | None = None,
                    offload: bool = False) -> None:
     """Refuse a generation whose images would not fit in memory, and, without `yes`, one estimated to
-    take more than an hour (said with the estimate and what to do), or a latent model's sampling whose
-    estimated peak memory exceeds what its device has free (difflab.memory). `guided`: two network
-    passes per step (classifier-free guidance)."""
+    take more than an hour (said with the estimate and what to do); one over a minute is said. `size`:
+    the images' (width, height) — the requested size, or the one an input image gives (see
+    diffusion/request.py `planned_size`); default the model's own. `guided`: two network passes per
+    step (classifier-free guidance). A latent model's sampling whose estimated peak memory exceeds what
+    its device has free (difflab.memory) is refused too, unless `yes`; `offload`: under model CPU offload."""
     if model.codec is not None:
-        check_sampling_memory(model, min(batch_size, count), height or model.info.image_size,
-                              width or model.info.image_size, guided=guided, offload=offload, yes=yes)
+        w, h = size or (model.info.image_size, model.info.image_size)
+        check_sampling_memory(model, min(batch_size, count), h, w, guided=guided, offload=offload, yes=yes)
     info = model.info
-    cell = info.image_size * max(1, MIN_GRID_CELL // info.image_size) + 2  # as images.make_grid draws it
-    image_bytes = info.channels * info.image_size ** 2 * 4 + cell ** 2 * 3  # float32 results, and the RGB grid
+    width, height = size or (info.image_size, info.image_size)
+    channels = 3 if model.codec is not None else info.channels
+    scale = max(1, MIN_GRID_CELL // max(width, height))  # as images.make_grid draws it
+    image_bytes = channels * width * height * 4 + (width * scale + 2) * (height * scale + 2) * 3  # results, grid
     need, free = count * image_bytes, available_memory()
     if free is not None and need > free:
-        fits = max(1, free // (2 * image_bytes))
-        raise ConfigError(f"{what} {count} images of {info.image_size}×{info.image_size} would take "
-                          f"{_size(need)} of memory and {_size(free)} is available; generate at most about "
-                          f"{fits:,} at a time (--seed S starts at image S, so runs can continue one another)")
-    if yes or count * steps < TIMED_FROM:
+        fits = free // (2 * image_bytes)
+        advice = (f"generate at most about {fits:,} at a time (--seed S starts at image S, so runs can continue "
+                  "one another)" if fits >= 1 else "ask for a smaller --width/--height (or a smaller input image)")
+        raise ConfigError(f"{what} {count} images of {width}×{height} would take {_size(need)} of memory and "
+                          f"{_size(free)} is available; {advice}")
+    if yes or count * steps * width * height < TIMED_FROM:
         return
     batch = min(batch_size, count)
-    seconds = math.ceil(count / batch) * steps * _seconds_per_call(model, batch) * (2 if guided else 1)
+    seconds = math.ceil(count / batch) * steps * _seconds_per_call(model, batch, (width, height)) * (2 if guided else 1)
     if sampler == "heun":
         seconds *= 2  # two network calls per step
+    at = f"{width}×{height} " if size else ""
     if seconds > ASK_BEYOND_SECONDS:
-        raise ConfigError(f"{what} {count} images × {steps} steps would take about {_duration(seconds)} on "
-                          f"{model.device.type} (measured here); lower {what} or --steps, or pass --yes to start "
-                          "anyway")
+        raise ConfigError(f"{what} {count} images {at}× {steps} steps would take about {_duration(seconds)} on "
+                          f"{model.device.type} (measured here); lower "
+                          + (f"{what}, --steps or the size" if size else f"{what} or --steps")
+                          + ", or pass --yes to start anyway")
+    if seconds > SAY_BEYOND_SECONDS:
+        log.info("%d images %s× %d steps: about %s on %s (estimated)", count, at, steps, _duration(seconds),
+                 model.device.type)
 
 
 def check_sampling_memory(model, batch: int, height: int, width: int, *, guided: bool, offload: bool,
@@ -75,10 +90,30 @@ def check_sampling_memory(model, batch: int, height: int, width: int, *, guided:
     logging.getLogger("difflab").info(check_fits(estimate, device, yes=yes, remedies=remedies, free=room))
 
 
-def _seconds_per_call(model, batch: int) -> float:
-    """One forward pass of the network on a batch, timed after a warm-up call."""
+def _seconds_per_call(model, batch: int, size: tuple[int, int] | None = None) -> float:
+    """One forward pass of the network on a batch at `size` (width, height), timed after a warm-up call.
+    A size over TIMED_AT_MOST sample positions (latent or pixel) is timed at about that many and at a
+    quarter of them, and extrapolated as a·N + b·N² (convolutions grow with the positions N, attention
+    with their square), so that timing never takes long itself."""
+    width, height = size or (model.info.image_size, model.info.image_size)
+    factor = model.size_factor
+    shrink = math.sqrt(width * height / (TIMED_AT_MOST * factor * factor))
+    if shrink <= 1:
+        return _timed(model, batch, width, height)
+    sizes = [tuple(max(factor, int(side / (shrink * k)) // factor * factor) for side in (width, height))
+             for k in (1, 2)]
+    (n1, t1), (n2, t2) = ((w * h, _timed(model, batch, w, h)) for w, h in sizes)
+    n = width * height
+    if n1 == n2:
+        return t1 * n / n1
+    b = max(0.0, (t1 / n1 - t2 / n2) / (n1 - n2))  # t/N = a + b·N through both points
+    a = max(0.0, t1 / n1 - b * n1)
+    return max(a * n + b * n * n, t1 * n / n1)
+
+
+def _timed(model, batch: int, width: int, height: int) -> float:
     device = model.device
-    x = torch.zeros((batch, *model.sample_shape(model.info.image_size, model.info.image_size)), device=device)
+    x = torch.zeros((batch, *model.sample_shape(height, width)), device=device)
     t = torch.full((batch,), 1, device=device, dtype=torch.long)
     conditioning = stand_in_conditioning(model, x)
     with torch.no_grad():

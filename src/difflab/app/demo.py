@@ -1,8 +1,10 @@
 """The Gradio page in front of `difflab.app.service`: one model, its controls, a gallery.
 
 Pixel models get one form (sampler, steps, seed, count, class and CFG, guidance); text-to-image models
-a prompt, a negative prompt, CFG scale and size, and a tab per mode the model takes (text to image,
-image to image, inpainting with an image editor to paint the mask, depth to image, upscaling).
+a prompt, a negative prompt, CFG scale and size, a LoRA picker (the LoRAs the demo was started with, and
+a weight), and a tab per mode the model takes (text to image, image to image, inpainting with an image
+editor to paint the mask, depth to image, upscaling). "Send to img2img" / "Send to inpainting" under the
+results put the chosen image into that tab.
 
 `build_demo(model)` returns a `gr.Blocks` with its queue set up (one request samples at a time, at
 most `limits.max_queue` wait), so `build_demo("model").launch()` is a whole app.
@@ -13,12 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.app.guides import Guides
+from difflab.app.loras import LoraMenu
 from difflab.app.service import (
     DEFAULT_INPAINT_STRENGTH,
     DEFAULT_NOISE_LEVEL,
     DEFAULT_STRENGTH,
     MAX_CFG_SCALE,
+    MAX_LORA_SCALE,
     MAX_SEED,
+    STRENGTH_STEP,
     Generator,
     Limits,
     Request,
@@ -29,26 +34,42 @@ from difflab.app.service import (
 )
 from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import DifflabError
+from difflab.models.embeddings import learned_tokens
 
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {MAX_SEED + 1})"  # in the page: no round trip
-CSS = "#gallery img { image-rendering: pixelated; }"  # small images stay sharp when enlarged
+# small images stay sharp when enlarged; an input image (uploaded or sent from the results) is shown at a size one sees
+CSS = ("#gallery img { image-rendering: pixelated; }\n"
+       ".input-image img { image-rendering: pixelated; width: 160px !important; height: 160px !important; "
+       "object-fit: contain !important; }")
 
 
 def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits: Limits | None = None,
-               device="auto", allow_pickle: bool = False, title: str | None = None):
+               device="auto", allow_pickle: bool = False, title: str | None = None, loras=(), embeddings=()):
+    """The page for `model_spec`; `loras` (files, folders or run folders) are offered in its LoRA picker;
+    `embeddings`, textual inversion files (`FILE[:TOKEN]`), are loaded onto the model and their tokens listed
+    under the prompt."""
     from difflab.devices import pick_device
     from difflab.pipelines.folder import load_model
 
     limits = limits or Limits()
+    menu = LoraMenu(loras, allow_pickle=allow_pickle)  # every LoRA found before the model loads
     device = pick_device(device) if isinstance(device, str) else device
     model = load_model(model_spec, allow_pickle=allow_pickle, device=device)
     check_model(model, limits, model_spec)
+    if menu:
+        menu.load(model)  # a pixel model, or a LoRA made for another base, is refused here
+    if embeddings:
+        from difflab.models.embeddings import load_embeddings
+
+        load_embeddings(model, embeddings, allow_pickle=allow_pickle)
     guides = Guides(clip_model, device=device)
     name = model_label(model_spec)
-    generator = Generator(model, name, limits, guides)
+    generator = Generator(model, name, limits, guides, loras=menu)
     title = title or f"difflab · {name}"
-    page = text_page if model.prompts is not None else pixel_page
-    demo = page(model, generator, guides, limits, title)
+    if model.prompts is not None:
+        demo = text_page(model, generator, guides, limits, title, menu)
+    else:
+        demo = pixel_page(model, generator, guides, limits, title)
     demo.queue(default_concurrency_limit=1, max_size=limits.max_queue)
     return demo
 
@@ -68,6 +89,8 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
     """Unconditional and class-conditional pixel models: sampler, steps, seed, count, class and CFG, guidance."""
     import gradio as gr
 
+    from difflab.app.fields import slider
+
     classes = model.class_names or []
 
     def on_generate(sampler, steps, seed, count, class_name, cfg_scale, color, color_scale, prompt, clip_scale,
@@ -84,7 +107,7 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
                 sampler, steps, seed, randomize, count = sampling_controls(limits)
                 class_name = gr.Dropdown(classes, value=classes[0] if classes else None, label="Class",
                                          visible=bool(classes), elem_id="class")
-                cfg_scale = gr.Slider(0, MAX_CFG_SCALE, value=DEFAULT_CFG_SCALE, step=0.1,
+                cfg_scale = slider(0, MAX_CFG_SCALE, value=DEFAULT_CFG_SCALE, step=0.1,
                                       label="Classifier-free guidance scale (1 = plain conditional)",
                                       visible=bool(classes), elem_id="cfg-scale")
                 color, color_scale = colour_controls(guides)
@@ -103,54 +126,58 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
     return demo
 
 
-def text_page(model, generator: Generator, guides: Guides, limits: Limits, title: str):
-    """Text-to-image models (the Stable Diffusion family): prompt, negative prompt, CFG scale, size, and a tab
-    per mode the model takes, each with its own Generate button and API endpoint (/txt2img, /img2img,
-    /inpaint, /depth, /upscale)."""
+def text_page(model, generator: Generator, guides: Guides, limits: Limits, title: str, loras: LoraMenu):
+    """Text-to-image models (the Stable Diffusion family): prompt, negative prompt, LoRA, CFG scale, size, and a
+    tab per mode the model takes, each with its own Generate button and API endpoint (/txt2img, /img2img,
+    /inpaint, /depth, /upscale); every endpoint takes the LoRA and its weight last (both optional)."""
     import gradio as gr
+
+    from difflab.app.fields import image_editor, slider
 
     modes = modes_of(model)
     factor, largest = model.size_factor, largest_side(model, limits)
     size = min(model.info.image_size, largest)
 
     def request(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-                clip_scale, **inputs) -> Request:
+                clip_scale, lora, lora_scale, **inputs) -> Request:
         return Request(prompt=prompt, negative_prompt=negative_prompt, sampler=sampler, steps=steps, seed=seed,
                        count=count, width=width, height=height, cfg_scale=cfg_scale, color=color,
-                       color_scale=color_scale, clip_scale=clip_scale, **inputs)
+                       color_scale=color_scale, clip_scale=clip_scale, lora=lora, lora_scale=lora_scale, **inputs)
 
+    # One handler per tab: the shared settings, the tab's own inputs, then the LoRA and its weight (last, so that
+    # API clients that do not name them get no LoRA).
     def txt2img(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-                clip_scale, progress=gr.Progress(track_tqdm=True)):
+                clip_scale, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale))
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale))
 
     def img2img(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-                clip_scale, image, strength, progress=gr.Progress(track_tqdm=True)):
+                clip_scale, image, strength, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale, mode="img2img", image=image,
-                                         strength=strength))
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="img2img",
+                                         image=image, strength=strength))
 
     def inpaint(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-                clip_scale, editor, mask, strength, progress=gr.Progress(track_tqdm=True)):
+                clip_scale, editor, mask, strength, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
         try:
             image, mask = inpaint_inputs(editor, mask)
         except DifflabError as e:
             raise gr.Error(str(e), print_exception=False) from None
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale, mode="inpaint", image=image,
-                                         mask=mask, strength=strength))
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="inpaint",
+                                         image=image, mask=mask, strength=strength))
 
     def depth(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-              clip_scale, image, depth_map, strength, progress=gr.Progress(track_tqdm=True)):
+              clip_scale, image, depth_map, strength, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale, mode="depth", image=image,
-                                         depth=depth_map, strength=strength))
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="depth",
+                                         image=image, depth=depth_map, strength=strength))
 
     def upscale(prompt, negative_prompt, sampler, steps, seed, count, cfg_scale, color, color_scale, clip_scale,
-                image, noise_level, progress=gr.Progress(track_tqdm=True)):
+                image, noise_level, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, None, None,
-                                         cfg_scale, color, color_scale, clip_scale, mode="upscale", image=image,
-                                         noise_level=noise_level))
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="upscale",
+                                         image=image, noise_level=noise_level))
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.HTML(f"<style>{CSS}</style>", padding=False)
@@ -158,10 +185,15 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox("", label="Prompt", placeholder="what to draw", lines=2, elem_id="prompt")
+                tokens = learned_tokens(model.prompts.tokenizer)
+                if tokens:
+                    gr.Markdown("Textual inversion tokens: " + ", ".join(f"`{t}`" for t in tokens),
+                                elem_id="embedding-tokens")
                 negative = gr.Textbox("", label="Negative prompt", placeholder="what to steer away from (optional)",
                                       lines=1, elem_id="negative-prompt")
+                lora, lora_scale = lora_controls(loras)
                 buttons = {}
-                with gr.Tabs(elem_id="modes"):
+                with gr.Tabs(elem_id="modes") as tabs:
                     if "txt2img" in modes:
                         with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img"):
                             buttons["txt2img"] = generate_button("txt2img")
@@ -172,7 +204,7 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                             buttons["img2img"] = generate_button("img2img")
                     if "inpaint" in modes:
                         with gr.Tab("Inpainting", id="inpaint", elem_id="tab-inpaint"):
-                            editor = gr.ImageEditor(
+                            editor = image_editor(
                                 label="Upload an image, then paint over what to repaint", type="pil",
                                 image_mode="RGBA", sources=("upload", "clipboard"), format="png",
                                 transforms=(), layers=False, eraser=gr.Eraser(),
@@ -193,22 +225,23 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                             upscale_image = image_input(f"Low-resolution image (at most {largest // 4} pixels a "
                                                         "side; the result is 4× larger)", "upscale-image")
                             highest = model.max_noise_level if model.max_noise_level is not None else 350
-                            noise_level = gr.Slider(0, highest, value=min(DEFAULT_NOISE_LEVEL, highest), step=1,
+                            noise_level = slider(0, highest, value=min(DEFAULT_NOISE_LEVEL, highest), step=1,
                                                     label="Noise level (added to the input; more lets the model "
                                                           "invent more detail)", elem_id="noise-level")
                             buttons["upscale"] = generate_button("upscale")
-                cfg_scale = gr.Slider(0, MAX_CFG_SCALE, value=model.default_cfg_scale, step=0.5,
+                cfg_scale = slider(0, MAX_CFG_SCALE, value=model.default_cfg_scale, step=0.5,
                                       label="CFG scale (how closely to follow the prompt; 1 = plain conditional)",
                                       elem_id="cfg-scale")
                 sampler, steps, seed, randomize, count = sampling_controls(limits)
                 with gr.Row(visible="upscale" not in modes):
-                    width = gr.Slider(factor, largest, value=size, step=factor, label="Width", elem_id="width")
-                    height = gr.Slider(factor, largest, value=size, step=factor, label="Height", elem_id="height")
+                    width = slider(factor, largest, value=size, step=factor, label="Width", elem_id="width")
+                    height = slider(factor, largest, value=size, step=factor, label="Height", elem_id="height")
                 color, color_scale = colour_controls(guides)
                 with gr.Group(visible=guides.clip is not None):
                     clip_scale = clip_control(guides, "CLIP guidance towards the prompt: scale")
             with gr.Column(scale=2):
-                gallery, files = outputs()
+                gallery, send, files = outputs(lambda: send_buttons(modes))
+                chosen = gr.State(None)  # the index of the image clicked in the gallery
         gr.Markdown(f"Limits: at most {limits.max_steps} steps, {limits.max_images} images and {largest} pixels "
                     "a side a request; requests queue and run one at a time. The PNGs carry the prompt and "
                     "settings (AUTOMATIC1111's `parameters` text, and JSON in a `difflab` chunk).")
@@ -224,8 +257,10 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
         }
         for mode, button in buttons.items():
             fn, extra = handlers[mode]
-            inputs = [c for c in shared if mode != "upscale" or c not in (width, height)] + extra()
-            button.click(fn, inputs=inputs, outputs=[gallery, files], api_name=mode, concurrency_limit=1)
+            inputs = [c for c in shared if mode != "upscale" or c not in (width, height)] + extra() + [lora, lora_scale]
+            # one queue for every tab: the model (and the LoRA chosen on it) serves one request at a time
+            button.click(fn, inputs=inputs, outputs=[gallery, files], api_name=mode, concurrency_limit=1,
+                         concurrency_id="generate")
 
         def size_of(image):
             """Width and height follow an uploaded image (its shape kept, within the limit)."""
@@ -246,19 +281,77 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
             if component is not None:
                 component.upload(size_of, inputs=component, outputs=[width, height], queue=False,
                                  api_visibility="private")
+
+        def choose(event):
+            return event.index
+
+        choose.__annotations__["event"] = gr.SelectData  # a real class (this module's annotations are strings)
+
+        def send_to(mode):
+            def sent(results, index):
+                """The chosen result (the first, if none was clicked) as the tab's input; the tab opened."""
+                image = chosen_result(results, index)
+                value = image if mode == "img2img" else {"background": image, "layers": [], "composite": image}
+                return value, gr.Tabs(selected=mode), *size_of(image)
+            return sent
+
+        gallery.select(choose, outputs=chosen, queue=False, api_visibility="private")
+        # new results keep the preview's selection (the page shows the same place chosen); closing it chooses none
+        gallery.preview_close(lambda: None, outputs=chosen, queue=False, api_visibility="private")
+        targets = {"img2img": img2img_image if "img2img" in modes else None,
+                   "inpaint": editor if "inpaint" in modes else None}
+        for mode, button in send.items():
+            button.click(send_to(mode), inputs=[gallery, chosen], outputs=[targets[mode], tabs, width, height],
+                         queue=False, api_visibility="private")
     return demo
+
+
+def send_buttons(modes) -> dict:
+    """{mode: button} of "Send to img2img" / "Send to inpainting", for the tabs the model has."""
+    import gradio as gr
+
+    with gr.Row():
+        return {mode: gr.Button(f"Send to {name}", size="sm", elem_id=f"send-{mode}")
+                for mode, name in (("img2img", "img2img"), ("inpaint", "inpainting")) if mode in modes}
+
+
+def chosen_result(results, index) -> str:
+    """The path of result `index` of the gallery's value (a list of (image, caption)); the first for None."""
+    import gradio as gr
+
+    if not results:
+        raise gr.Error("nothing to send yet: generate an image first", print_exception=False)
+    item = results[index if isinstance(index, int) and 0 <= index < len(results) else 0]
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    return str(getattr(image, "path", image))
+
+
+def lora_controls(loras: LoraMenu):
+    """The LoRA picker: none (the base model) or one of the LoRAs the demo was started with, and its weight."""
+    import gradio as gr
+
+    from difflab.app.fields import slider
+
+    with gr.Row(visible=bool(loras), elem_id="lora-row"):
+        lora = gr.Dropdown([("none", "")] + [(label, label) for label in loras.labels], value="", label="LoRA",
+                           elem_id="lora", scale=2)
+        scale = slider(0, MAX_LORA_SCALE, value=1.0, step=0.05, label="LoRA weight (1 = as trained)",
+                       elem_id="lora-scale", scale=3)
+    return lora, scale
 
 
 def sampling_controls(limits: Limits):
     import gradio as gr
 
+    from difflab.app.fields import number, slider
+
     sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
-    steps = gr.Slider(1, limits.max_steps, value=min(DEFAULT_STEPS, limits.max_steps), step=1,
+    steps = slider(1, limits.max_steps, value=min(DEFAULT_STEPS, limits.max_steps), step=1,
                       label="Steps", elem_id="steps")
     with gr.Row(equal_height=True):
-        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed", scale=3)
+        seed = number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed", scale=3)
         randomize = gr.Button("Random seed", elem_id="random-seed", scale=1)
-    count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
+    count = slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
                       label="Number of images", elem_id="count")
     return sampler, steps, seed, randomize, count
 
@@ -266,28 +359,32 @@ def sampling_controls(limits: Limits):
 def colour_controls(guides: Guides):
     import gradio as gr
 
+    from difflab.app.fields import slider
+
     with gr.Group():
         color = gr.ColorPicker("#ff0000", label="Colour guidance: colour", elem_id="color")
-        color_scale = gr.Slider(0, guides.max_color_scale, value=0, step=1,
+        color_scale = slider(0, guides.max_color_scale, value=0, step=1,
                                 label=f"Colour guidance scale (0 = off; {guides.default_color_scale:g} "
                                       "is a good start)", elem_id="color-scale")
     return color, color_scale
 
 
 def clip_control(guides: Guides, label: str = "CLIP guidance scale"):
-    import gradio as gr
+    from difflab.app.fields import slider
 
-    return gr.Slider(0, guides.max_clip_scale or 1, value=0, step=0.5,
-                     label=f"{label} (0 = off; {guides.default_clip_scale:g} is a good start)", elem_id="clip-scale")
+    return slider(0, guides.max_clip_scale or 1, value=0, step=0.5,
+                  label=f"{label} (0 = off; {guides.default_clip_scale:g} is a good start)", elem_id="clip-scale")
 
 
-def outputs():
+def outputs(between=None):
+    """The gallery and the PNGs to download; `between()` makes what goes between them."""
     import gradio as gr
 
     gallery = gr.Gallery(label="Images (settings under each; the PNGs carry them too)", columns=4,
-                         object_fit="contain", height="auto", elem_id="gallery")
+                         object_fit="contain", height="auto", elem_id="gallery", interactive=False)
+    made = between() if between is not None else None
     files = gr.File(label="Download the PNGs", file_count="multiple", elem_id="files")
-    return gallery, files
+    return (gallery, files) if between is None else (gallery, made, files)
 
 
 def generate_button(mode: str):
@@ -297,17 +394,18 @@ def generate_button(mode: str):
 
 
 def image_input(label: str, elem_id: str):
-    import gradio as gr
+    from difflab.app.fields import image_upload
 
-    return gr.Image(label=label, type="filepath", sources=("upload", "clipboard"), elem_id=elem_id)
+    return image_upload(label=label, type="pil", sources=("upload", "clipboard"), elem_id=elem_id,
+                        elem_classes=["input-image"])
 
 
 def strength_slider(value: float, elem_id: str):
-    import gradio as gr
+    from difflab.app.fields import slider
 
-    return gr.Slider(0.05, 1.0, value=value, step=0.05,
-                     label="Strength (how much is repainted: 1 = everything, 0.3 keeps most of the image)",
-                     elem_id=elem_id)
+    return slider(STRENGTH_STEP, 1.0, value=value, step=STRENGTH_STEP,
+                  label="Strength (how much is repainted: 1 = everything, 0.3 keeps most of the image)",
+                  elem_id=elem_id)
 
 
 def inpaint_inputs(editor, uploaded_mask):
@@ -370,11 +468,51 @@ def describe(model) -> str:
 
 
 def launch(demo, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs):
-    """Serve `demo`; a port already taken is a one-line error."""
+    """Serve `demo` and say where, in difflab's words (Gradio's own lines name its Python arguments, not difflab's
+    flags); a host that is not this machine's, or a port that is taken, is a one-line error. `quiet` says nothing;
+    `prevent_thread_lock` returns once serving, as in Gradio."""
     from difflab.errors import ConfigError
 
+    check_host(host)
+    quiet, wait = kwargs.pop("quiet", False), not kwargs.pop("prevent_thread_lock", False)
     try:
-        return demo.launch(server_name=host, server_port=port, share=share, show_error=False, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"cannot serve on {host}:{port or 'the default port'} ({e}); "
-                          "choose another --port") from None
+        demo.launch(server_name=host, server_port=port, share=share, show_error=False, quiet=True,
+                    prevent_thread_lock=True, **kwargs)
+    except OSError:
+        where = f"port {port} on {host} is taken (or not yours to use)" if port else \
+            f"every port from 7860 to 7959 on {host} is taken"
+        raise ConfigError(f"cannot serve the demo: {where}; choose another --port") from None
+    if not quiet:
+        print(f"Serving the demo on {demo.local_url}" + (f" and on {demo.share_url}" if demo.share_url else ""),
+              flush=True)
+        if not share:
+            print("(difflab demo --share also makes a temporary public link; Ctrl-C stops the demo)", flush=True)
+    if wait:
+        demo.block_thread()
+    return demo
+
+
+def check_host(host: str) -> None:
+    """--host must be an address of this machine (or a name for one), before Gradio tries port after port on it."""
+    import ipaddress
+    import re
+    import socket
+
+    from difflab.errors import ConfigError
+
+    advice = "give an address of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every network)"
+    if re.fullmatch(r"[\d.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"--host {host} is not an IP address (four numbers from 0 to 255); {advice}") from None
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError):
+        raise ConfigError(f"--host {host} is not an address, nor a name this machine can look up; {advice}") from None
+    with socket.socket(family, kind) as probe:
+        try:
+            probe.bind((address[0], 0))
+        except OSError as e:
+            raise ConfigError(f"cannot serve on --host {host}: it is not an address of this machine "
+                              f"({e.strerror or e}); {advice}") from None

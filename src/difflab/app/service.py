@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ MAX_TEXT_CHARS = 2000  # a prompt or negative prompt (the tokenizer keeps its fi
 DEFAULT_STRENGTH = 0.8  # img2img and depth-to-image, as in difflab sample and diffusers
 DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting repaints the masked region from noise
 DEFAULT_NOISE_LEVEL = 20  # the ×4 upscaler's
+MAX_LORA_SCALE = 2.0  # a LoRA's weight in a request: 0 is the base model, 1 the LoRA as trained
+STRENGTH_STEP = 0.05  # the page's strength slider moves in these steps
 MODES = {  # mode -> what the page calls it
     "txt2img": "text to image",
     "img2img": "image to image",
@@ -83,6 +86,9 @@ class Request:
     depth: Any = None  # depth-to-image: a depth map (else the model's depth estimator)
     strength: float | None = None  # img2img/depth: DEFAULT_STRENGTH; inpainting: 1
     noise_level: int | None = None  # the upscaler's: DEFAULT_NOISE_LEVEL
+    # text models: one of the LoRAs the demo was started with (by its label; "" or None: no LoRA), and its weight
+    lora: str | None = None
+    lora_scale: float | None = None  # None: 1
 
 
 def whole_number(name: str, value, low: int, high: int) -> int:
@@ -145,8 +151,9 @@ def text(name: str, value, limit: int = MAX_TEXT_CHARS) -> str:
     return value
 
 
-def check_request(request: Request, model: DiffusionModel, limits: Limits, guides) -> Request:
-    """`request` with its values checked and made the right types; a ConfigError says what is wrong."""
+def check_request(request: Request, model: DiffusionModel, limits: Limits, guides, loras=None) -> Request:
+    """`request` with its values checked and made the right types; a ConfigError says what is wrong.
+    `loras` (a `LoraMenu`) are the LoRAs a request may choose from."""
     cfg_scale = model.default_cfg_scale if request.cfg_scale in (None, "") else request.cfg_scale
     checked = Request(
         sampler=check_choice("sampler", str(request.sampler), SAMPLERS),
@@ -164,6 +171,7 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
     if model.prompts is None and checked.negative_prompt:
         raise ConfigError("this model has no text encoder: it takes no negative prompt")
     check_inputs(request, checked, model, limits)
+    check_lora(request, checked, loras)
     if model.class_names:
         if request.class_name in (None, ""):
             raise ConfigError(f"choose a class: one of {', '.join(model.class_names[:12])}")
@@ -179,6 +187,26 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
             raise ConfigError("CLIP guidance needs a CLIP model: start the demo with --clip-model")
         guides.check_prompt(checked.prompt)
     return checked
+
+
+def check_lora(request: Request, checked: Request, loras) -> None:
+    """The LoRA a request chose, by its label in the page's list, and its weight."""
+    label = "" if request.lora is None else str(request.lora).strip()
+    if not label:
+        return  # the page sends its weight slider's value with "no LoRA" too: nothing to check
+    offered = loras.labels if loras is not None else []
+    if label not in offered:
+        raise ConfigError(f"no LoRA named {label!r} here: " + (f"choose one of {', '.join(offered[:12])}" if offered
+                          else "this demo was started without LoRAs (difflab demo --model BASE --lora RUN)"))
+    checked.lora = label
+    scale = 1.0 if request.lora_scale in (None, "") else request.lora_scale
+    checked.lora_scale = number("LoRA weight", scale, 0.0, MAX_LORA_SCALE)
+
+
+def lowest_strength(steps: int) -> float:
+    """The lowest strength on the page's slider that runs at least one of `steps` steps."""
+    grid = round(1 / STRENGTH_STEP)
+    return next(k / grid for k in range(math.ceil(grid / steps), grid + 1) if int(steps * k / grid) >= 1)
 
 
 def check_inputs(request: Request, checked: Request, model: DiffusionModel, limits: Limits) -> None:
@@ -214,8 +242,16 @@ def check_inputs(request: Request, checked: Request, model: DiffusionModel, limi
         if checked.strength == 0:
             raise ConfigError("strength must be more than 0: 0 would keep the image as it is")
         if int(checked.steps * checked.strength) < 1:  # the last int(steps × strength) steps are run
+            need = math.ceil(1 / checked.strength)
+            if int(need * checked.strength) < 1:
+                need += 1  # 1 / strength rounded down by floating point
+            advice = (f"use at least {need} steps, or a strength of at least {lowest_strength(checked.steps):g}"
+                      if need <= limits.max_steps else
+                      f"use a strength of at least {lowest_strength(checked.steps):g} at {checked.steps} steps, or "
+                      f"of at least {lowest_strength(limits.max_steps):g} at {limits.max_steps} steps (this demo's "
+                      "most)")
             raise ConfigError(f"strength {checked.strength:g} of {checked.steps} steps leaves no step to run: "
-                              f"use at least {math.ceil(1 / checked.strength)} steps, or a higher strength")
+                              + advice)
     largest = largest_side(model, limits)
     factor = model.size_factor
     if mode == "upscale":
@@ -252,7 +288,7 @@ def check_inputs(request: Request, checked: Request, model: DiffusionModel, limi
                           f"{largest} pixels a side")
 
 
-def settings_of(request: Request, model_name: str, model: DiffusionModel) -> dict:
+def settings_of(request: Request, model_name: str, model: DiffusionModel, loras=None) -> dict:
     """The settings that made one request's images, as saved in each PNG (plus each image's seed). A text
     model's PNGs carry the prompt, so `save_png` writes AUTOMATIC1111's `parameters` text too."""
     settings = {"model": model_name, "sampler": request.sampler, "steps": request.steps}
@@ -274,11 +310,13 @@ def settings_of(request: Request, model_name: str, model: DiffusionModel) -> dic
         settings.update({"color": request.color, "color_scale": request.color_scale})
     if request.clip_scale > 0:
         settings.update({"prompt": request.prompt, "clip_scale": request.clip_scale})
+    if request.lora:  # as `difflab sample --lora` records them
+        settings.update({"lora": [loras.spec(request.lora)], "lora_scale": [request.lora_scale]})
     return settings
 
 
-def caption(settings: dict) -> str:
-    """One line under an image: what made it."""
+def caption(settings: dict, lora: str | None = None) -> str:
+    """One line under an image: what made it (`lora`: the LoRA's label in the page)."""
     parts = [f"seed {settings['seed']}"]
     if "class" in settings:
         parts.append(f"class {settings['class']} (CFG {settings['cfg_scale']:g})")
@@ -298,6 +336,8 @@ def caption(settings: dict) -> str:
         parts.append(f"colour {settings['color']} ×{settings['color_scale']:g}")
     if "clip_scale" in settings:
         parts.append(f"CLIP {settings['prompt']!r} ×{settings['clip_scale']:g}")
+    if lora:
+        parts.append(f"LoRA {lora} ×{settings['lora_scale'][0]:g}")
     return " · ".join(parts)
 
 
@@ -305,9 +345,11 @@ class Generator:
     """Serves requests for one loaded model: check, generate, write PNGs under `out_root`."""
 
     def __init__(self, model: DiffusionModel, model_name: str, limits: Limits, guides=None,
-                 out_root: Path | None = None):
+                 out_root: Path | None = None, loras=None):
         self.model, self.model_name, self.limits, self.guides = model, model_name, limits, guides or Guides()
         self.out_root = Path(out_root or tempfile.mkdtemp(prefix="difflab-demo-"))
+        self.loras = loras  # a LoraMenu, already loaded onto the model
+        self.lock = threading.Lock()  # the model's LoRA is chosen per request: one request samples at a time
 
     def __call__(self, request: Request, progress: bool = False) -> list[tuple[Path, str]]:
         """(PNG path, caption) for each image of `request`; a DifflabError if the request is refused."""
@@ -316,7 +358,7 @@ class Generator:
         from difflab.diffusion.generate import generate
         from difflab.images import save_png, to_pil
 
-        request = check_request(request, self.model, self.limits, self.guides)
+        request = check_request(request, self.model, self.limits, self.guides, self.loras)
         labels = None
         if request.class_name is not None:
             index = self.model.class_names.index(request.class_name)
@@ -332,16 +374,19 @@ class Generator:
                          noise_level=request.noise_level)
         if request.width is not None:
             extra.update(width=request.width, height=request.height)
-        images = generate(self.model, request.count, sampler=request.sampler, steps=request.steps,
-                          seed=request.seed, class_labels=labels, cfg_scale=request.cfg_scale,
-                          batch_size=self.limits.max_images, progress=progress, **extra)
+        with self.lock:
+            if self.loras:
+                self.loras.use(self.model, request.lora, request.lora_scale)
+            images = generate(self.model, request.count, sampler=request.sampler, steps=request.steps,
+                              seed=request.seed, class_labels=labels, cfg_scale=request.cfg_scale,
+                              batch_size=self.limits.max_images, progress=progress, **extra)
         folder = self.new_folder()
-        settings = settings_of(request, self.model_name, self.model)
+        settings = settings_of(request, self.model_name, self.model, self.loras)
         results = []
         for i, image in enumerate(images):
             each = {**settings, "seed": request.seed + i}
             path = save_png(to_pil(image), folder / f"seed{request.seed + i:010d}.png", each)
-            results.append((path, caption(each)))
+            results.append((path, caption(each, request.lora)))
         return results
 
     def new_folder(self) -> Path:

@@ -16,8 +16,8 @@ import warnings
 from difflab import __version__
 from difflab.errors import DifflabError
 
-COMMANDS = ["quickstart", "train", "finetune", "dreambooth", "sample", "eval", "noise", "scratch", "demo", "push",
-            "export"]
+COMMANDS = ["quickstart", "train", "finetune", "dreambooth", "textual-inversion", "sample", "eval", "noise", "scratch",
+            "demo", "push", "export"]
 
 
 class Parser(argparse.ArgumentParser):

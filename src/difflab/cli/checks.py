@@ -8,6 +8,7 @@ from difflab.files import check_output_file, check_output_folder
 
 OUTPUT_FILES = {"out": ("--out", "out.png"), "json": ("--json", "result.json")}
 OUTPUT_FOLDERS = {"out_dir": "--out-dir"}
+INPUT_FILES = {"image": "image", "mask": "mask", "depth": "depth map", "prompt_file": "prompt file"}
 
 
 def check_flags(args) -> None:
@@ -21,6 +22,26 @@ def check_flags(args) -> None:
     for name, flag in OUTPUT_FOLDERS.items():
         if getattr(args, name, None) is not None:
             check_output_folder(getattr(args, name), flag)
+    check_request_flags(args)
+
+
+def check_request_flags(args) -> None:
+    """The generation request's own checks (diffusion/request.py, which `generate` makes again) that need
+    no model: the seed, strength and size, an --out that names an image format, and no output that
+    would replace an input."""
+    from difflab.diffusion.request import check_outputs, check_settings
+    from difflab.images import image_format
+
+    count = getattr(args, "count", 1) or 1
+    check_settings(seed=getattr(args, "seed", None), count=count, strength=getattr(args, "strength", None),
+                   width=getattr(args, "width", None), height=getattr(args, "height", None))
+    if getattr(args, "out", None) is not None:
+        image_format(args.out, "--out")
+    inputs = {what: getattr(args, name, None) for name, what in INPUT_FILES.items()}
+    outputs = [(flag, getattr(args, name)) for name, (flag, _) in OUTPUT_FILES.items()
+               if getattr(args, name, None) is not None]
+    out_dir = ("--out-dir", args.out_dir) if getattr(args, "out_dir", None) is not None else None
+    check_outputs(outputs, inputs, out_dir, first_seed=getattr(args, "seed", 0) or 0)
 
 
 def check_with_model(args, model, per_class: bool = True, prompts: int = 0) -> None:
@@ -40,6 +61,11 @@ def check_with_model(args, model, per_class: bool = True, prompts: int = 0) -> N
             count *= len(model.class_indices(classes or "all"))
         guided = args.cfg_scale != 1
     check_sampler_steps(args.steps, model.noise_schedule.config.num_train_timesteps, args.sampler)
+    size = None
+    if any(getattr(args, name, None) is not None for name in ("image", "width", "height")):
+        from difflab.diffusion.request import planned_size
+
+        size = planned_size(model, getattr(args, "image", None), getattr(args, "width", None),
+                            getattr(args, "height", None))
     check_workload(model, count, args.steps, args.batch_size, yes=getattr(args, "yes", False), sampler=args.sampler,
-                   guided=guided, height=getattr(args, "height", None), width=getattr(args, "width", None),
-                   offload=getattr(args, "offload", False))
+                   guided=guided, size=size, offload=getattr(args, "offload", False))

@@ -17,12 +17,19 @@ def add_parser(subparsers) -> None:
                     "class-conditional): sampler, steps, seed, number of images, class and CFG scale, colour guidance "
                     "and, with --clip-model, CLIP guidance. Text-to-image models (the Stable Diffusion family): "
                     "prompt, negative prompt, CFG scale, width and height, and tabs for image to image, inpainting "
-                    "(paint the mask in the page or upload one), depth to image and upscaling, as the model allows. "
-                    "Each image's settings are shown under it and saved in its PNG. With --export, write a folder "
-                    "to upload as a Space instead (then 'difflab push --space').",
+                    "(paint the mask in the page or upload one), depth to image and upscaling, as the model allows; "
+                    "'Send to img2img' and 'Send to inpainting' under the results, and a LoRA picker for the LoRAs "
+                    "given with --lora. Each image's settings are shown under it and saved in its PNG. With --export, "
+                    "write a folder to upload as a Space instead (then 'difflab push --space').",
     )
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
+    p.add_argument("--lora", action="append", metavar="RUN_OR_FILE", default=[],
+                   help="offer a LoRA in the page's LoRA picker (repeatable), for a text-to-image --model: a "
+                        "pytorch_lora_weights.safetensors file, the folder or run folder that holds one (a LoRA "
+                        "DreamBooth run), as 'difflab sample --lora' takes; each request picks one and its weight")
     p.add_argument("--clip-model", help="a CLIP model (folder or Hub id) for CLIP guidance by prompt")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="load a textual inversion embedding (repeatable); its token is listed under the prompt")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1, this machine only; 0.0.0.0 for every network)")
     p.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
@@ -55,6 +62,11 @@ def run(args) -> int:
     limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_image_size=args.max_image_size,
                     max_queue=args.max_queue)
     if args.export:
+        if args.lora:
+            raise ConfigError("--export does not carry LoRAs into the Space yet: export the demo without --lora, or "
+                              "serve it here with --lora")
+        if args.embedding:
+            raise ConfigError("--embedding is not carried into an exported Space yet; serve the demo instead")
         from difflab.app.export import export_space
         from difflab.files import check_output_folder
 
@@ -67,8 +79,10 @@ def run(args) -> int:
         return 0
 
     from difflab.app import build_demo, launch
+    from difflab.app.demo import check_host
 
+    check_host(args.host)  # before the model loads
     demo = build_demo(args.model, clip_model=args.clip_model, limits=limits, device=args.device,
-                      allow_pickle=args.allow_pickle)
+                      allow_pickle=args.allow_pickle, loras=args.lora, embeddings=args.embedding or ())
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

@@ -29,6 +29,15 @@ SKIPPED["model"] |= {"base", "lora_rank", "vae", "text_encoder", "cond_dropout"}
 SKIPPED["run"] |= {"sample_prompts", "eval_every", "eval_count"}
 SKIPPED["vae"] = {"steps", "minutes", "lr", "batch_size", "kl_weight", "detail_weight"}
 
+# What DreamBooth's --help says where train's words would name flags it does not have, or defaults it does
+# not use.
+HELPS = {
+    "optim.lr": "peak learning rate (AdamW); default: 1/20 of the base model's own for a full fine-tune (5e-6 for "
+                "Stable Diffusion), as much as it with --lora (1e-4 for Stable Diffusion)",
+    "model.allow_pickle": "let --model load weights stored as a pickle (.bin), with torch.load(weights_only=True)",
+    "model.train_text_encoder": "train the base model's text encoder too (with --lora: adapters on it); default: no",
+}
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -46,12 +55,15 @@ def add_parser(subparsers) -> None:
                    help="the text-to-image model to teach")
     p.add_argument("--lora", action="store_true",
                    help="train LoRA adapters (saved as pytorch_lora_weights.safetensors) instead of every UNet weight")
-    p.add_argument("--rank", type=int, help=f"the LoRA adapters' rank (default {DEFAULT_RANK})")
+    p.add_argument("--lora-rank", "--rank", dest="model.lora_rank", type=int, metavar="INT",
+                   default=argparse_suppress(),
+                   help=f"with --lora: the adapters' rank, at most the width of the layers they adapt (default "
+                        f"{DEFAULT_RANK}; --rank is the same flag)")
     p.add_argument("--validation-prompt", dest="run.sample_prompts", metavar="PROMPT", default=argparse_suppress(),
                    help="prompts of the validation grids in samples/ (fixed seeds), separated by | (default: the "
                         "instance prompt and the class prompt)")
     add_run_options(p, "runs/dreambooth")
-    add_config_flags(p, DreamBoothConfig, defaults=dreambooth_defaults(), skip=SKIPPED)
+    add_config_flags(p, DreamBoothConfig, defaults=dreambooth_defaults(), skip=SKIPPED, helps=HELPS)
     p.set_defaults(run=run)
 
 
@@ -72,10 +84,10 @@ def resolve_config(args) -> tuple[DreamBoothConfig, Path]:
     else:
         base = dreambooth_defaults()
     config = apply_flags(base, args)
-    if args.rank is not None and not args.lora:
-        raise ConfigError("--rank is the rank of LoRA adapters: add --lora")
-    if args.lora:
-        config.model.lora_rank = args.rank or config.model.lora_rank or DEFAULT_RANK
+    if "model.lora_rank" in vars(args) and not args.lora:
+        raise ConfigError("--lora-rank is the rank of LoRA adapters: add --lora")
+    if args.lora and config.model.lora_rank is None:
+        config.model.lora_rank = DEFAULT_RANK
     fresh = not args.config and not (args.resume and args.out and (args.out / "config.toml").is_file())
     if fresh and "optim.lr" not in vars(args) and config.model.base:
         config.optim.lr = default_lr(base_training_info(config.model.base), bool(config.model.lora_rank))
@@ -85,17 +97,12 @@ def resolve_config(args) -> tuple[DreamBoothConfig, Path]:
 def run(args) -> int:
     import logging
 
-    from difflab.cli.train import print_outputs
+    from difflab.cli.train import print_run_outputs
     from difflab.training.dreambooth import dreambooth
 
     config, out = resolve_config(args)
-    model_dir = dreambooth(config, out, resume=args.resume, overwrite=args.overwrite)
-    log = logging.getLogger("difflab")
+    print_run_outputs(config, dreambooth(config, out, resume=args.resume, overwrite=args.overwrite))
     if config.model.lora_rank:
-        print_outputs(model_dir, log, "LoRA: pytorch_lora_weights.safetensors with a model card",
-                      f'difflab sample --model {config.model.base} --lora {out} --prompt "..."')
-        log.info("(the command above samples the LoRA applied to its base model; --lora-scale sets its weight)")
-    else:
-        print_outputs(model_dir, log, "StableDiffusionPipeline folder with a model card",
-                      'difflab sample --prompt "..."')
+        logging.getLogger("difflab").info("(the command above samples the LoRA applied to its base model; "
+                                          "--lora-scale sets its weight)")
     return 0

@@ -28,8 +28,11 @@ def add_parser(subparsers) -> None:
                     "seen in training and held out of it; the figures are also written into a local model folder's "
                     "card. "
                     "Text models trained on labelled data with a caption template are asked for each class by its "
-                    "caption and measured like class-conditional ones. Prints a line of text, and JSON on standard "
-                    "output.",
+                    "caption and measured like class-conditional ones; text models trained on other captioned data "
+                    "(a folder of your own) are asked for the held-out images' captions and measured against those "
+                    "images (the Fréchet distance in a CLIP model's image embeddings, --features clip:PATH or "
+                    "--clip-model PATH, on unlabelled data; with --clip-model also the CLIP score, beside the real "
+                    "images' own). Prints a line of text, and JSON on standard output.",
     )
     p.add_argument("--model", required=True, help="model folder, run folder or Hub id")
     p.add_argument("--data", help=f"{DATA_SPEC_HELP} (default: the data the model was trained on)")
@@ -41,8 +44,10 @@ def add_parser(subparsers) -> None:
                    help=f"classifier-free guidance (default {DEFAULT_CFG_SCALE} for class-conditional models, "
                         f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    p.add_argument("--features", default="classifier",
-                   help="feature space: classifier (default), or clip:PATH_OR_ID for a CLIP model's image embeddings")
+    p.add_argument("--features",
+                   help="feature space of the Fréchet distance: classifier (a classifier difflab trains on labelled "
+                        "data; the default), clip:PATH_OR_ID for a CLIP model's image embeddings (the default on "
+                        "unlabelled data when --clip-model is given), or attributes (shapes text models' default)")
     p.add_argument("--clip-model", metavar="PATH_OR_ID",
                    help="text models: also the CLIP score of the images against their prompts, with this CLIP model "
                         "(a transformers CLIPModel folder with its tokenizer, or a Hub id while online)")
@@ -65,7 +70,7 @@ def run(args) -> int:
     from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError
     from difflab.files import write_text_atomic
-    from difflab.metrics.evaluate import Evaluator, summary_line
+    from difflab.metrics.evaluate import Evaluator, held_out_captions, summary_line
     from difflab.metrics.prompt_adherence import is_shapes
     from difflab.pipelines.folder import load_model
 
@@ -88,15 +93,20 @@ def run(args) -> int:
     if spec in ("", "(unknown)"):
         raise ConfigError(f"{args.model} does not say what data it was trained on; give --data")
     template = model.info.training.get("caption_template")
-    if model.prompts is not None and not (template and not is_shapes(spec)):
+    if model.prompts is not None and is_shapes(spec) and not template:
         result = {"model": str(args.model), "data": spec, **evaluate_text_model(model, spec, args, clip)}
         if args.record:
             record_evaluation_in(args.model, result)
     else:
-        evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features)
+        check_features(args.features)
+        unlabelled = f"clip:{args.clip_model}" if args.clip_model else None
+        evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features, unlabelled)
+        # a text model on its own captioned data is asked for the held-out images' captions
+        prompts = held_out_captions(evaluator, args.count) if model.prompts is not None and not template else None
         result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                            seed=args.seed, batch_size=args.batch_size, progress=True,
-                           caption_template=template if model.prompts is not None else None, clip=clip)
+                           caption_template=template if model.prompts is not None else None, clip=clip,
+                           prompts=prompts)
         result = {"model": str(args.model), "data": spec, **result, "frechet_floor": evaluator.floor(args.count)}
         if model.latent:
             result["vae_ceiling"] = evaluator.vae_ceiling(model, args.count)
@@ -106,6 +116,14 @@ def run(args) -> int:
         write_text_atomic(args.json, text + "\n")
     logging.getLogger("difflab").info("%s", summary_line(result))
     return 0
+
+
+def check_features(features: str | None) -> None:
+    if features == "attributes":
+        from difflab.errors import ConfigError
+
+        raise ConfigError("--features attributes is the attribute reader of text models trained on shapes; use "
+                          "classifier or clip:PATH_OR_ID here")
 
 
 def record_evaluation_in(spec: str, result: dict) -> None:
@@ -126,8 +144,16 @@ def evaluate_text_model(model, spec: str, args, clip=None) -> dict:
     if not is_shapes(spec):
         raise ConfigError(f"prompt adherence is measured on the built-in shapes data, and this text model was trained "
                           f"on {spec}; give --data shapes for a shapes model")
+    features = None
+    if args.features and args.features != "attributes":
+        from difflab.metrics.evaluate import Evaluator
+
+        features = Evaluator.extractor_for(args.features)
+        if features is None:
+            raise ConfigError(f"--features {args.features}: a text model trained on shapes is measured in the "
+                              "attribute reader's features (attributes, the default) or a CLIP model's (clip:PATH)")
     result = evaluate_prompts(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                              seed=args.seed, batch_size=args.batch_size, progress=True, clip=clip)
+                              seed=args.seed, batch_size=args.batch_size, progress=True, clip=clip, features=features)
     import logging
 
     log = logging.getLogger("difflab")

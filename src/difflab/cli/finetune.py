@@ -31,14 +31,14 @@ def add_parser(subparsers) -> None:
     skip = settings_marked(TrainConfig, "set_by_base")
     skip["vae"] = {f.name for f in dataclasses.fields(VaeConfig)}  # a base model brings its VAE
     skip["model"] |= {"vae", "text_encoder"}
-    add_config_flags(p, defaults=finetune_defaults(), skip=skip)
+    add_config_flags(p, defaults=finetune_defaults(), skip=skip, helps={
+        "model.train_text_encoder": "text-to-image models: train the base model's text encoder too; default: no"})
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    import logging
 
-    from difflab.cli.train import data_name, print_outputs, resolve_config
+    from difflab.cli.train import data_name, print_run_outputs, resolve_config
     from difflab.training.trainer import train
 
     config, out = resolve_config(args, finetune_defaults())
@@ -47,6 +47,5 @@ def run(args) -> int:
                           "diffusers DDPMPipeline folder, or a Hub id)")
     if args.out is None:
         out = Path("runs") / f"{data_name(config.data.spec)}-finetune"
-    model_dir = train(config, out, resume=args.resume, overwrite=args.overwrite)
-    print_outputs(model_dir, logging.getLogger("difflab"))
+    print_run_outputs(config, train(config, out, resume=args.resume, overwrite=args.overwrite))
     return 0

@@ -84,7 +84,7 @@ def text_settings(config) -> None:
 def finish_digits(config, out: Path, count: int, log) -> int:
     import json
 
-    from difflab.cli.train import print_outputs
+    from difflab.cli.train import print_run_outputs
     from difflab.metrics.evaluate import Evaluator, summary_line
     from difflab.pipelines.folder import load_model
     from difflab.training.trainer import train
@@ -97,7 +97,7 @@ def finish_digits(config, out: Path, count: int, log) -> int:
                        cfg_scale=model.default_cfg_scale, progress=True)
     result["frechet_floor"] = evaluator.floor(count)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print_outputs(model_dir, log)
+    print_run_outputs(config, model_dir)
     log.info("eval:     %s", out / "eval.json")
     log.info("%s", summary_line(result))
     return 0
@@ -106,7 +106,7 @@ def finish_digits(config, out: Path, count: int, log) -> int:
 def finish_text(config, out: Path, count: int, log) -> int:
     import json
 
-    from difflab.cli.train import print_outputs
+    from difflab.cli.train import print_run_outputs
     from difflab.metrics.prompt_adherence import adherence_line, evaluate_prompts, record_evaluation
     from difflab.pipelines.folder import load_model
     from difflab.training.trainer import train
@@ -117,7 +117,7 @@ def finish_text(config, out: Path, count: int, log) -> int:
                               cfg_scale=None, progress=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     record_evaluation(model_dir, result)
-    print_outputs(model_dir, log, "StableDiffusionPipeline folder with a model card", 'difflab sample --prompt "..."')
+    print_run_outputs(config, model_dir)
     log.info("eval:     %s", out / "eval.json")
     log.info("prompt adherence: %s", adherence_line(result))
     log.info("Fréchet distance %.3f (real-data floor %.3f)", result["frechet_distance"], result["frechet_floor"])

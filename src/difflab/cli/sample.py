@@ -45,6 +45,10 @@ def add_parser(subparsers) -> None:
                    help="classifier-free guidance: 1 plain conditional, 0 unconditional, higher follows the class "
                         f"or prompt more closely (default {DEFAULT_CFG_SCALE} for class models, "
                         f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
+    p.add_argument("--width", type=int, help="image width in pixels, for any model: a multiple of the VAE's factor (8 "
+                                             "for Stable Diffusion) or, for a pixel model, of the factor its UNet's "
+                                             "levels halve by (default: the input image's, or the model's size)")
+    p.add_argument("--height", type=int, help="image height in pixels (as --width)")
     text = p.add_argument_group("text-to-image models (the Stable Diffusion family)")
     text.add_argument("--prompt", action="append", metavar="TEXT",
                       help="what to draw (repeatable: one grid row of -n images per prompt); A1111's syntax "
@@ -55,14 +59,15 @@ def add_parser(subparsers) -> None:
     text.add_argument("--blend", action="append", metavar="PROMPT:WEIGHT",
                       help="mix another prompt's embeddings into each prompt's: \"a leopard:0.5\" is half of each "
                            "(repeatable; the weights, each in (0, 1], add up to at most 1)")
-    text.add_argument("--width", type=int, help="image width in pixels (a multiple of the VAE's factor, 8 for "
-                                                "Stable Diffusion; default: the input image's, or the model's)")
-    text.add_argument("--height", type=int, help="image height in pixels (as --width)")
     text.add_argument("--lora", action="append", metavar="RUN_OR_FILE",
                       help="apply a LoRA (repeatable, to combine several): a pytorch_lora_weights.safetensors file "
                            "(diffusers' or kohya's format), the folder or run folder that holds one, or a Hub id")
     text.add_argument("--lora-scale", type=float, nargs="+", metavar="S",
                       help="the LoRAs' weights: one for all, or one per --lora in order (default 1; 0: the base model)")
+    text.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                      help="load a textual inversion embedding (repeatable): learned_embeds.safetensors, an A1111 "
+                           ".safetensors, or the run folder of difflab textual-inversion; its token (the file's own, "
+                           "or TOKEN) then works in prompts; .pt/.bin only with --allow-pickle")
     text.add_argument("--no-safety-checker", action="store_true",
                       help="do not run the safety checker of a folder that has one (it blacks out flagged images)")
     start = p.add_argument_group("starting from an image (any model)")
@@ -70,8 +75,8 @@ def add_parser(subparsers) -> None:
                        help="img2img: start from this image, noised part-way (see --strength); with --mask, "
                             "inpainting; the upscaler's low-resolution input")
     start.add_argument("--strength", type=float,
-                       help="how much of --image is repainted, in (0, 1]: 1 starts from pure noise (default 0.8; "
-                            "inpainting 1.0)")
+                       help="how much of --image is repainted, in (0, 1]: 1 repaints everything (starts from "
+                            "pure noise), 0.3 a little (default 0.8; inpainting 1.0)")
     start.add_argument("--mask", metavar="MASK.png",
                        help="inpainting: white where the image is repainted, black where it is kept")
     start.add_argument("--depth", metavar="DEPTH.png", help="depth-to-image models: the depth map (nearer = brighter)")
@@ -93,7 +98,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--classifier-data", metavar="SPEC",
                    help="labelled data to train the classifier= guidance classifier on (default: the model's "
                         "training data; the classifier is the one difflab eval trains, cached)")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="grid image to write (default samples.png)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"),
+                   help="grid image to write: .png, .jpg or .webp, with the settings in it (default samples.png); "
+                        "never one of the inputs")
     p.add_argument("--out-dir", type=Path, help="also write each image as its own PNG here")
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -121,6 +128,7 @@ def run(args) -> int:
     from difflab.cli.checks import check_flags, check_with_model
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
+    from difflab.diffusion.request import check_inputs, mode_of, strength_of
     from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
@@ -150,8 +158,16 @@ def run(args) -> int:
                        variant=variant)
     if args.offload:
         offload(model, device)
+    # Which inputs this model takes, before a LoRA or depth estimator is fetched and before the workload is timed
+    check_inputs(model, image=args.image, mask=args.mask, depth=args.depth, strength=args.strength,
+                 noise_level=args.noise_level, width=args.width, height=args.height, depth_model=args.depth_model)
     check_with_model(args, model, prompts=len(prompts or []))  # steps the schedule takes, a workload that fits
     apply_loras(model, loras)
+    if args.embedding:
+        from difflab.models.embeddings import load_embeddings
+
+        tokens = load_embeddings(model, args.embedding, allow_pickle=args.allow_pickle)
+        log.info("textual inversion tokens: %s", ", ".join(tokens))
     model.freeze()  # sampling only: no parameter requires a gradient
     if args.depth_model:
         from difflab.models.depth import load_depth_estimator
@@ -159,13 +175,20 @@ def run(args) -> int:
         model.depth_estimator = load_depth_estimator(args.depth_model, model.device)
     guidance = guidance_terms(args, model)
     settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
+    if args.embedding:
+        settings["embedding"] = args.embedding
     if loras:
         settings.update(lora=args.lora, lora_scale=[scale for _, scale in loras])
     settings.update({name: value for name, value in (("eta", args.eta), ("negative_prompt", args.negative_prompt),
                                                      ("blend", args.blend),
-                                                     ("image", args.image), ("strength", args.strength),
-                                                     ("mask", args.mask), ("depth", args.depth),
-                                                     ("noise_level", args.noise_level)) if value is not None})
+                                                     ("image", args.image), ("mask", args.mask),
+                                                     ("depth", args.depth), ("noise_level", args.noise_level))
+                     if value is not None})
+    mode = mode_of(model, args.image, args.mask)
+    if mode != "txt2img":  # the mode and the strength it ran at, default or not
+        settings["mode"] = mode
+    if strength_of(mode, args.strength) is not None:
+        settings["strength"] = strength_of(mode, args.strength)
     labels = columns = names = per_image_prompts = None
     if args.classes is not None and model.prompts is not None:
         raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class (--class)")
@@ -189,6 +212,7 @@ def run(args) -> int:
                       strength=args.strength, noise_level=args.noise_level, width=args.width, height=args.height,
                       guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True,
                       safety_check=not args.no_safety_checker, precision=args.precision, blend=args.blend or ())
+    settings.update(width=images.shape[-1], height=images.shape[-2])  # one image's (the grid is larger)
     if per_image_prompts and len(set(per_image_prompts)) == 1:
         settings["prompt"] = per_image_prompts[0]
     save_png(make_grid(images, columns or args.columns, names), args.out, {**settings, "count": len(images)})

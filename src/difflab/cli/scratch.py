@@ -62,7 +62,7 @@ def run_train(args) -> int:
     out = args.out or Path("runs") / f"scratch-{data_name(config.data.spec)}"
     model_dir = train_scratch(config, out, overwrite=args.overwrite)
     print_outputs(model_dir, logging.getLogger("difflab"), "BasicUNet weights as safetensors + scratch.json",
-                  "difflab scratch sample")
+                  ["difflab", "scratch", "sample", "--model", str(model_dir), "-n", "16", "--out", "grid.png"])
     return 0
 
 

@@ -54,27 +54,53 @@ def check_not_set_by_base(config: TrainConfig, args) -> None:
                                   "decides it")
 
 
-def print_outputs(model_dir: Path, log, kind: str = "diffusers DDPMPipeline folder with a model card",
-                  sample_command: str = "difflab sample") -> None:
+def sample_command(config: TrainConfig, model_dir: Path) -> list[str]:
+    """The command that samples what a training run saved, as words: a LoRA on its base model, a text model
+    with a prompt (DreamBooth's instance prompt, or the run's first validation prompt), any other model as
+    it is. tests/test_run_mistakes.py runs each such command as printed."""
+    m = config.model
+    prompt = getattr(getattr(config, "dreambooth", None), "instance_prompt", None)
+    prompt = prompt or next((p.strip() for p in (config.run.sample_prompts or "").split("|") if p.strip()), "...")
+    if m.lora_rank:
+        return ["difflab", "sample", "--model", str(m.base), "--lora", str(model_dir), "--prompt", prompt,
+                "-n", "4", "--out", "grid.png"]
+    command = ["difflab", "sample", "--model", str(model_dir)]
+    if (model_dir / "text_encoder").is_dir():  # what was saved decides (a fine-tuned base's kind is its own)
+        command += ["--prompt", prompt]
+    return command + ["-n", "16", "--out", "grid.png"]
+
+
+def output_kind(config: TrainConfig, model_dir: Path) -> str:
+    if config.model.lora_rank:
+        return "LoRA: pytorch_lora_weights.safetensors with a model card"
+    if (model_dir / "text_encoder").is_dir():
+        return "StableDiffusionPipeline folder with a model card"
+    return "diffusers DDPMPipeline folder with a model card"
+
+
+def print_outputs(model_dir: Path, log, kind: str, command: list[str]) -> None:
+    """Where a run's outputs are, and the command (quoted for a shell) that samples more."""
+    import shlex
+
     run = model_dir.parent
     grids = sorted((run / "samples").glob("step_*.png"))
     log.info("model:    %s  (%s)", model_dir, kind)
     if grids:
         log.info("samples:  %s", grids[-1])
     log.info("metrics:  %s, %s", run / "metrics.csv", run / "loss.png")
-    log.info("sample more with: %s --model %s -n 16 --out grid.png", sample_command, model_dir)
+    log.info("sample more with: %s", shlex.join(command))
+
+
+def print_run_outputs(config: TrainConfig, model_dir: Path) -> None:
+    import logging
+
+    print_outputs(model_dir, logging.getLogger("difflab"), output_kind(config, model_dir),
+                  sample_command(config, model_dir))
 
 
 def run(args) -> int:
-    import logging
-
     from difflab.training.trainer import train
 
     config, out = resolve_config(args)
-    model_dir = train(config, out, resume=args.resume, overwrite=args.overwrite)
-    if config.model.conditioning == "text":
-        print_outputs(model_dir, logging.getLogger("difflab"), "StableDiffusionPipeline folder with a model card",
-                      'difflab sample --prompt "..."')
-    else:
-        print_outputs(model_dir, logging.getLogger("difflab"))
+    print_run_outputs(config, train(config, out, resume=args.resume, overwrite=args.overwrite))
     return 0

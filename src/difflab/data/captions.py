@@ -101,15 +101,23 @@ def read_metadata(path: Path, caption_column: str | None) -> dict[str, str | Non
     return found
 
 
-def folder_captions(root: Path, files: list[Path], caption_column: str | None = None) -> list[str | None] | None:
-    """Each file's caption (None where it has none), or None when nothing in the folder is captioned."""
+def folder_captions(root: Path, files: list[Path], caption_column: str | None = None,
+                    listed: list[Path] | None = None) -> list[str | None] | None:
+    """Each file's caption (None where it has none), or None when nothing in the folder is captioned.
+    `listed`: every image file of the folder (`files` may be one split of them)."""
     folders = sorted({parent for path in files for parent in path.parents if parent == root or root in parent.parents},
                      key=lambda p: len(p.parts))
     from_metadata: dict[str, str | None] = {}
-    for folder in folders:  # the nearest metadata file wins: deeper folders come later
-        for name in METADATA_FILES:
-            if (folder / name).is_file():
-                from_metadata.update(read_metadata(folder / name, caption_column))
+    metadata_files = [folder / name for folder in folders for name in METADATA_FILES if (folder / name).is_file()]
+    if caption_column and not metadata_files:
+        sidecars = any(path.with_suffix(s).is_file() for path in files for s in SIDECAR_SUFFIXES)
+        found = "its captions are IMAGE.txt files, which have no columns" if sidecars else "it has no captions"
+        raise DataError(f"--caption-column {caption_column} names a column of a metadata.jsonl or metadata.csv, and "
+                        f"{root} has none ({found}); leave out --caption-column")
+    for path in metadata_files:  # the nearest metadata file wins: deeper folders come later
+        entries = read_metadata(path, caption_column)
+        warn_unknown_entries(path, entries, files if listed is None else listed)
+        from_metadata.update(entries)
     captions: list[str | None] = []
     for path in files:
         caption = from_metadata.get(_key(path))
@@ -122,6 +130,18 @@ def folder_captions(root: Path, files: list[Path], caption_column: str | None = 
             raise DataError(f"no image in {root} has a caption in column {caption_column!r} of its metadata file")
         return None
     return captions
+
+
+def warn_unknown_entries(path: Path, entries: dict[str, str | None], files: list[Path]) -> None:
+    """Entries of a metadata file that name no image of the folder (a file moved, renamed or misspelt)
+    caption nothing: named in one warning, so a caption is never dropped without a word."""
+    images = {_key(f) for f in files}
+    unknown = [key for key in entries if key not in images]
+    if unknown:
+        names = [os.path.relpath(key, path.parent) for key in unknown]
+        shown = ", ".join(names[:NAMED]) + (f" and {len(names) - NAMED} more" if len(names) > NAMED else "")
+        log.warning("%d entr%s of %s name%s no image file in the folder, and caption nothing: %s", len(unknown),
+                    "y" if len(unknown) == 1 else "ies", path, "s" if len(unknown) == 1 else "", shown)
 
 
 def fill_missing(captions: list[str | None], names: list[str], source: str, strict: bool) -> list[str]:

@@ -112,7 +112,8 @@ def load_folder(folder: str, image_size: int | None, channels: int | None, split
     if not files:
         raise DataError(f"{folder} has {len(listing.files)} image{'s' * (len(listing.files) != 1)}, too few to hold "
                         f"out a '{split}' split (every tenth image): it needs at least 10")
-    captions = folder_captions(root, files, caption_column)  # before decoding: a bad caption file stops at once
+    # before decoding: a bad caption file stops at once
+    captions = folder_captions(root, files, caption_column, listing.files)
     if image_size is None or channels is None:
         guessed_size, guessed_channels = guess_size_and_channels(files, folder)
         image_size = image_size or guessed_size

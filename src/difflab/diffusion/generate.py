@@ -73,7 +73,7 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     job = prepare(model, count, class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                   cfg_scale=cfg_scale, image=image, mask=mask, depth=depth, strength=strength,
                   noise_level=noise_level, width=width, height=height, blend=blend, prompt_embeds=prompt_embeds,
-                  negative_prompt_embeds=negative_prompt_embeds)
+                  negative_prompt_embeds=negative_prompt_embeds, seed=seed)
     for part in model.modules():
         part.eval()
     scheduler = make_sampler(sampler, model.sampler_config)

@@ -62,6 +62,9 @@ def check_size(width: int, height: int, factor: int, what: str = "the image size
     for name, side in (("width", width), ("height", height)):
         if side >= factor and side % factor == 0:
             continue
+        if side < 1:
+            raise InputError(f"{what} {width}×{height} does not fit: the {name} must be a positive number of pixels "
+                             f"(a multiple of {factor})")
         below = side // factor * factor
         nearest = f"{below} or {below + factor}" if below >= factor else f"{factor}"
         raise InputError(f"{what} {width}×{height} does not fit: the {name} {side} must be a multiple of {factor} "

@@ -32,21 +32,31 @@ class Evaluator:
     _test_features: torch.Tensor | None = None
 
     @classmethod
-    def for_data(cls, spec: str, image_size: int, channels: int, features: str = "classifier") -> Evaluator:
+    def for_data(cls, spec: str, image_size: int, channels: int, features: str | None = "classifier",
+                 unlabelled: str | None = None) -> Evaluator:
+        """`features`: "classifier" or "clip:PATH_OR_ID"; None: the classifier, or on data without labels the
+        `unlabelled` feature space (a CLIP model the user gave for its score)."""
         train = open_dataset(spec, image_size, channels, split="train")
         test = open_dataset(spec, image_size, channels, split="test")
         classifier = load_or_train(spec, train, test) if train.has_labels and test.has_labels else None
-        extractor = None
+        if features is None:
+            features = unlabelled if classifier is None and unlabelled else "classifier"
+        extractor = cls.extractor_for(features)
+        if extractor is None and classifier is None:
+            raise DataError(f"{spec} has no labels to train the evaluation classifier on; give --features "
+                            "clip:PATH (a CLIP model's image embeddings) for unlabelled data")
+        return cls(spec, train, test, classifier, extractor)
+
+    @staticmethod
+    def extractor_for(features: str):
+        """The feature extractor --features names (None: the classifier's features)."""
         if features.startswith("clip:"):
             from difflab.metrics.clip_features import ClipFeatures
 
-            extractor = ClipFeatures(features.split(":", 1)[1])
-        elif features != "classifier":
+            return ClipFeatures(features.split(":", 1)[1])
+        if features != "classifier":
             raise DataError(f"unknown feature space {features!r}; use classifier or clip:PATH_OR_ID")
-        elif classifier is None:
-            raise DataError(f"{spec} has no labels to train the evaluation classifier on; "
-                            "use --features clip:PATH for unlabelled data")
-        return cls(spec, train, test, classifier, extractor)
+        return None
 
     @property
     def feature_space(self) -> str:
@@ -89,13 +99,13 @@ class Evaluator:
 
     def __call__(self, model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
                  seed: int = 0, batch_size: int = 250, progress: bool = False,
-                 caption_template: str | None = None, clip=None) -> dict:
+                 caption_template: str | None = None, clip=None, prompts: list[str] | None = None) -> dict:
         """`caption_template`: a text model trained on labelled data with this template is asked for each
-        class by its caption, and measured like a class-conditional model."""
+        class by its caption, and measured like a class-conditional model. `prompts`: a text model is asked
+        for these (say, the held-out images' own captions: `held_out_captions`)."""
         started = time.perf_counter()
-        class_names = model.class_names
-        prompts = None
-        if caption_template and self.classifier is not None:
+        class_names = None if prompts else model.class_names
+        if caption_template and self.classifier is not None and not prompts:
             class_names = self.classifier.class_names
         labels = torch.arange(n) % len(class_names) if class_names else None
         if caption_template and labels is not None:
@@ -125,10 +135,25 @@ class Evaluator:
             from difflab.metrics.clip_score import clip_score
 
             result["clip_score"] = clip_score(clip, images, prompts)
+            if self.test.has_captions:  # the yardstick: the held-out images against their own captions
+                captioned = [i for i, c in enumerate(self.test.captions) if c]
+                if captioned:
+                    real = self.test.batch(torch.tensor(captioned))["images"]
+                    result["clip_score_real"] = clip_score(clip, real, [self.test.captions[i] for i in captioned])
         if self.classifier is not None:
             result["classifier_test_accuracy"] = round(self.classifier.test_accuracy, 4)
         result["seconds"] = round(time.perf_counter() - started, 1)
         return result
+
+
+def held_out_captions(evaluator: Evaluator, n: int) -> list[str]:
+    """`n` prompts for a text model evaluated on its own captioned data: the held-out images' captions, in
+    turn, so its images are compared with the images those captions describe."""
+    captions = [c for c in (evaluator.test.captions or []) if c] if evaluator.test.has_captions else []
+    if not captions:
+        raise DataError(f"the held-out images of {evaluator.data_spec} have no captions to prompt a text model with; "
+                        "give --data captioned images (metadata.jsonl or IMAGE.txt)")
+    return [captions[i % len(captions)] for i in range(n)]
 
 
 def summary_line(result: dict) -> str:
@@ -141,6 +166,9 @@ def summary_line(result: dict) -> str:
     if "frechet_distance" in (ceiling := result.get("vae_ceiling", {})):
         accuracy = f", class accuracy {100 * ceiling['class_accuracy']:.1f}%" if "class_accuracy" in ceiling else ""
         parts.append(f"the VAE's reconstructions: Fréchet distance {ceiling['frechet_distance']:.3f}{accuracy}")
+    if "clip_score" in result:
+        real = f" (real images: {result['clip_score_real']:.2f})" if "clip_score_real" in result else ""
+        parts.append(f"CLIP score {result['clip_score']:.2f}{real}")
     if "classifier_test_accuracy" in result:
         parts.append(f"yardstick classifier {100 * result['classifier_test_accuracy']:.1f}% on held-out images")
     parts.append(f"n={result['n']}, {result['sampler']} {result['steps']} steps")

@@ -31,21 +31,24 @@ def evaluation_prompts(n: int, seed: int) -> list[shapes.Scene]:
 
 def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
                      seed: int = 0, batch_size: int = 64, progress: bool = False,
-                     reader: AttributeClassifier | None = None, clip=None) -> dict:
+                     reader: AttributeClassifier | None = None, clip=None, features=None) -> dict:
     """Prompt adherence and Fréchet distance of `n` images, half of seen and half of held-out combinations;
-    with `clip` (a ClipScorer), their CLIP score too."""
+    with `clip` (a ClipScorer), their CLIP score too. `features`: the feature space of the distance (an
+    object with `name` and a call from images in [-1, 1] to vectors, such as ClipFeatures); default: the
+    attribute reader's."""
     size = model.info.image_size
     reader = reader or load_or_train_attributes(size)
+    embed, space = (features, features.name) if features is not None else (reader.features, "attribute reader")
     prompts = evaluation_prompts(n, seed)
     images = generate(model, n, prompts=[p.caption for p in prompts], sampler=sampler, steps=steps, seed=seed,
                       cfg_scale=cfg_scale, batch_size=batch_size, progress=progress) * 2 - 1
-    reference = reader.features(real_images(n, size, REFERENCE_SEED)).numpy()
+    reference = embed(real_images(n, size, REFERENCE_SEED)).numpy()
     result = {
         "n": n,
         "adherence": adherence(images, prompts, reader),
-        "frechet_distance": round(frechet_distance(reader.features(images).numpy(), reference), 4),
-        "frechet_floor": round(frechet_distance(reader.features(real_images(n, size, seed)).numpy(), reference), 4),
-        "feature_space": "attribute reader",
+        "frechet_distance": round(frechet_distance(embed(images).numpy(), reference), 4),
+        "frechet_floor": round(frechet_distance(embed(real_images(n, size, seed)).numpy(), reference), 4),
+        "feature_space": space,
         "sampler": sampler, "steps": steps, "seed": seed,
         "cfg_scale": cfg_scale if cfg_scale is not None else model.default_cfg_scale,
     }

@@ -152,6 +152,13 @@ class DiffusionModel:
             part.to(device)
         return self
 
+    def load_textual_inversion(self, spec, token: str | None = None, *, allow_pickle: bool = False) -> list[str]:
+        """Add a textual inversion embedding (`FILE[:TOKEN]`; see models/embeddings.py) to the tokenizer and
+        text encoder, as diffusers' `load_textual_inversion` does; returns its tokens."""
+        from difflab.models.embeddings import load_embedding
+
+        return load_embedding(self, spec, token, allow_pickle=allow_pickle)
+
     def modules(self) -> list[torch.nn.Module]:
         """Every network the model holds."""
         parts = [self.denoiser]

@@ -16,6 +16,7 @@ import logging
 import torch
 
 from difflab.errors import ModelError
+from difflab.models.embeddings import expand_tokens
 from difflab.models.prompt_syntax import Piece, parse_prompt, plain_text
 
 log = logging.getLogger("difflab")
@@ -43,18 +44,23 @@ class PromptEncoder:
     def length(self, prompt: str, long: bool = True) -> int:
         """How long the embedding sequence of `prompt` is: the tokenizer's length, or (with `long`)
         a multiple of it for a prompt of several chunks. Raises InputError on bad syntax."""
-        segments = parse_prompt(prompt)
+        segments = self.parse(prompt)
         if not long or self._fits(plain_text(segments)):
             return self.max_tokens
         provider = self._compel(long).conditioning_provider
         return sum(len(provider.get_token_ids_and_expand_weights([t for t, _ in segment], [w for _, w in segment],
                                                                 device="cpu")[0]) for segment in segments)
 
+    def parse(self, prompt: str) -> list[list[Piece]]:
+        """`prompt` read in A1111's syntax, each textual inversion token of several vectors written out as
+        all of them (as diffusers' pipelines do before tokenizing)."""
+        return parse_prompt(expand_tokens([prompt], self.tokenizer)[0])
+
     def warn_truncated(self, prompts: list[str]) -> None:
         """One short line per prompt that the tokenizer's limit cuts (for models that take no longer
         context): how many tokens are dropped, and the first of their words."""
         for prompt in dict.fromkeys(prompts):
-            text = " ".join(text for segment in parse_prompt(prompt) for text, _ in segment)
+            text = " ".join(text for segment in self.parse(prompt) for text, _ in segment)
             ids = self.tokenizer(text, verbose=False).input_ids[1:-1]  # without the start and end tokens
             kept = self.max_tokens - 2
             if len(ids) <= kept:
@@ -74,7 +80,7 @@ class PromptEncoder:
         A1111 and compel pad). With `long` False, each prompt is cut to one chunk (as diffusers does)."""
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ModelError("prompts must be a list of strings")
-        parsed = [parse_prompt(p) for p in prompts]
+        parsed = [self.parse(p) for p in prompts]
         texts = [plain_text(segments) for segments in parsed]
         plain = [i for i, text in enumerate(texts) if text is not None and (not long or self._fits(text))]
         out: list[torch.Tensor | None] = [None] * len(prompts)

@@ -325,3 +325,55 @@ def set_card_rows(card: str, rows: dict[str, str]) -> str:
             end += 1
             lines.insert(end, row)
     return "\n".join(lines)
+
+
+def textual_inversion_card(name: str, base_model: str, *, token: str, training: dict | None = None) -> str:
+    """The README.md of a textual inversion folder (`learned_embeds.safetensors`): the token, the base model
+    it was learnt on, and how to use it with difflab and with plain diffusers."""
+    training = training or {}
+    hub_base = _is_hub_id(base_model)
+    vectors = training.get("num_vectors", 1)
+    rows = [("base model", f"`{base_model}`" + ("" if hub_base else " (a local folder)")),
+            ("token", f"`{token}` ({vectors} vector{'s' * (vectors > 1)}, started from `{training.get('init_word')}`)"),
+            ("learnt from", f"{training.get('images', '?')} images, {training.get('what', 'object')} captions")]
+    if "steps" in training:
+        rows.append(("training", f"{training['steps']:,} optimizer steps"
+                                 + (f", {training['minutes']:.1f} minutes on {training.get('device', '?')}"
+                                    if "minutes" in training else "")))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    front = [("library_name", "diffusers"), ("pipeline_tag", "text-to-image")]
+    if hub_base:
+        front.append(("base_model", base_model))
+    tags = ["text-to-image", "diffusers", "textual_inversion", "difflab"]
+    metadata = "\n".join(f"{k}: {v}" for k, v in front) + "\ntags:\n" + "".join(f"- {t}\n" for t in tags)
+    prompt = f"a photo of {token}" if training.get("what") != "style" else f"a painting in the style of {token}"
+    return f"""---
+{metadata}---
+
+# {name}
+
+A textual inversion embedding (a new word for the text encoder) for the text-to-image model `{base_model}`, made
+with difflab. Only the token's embedding rows were trained: the model itself is unchanged.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+With difflab:
+
+```bash
+difflab sample --model {base_model} --embedding "{name}" --prompt "{prompt}" -n 4 --out grid.png
+```
+
+With plain diffusers:
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe.load_textual_inversion("{name}")
+image = pipe("{prompt}").images[0]
+```
+"""

@@ -136,7 +136,10 @@ def pipeline_kind(folder: Path, spec) -> str | None:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         return None
-    kind = _read_json(index_file).get("_class_name", "?")
+    kind = _read_json(index_file).get("_class_name")
+    if not isinstance(kind, str) or not kind:
+        raise ModelError(f"{index_file} names no pipeline class (_class_name); the model folder {spec} is damaged: "
+                         "save or download it again")
     if kind in PIXEL_PIPELINES or is_stable_diffusion(kind):
         return kind
     raise ModelError(f"{spec} holds a {kind}; difflab runs DDPMPipeline/DDIMPipeline folders and the Stable "
@@ -155,9 +158,24 @@ def unet_folder(folder: Path, spec) -> Path:
     from difflab.pipelines.lora import LORA_WEIGHTS
 
     if (folder / LORA_WEIGHTS).is_file():
+        base = lora_run_base(folder)
         raise ModelError(f"{spec} holds a LoRA, which adapts a base model: give the base model and the LoRA, "
-                         f"as in --model BASE --lora {spec}")
+                         f"as in --model {base or 'BASE'} --lora {spec} (difflab sample and difflab demo take both)")
     raise ModelError(f"{spec} has no UNet (no unet/config.json); is it a diffusers DDPMPipeline folder?")
+
+
+def lora_run_base(folder: Path) -> str | None:
+    """The base model a LoRA run (whose model/ is `folder`) was trained on, as its config.toml names it."""
+    import tomllib
+
+    config = folder.parent / "config.toml"
+    if folder.name != "model" or not config.is_file():
+        return None
+    try:
+        base = tomllib.loads(config.read_text(encoding="utf-8")).get("model", {}).get("base")
+    except (OSError, UnicodeError, tomllib.TOMLDecodeError):
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def pickled_weights(unet_dir: Path, allow_pickle: bool) -> Path | None:

@@ -102,8 +102,9 @@ def folder_kind(folder: Path) -> str:
         raise HubError(f"{folder} is a file; give the folder that holds it")
     if (folder / RUN_CONFIG).is_file():
         if not (folder / RUN_MODEL).is_dir():
-            raise HubError(f"{folder} is a run folder without a model/ yet (the model is saved when training "
-                           f"ends); finish it with 'difflab train --out {folder} --resume', then push")
+            from difflab.files import unfinished_run
+
+            raise HubError(unfinished_run(folder, ", so there is nothing to push yet"))
         return "run"
     if (folder / "app.py").is_file() and "sdk" in front_matter(_read_card(folder))[0]:
         return "space"

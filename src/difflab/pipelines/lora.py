@@ -15,7 +15,8 @@ each: the output of a projection is W·x + Σ weightᵢ·(αᵢ/rᵢ)·Bᵢ·A�
 
 Before anything is loaded, the file is checked against the model: a file that is not a LoRA, or whose
 layers are missing from this model or have other widths (a LoRA made for another base model), is a
-one-line `ModelError` that names the layers that do not fit, and the model is left as it was.
+one-line `ModelError` that names the layers that do not fit, and the model is left as it was; so is
+one whose values are damaged (NaN, infinite or absurd: `models/weights.py`), named as damaged.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
 from difflab.models.model import DiffusionModel
+from difflab.models.weights import check_weights
 
 log = logging.getLogger("difflab")
 
@@ -50,8 +52,7 @@ def add_lora(model: DiffusionModel, rank: int = 4, alpha: float | None = None, *
     from peft import LoraConfig
 
     check_attention(model)
-    if not (isinstance(rank, int) and rank >= 1):
-        raise ConfigError(f"the LoRA rank must be a whole number of at least 1 (got {rank})")
+    check_rank(model, rank, text_encoder=text_encoder)
     alpha = float(rank if alpha is None else alpha)
     if not alpha > 0:
         raise ConfigError(f"the LoRA alpha must be more than 0 (got {alpha})")
@@ -67,6 +68,27 @@ def add_lora(model: DiffusionModel, rank: int = 4, alpha: float | None = None, *
             LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                        target_modules=list(TEXT_ENCODER_TARGETS)), adapter_name=name)
     return lora_parameters(model)
+
+
+def check_rank(model: DiffusionModel, rank, *, text_encoder: bool = False) -> None:
+    """A rank of at least 1 and at most the width of the narrowest layer it adapts: an adapter's update
+    B·A has rank min(rank, in, out), so a larger rank adds weights and time (it made a tiny run take
+    40 s a step and 1.7 GB), never capacity."""
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise ConfigError(f"--lora-rank must be a whole number of at least 1 (got {rank})")
+    networks = {"unet": (model.unet, UNET_TARGETS)}
+    if text_encoder and model.prompts is not None:
+        networks["text_encoder"] = (model.prompts.text_encoder, TEXT_ENCODER_TARGETS)
+    widths = [(min(_width(module, "A"), _width(module, "B")), f"{part}.{name}")
+              for part, (network, targets) in networks.items()
+              for name, module in network.named_modules()
+              if name.endswith(targets) and _width(module, "A") is not None]
+    if widths:
+        narrowest, where = min(widths)
+        if rank > narrowest:
+            raise ConfigError(f"--lora-rank {rank} is more than the width of the layers it adapts (the narrowest, "
+                              f"{where}, is {narrowest} wide): a larger rank adds time and size, not capacity; use "
+                              f"--lora-rank {narrowest} or less (4 to 64 is typical)")
 
 
 def lora_parameters(model: DiffusionModel, name: str | None = None) -> list:
@@ -220,6 +242,7 @@ def apply_lora(model: DiffusionModel, spec: str | Path, scale: float = 1.0, *, a
         raise ModelError(f"this model already has a LoRA adapter named {name!r}")
     state_dict, kwargs = _read(pipe, source)
     check_fits(model, state_dict, source.label)
+    check_weights(state_dict, source.label)  # NaN or infinite weights would give black images, with exit 0
     with quiet_diffusers(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Already found a `peft_config`")  # peft's note on a second adapter
         try:
@@ -261,6 +284,20 @@ def set_lora_weights(model: DiffusionModel, weights: dict[str, float]) -> None:
     current.update({k: check_scale(v) for k, v in weights.items()})
     with quiet_diffusers():
         lora_pipeline(model).set_adapters(list(current), adapter_weights=list(current.values()))
+
+
+def use_lora(model: DiffusionModel, name: str | None, scale: float = 1.0) -> None:
+    """Make adapter `name` the only active one, with weight `scale`; None: no adapter (the base model). The
+    others stay loaded: the demo switches between LoRAs per request this way, without reading files again."""
+    pipe = lora_pipeline(model)
+    with quiet_diffusers():
+        if name is None:
+            pipe.disable_lora()
+            return
+        if name not in adapter_weights(model):
+            raise ModelError(f"no LoRA adapter named {name!r}; this model has {', '.join(adapter_weights(model))}")
+        pipe.enable_lora()
+        pipe.set_adapters([name], adapter_weights=[check_scale(scale)])
 
 
 def adapter_weights(model: DiffusionModel) -> dict[str, float]:

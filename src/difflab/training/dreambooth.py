@@ -57,6 +57,9 @@ def check_settings(config: DreamBoothConfig) -> DreamBoothConfig:
     if d.prior_preservation and not (d.class_prompt or d.class_data):
         raise ConfigError('--prior-preservation needs the class: give --class-prompt (such as "a photo of dog") to '
                           "generate class images, or --class-data FOLDER")
+    count_images(d.instance_data, "--instance-data")  # before the base model loads and the run folder is written
+    if d.prior_preservation and d.class_data:
+        count_images(d.class_data, "--class-data")
     return dataclasses.replace(config, data=dataclasses.replace(config.data, spec=d.instance_data))
 
 
@@ -107,9 +110,17 @@ def check_token(instance_prompt: str, class_prompt: str | None, tokenizer) -> st
     """The subject's token (the first subject word that is not a frequent token), or None after a warning
     that says how the tokenizer splits the prompt: training would rewrite a word the model knows."""
     words = subject_words(instance_prompt, class_prompt)
-    for word in words:
-        if common_word(word, tokenizer) is None:
-            return word
+    rare = [word for word in words if common_word(word, tokenizer) is None]
+    if len(rare) == 1 or (rare and class_prompt):
+        return rare[0]
+    if rare:  # no class prompt, and several words new to the tokenizer ("photo", "sks", "star" to a small one)
+        order = re.findall(r"[\w'-]+", instance_prompt.lower())
+        if len(order) >= 2 and order[-2] in rare:
+            return order[-2]  # DreamBooth's "[token] [class noun]": the word before the last
+        log.warning("the instance prompt %r has several words the tokenizer does not know (%s), and which names the "
+                    "subject cannot be told; give --class-prompt (the prompt without the token) so that it can",
+                    instance_prompt, ", ".join(rare))
+        return None
     pieces = [tokenizer.convert_ids_to_tokens(tokenizer(w, add_special_tokens=False).input_ids)
               for w in re.findall(r"[\w'-]+", instance_prompt.lower())]
     split = ", ".join(" + ".join(p) for p in pieces)

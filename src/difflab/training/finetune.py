@@ -38,10 +38,11 @@ def load_base(config: TrainConfig) -> DiffusionModel:
         # the VAE stays as it is; the text encoder trains only when asked (as in diffusers' scripts)
         base.codec.vae.requires_grad_(False)
         base.prompts.text_encoder.requires_grad_(bool(config.model.train_text_encoder))
-    elif config.model.lora_rank:
-        from difflab.pipelines.lora import check_attention
+    if config.model.lora_rank:  # before the run folder is touched: a rank that cannot work is refused now
+        from difflab.pipelines.lora import check_attention, check_rank
 
         check_attention(base)  # says why a pixel model takes no LoRA
+        check_rank(base, config.model.lora_rank, text_encoder=bool(config.model.train_text_encoder))
     base.denoiser.train()
     return base
 

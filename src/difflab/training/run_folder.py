@@ -19,6 +19,8 @@ from difflab.errors import RunFolderError
 from difflab.files import atomic_path, write_text_atomic
 from difflab.training.checkpoints import find_latest
 
+TOKENIZER = "tokenizer"  # learnt from a text run's captions before training (training/text_model.py)
+
 
 class RunFolder:
     def __init__(self, root: str | Path):
@@ -30,6 +32,7 @@ class RunFolder:
         self.checkpoints = self.root / "checkpoints"
         self.model = self.root / "model"
         self.vae_stage = self.root / "vae"
+        self.created = False  # whether prepare() made the folder (a refused start then removes it)
 
     def holds_run(self) -> bool:
         return self.config.is_file()
@@ -95,10 +98,13 @@ class RunFolder:
         barrier()  # every process has looked before the main one changes anything
         if write:
             try:
+                self.created = not self.root.exists()
                 if occupied and overwrite:
                     shutil.rmtree(self.root)
                 elif checkpoint is None:
                     self.metrics.unlink(missing_ok=True)  # a header without rows, from a run that never trained
+                    if not resume:  # learnt from the captions of a start that never trained: not this run's
+                        shutil.rmtree(self.root / TOKENIZER, ignore_errors=True)
                 self.root.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.config, dumps_config(config))
             except OSError as e:
@@ -107,6 +113,22 @@ class RunFolder:
                     "make it writable or choose another --out"
                 ) from None
         return checkpoint
+
+    def discard_unstarted(self) -> None:
+        """After a start refused before its first step: remove what setting up wrote (config.toml, a
+        header-only metrics.csv, the tokenizer learnt from the captions, empty folders), and the folder
+        itself if this run made it, so that nothing is left behind. A folder holding anything else (a VAE
+        stage, class images, checkpoints: work) is left as it is."""
+        if not self.root.is_dir() or self.work_done():
+            return
+        setup = {self.config.name, self.metrics.name, TOKENIZER}
+        entries = [p for p in self.root.iterdir() if not _leftover(p)]
+        if any(p.name not in setup and not (p.is_dir() and not any(p.rglob("*"))) for p in entries):
+            return  # something of the user's or of the run's work
+        for p in entries:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if self.created:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def stage_started(self) -> bool:
         """Whether an earlier stage (the VAE's) has a checkpoint or its result: a run to resume."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from difflab.data.dataset import mirrored_captions, pick, with_groups
 from difflab.models.conditioning import Conditioning
+from difflab.models.embeddings import expand_tokens
 from difflab.models.text import PromptEncoder
 from difflab.progress import progress_bar
 
@@ -50,6 +51,7 @@ class CaptionTokens:
     def __call__(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         dropped = (torch.rand(len(captions), generator=generator) < self.dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, dropped)]
+        captions = expand_tokens(captions, self.tokenizer)  # a learnt token of several vectors: all of them
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 

@@ -27,13 +27,14 @@ from difflab.models.denoiser import Denoiser
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.text import PromptEncoder
 from difflab.models.text_presets import TextPreset, text_preset
+from difflab.training.run_folder import TOKENIZER
 
 if TYPE_CHECKING:
     from difflab.training.autoencoder import VaeReport
 
 log = logging.getLogger("difflab")
 
-TOKENIZER_FOLDER = "tokenizer"
+TOKENIZER_FOLDER = TOKENIZER  # in the run folder
 PIXEL_SPACE = "none"  # --vae none
 MAX_TOKENS = 77  # CLIP's; a tokenizer learnt here is shorter when the captions are (see prompt_length)
 
@@ -61,7 +62,37 @@ class TextModelParts:
         return rows
 
 
-def build_text_model(config, data, run_root: Path, accelerator, clock) -> TextModelParts:
+@dataclass
+class GivenParts:
+    """What a new text model is given rather than made: --text-encoder (tokenizer, text encoder) and --vae."""
+
+    text: tuple | None
+    vae: object | None
+
+
+def given_text_parts(config, data) -> GivenParts:
+    """The given text encoder and VAE, loaded, and the image size checked against the VAE's factor (the
+    given VAE's, or the one this run would train) and the UNet's levels: all before the run folder is
+    written and before a VAE stage trains for minutes."""
+    m = config.model
+    preset = text_preset(m.preset)
+    text = load_text_encoder(m.text_encoder, f"--text-encoder {m.text_encoder}") if m.text_encoder else None
+    if (m.vae or "").lower() == PIXEL_SPACE:  # the UNet works on the images: what the latent space buys is
+        check_image_size(data.image_size, unet_factor(preset), "the UNet")  # measured against this
+        return GivenParts(text, None)
+    vae = load_vae(m.vae) if m.vae else None
+    codec = LatentCodec(vae) if vae is not None else None
+    check_sizes(data.image_size, codec.factor if codec else preset.vae_factor, preset,
+                m.vae or "the VAE this run trains")
+    return GivenParts(text, vae)
+
+
+def unet_factor(preset: TextPreset) -> int:
+    return 2 ** (len(preset.unet_channels) - 1)
+
+
+def build_text_model(config, data, run_root: Path, accelerator, clock, given: GivenParts | None = None
+                     ) -> TextModelParts:
     """The model a text run trains, with its VAE stage run first when it has no --vae."""
     from diffusers import UNet2DConditionModel
 
@@ -69,18 +100,22 @@ def build_text_model(config, data, run_root: Path, accelerator, clock) -> TextMo
 
     m = config.model
     preset = text_preset(m.preset)
-    tokenizer, text_encoder, trained_here = text_components(m.text_encoder, data.captions, run_root, preset,
-                                                            config.run.seed)
+    given = given or given_text_parts(config, data)
+    if given.text is not None:
+        (tokenizer, text_encoder), trained_here = given.text, False
+    else:
+        tokenizer, text_encoder, trained_here = text_components(None, data.captions, run_root, preset,
+                                                                config.run.seed)
     pixel = (m.vae or "").lower() == PIXEL_SPACE
     if pixel:  # the UNet works on the images themselves: what the latent space buys is measured against this
         codec, report = None, None
-        check_image_size(data.image_size, 2 ** (len(preset.unet_channels) - 1), "the UNet")
         side, channels = data.image_size, 3
     else:
-        vae, report = vae_component(config, data, run_root, accelerator, preset, clock)
+        vae, report = (given.vae, None) if given.vae is not None else vae_component(config, data, run_root,
+                                                                                     accelerator, preset, clock)
         vae.requires_grad_(False)
         codec = LatentCodec(vae)
-        check_sizes(data.image_size, codec, preset, m.vae or "the VAE")
+        check_sizes(data.image_size, codec.factor, preset, m.vae or "the VAE")
         side, channels = data.image_size // codec.factor, codec.channels
     with torch.random.fork_rng():
         torch.manual_seed(config.run.seed)
@@ -143,16 +178,57 @@ def load_text_encoder(spec: str | Path, what: str | None = None):
     if path.exists() and not local:
         raise ModelError(f"--text-encoder {spec} is a file; give the folder that holds the text encoder")
     nested = (path / "text_encoder").is_dir() if local else True
+    if local:
+        check_tokenizer_files(path / "tokenizer" if nested else path, what or spec)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # loading takes a moment; its bar is not the user's business
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(path if local else spec),
                                                   subfolder="tokenizer" if nested else "")
         text_encoder = CLIPTextModel.from_pretrained(str(path if local else spec),
                                                      subfolder="text_encoder" if nested else "", use_safetensors=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load a CLIP text encoder and tokenizer from {what or spec} ({reason}); give a "
-                         "Stable Diffusion folder or a folder with tokenizer/ and text_encoder/") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        from difflab.pipelines.damage import first_line, part_problem
+
+        problem = None
+        if local:  # name the part that does not load, and why (the libraries do not)
+            parts = (("tokenizer", "CLIPTokenizer"), ("text_encoder", "CLIPTextModel"))
+            problem = next((f"its {name}/ {p}" for name, cls in parts
+                            if (p := part_problem(path / name if nested else path, "transformers", cls))), None)
+        if problem:
+            raise ModelError(f"cannot load the text encoder of {what or spec}: {problem}; the folder is damaged: save "
+                             "or download it again") from None
+        raise ModelError(f"cannot load a CLIP text encoder and tokenizer from {what or spec} ({first_line(e)}); give "
+                         "a Stable Diffusion folder or a folder with tokenizer/ and text_encoder/") from None
+    check_tokenizer_fits(tokenizer, text_encoder, what or spec)
     return tokenizer, text_encoder.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a CLIP tokenizer is one or the other (with merges.txt)
+
+
+def check_tokenizer_files(folder: Path, what) -> None:
+    """A text encoder comes with the tokenizer it was trained with: transformers makes an empty one (two
+    tokens, no length limit) from a folder that has none, which fails at the first prompt."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        where = "a tokenizer/ folder beside its text_encoder/" if folder.name == "tokenizer" else "its tokenizer files"
+        raise ModelError(f"{what} has no tokenizer ({folder} holds no {' or '.join(TOKENIZER_FILES)}); give the "
+                         f"folder with {where}: a text encoder reads only the tokens of the tokenizer it was "
+                         "trained with")
+
+
+def check_tokenizer_fits(tokenizer, text_encoder, what) -> None:
+    """The tokenizer's ids and length fit the text encoder's embeddings."""
+    config = text_encoder.config
+    if len(tokenizer) > config.vocab_size:
+        raise ModelError(f"the tokenizer of {what} has {len(tokenizer)} tokens and its text encoder embeds "
+                         f"{config.vocab_size}: they do not belong together; give the text encoder's own tokenizer")
+    if tokenizer.model_max_length > config.max_position_embeddings:
+        if tokenizer.model_max_length < 10**6:  # a length set, and wrong
+            raise ModelError(f"the tokenizer of {what} takes prompts of {tokenizer.model_max_length} tokens and its "
+                             f"text encoder {config.max_position_embeddings}: give the text encoder's own tokenizer")
+        tokenizer.model_max_length = config.max_position_embeddings  # unset in tokenizer_config.json
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -180,7 +256,6 @@ def vae_component(config, data, run_root: Path, accelerator, preset: TextPreset,
     done = finished_vae(run_root)
     if done is not None:
         return done
-    check_image_size(data.image_size, preset.vae_factor, "the VAE this run trains")
     log.info("VAE stage: training an AutoencoderKL (latents ×%d smaller, %d channels) for %d steps",
              preset.vae_factor, preset.latent_channels, config.vae.steps)
     return VaeStage(config, data, run_root, accelerator, preset, clock).run()
@@ -215,13 +290,12 @@ def check_image_size(image_size: int, factor: int, what: str) -> None:
                          f"by: use --image-size {nearest}")
 
 
-def check_sizes(image_size: int, codec: LatentCodec, preset: TextPreset, vae_name: str) -> None:
-    """The VAE's factor divides the image, and the UNet's levels divide the latents; the VAE's latents
-    have the channels the UNet is built for."""
-    check_image_size(image_size, codec.factor, vae_name)
-    unet_factor = 2 ** (len(preset.unet_channels) - 1)
-    latent = image_size // codec.factor
-    if latent % unet_factor or latent < unet_factor:
+def check_sizes(image_size: int, factor: int, preset: TextPreset, vae_name: str) -> None:
+    """The VAE's factor divides the image, and the UNet's levels divide the latents."""
+    check_image_size(image_size, factor, vae_name)
+    levels = unet_factor(preset)
+    latent = image_size // factor
+    if latent % levels or latent < levels:
         raise ModelError(f"{vae_name} makes {latent}×{latent} latents of {image_size} px images, and the UNet halves "
-                         f"them {len(preset.unet_channels) - 1} times, so they must be a multiple of {unet_factor}: "
-                         f"use --image-size {codec.factor * unet_factor * max(1, -(-latent // unet_factor))}")
+                         f"them {len(preset.unet_channels) - 1} times, so they must be a multiple of {levels}: "
+                         f"use --image-size {factor * levels * max(1, -(-latent // levels))}")

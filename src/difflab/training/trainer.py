@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -43,6 +44,7 @@ from difflab.training.text_model import (
     TextModelParts,
     build_text_model,
     check_same_tokenizer,
+    given_text_parts,
     tokenizer_fingerprint,
 )
 
@@ -100,12 +102,32 @@ class MicroBatch:
 DataMaker = Callable[[TrainConfig, DiffusionModel, RunFolder], ImageDataset]
 
 
+class TrainedPart(Protocol):
+    """What trains when it is neither the whole network nor LoRA on it (textual inversion's new token rows):
+    made from the settled config and the pretrained model by a `PartMaker`, after which only its parameters
+    require gradients. A checkpoint holds only its tensors (and their optimizer state), and the run's model
+    is what it saves."""
+
+    text_encoder_in_step: bool  # the step runs the text encoder forward (its output is not a ready input)
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def save(self, folder: Path, model: DiffusionModel) -> None: ...
+
+
+PartMaker = Callable[[TrainConfig, DiffusionModel], TrainedPart]
+
+
 def settle_settings(config: TrainConfig, made_data: bool = False
                     ) -> tuple[TrainConfig, ImageDataset | None, DiffusionModel | None]:
     """The run's complete settings, its data and (fine-tuning) the pretrained model. They are decided
     together: the data fills in the image size and channels left to it; with --from, the pretrained
     model decides the network, schedule, image size and channels, and the data is fitted to it.
     `made_data`: the data comes from a DataMaker once the run folder is ready (None is returned for it)."""
+    if config.run.sample_prompts is not None:
+        validation_prompts(config.run, None)  # an empty --sample-prompts is refused before any work
     config, data, base = settings_and_data(config, made_data)
     return resolve_timestep_shift(config), data, base
 
@@ -130,6 +152,9 @@ def settings_and_data(config: TrainConfig, made_data: bool
         return fine_tuning_settings(config)
     if made_data:
         raise ConfigError("training data made for the run needs a pretrained model to start from (--from)")
+    if config.model.lora_rank:  # adapters on new random weights, with the weights themselves frozen, learn nothing
+        raise ConfigError("--lora-rank trains adapters on a pretrained text-to-image model: give that model with "
+                          "--from (a new model trains every weight)")
     d, text = config.data, config.model.conditioning == "text"
     if text and d.channels == 1:
         raise DataError("--conditioning text makes RGB models (the VAE takes 3 channels); leave out --channels 1")
@@ -180,24 +205,43 @@ class Trainer:
     `clock` (seconds) measures training time for --minutes and images/s; tests inject one."""
 
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None):
+                 clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None,
+                 trained: PartMaker | None = None):
         config.validate()
         if config.run.sample_prompts:  # their syntax, before the run folder is made
             validation_prompts(config.run, None)
         check_tracker(config.run.log_with)
         self.accelerator = make_accelerator(config, out)
         self.config, made, base = settle_settings(config, made_data=data is not None)
+        # a new text model's given VAE and text encoder, loaded, and its sizes checked: before the run folder
+        # is touched and before its VAE stage trains for minutes
+        given = given_text_parts(self.config, made) if base is None and self.config.model.conditioning == "text" \
+            else None
         self.run = RunFolder(out)
         checkpoint = self.prepare_run_folder(resume=resume, overwrite=overwrite)
-        if data is not None:
-            made, base = self.made_data(data, base)
+        try:
+            self.set_up(made, base, data, trained, given, checkpoint, clock)
+        except BaseException:
+            # a start refused before its first step leaves nothing behind, so the corrected command runs as
+            # it is (a stage that trained, generated class images or a checkpoint are kept: they are work)
+            if checkpoint is None and self.accelerator.is_main_process:
+                self.run.discard_unstarted()
+            raise
+
+    def set_up(self, made, base, maker: DataMaker | None, trained: PartMaker | None, given, checkpoint: Path | None,
+               clock) -> None:
+        """The rest of __init__, once the run folder is ready: the model, reporting, optimizer, data order and
+        the checkpoint to resume from."""
+        if maker is not None:
+            made, base = self.made_data(maker, base)
         data = made
         self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
         if base is not None and base.prompts is not None:
             self.text = TextModelParts(base, bool(self.config.model.train_text_encoder), None)
-        self.model = base or self.new_model(data, clock)
+        self.model = base or self.new_model(data, clock, given)
         if self.config.model.lora_rank:
             self.add_lora()
+        self.part = trained(self.config, self.model) if trained is not None else None
         self.describe_training(data)
         self.start_reporting(data)
         self.params, self.optimizer, self.ema = self.make_optimizer()
@@ -215,7 +259,7 @@ class Trainer:
         # accelerate's wrapper (DDP across processes) syncs the gradients, so the training forward pass goes
         # through it; everything else (samples, checkpoints, the saved model) uses self.model's networks, the
         # same modules with the same weights.
-        trained_text_encoder = self.model.prompts.text_encoder if self.text and self.text.train_text_encoder else None
+        trained_text_encoder = self.model.prompts.text_encoder if self.text_in_step else None
         self.synced_network, self.optimizer = self.accelerator.prepare(
             TrainingNetwork(self.model.denoiser, trained_text_encoder), self.optimizer)
 
@@ -249,10 +293,10 @@ class Trainer:
             raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
         add_lora(self.model, self.config.model.lora_rank, text_encoder=self.text.train_text_encoder)
 
-    def new_model(self, data: ImageDataset, clock) -> DiffusionModel:
+    def new_model(self, data: ImageDataset, clock, given=None) -> DiffusionModel:
         c = self.config
         if c.model.conditioning == "text":
-            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock)
+            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock, given)
             return self.text.model
         names = data.class_names if c.model.conditioning == "class" else None
         return build_model(c.model, data.image_size, data.channels, data.source, c.run.seed, names)
@@ -314,8 +358,15 @@ class Trainer:
         for network in self.model.modules():
             network.eval()
         self.model.denoiser.train()
-        if self.text and self.text.train_text_encoder:
+        if self.text_in_step:
             self.model.prompts.text_encoder.train()
+
+    @property
+    def text_in_step(self) -> bool:
+        """Whether the step runs the text encoder forward: it trains, or a part of it does."""
+        if self.text is None:
+            return False
+        return self.text.train_text_encoder or bool(getattr(self, "part", None) and self.part.text_encoder_in_step)
 
     # ---- where the run stands ----------------------------------------------------------------------
     @property
@@ -387,7 +438,7 @@ class Trainer:
         if self.captions is None:
             return MicroBatch(x0, self.training_labels(batch), noise, timesteps, groups=groups)
         token_ids = self.captions(batch["captions"], self.noise_rng).to(self.accelerator.device)
-        if self.text.train_text_encoder:
+        if self.text_in_step:
             return MicroBatch(x0, None, noise, timesteps, token_ids, groups)
         with torch.no_grad():  # a frozen text encoder: its output is an input
             embeddings = self.model.prompts.text_encoder(token_ids)[0]
@@ -595,7 +646,8 @@ class Trainer:
             return
         optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
         tensors = {
-            "model": self.model.denoiser.state_dict(),
+            # only what trains, when a part of the model does; else the whole network
+            **({"trained": self.part.state_dict()} if self.part else {"model": self.model.denoiser.state_dict()}),
             "optimizer": optimizer_tensors,
             "rng": {f"noise.{rank}": state for rank, state in enumerate(noise_states)},
         }
@@ -620,7 +672,10 @@ class Trainer:
             check_same_tokenizer(state.get("tokenizer"), self.model.prompts.tokenizer, self.run.root)
             if "text_encoder" in tensors:
                 self.model.prompts.text_encoder.load_state_dict(tensors["text_encoder"])
-        self.model.denoiser.load_state_dict(tensors["model"])
+        if self.part is not None:
+            self.part.load_state_dict(tensors["trained"])
+        else:
+            self.model.denoiser.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(checkpoints.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
         if self.ema is not None and "ema" in tensors:
             device = self.accelerator.device
@@ -641,7 +696,9 @@ class Trainer:
                 steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
                 device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay, lr=self.config.optim.lr)
             with self.ema_weights(), self.writing(self.run.model):
-                if self.config.model.lora_rank:
+                if self.part is not None:
+                    self.part.save(self.run.model, self.model)
+                elif self.config.model.lora_rank:
                     self.save_lora()
                 else:
                     card = model_card(self.model, str(self.run.model), dumps_config(self.config))
