@@ -27,12 +27,17 @@ SAY_BEYOND_SECONDS = 60.0
 
 
 def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool, sampler: str = "",
-                   guided: bool = False, what: str = "-n", size: tuple[int, int] | None = None) -> None:
+                   guided: bool = False, what: str = "-n", size: tuple[int, int] | None = None,
+                   offload: bool = False) -> None:
     """Refuse a generation whose images would not fit in memory, and, without `yes`, one estimated to
     take more than an hour (said with the estimate and what to do); one over a minute is said. `size`:
     the images' (width, height) — the requested size, or the one an input image gives (see
     diffusion/request.py `planned_size`); default the model's own. `guided`: two network passes per
-    step (classifier-free guidance)."""
+    step (classifier-free guidance). A latent model's sampling whose estimated peak memory exceeds what
+    its device has free (difflab.memory) is refused too, unless `yes`; `offload`: under model CPU offload."""
+    if model.codec is not None:
+        w, h = size or (model.info.image_size, model.info.image_size)
+        check_sampling_memory(model, min(batch_size, count), h, w, guided=guided, offload=offload, yes=yes)
     info = model.info
     width, height = size or (info.image_size, info.image_size)
     channels = 3 if model.codec is not None else info.channels
@@ -60,6 +65,29 @@ def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool,
     if seconds > SAY_BEYOND_SECONDS:
         log.info("%d images %s× %d steps: about %s on %s (estimated)", count, at, steps, _duration(seconds),
                  model.device.type)
+
+
+def check_sampling_memory(model, batch: int, height: int, width: int, *, guided: bool, offload: bool,
+                          yes: bool) -> None:
+    """Log the estimated peak memory of sampling a batch on the model's device; refuse (unless `yes`)
+    when what it needs beyond the weights already there exceeds the device's free memory, naming the
+    flags that would make it fit."""
+    import logging
+
+    from difflab.memory import ModelShape, check_fits, estimate_sampling, free_memory, sampling_remedies
+
+    shape = ModelShape.of_model(model)
+    flags = dict(height=height, width=width, batch=batch, cfg=guided, offload=offload,
+                 precision="no" if model.dtype == torch.float32 else "fp16")
+    estimate = estimate_sampling(shape, **flags)
+    device = model.device
+    free = free_memory(device)
+    resident = 0 if offload else sum(p.numel() * p.element_size() for part in model.modules()
+                                     for p in part.parameters() if p.device.type == device.type)
+    room = None if free is None else free + resident  # the loaded weights are part of the estimate
+    remedies = (sampling_remedies(shape, room, device.type == "cuda", **flags)
+                if room is not None and estimate.total > room else [])
+    logging.getLogger("difflab").info(check_fits(estimate, device, yes=yes, remedies=remedies, free=room))
 
 
 def _seconds_per_call(model, batch: int, size: tuple[int, int] | None = None) -> float:

@@ -68,4 +68,4 @@ def check_with_model(args, model, per_class: bool = True, prompts: int = 0) -> N
         size = planned_size(model, getattr(args, "image", None), getattr(args, "width", None),
                             getattr(args, "height", None))
     check_workload(model, count, args.steps, args.batch_size, yes=getattr(args, "yes", False), sampler=args.sampler,
-                   guided=guided, size=size)
+                   guided=guided, size=size, offload=getattr(args, "offload", False))

@@ -105,10 +105,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--columns", type=int, help="images per grid row (default: a square grid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                   help="auto (default): bf16 where the device runs it fast (recent GPUs; CPUs with AMX or "
-                        "AVX-512 BF16: twice as fast, images alike within what the seed moves), else full "
-                        "precision; no: always fp32")
-    p.add_argument("--yes", action="store_true", help="start even when the estimate says it would take hours")
+                   help="auto (default): bf16 where the device runs it fast (GPUs from compute capability 8.0; "
+                        "CPUs with AMX or AVX-512 BF16: twice as fast, images alike within what the seed moves), "
+                        "else full precision; no: always fp32. In fp16/bf16 a Stable "
+                        "Diffusion model's weights are held in that type (half the memory; on a GPU its fp16 "
+                        "weight files are fetched where the folder or Hub repo has them)")
+    p.add_argument("--offload", action="store_true",
+                   help="GPUs with little memory: keep the networks on the CPU and move each to the GPU while it "
+                        "runs (model CPU offload, as diffusers' enable_model_cpu_offload); slower, a fraction of "
+                        "the memory")
+    p.add_argument("--yes", action="store_true",
+                   help="start even when the estimate says it would take hours or not fit in memory")
     add_model_loading(p)
     p.set_defaults(run=run)
 
@@ -125,6 +132,7 @@ def run(args) -> int:
     from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
+    from difflab.models.offload import check_offload, offload
     from difflab.pipelines.folder import load_model
     from difflab.pipelines.lora import apply_loras, plan_loras
 
@@ -141,8 +149,15 @@ def run(args) -> int:
     if args.lora_scale and not args.lora:
         raise ConfigError("--lora-scale sets the weights of LoRAs: give them with --lora")
     loras = plan_loras(args.lora, args.lora_scale, allow_pickle=args.allow_pickle) if args.lora else []
-    model = load_model(args.model, allow_pickle=args.allow_pickle, device=pick_device(args.device),
-                       safety_checker=not args.no_safety_checker, config_folder=args.config_folder)
+    device = pick_device(args.device)
+    dtype, variant = half_weights(args.precision, device)
+    if args.offload:
+        check_offload(device)  # before loading
+    model = load_model(args.model, allow_pickle=args.allow_pickle, device="cpu" if args.offload else device,
+                       safety_checker=not args.no_safety_checker, config_folder=args.config_folder, dtype=dtype,
+                       variant=variant)
+    if args.offload:
+        offload(model, device)
     # Which inputs this model takes, before a LoRA or depth estimator is fetched and before the workload is timed
     check_inputs(model, image=args.image, mask=args.mask, depth=args.depth, strength=args.strength,
                  noise_level=args.noise_level, width=args.width, height=args.height, depth_model=args.depth_model)
@@ -153,6 +168,7 @@ def run(args) -> int:
 
         tokens = load_embeddings(model, args.embedding, allow_pickle=args.allow_pickle)
         log.info("textual inversion tokens: %s", ", ".join(tokens))
+    model.freeze()  # sampling only: no parameter requires a gradient
     if args.depth_model:
         from difflab.models.depth import load_depth_estimator
 
@@ -211,6 +227,19 @@ def run(args) -> int:
             save_png(to_pil(image), args.out_dir / f"{args.seed + i:06d}.png", each)
         log.info("and one PNG each in %s", args.out_dir)
     return 0
+
+
+def half_weights(precision: str, device):
+    """(dtype, variant) to load a model with for `precision`: the half type (and, on a GPU, the fp16 weight
+    files) for fp16/bf16, as diffusers' pipelines sample; (None, None) for full precision."""
+    import torch
+
+    from difflab.devices import auto_precision
+
+    if precision == "auto":
+        precision = auto_precision(device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return dtype, ("fp16" if dtype is not None and device.type == "cuda" else None)
 
 
 def read_prompts(args) -> list[str] | None:

@@ -67,8 +67,9 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     `guidance` terms steer every image through x̂₀ (decoded, for latent models), with the gradient
     through x̂₀ only (`guidance_mode="fast"`) or through the network too ("full"). A safety checker
     in the model's folder blacks out flagged images unless `safety_check=False`. `precision` "bf16" or
-    "fp16" runs the networks under autocast (the samplers' arithmetic stays fp32); "auto" picks what
-    runs fast on the model's device (devices.auto_precision); "no" is exact fp32."""
+    "fp16" runs fp32 networks under autocast (the samplers' arithmetic stays fp32); "auto" picks what
+    runs fast on the model's device (devices.auto_precision); "no" is exact fp32. A model loaded in
+    half precision (load_model(dtype=...)) runs in its own type, without autocast's copies."""
     job = prepare(model, count, class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                   cfg_scale=cfg_scale, image=image, mask=mask, depth=depth, strength=strength,
                   noise_level=noise_level, width=width, height=height, blend=blend, prompt_embeds=prompt_embeds,
@@ -83,7 +84,7 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     bar = progress_bar(total=-(-count // batch_size) * run_length, desc=f"sampling ({sampler})",
                        enabled=progress, leave=False)
     out = []
-    with autocast(precision, model.device):
+    with autocast(precision if model.dtype == torch.float32 else "no", model.device):
         for first in range(0, count, batch_size):
             out.append(generate_batch(model, job, scheduler, first, min(batch_size, count - first), bar, steps=steps,
                                       seed=seed, eta=eta, sampler=sampler, guidance=guidance,

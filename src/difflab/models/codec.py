@@ -7,6 +7,8 @@ its own generator, so an image does not depend on the others in its batch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -18,9 +20,11 @@ class LatentCodec:
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.channels = vae.config.latent_channels
 
+    execution_device: torch.device | None = None  # set by models/offload.py
+
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return self.execution_device or next(self.vae.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -37,8 +41,33 @@ class LatentCodec:
         return latents * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in about [-1, 1]."""
-        return self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
+        """Scaled latents -> images in about [-1, 1]. Several images decode one at a time, and an image
+        too large for the device's free memory in tiles (diffusers' VAE slicing and tiling, chosen by
+        difflab.memory.vae_plan): at 512 px one image's decoding holds about 1 GB in fp32, a batch holds
+        that for each image."""
+        from difflab.memory import decode_bytes, free_memory, vae_plan
+
+        channels = self.vae.config.block_out_channels
+        one_image = decode_bytes(latents.shape[-2] * self.factor, latents.shape[-1] * self.factor,
+                                 channels[min(1, len(channels) - 1)], torch.finfo(self.dtype).bits // 8)
+        slicing, tiling = vae_plan(latents.shape[0], one_image, free_memory(self.device))
+        with vae_modes(self.vae, slicing, tiling):
+            return self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
+
+
+@contextmanager
+def vae_modes(vae, slicing: bool, tiling: bool):
+    """The VAE decoding sliced and/or tiled for the duration, as it was afterwards."""
+    saved = {name: getattr(vae, name) for name in ("use_slicing", "use_tiling") if hasattr(vae, name)}
+    if "use_slicing" in saved:
+        vae.use_slicing = slicing
+    if "use_tiling" in saved:
+        vae.use_tiling = tiling
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(vae, name, value)
 
 
 def _latents(encoded, generator):

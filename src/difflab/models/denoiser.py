@@ -54,6 +54,10 @@ class Denoiser(nn.Module):
         """`conditioning` may also be a tensor of class labels (the common case in training)."""
         if conditioning is None or isinstance(conditioning, torch.Tensor):
             conditioning = Conditioning(labels=conditioning)
+        # The sampler's arithmetic stays in x's type (fp32); the UNet runs in its weights' type, which is
+        # fp16/bf16 when the model was loaded for half-precision sampling (no autocast copies).
+        out_dtype, dtype = x.dtype, getattr(self.unet, "dtype", x.dtype)
+        x = x.to(dtype)
         inputs, doors = [x], {}
         labels = conditioning.labels
         if self.class_method is not None and labels is None:
@@ -69,7 +73,8 @@ class Denoiser(nn.Module):
         if conditioning.text is not None:
             doors["encoder_hidden_states"] = conditioning.text.to(x.dtype)
         x = torch.cat(inputs, dim=1) if len(inputs) > 1 else x
-        return self.unet(x, t, **doors).sample
+        out = self.unet(x, t, **doors).sample
+        return out.to(out_dtype) if dtype != out_dtype else out
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Weights outside the UNet (saved beside the diffusers folders)."""

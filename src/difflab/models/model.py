@@ -58,6 +58,7 @@ class DiffusionModel:
     max_noise_level: int | None = None  # the upscaler's: the highest noise level it was trained with
     safety_checker: Any = None  # (StableDiffusionSafetyChecker, its CLIP image processor), run when present
     depth_estimator: Any = None  # (transformers depth model, its image processor), for depth-to-image
+    execution_device: torch.device | None = None  # set by models/offload.py: where the networks run
 
     @property
     def kind(self) -> Variant:
@@ -128,7 +129,23 @@ class DiffusionModel:
 
     @property
     def device(self) -> torch.device:
+        """Where the networks run (and sampling's tensors live): with model CPU offload, the GPU the
+        networks visit in turn, though their weights rest on the CPU."""
+        if self.execution_device is not None:
+            return self.execution_device
         return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The type the UNet's weights are held in (float16/bfloat16 when loaded for half-precision sampling)."""
+        return next(self.denoiser.unet.parameters()).dtype
+
+    def freeze(self) -> DiffusionModel:
+        """For sampling only: every network in eval mode and no parameter requiring a gradient (nothing
+        records operations for a backward pass; guidance's gradients still reach the images)."""
+        for part in self.modules():
+            part.eval().requires_grad_(False)
+        return self
 
     def to(self, device) -> DiffusionModel:
         for part in self.modules():

@@ -60,20 +60,21 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
 
 # ---- loading ---------------------------------------------------------------------------------------
 
-def resolve_model_folder(spec: str | Path, allow_pickle: bool = False) -> Path:
-    """A local model folder (or a run folder's model/), or a Hub id fetched into the HF cache."""
+def resolve_model_folder(spec: str | Path, allow_pickle: bool = False, variant: str | None = None) -> Path:
+    """A local model folder (or a run folder's model/), or a Hub id fetched into the HF cache (its
+    `variant` weights, "fp16", instead of the full-precision ones where the repo has them)."""
     parts = str(spec).split("/")
     is_hub_id = len(parts) == 2 and all(parts) and not str(spec).startswith((".", "~"))
     if is_hub_id and not Path(spec).expanduser().exists():
-        return _download(str(spec), allow_pickle)
+        return _download(str(spec), allow_pickle, variant)
     return local_model_folder(spec)
 
 
-def _download(repo_id: str, allow_pickle: bool) -> Path:
+def _download(repo_id: str, allow_pickle: bool, variant: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, **download_patterns(repo_id, allow_pickle)))
+        return Path(snapshot_download(repo_id, **download_patterns(repo_id, allow_pickle, variant)))
     except Exception as e:  # offline, unknown repo, gated repo: all mean "not available"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(
@@ -88,17 +89,39 @@ PIPELINE_FILES = ["model_index.json", "*.md", "difflab.json", "*/*.json", "*/*.t
 DUPLICATE_WEIGHTS = ["*.fp16.*", "*non_ema*", "*.ema.*", "*.onnx", "*.msgpack", "*.ckpt"]
 
 
-def download_patterns(repo_id: str, allow_pickle: bool) -> dict:
-    """What to fetch of a Hub repo: a pipeline's component folders, or a bare model's files."""
-    from huggingface_hub import hf_hub_download
+def download_patterns(repo_id: str, allow_pickle: bool, variant: str | None = None) -> dict:
+    """What to fetch of a Hub repo: a pipeline's component folders, or a bare model's files. With
+    `variant` ("fp16"), a pipeline's half-precision weights instead of its full-precision ones (half
+    the download), where the repo holds them."""
+    import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
     pickles = ["*.bin"] if allow_pickle else []
     try:
-        hf_hub_download(repo_id, "model_index.json")
+        huggingface_hub.hf_hub_download(repo_id, "model_index.json")
     except EntryNotFoundError:
         return {"allow_patterns": ["*.json", "*.safetensors", "*.md", "*.txt", *pickles]}
+    if variant and f".{variant}." in " ".join(_repo_files(repo_id)):
+        kept = [p for p in PIPELINE_FILES if p != "*/*.safetensors"] + [f"*/*.{variant}.safetensors"]
+        return {"allow_patterns": kept, "ignore_patterns": [p for p in DUPLICATE_WEIGHTS if p != "*.fp16.*"]}
     return {"allow_patterns": PIPELINE_FILES + [f"*/{p}" for p in pickles], "ignore_patterns": DUPLICATE_WEIGHTS}
+
+
+def _repo_files(repo_id: str) -> list[str]:
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.list_repo_files(repo_id)
+    except Exception:  # offline or not allowed: fetch the full-precision weights as without a variant
+        return []
+
+
+def folder_variant(folder: Path, variant: str | None) -> str | None:
+    """`variant` if the folder's UNet has weights of that variant (diffusion_pytorch_model.fp16.safetensors),
+    else None: a folder without half-precision copies loads its full-precision weights, cast."""
+    if variant and any((folder / "unet").glob(f"*.{variant}.safetensors")):
+        return variant
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -218,12 +241,15 @@ def load_unet(unet_dir: Path, allow_pickle: bool, unet_class: str = "UNet2DModel
                          "save or download it again") from None
 
 
-def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu",
-               safety_checker: bool = True, config_folder: str | Path | None = None) -> DiffusionModel:
+def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu", safety_checker: bool = True,
+               config_folder: str | Path | None = None, dtype=None, variant: str | None = None) -> DiffusionModel:
     """A model folder, a run folder or a Hub id: pixel models (DDPMPipeline folders) and the Stable
     Diffusion family (whose safety checker, when the folder has one, runs unless `safety_checker`
     is False); or a single-file Stable Diffusion checkpoint (`model.safetensors`; see
-    pipelines/single_file.py), whose configs come from `config_folder` when given."""
+    pipelines/single_file.py), whose configs come from `config_folder` when given. `dtype`
+    (torch.float16/bfloat16): a Stable Diffusion model's weights held in that type, for sampling in half
+    precision (pixel models stay fp32: they are small, and run under autocast); `variant` ("fp16"): a
+    folder's or Hub repo's half-precision weight files are fetched and read where it has them."""
     from difflab.pipelines.single_file import is_single_file
 
     if is_single_file(spec):
@@ -231,15 +257,19 @@ def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu",
         from difflab.pipelines.stable_diffusion import from_pipeline
 
         pipe, info = load_single_file(spec, allow_pickle=allow_pickle, config_folder=config_folder)
-        return from_pipeline(pipe, str(spec), info).to(device)
+        model = from_pipeline(pipe, str(spec), info)
+        for part in model.modules() if dtype is not None else []:
+            part.to(dtype)
+        return model.to(device)
     if config_folder is not None:
         raise ConfigError(f"--config-folder is for single-file checkpoints (model.safetensors); {spec} is not one")
-    folder = resolve_model_folder(spec, allow_pickle)
+    folder = resolve_model_folder(spec, allow_pickle, variant)
     kind = pipeline_kind(folder, spec)
     if kind is not None and kind not in PIXEL_PIPELINES:
         from difflab.pipelines.stable_diffusion import from_pipeline, load_pipeline
 
-        pipe = load_pipeline(folder, kind, allow_pickle=allow_pickle, safety_checker=safety_checker)
+        pipe = load_pipeline(folder, kind, allow_pickle=allow_pickle, safety_checker=safety_checker, dtype=dtype,
+                             variant=folder_variant(folder, variant))
         info_file = folder / INFO_FILE
         info = ModelInfo.from_json(_read_json(info_file)) if info_file.is_file() else None
         return from_pipeline(pipe, str(spec), info).to(device)

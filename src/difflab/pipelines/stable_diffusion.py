@@ -28,7 +28,7 @@ def is_stable_diffusion(pipeline_class: str) -> bool:
 
 
 def load_pipeline(source: str | Path, pipeline_class: str, *, allow_pickle: bool = False,
-                  safety_checker: bool = True, dtype=None):
+                  safety_checker: bool = True, dtype=None, variant: str | None = None):
     """The diffusers pipeline of a folder or Hub id, with the errors said in one line."""
     import diffusers
     import torch
@@ -40,6 +40,8 @@ def load_pipeline(source: str | Path, pipeline_class: str, *, allow_pickle: bool
         extra["safety_checker"] = None
         if pipeline_class != "StableDiffusionUpscalePipeline":
             extra["requires_safety_checker"] = False
+    if variant:
+        extra["variant"] = variant
     if Path(source).is_dir():
         check_components(Path(source), pipeline_class)
         check_layout(Path(source), pipeline_class)
