@@ -105,7 +105,7 @@ class Estimate:
 
     def describe(self) -> str:
         shown = ", ".join(f"{name} {_gb(size)}" for name, size in self.parts.items() if size >= 0.005 * GB)
-        return f"about {_gb(self.total)} ({shown})"
+        return f"about {_gb(self.total)}" + (f" ({shown})" if shown else "")
 
 
 def weight_bytes(precision: str) -> int:
@@ -187,12 +187,13 @@ def estimate_training(shape: ModelShape, *, height: int, width: int, batch: int 
     return Estimate("training", parts)
 
 
-def training_remedies(shape: ModelShape, free: float, **flags) -> list[str]:
+def training_remedies(shape: ModelShape, free: float, lora_flag: str = "--lora", **flags) -> list[str]:
     """The flags, added one by one in the order diffusers' scripts suggest them, after which the
-    training estimate fits in `free` bytes (empty if nothing listed makes it fit)."""
+    training estimate fits in `free` bytes (empty if nothing listed makes it fit). `lora_flag`: how the
+    command asks for LoRA (dreambooth --lora; train and finetune --lora-rank N)."""
     steps = [("--gradient-checkpointing", {"checkpointing": True}),
              ("--optimizer adamw8bit", {"optimizer": "adamw8bit"}),
-             ("--precision fp16", {"precision": "fp16"}), ("--lora", {"lora": True})]
+             ("--precision fp16", {"precision": "fp16"}), (lora_flag, {"lora": True})]
     chosen, current = [], dict(flags)
     for flag, change in steps:
         if all(current.get(k) == v for k, v in change.items()):
@@ -219,12 +220,13 @@ def sampling_remedies(shape: ModelShape, free: float, on_gpu: bool, **flags) -> 
     return []
 
 
-def check_training_memory(shape: ModelShape, device, *, yes: bool, **flags) -> str:
+def check_training_memory(shape: ModelShape, device, *, yes: bool, lora_flag: str = "--lora", **flags) -> str:
     """For the trainer, one call at its start: the training estimate (`flags` as estimate_training takes
     them) in words, or ConfigError (unless `yes`) naming the flags that would make it fit on `device`."""
     estimate = estimate_training(shape, **flags)
     free = free_memory(device)
-    remedies = training_remedies(shape, free, **flags) if free is not None and estimate.total > free else []
+    remedies = (training_remedies(shape, free, lora_flag, **flags)
+                if free is not None and estimate.total > free else [])
     return check_fits(estimate, device, yes=yes, remedies=remedies, free=free)
 
 

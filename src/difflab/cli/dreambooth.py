@@ -101,7 +101,7 @@ def run(args) -> int:
     from difflab.training.dreambooth import dreambooth
 
     config, out = resolve_config(args)
-    print_run_outputs(config, dreambooth(config, out, resume=args.resume, overwrite=args.overwrite))
+    print_run_outputs(config, dreambooth(config, out, resume=args.resume, overwrite=args.overwrite, yes=args.yes))
     if config.model.lora_rank:
         logging.getLogger("difflab").info("(the command above samples the LoRA applied to its base model; "
                                           "--lora-scale sets its weight)")

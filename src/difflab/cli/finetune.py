@@ -47,5 +47,5 @@ def run(args) -> int:
                           "diffusers DDPMPipeline folder, or a Hub id)")
     if args.out is None:
         out = Path("runs") / f"{data_name(config.data.spec)}-finetune"
-    print_run_outputs(config, train(config, out, resume=args.resume, overwrite=args.overwrite))
+    print_run_outputs(config, train(config, out, resume=args.resume, overwrite=args.overwrite, yes=args.yes))
     return 0

@@ -21,15 +21,18 @@ def add_model_loading(parser) -> None:
 
 
 def add_run_options(parser, out_default: str, config_example: str = "a run's config.toml", *,
-                    resumable: bool = True) -> None:
-    """--out, --config, --resume (for runs that can be resumed) and --overwrite: how a training command
-    finds its run folder and settings."""
+                    resumable: bool = True, memory_check: bool = True) -> None:
+    """--out, --config, --resume (for runs that can be resumed), --overwrite: how a training command
+    finds its run folder and settings; and --yes for the trainer's memory check (`memory_check`)."""
     parser.add_argument("--out", type=Path, help=f"run folder (default: {out_default})")
     parser.add_argument("--config", type=Path, help=f"TOML file of settings (for example {config_example})")
     if resumable:
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in --out from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+    if memory_check:
+        parser.add_argument("--yes", action="store_true",
+                            help="start even when the estimated peak memory exceeds what the device has free")
 
 
 def check_at_least_one(args, names: tuple[str, ...] = ("count", "steps", "batch_size")) -> None:

@@ -28,7 +28,7 @@ def add_train_parser(commands) -> None:
         description="Train the teaching model. Settings come from the defaults, then --config FILE.toml, then the "
                     "flags below; the resolved settings are saved as config.toml in the run folder.",
     )
-    add_run_options(p, "runs/scratch-DATA", "a scratch run's config.toml", resumable=False)
+    add_run_options(p, "runs/scratch-DATA", "a scratch run's config.toml", resumable=False, memory_check=False)
     add_config_flags(p, ScratchConfig)
     p.set_defaults(run=run_train)
 

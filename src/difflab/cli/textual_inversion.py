@@ -80,7 +80,7 @@ def run(args) -> int:
     from difflab.training.textual_inversion import textual_inversion
 
     config, out = resolve_config(args)
-    model_dir = textual_inversion(config, out, resume=args.resume, overwrite=args.overwrite)
+    model_dir = textual_inversion(config, out, resume=args.resume, overwrite=args.overwrite, yes=args.yes)
     log, token = logging.getLogger("difflab"), config.textual_inversion.token
     log.info("embedding: %s  (learned_embeds.safetensors with a model card)", model_dir)
     grids = sorted((out / "samples").glob("step_*.png"))

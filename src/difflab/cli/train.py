@@ -102,5 +102,5 @@ def run(args) -> int:
     from difflab.training.trainer import train
 
     config, out = resolve_config(args)
-    print_run_outputs(config, train(config, out, resume=args.resume, overwrite=args.overwrite))
+    print_run_outputs(config, train(config, out, resume=args.resume, overwrite=args.overwrite, yes=args.yes))
     return 0

@@ -262,13 +262,13 @@ def class_prompt_of(instance_prompt: str, token: str | None) -> str:
 
 @stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def dreambooth(config: DreamBoothConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-               clock: Callable[[], float] = time.perf_counter) -> Path:
+               clock: Callable[[], float] = time.perf_counter, yes: bool = False) -> Path:
     """Teach the base model (`config.model.base`) the subject; returns the saved model folder (a Stable
     Diffusion folder, or for LoRA a folder with pytorch_lora_weights.safetensors)."""
     from difflab.training.trainer import Trainer
 
     config = check_settings(config)
-    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, data=make_data)
+    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, data=make_data, yes=yes)
     try:
         return trainer.fit()
     finally:

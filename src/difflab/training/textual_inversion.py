@@ -210,13 +210,13 @@ class NewTokenRows:
 @stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def textual_inversion(config: TextualInversionConfig, out: str | Path, *, resume: bool = False,
                       overwrite: bool = False, clock: Callable[[], float] = time.perf_counter,
-                      after_step=None) -> Path:
+                      after_step=None, yes: bool = False) -> Path:
     """Teach the base model (`config.model.base`) the token; returns the folder of learned_embeds.safetensors."""
     from difflab.training.trainer import Trainer
 
     config = check_settings(dataclasses.replace(config))
     trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, data=make_data,
-                      trained=NewTokenRows)
+                      trained=NewTokenRows, yes=yes)
     try:
         return trainer.fit(after_step)
     finally:

@@ -184,6 +184,9 @@ def fine_tuning_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset
 
 
 VALIDATION_PROMPTS = 8
+# A run's memory estimate is said from 1 GB: below it the run fits any device difflab trains on (a 4 GB GPU, a
+# laptop), so the line would only be noise on small and test runs; a Stable Diffusion run estimates 3-18 GB.
+SAY_MEMORY_FROM = 1e9
 GRID_BATCH = 64  # the most grid images generated per call (fewer where the VAE's decoder needs the memory)
 
 
@@ -208,8 +211,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                  clock: Callable[[], float] = time.perf_counter, data: DataMaker | None = None,
-                 trained: PartMaker | None = None):
+                 trained: PartMaker | None = None, yes: bool = False):
         config.validate()
+        self.yes = yes  # start even when the memory estimate says the run will not fit (--yes)
         if config.run.sample_prompts:  # their syntax, before the run folder is made
             validation_prompts(config.run, None)
         check_tracker(config.run.log_with)
@@ -234,13 +238,21 @@ class Trainer:
                clock) -> None:
         """The rest of __init__, once the run folder is ready: the model, reporting, optimizer, data order and
         the checkpoint to resume from."""
+        if base is not None:  # a pretrained model: refused before class images are generated for it
+            self.check_memory(base, base.info.image_size, bool(self.config.model.train_text_encoder),
+                              textual_inversion=trained is not None)
         if maker is not None:
             made, base = self.made_data(maker, base)
         data = made
         self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
         if base is not None and base.prompts is not None:
             self.text = TextModelParts(base, bool(self.config.model.train_text_encoder), None)
-        self.model = base or self.new_model(data, clock, given)
+        if base is None:
+            self.model = self.new_model(data, clock, given)
+            self.check_memory(self.model, data.image_size, bool(self.text and self.text.train_text_encoder),
+                              textual_inversion=False)
+        else:
+            self.model = base
         if self.config.model.lora_rank:
             self.add_lora()
         self.part = trained(self.config, self.model) if trained is not None else None
@@ -276,6 +288,33 @@ class Trainer:
                                       barrier=acc.wait_for_everyone)
         acc.wait_for_everyone()  # no process reads the folder before the main one has set it up
         return checkpoint
+
+    def check_memory(self, model: DiffusionModel, image_size: int, trains_text: bool, *,
+                     textual_inversion: bool) -> None:
+        """The run's estimated peak memory on its device (difflab.memory), from the model's parameter counts and
+        the run's flags, before the optimizer and any step: refused (ConfigError naming the flags that would make
+        it fit) when it exceeds the device's free memory, unless --yes. Said in the log from
+        SAY_MEMORY_FROM bytes (small runs stay quiet) or with --yes. Main process only."""
+        from difflab.memory import ModelShape, check_training_memory, estimate_training
+
+        if not self.accelerator.is_main_process:
+            return
+        c = self.config
+        flags = dict(
+            height=image_size, width=image_size, batch=c.optim.batch_size,
+            # textual inversion trains a few embedding rows: like LoRA, a sliver of the weights trains; its
+            # frozen networks stay in fp32 (use_memory_features), so its weights are counted at full size
+            lora=bool(c.model.lora_rank) or textual_inversion, checkpointing=c.optim.gradient_checkpointing,
+            optimizer=c.optim.optimizer, precision="no" if textual_inversion else self.accelerator.mixed_precision,
+            train_text_encoder=trains_text and model.prompts is not None and not textual_inversion,
+            # DreamBooth's prior preservation mixes class images into the data (a batch of 2 holds one of each on
+            # average, training/dreambooth.py make_data) rather than doubling the batch as diffusers' script does
+            prior_preservation=False)
+        shape = ModelShape.of_model(model)
+        said = check_training_memory(shape, self.accelerator.device, yes=self.yes,
+                                     lora_flag="--lora" if hasattr(c, "dreambooth") else "--lora-rank 4", **flags)
+        if self.yes or estimate_training(shape, **flags).total >= SAY_MEMORY_FROM:
+            log.info(said)
 
     def made_data(self, maker: DataMaker, base: DiffusionModel) -> tuple[ImageDataset, DiffusionModel]:
         """The data a DataMaker makes for the run (the main process first: it may write files the others
@@ -783,9 +822,10 @@ class Trainer:
 
 @stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          clock: Callable[[], float] = time.perf_counter) -> Path:
-    """Train a model; returns the folder of the saved model."""
-    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock)
+          clock: Callable[[], float] = time.perf_counter, yes: bool = False) -> Path:
+    """Train a model; returns the folder of the saved model. `yes`: start even when the memory estimate
+    says it will not fit."""
+    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, yes=yes)
     try:
         model_dir = trainer.fit()
     finally:
