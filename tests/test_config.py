@@ -93,7 +93,7 @@ def test_what_a_resumed_run_may_change_is_declared_with_each_setting():
     assert settings_marked(TrainConfig, "resumable") == {
         "data": {"memory_limit_mb"},
         "model": {"allow_pickle"},
-        "optim": {"lr", "warmup_steps", "clip_grad"},
+        "optim": {"lr", "warmup_steps", "clip_grad", "gradient_checkpointing"},  # the same steps, less memory
         "vae": {"steps", "minutes"},
         "run": {f.name for f in dataclasses.fields(RunConfig)} - {"seed"},
     }

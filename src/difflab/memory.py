@@ -19,6 +19,9 @@ from pathlib import Path
 from difflab.errors import ConfigError
 
 GB = 1e9
+# An estimate is said from 1 GB: below it the job fits any device difflab runs on (a 4 GB GPU, a laptop), so
+# the line would only be noise on small and test runs; Stable Diffusion estimates 3-18 GB.
+SAY_MEMORY_FROM = 1 * GB
 HALF = ("fp16", "bf16")
 
 # Working memory, in "full tensors" of the activation that dominates it, measured on SD 1.5's components
@@ -194,28 +197,26 @@ def training_remedies(shape: ModelShape, free: float, lora_flag: str = "--lora",
     steps = [("--gradient-checkpointing", {"checkpointing": True}),
              ("--optimizer adamw8bit", {"optimizer": "adamw8bit"}),
              ("--precision fp16", {"precision": "fp16"}), (lora_flag, {"lora": True})]
-    chosen, current = [], dict(flags)
-    for flag, change in steps:
-        if all(current.get(k) == v for k, v in change.items()):
-            continue
-        current.update(change)
-        chosen.append(flag)
-        if estimate_training(shape, **current).total <= free:
-            return chosen
-    return []
+    return first_fitting(steps, flags, lambda changed: estimate_training(shape, **changed).total <= free)
 
 
 def sampling_remedies(shape: ModelShape, free: float, on_gpu: bool, **flags) -> list[str]:
     """As training_remedies, for sampling: half precision, offload (GPUs only), a smaller batch."""
     steps = [("--precision fp16", {"precision": "fp16"})] + ([("--offload", {"offload": True})] if on_gpu else [])
     steps.append(("--batch-size 1", {"batch": 1}))
+    return first_fitting(steps, flags, lambda changed: estimate_sampling(shape, **changed).total <= free)
+
+
+def first_fitting(steps: list[tuple[str, dict]], flags: dict, fits) -> list[str]:
+    """The flags of `steps` (each a flag and the settings it changes), added one by one to `flags` until
+    `fits(settings)`; empty if even all of them do not make it fit. Steps already in `flags` are skipped."""
     chosen, current = [], dict(flags)
     for flag, change in steps:
         if all(current.get(k) == v for k, v in change.items()):
             continue
         current.update(change)
         chosen.append(flag)
-        if estimate_sampling(shape, **current).total <= free:
+        if fits(current):
             return chosen
     return []
 

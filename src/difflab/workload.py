@@ -74,7 +74,14 @@ def check_sampling_memory(model, batch: int, height: int, width: int, *, guided:
     flags that would make it fit."""
     import logging
 
-    from difflab.memory import ModelShape, check_fits, estimate_sampling, free_memory, sampling_remedies
+    from difflab.memory import (
+        SAY_MEMORY_FROM,
+        ModelShape,
+        check_fits,
+        estimate_sampling,
+        free_memory,
+        sampling_remedies,
+    )
 
     shape = ModelShape.of_model(model)
     flags = dict(height=height, width=width, batch=batch, cfg=guided, offload=offload,
@@ -87,7 +94,9 @@ def check_sampling_memory(model, batch: int, height: int, width: int, *, guided:
     room = None if free is None else free + resident  # the loaded weights are part of the estimate
     remedies = (sampling_remedies(shape, room, device.type == "cuda", **flags)
                 if room is not None and estimate.total > room else [])
-    logging.getLogger("difflab").info(check_fits(estimate, device, yes=yes, remedies=remedies, free=room))
+    said = check_fits(estimate, device, yes=yes, remedies=remedies, free=room)
+    if yes or estimate.total >= SAY_MEMORY_FROM:
+        logging.getLogger("difflab").info(said)
 
 
 def _seconds_per_call(model, batch: int, size: tuple[int, int] | None = None) -> float:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.cli.options import add_run_options
+from difflab.cli.options import add_run_options, starting_config
 from difflab.config import (
     DreamBoothConfig,
     add_config_flags,
     apply_flags,
     dreambooth_defaults,
-    load_config,
     settings_marked,
 )
 from difflab.errors import ConfigError
@@ -77,18 +76,12 @@ def resolve_config(args) -> tuple[DreamBoothConfig, Path]:
     """Defaults (with the learning rate chosen from the base model), then --config, then flags."""
     from difflab.training.dreambooth import base_training_info, default_lr
 
-    if args.config:
-        base = load_config(args.config, DreamBoothConfig)
-    elif args.resume and args.out and (args.out / "config.toml").is_file():
-        base = load_config(args.out / "config.toml", DreamBoothConfig)
-    else:
-        base = dreambooth_defaults()
+    base, fresh = starting_config(args, dreambooth_defaults(), DreamBoothConfig)
     config = apply_flags(base, args)
     if "model.lora_rank" in vars(args) and not args.lora:
         raise ConfigError("--lora-rank is the rank of LoRA adapters: add --lora")
     if args.lora and config.model.lora_rank is None:
         config.model.lora_rank = DEFAULT_RANK
-    fresh = not args.config and not (args.resume and args.out and (args.out / "config.toml").is_file())
     if fresh and "optim.lr" not in vars(args) and config.model.base:
         config.optim.lr = default_lr(base_training_info(config.model.base), bool(config.model.lora_rank))
     return config.validate(), args.out or Path("runs") / "dreambooth"

@@ -10,6 +10,19 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default auto)"
 ALLOW_PICKLE_HELP = "load .bin/.ckpt weights (with torch.load(weights_only=True)) when there are no safetensors"
 
 
+def starting_config(args, defaults, config_class=None):
+    """What a training command's flags then change: --config, else (resuming) the run's own config.toml, so
+    that a run resumes as it was set up, else the command's `defaults`. Returns (config, from_defaults)."""
+    from difflab.config import TrainConfig, load_config
+
+    config_class = config_class or TrainConfig
+    if args.config:
+        return load_config(args.config, config_class), False
+    if args.resume and args.out and (args.out / "config.toml").is_file():
+        return load_config(args.out / "config.toml", config_class), False
+    return defaults, True
+
+
 def add_device(parser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 

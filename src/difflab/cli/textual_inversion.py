@@ -7,12 +7,11 @@ from pathlib import Path
 
 from difflab.cli.dreambooth import HELPS as DREAMBOOTH_HELPS
 from difflab.cli.dreambooth import argparse_suppress
-from difflab.cli.options import add_run_options
+from difflab.cli.options import add_run_options, starting_config
 from difflab.config import (
     TextualInversionConfig,
     add_config_flags,
     apply_flags,
-    load_config,
     settings_marked,
     textual_inversion_defaults,
 )
@@ -65,12 +64,7 @@ def add_parser(subparsers) -> None:
 
 def resolve_config(args) -> tuple[TextualInversionConfig, Path]:
     """Defaults, then --config (or, resuming, the run's own config.toml), then flags."""
-    if args.config:
-        base = load_config(args.config, TextualInversionConfig)
-    elif args.resume and args.out and (args.out / "config.toml").is_file():
-        base = load_config(args.out / "config.toml", TextualInversionConfig)
-    else:
-        base = textual_inversion_defaults()
+    base, _ = starting_config(args, textual_inversion_defaults(), TextualInversionConfig)
     return apply_flags(base, args).validate(), args.out or Path("runs") / "textual-inversion"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from difflab.cli.options import add_run_options
-from difflab.config import TrainConfig, add_config_flags, apply_flags, flag_of, given_flags, load_config
+from difflab.cli.options import add_run_options, starting_config
+from difflab.config import TrainConfig, add_config_flags, apply_flags, flag_of, given_flags
 from difflab.errors import ConfigError
 
 
@@ -31,12 +31,7 @@ def default_out(config: TrainConfig) -> Path:
 
 
 def resolve_config(args, defaults: TrainConfig | None = None) -> tuple[TrainConfig, Path]:
-    if args.config:
-        base = load_config(args.config)
-    elif args.resume and args.out and (args.out / "config.toml").is_file():
-        base = load_config(args.out / "config.toml")  # resume a run as it was set up
-    else:
-        base = defaults or TrainConfig()
+    base, _ = starting_config(args, defaults or TrainConfig())
     config = apply_flags(base, args).validate()
     check_not_set_by_base(config, args)
     return config, args.out or default_out(config)

@@ -230,10 +230,7 @@ def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: d
     if data:
         rows.append(("data", f"`{data}`"))
     training = training or {}
-    if "steps" in training:
-        rows.append(("training", f"{training['steps']:,} optimizer steps"
-                                 + (f", {training['minutes']:.1f} minutes on {training.get('device', '?')}"
-                                    if "minutes" in training else "")))
+    rows += _training_rows(training)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     front = [("library_name", "diffusers"), ("pipeline_tag", "text-to-image")]
     if hub_base:
@@ -336,10 +333,7 @@ def textual_inversion_card(name: str, base_model: str, *, token: str, training: 
     rows = [("base model", f"`{base_model}`" + ("" if hub_base else " (a local folder)")),
             ("token", f"`{token}` ({vectors} vector{'s' * (vectors > 1)}, started from `{training.get('init_word')}`)"),
             ("learnt from", f"{training.get('images', '?')} images, {training.get('what', 'object')} captions")]
-    if "steps" in training:
-        rows.append(("training", f"{training['steps']:,} optimizer steps"
-                                 + (f", {training['minutes']:.1f} minutes on {training.get('device', '?')}"
-                                    if "minutes" in training else "")))
+    rows += _training_rows(training)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     front = [("library_name", "diffusers"), ("pipeline_tag", "text-to-image")]
     if hub_base:
@@ -377,3 +371,11 @@ pipe.load_textual_inversion("{name}")
 image = pipe("{prompt}").images[0]
 ```
 """
+
+
+def _training_rows(training: dict) -> list[tuple[str, str]]:
+    """The card's row of how long a run trained (none where the run did not record its steps)."""
+    if "steps" not in training:
+        return []
+    on = f", {training['minutes']:.1f} minutes on {training.get('device', '?')}" if "minutes" in training else ""
+    return [("training", f"{training['steps']:,} optimizer steps{on}")]

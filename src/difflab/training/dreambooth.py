@@ -138,8 +138,9 @@ def check_token(instance_prompt: str, class_prompt: str | None, tokenizer) -> st
 
 # ---- images ------------------------------------------------------------------------------------------
 
-def count_images(folder: str, what: str) -> int:
-    """The number of image files under `folder`, with one-line errors for none or far too many."""
+def count_images(folder: str, what: str, task: str = "DreamBooth") -> int:
+    """The number of image files under `folder` (given as the flag `what`), with one-line errors for a
+    missing folder or none."""
     from difflab.data.decode import IMAGE_EXTENSIONS
     from difflab.data.folder import list_images
 
@@ -149,7 +150,7 @@ def count_images(folder: str, what: str) -> int:
     count = len(list_images(root).files)
     if count < 1:
         raise DataError(f"no images in {what} folder {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                        "DreamBooth needs at least 1, and 3 to 5 is typical")
+                        f"{task} needs at least 1, and 3 to 5 is typical")
     return count
 
 

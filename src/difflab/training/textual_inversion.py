@@ -99,19 +99,13 @@ def init_token_id(tokenizer, word: str) -> int:
 
 def make_data(config: TextualInversionConfig, base: DiffusionModel, run: RunFolder) -> ImageDataset:
     """Every image with every caption template of --what, filled with the token."""
-    from difflab.data.decode import IMAGE_EXTENSIONS
-    from difflab.data.folder import list_images, load_folder
+    from difflab.data.folder import load_folder
+    from difflab.training.dreambooth import count_images
 
     t, folder = config.textual_inversion, config.data.spec
     if base.prompts is None:
         raise DataError(f"{config.model.base} has no text encoder: textual inversion teaches text-to-image models")
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise DataError(f"--data {folder} is not a folder; give the folder of the subject's images")
-    count = len(list_images(root).files)
-    if count < 1:
-        raise DataError(f"no images in --data folder {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                        "textual inversion needs at least 1, and 3 to 5 is typical")
+    count = count_images(folder, "--data", "textual inversion")
     if count > MOST_IMAGES:
         raise DataError(f"--data {folder} holds {count} images, more than the {MOST_IMAGES} textual inversion takes; "
                         "to learn from a data set use difflab finetune")

@@ -184,9 +184,6 @@ def fine_tuning_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset
 
 
 VALIDATION_PROMPTS = 8
-# A run's memory estimate is said from 1 GB: below it the run fits any device difflab trains on (a 4 GB GPU, a
-# laptop), so the line would only be noise on small and test runs; a Stable Diffusion run estimates 3-18 GB.
-SAY_MEMORY_FROM = 1e9
 GRID_BATCH = 64  # the most grid images generated per call (fewer where the VAE's decoder needs the memory)
 
 
@@ -295,7 +292,7 @@ class Trainer:
         the run's flags, before the optimizer and any step: refused (ConfigError naming the flags that would make
         it fit) when it exceeds the device's free memory, unless --yes. Said in the log from
         SAY_MEMORY_FROM bytes (small runs stay quiet) or with --yes. Main process only."""
-        from difflab.memory import ModelShape, check_training_memory, estimate_training
+        from difflab.memory import SAY_MEMORY_FROM, ModelShape, check_training_memory, estimate_training
 
         if not self.accelerator.is_main_process:
             return
