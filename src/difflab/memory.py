@@ -137,6 +137,7 @@ def estimate_sampling(shape: ModelShape, *, height: int, width: int, batch: int 
     time (the peak of the largest one and its work). VAE slicing and tiling: as chosen for `free` bytes
     (see vae_plan), unless given."""
     wb = weight_bytes(precision)
+    job = f"sampling {batch} image{'s' * (batch > 1)} of {width}×{height}"
     auto_slicing, auto_tiling = vae_plan(batch, decode_bytes(height, width, shape.vae_channels, wb), free)
     slicing = auto_slicing if vae_slicing is None else vae_slicing
     tiling = auto_tiling if vae_tiling is None else vae_tiling
@@ -150,10 +151,10 @@ def estimate_sampling(shape: ModelShape, *, height: int, width: int, batch: int 
     if offload:  # the text encoder, the UNet and the VAE take turns on the device
         stages = {"UNet": unet_work, "VAE": decode_work, "text encoder": 0.0}
         on_device = max(stages, key=lambda name: weights[name] + stages[name])
-        return Estimate("sampling", {f"{on_device} weights": weights[on_device],
+        return Estimate(job, {f"{on_device} weights": weights[on_device],
                                      f"{on_device} working": stages[on_device]})
     work = {"UNet working": unet_work} if unet_work >= decode_work else {"decoding": decode_work}
-    return Estimate("sampling", {"weights": sum(weights.values()), **work})
+    return Estimate(job, {"weights": sum(weights.values()), **work})
 
 
 def estimate_training(shape: ModelShape, *, height: int, width: int, batch: int = 1, lora: bool = False,
