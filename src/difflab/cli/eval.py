@@ -100,9 +100,11 @@ def run(args) -> int:
     else:
         check_features(args.features)
         unlabelled = f"clip:{args.clip_model}" if args.clip_model else None
-        evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features, unlabelled)
         # a text model on its own captioned data is asked for the held-out images' captions
-        prompts = held_out_captions(evaluator, args.count) if model.prompts is not None and not template else None
+        own_captions = model.prompts is not None and not template
+        evaluator = Evaluator.for_data(spec, model.info.image_size, model.info.channels, args.features, unlabelled,
+                                       captioned=own_captions)
+        prompts = held_out_captions(evaluator, args.count) if own_captions else None
         result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                            seed=args.seed, batch_size=args.batch_size, progress=True,
                            caption_template=template if model.prompts is not None else None, clip=clip,

@@ -33,11 +33,14 @@ class Evaluator:
 
     @classmethod
     def for_data(cls, spec: str, image_size: int, channels: int, features: str | None = "classifier",
-                 unlabelled: str | None = None) -> Evaluator:
+                 unlabelled: str | None = None, captioned: bool = False) -> Evaluator:
         """`features`: "classifier" or "clip:PATH_OR_ID"; None: the classifier, or on data without labels the
-        `unlabelled` feature space (a CLIP model the user gave for its score)."""
+        `unlabelled` feature space (a CLIP model the user gave for its score). `captioned`: the held-out
+        images must have captions (checked before a classifier trains for minutes)."""
         train = open_dataset(spec, image_size, channels, split="train")
         test = open_dataset(spec, image_size, channels, split="test")
+        if captioned:
+            test_captions(test, spec)
         classifier = load_or_train(spec, train, test) if train.has_labels and test.has_labels else None
         if features is None:
             features = unlabelled if classifier is None and unlabelled else "classifier"
@@ -149,11 +152,17 @@ class Evaluator:
 def held_out_captions(evaluator: Evaluator, n: int) -> list[str]:
     """`n` prompts for a text model evaluated on its own captioned data: the held-out images' captions, in
     turn, so its images are compared with the images those captions describe."""
-    captions = [c for c in (evaluator.test.captions or []) if c] if evaluator.test.has_captions else []
-    if not captions:
-        raise DataError(f"the held-out images of {evaluator.data_spec} have no captions to prompt a text model with; "
-                        "give --data captioned images (metadata.jsonl or IMAGE.txt)")
+    captions = test_captions(evaluator.test, evaluator.data_spec)
     return [captions[i % len(captions)] for i in range(n)]
+
+
+def test_captions(test, spec: str) -> list[str]:
+    """The held-out images' captions; a one-line DataError where they have none."""
+    captions = [c for c in (test.captions or []) if c] if test.has_captions else []
+    if not captions:
+        raise DataError(f"the held-out images of {spec} have no captions to prompt a text model with; "
+                        "give --data captioned images (metadata.jsonl or IMAGE.txt)")
+    return captions
 
 
 def summary_line(result: dict) -> str:
