@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from common import emit, median
+from difflab.memory import peak_growth
 
 PROMPT = "a photograph of an astronaut riding a horse"
 CACHE = Path(os.environ.get("DIFFLAB_BENCH_CACHE", Path.home() / ".cache" / "difflab-bench"))
@@ -109,24 +110,8 @@ def build(model: str, tiny: bool) -> Path:
 
 # ---- one side, in its own process --------------------------------------------------------------------
 
-def allocated_bytes() -> int:
-    """Bytes the C allocator has handed out now (glibc's mallinfo2: heap in use + mmapped blocks)."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
 def peak_during(fn, device: str):
     """(fn's result, the largest growth of allocated memory while it ran, in bytes)."""
-    import threading
-
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -134,21 +119,9 @@ def peak_during(fn, device: str):
         result = fn()
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - base
-    base, peak, running = allocated_bytes(), [0], [True]
-
-    def watch():
-        while running[0]:
-            peak[0] = max(peak[0], allocated_bytes() - base)
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        result = fn()
-    finally:
-        running[0] = False
-        watcher.join()
-    return result, peak[0]
+    result = []
+    growth = peak_growth(lambda: result.append(fn()), every=0.002)
+    return result[0], growth
 
 
 def weight_bytes(modules) -> int:

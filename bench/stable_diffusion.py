@@ -17,13 +17,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 
 from common import alternate, emit, median
+from difflab.memory import peak_growth
 
 PROMPT = "a small red circle at the top left on a white background"
 
@@ -80,40 +79,6 @@ def runners(folder: Path, args):
         "diffusers": lambda: pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, generator=generators(),
                                   output_type="np"),
     }, model
-
-
-def allocated_bytes() -> int:
-    """Bytes the C allocator has handed out now (glibc's mallinfo2: heap in use + mmapped blocks). Unlike
-    the resident set, it does not depend on whether freed memory was given back to the system."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-def peak_growth(fn) -> int:
-    """The largest growth of the memory allocated by this process while `fn` runs, in bytes."""
-    base, peak, running = allocated_bytes(), [0], [True]
-
-    def watch():
-        while running[0]:
-            peak[0] = max(peak[0], allocated_bytes() - base)
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        fn()
-    finally:
-        running[0] = False
-        watcher.join()
-    return peak[0]
 
 
 def sampling(folder: Path, args) -> dict:

@@ -4,10 +4,7 @@ model CPU offload's wiring, and the memory estimate that refuses what will not f
 
 from __future__ import annotations
 
-import ctypes
 import re
-import threading
-import time
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
 from difflab.errors import ConfigError, ModelError
+from difflab.memory import peak_growth
 from difflab.pipelines.folder import load_model
 
 PROMPT = "a red circle"
@@ -24,35 +22,6 @@ PROMPT = "a red circle"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tiny_sd.build(tmp_path_factory.mktemp("sd") / "text", "text")
-
-
-def allocated() -> int:
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-def peak_growth(fn) -> int:
-    base, peak, running = allocated(), [0], [True]
-
-    def watch():
-        while running[0]:
-            peak[0] = max(peak[0], allocated() - base)
-            time.sleep(0.0002)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        fn()
-    finally:
-        running[0] = False
-        watcher.join()
-    return peak[0]
 
 
 # ---- damaged weights, checked lazily -----------------------------------------------------------------
@@ -175,10 +144,10 @@ def test_several_images_decode_one_at_a_time_with_the_same_images_and_less_memor
     vae.decoder.conv_in.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
     with torch.no_grad():
         sliced = codec.decode(latents)  # (and a warm-up: the first call's allocations are not the decoding's)
-        sliced_peak = peak_growth(lambda: codec.decode(latents))
+        sliced_peak = peak_growth(lambda: codec.decode(latents), every=0.0002)
         with vae_modes(vae, slicing=False, tiling=False):
             whole = vae.decode(latents / codec.scaling_factor).sample
-            whole_peak = peak_growth(lambda: vae.decode(latents / codec.scaling_factor))
+            whole_peak = peak_growth(lambda: vae.decode(latents / codec.scaling_factor), every=0.0002)
     assert set(batches[:8]) == {1}  # one image per decoder call
     assert (sliced - whole).abs().max() < 1e-5
     assert sliced_peak < 0.5 * whole_peak

@@ -265,3 +265,43 @@ def check_fits(estimate: Estimate, device, *, yes: bool, remedies: list[str], fr
 
 def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.0f} MB"
+
+
+# ---- measured, for the benchmarks and tests that check these estimates on the CPU ----------------------
+
+def allocated_bytes() -> int:
+    """Bytes the C allocator has handed out now (glibc's mallinfo2: heap in use + mmapped blocks). Unlike
+    the resident set, it does not depend on whether freed memory was given back to the system."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_growth(fn, every: float = 0.001) -> int:
+    """The largest growth of the memory this process has allocated while `fn` runs, in bytes (sampled every
+    `every` seconds by a thread)."""
+    import threading
+    import time
+
+    base, peak, running = allocated_bytes(), [0], [True]
+
+    def watch():
+        while running[0]:
+            peak[0] = max(peak[0], allocated_bytes() - base)
+            time.sleep(every)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        running[0] = False
+        watcher.join()
+    return peak[0]
