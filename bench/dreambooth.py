@@ -169,8 +169,8 @@ def main() -> None:
 
     from difflab.metrics.attributes import load_or_train_attributes
     from difflab.models.embeddings import EMBEDDING_FILE
-    from difflab.pipelines.folder import load_model
-    from difflab.pipelines.lora import LORA_WEIGHTS, apply_lora
+    from difflab.storage.folder import load_model
+    from difflab.storage.lora import LORA_WEIGHTS, apply_lora
 
     base = load_model(a.base)
     size = base.info.image_size
@@ -209,7 +209,7 @@ def main() -> None:
         save_grid(figures.pop("_grid"), a.out / f"{name}.png")
         results[name] = {"seconds": seconds and round(seconds, 1), "minutes": seconds and round(seconds / 60, 2),
                          "saved_mib": round(saved / 2**20, 4), "saved_bytes": saved, **figures}
-    from difflab.pipelines.folder import resolve_model_folder
+    from difflab.storage.folder import resolve_model_folder
 
     full_unet = resolve_model_folder(a.base) / "unet" / "diffusion_pytorch_model.safetensors"
     emit({

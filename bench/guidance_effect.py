@@ -24,7 +24,7 @@ from difflab.diffusion.generate import generate
 from difflab.diffusion.guidance import classifier_guidance, color_guidance, color_loss, parse_color
 from difflab.images import make_grid, save_png
 from difflab.metrics.classifier import load_or_train, train_classifier
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 
 def colour_effect(args) -> dict:

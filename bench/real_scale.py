@@ -141,7 +141,7 @@ def run_side(args) -> dict:
         from difflab.cli.sample import half_weights
         from difflab.diffusion.generate import generate
         from difflab.models.offload import offload
-        from difflab.pipelines.folder import load_model
+        from difflab.storage.folder import load_model
 
         dtype, variant = half_weights(args.precision, torch.device(device))  # as `difflab sample` loads
         model = load_model(args.folder, device="cpu" if args.offload else device, safety_checker=False,
@@ -245,7 +245,7 @@ def loading(args) -> dict:
     each in a fresh process (the files are in the page cache after the first)."""
     folder = build(args.model, args.tiny)
     code = {
-        "difflab": "from difflab.pipelines.folder import load_model as f; f({!r}, safety_checker=False)",
+        "difflab": "from difflab.storage.folder import load_model as f; f({!r}, safety_checker=False)",
         "diffusers": "import diffusers, torch; diffusers.StableDiffusionPipeline.from_pretrained({!r}, "
                      "safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)",
     }
@@ -253,7 +253,7 @@ def loading(args) -> dict:
     seconds = {side: [] for side in code}
     for _ in range(args.repeats + 1):  # the first round warms the page cache and is not counted
         for side, call in code.items():
-            imports = "import diffusers, transformers, difflab.pipelines.folder"
+            imports = "import diffusers, transformers, difflab.storage.folder"
             out = subprocess.run([sys.executable, "-c", timed.format(imports=imports, call=call.format(str(folder)))],
                                  capture_output=True, text=True, check=True)
             seconds[side].append(float(out.stdout.strip().splitlines()[-1]))

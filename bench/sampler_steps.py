@@ -51,9 +51,10 @@ def main() -> None:
     args = parser.parse_args()
     settings = [(item.split(":")[0], int(item.split(":")[1])) for item in args.settings.split(",")]
 
-    from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, make_sampler
+    from difflab.diffusion.samplers import make_sampler
     from difflab.metrics.evaluate import Evaluator
-    from difflab.pipelines.folder import load_model
+    from difflab.models.model import DEFAULT_CFG_SCALE
+    from difflab.storage.folder import load_model
 
     model = load_model(args.model)
     cfg = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale

@@ -15,8 +15,8 @@ from common import alternate, emit
 from difflab.config import ModelConfig
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
-from difflab.diffusion.schedules import noise_scheduler
 from difflab.models.build import build_model
+from difflab.models.schedules import noise_scheduler
 
 
 @torch.no_grad()

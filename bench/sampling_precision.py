@@ -21,10 +21,11 @@ import torch
 from common import emit, median
 from difflab.devices import auto_precision, cpu_flags
 from difflab.diffusion.generate import generate
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from difflab.metrics.evaluate import Evaluator
 from difflab.metrics.frechet import frechet_distance
-from difflab.pipelines.folder import load_model
+from difflab.models.model import DEFAULT_CFG_SCALE
+from difflab.storage.folder import load_model
 
 PRECISIONS = ("fp32", "bf16")
 

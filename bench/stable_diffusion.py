@@ -63,7 +63,7 @@ def runners(folder: Path, args):
 
     from difflab.diffusion.generate import generate
     from difflab.diffusion.samplers import make_sampler
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     model = load_model(folder)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
@@ -104,7 +104,7 @@ def sampling(folder: Path, args) -> dict:
 def guidance(folder: Path, args) -> dict:
     from difflab.diffusion.generate import generate
     from difflab.diffusion.guidance import color_guidance
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     model = load_model(folder)
     term = [color_guidance((1.0, 0.0, 0.0), 40)]
@@ -124,7 +124,7 @@ def img2img(folder: Path, args) -> dict:
     from PIL import Image
 
     from difflab.diffusion.generate import generate
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     model = load_model(folder)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from difflab.cli import main
-from difflab.config import DATA_SPEC_HELP
+from difflab.data import DATA_SPEC_HELP
 from difflab.images import png_settings
 
 

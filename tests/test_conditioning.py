@@ -13,10 +13,11 @@ from difflab.cli import main
 from difflab.diffusion.generate import generate, model_function
 from difflab.diffusion.guidance import classifier_free_guidance
 from difflab.diffusion.samplers import make_sampler
-from difflab.diffusion.sampling import denoise, image_generators, initial_noise, run_timesteps, to_unit_range
+from difflab.diffusion.sampling import denoise, initial_noise, run_timesteps, to_unit_range
 from difflab.errors import DataError, ModelError
 from difflab.models.conditioning import Conditioning
-from difflab.pipelines.folder import load_model
+from difflab.seeds import image_generators
+from difflab.storage.folder import load_model
 from difflab.training.trainer import Trainer, train
 
 

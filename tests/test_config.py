@@ -19,8 +19,9 @@ from difflab.config import (
     load_config,
     settings_marked,
 )
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from difflab.errors import ConfigError
+from difflab.models.model import DEFAULT_CFG_SCALE
 
 
 def parse(*flags):

@@ -14,10 +14,10 @@ from PIL import Image
 
 from difflab.app.guides import Guides, hex_color
 from difflab.app.service import Generator, Limits, Request, check_model, check_request
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
 from difflab.errors import ConfigError, DifflabError, ModelError
 from difflab.images import png_settings
-from difflab.pipelines.folder import load_model
+from difflab.models.model import DEFAULT_CFG_SCALE
+from difflab.storage.folder import load_model
 from helpers.web import served_space, space_environment
 
 FAST = dict(sampler="ddim", steps=3, count=2)

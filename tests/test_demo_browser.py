@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from difflab.app.service import Limits
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
+from difflab.models.model import DEFAULT_CFG_SCALE
 from helpers.web import fetch_pixels, free_port, needs_chromium, set_number
 
 BURST = 20

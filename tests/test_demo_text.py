@@ -15,7 +15,7 @@ from difflab.app.guides import Guides
 from difflab.app.service import Generator, Limits, Request, check_request, modes_of
 from difflab.errors import DifflabError
 from difflab.images import png_settings
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 from helpers.web import served_space
 
 LIMITS = Limits(max_steps=10, max_images=4, max_image_size=64)

@@ -63,8 +63,8 @@ def reconstruction(model_folder: Path, picture: Path, seed: int) -> np.ndarray:
     """The VAE's round trip of the picture, with the posterior sample generate draws for image `seed`."""
     import torch
 
-    from difflab.diffusion.sampling import image_generators
-    from difflab.pipelines.folder import load_model
+    from difflab.seeds import image_generators
+    from difflab.storage.folder import load_model
 
     model = load_model(model_folder)
     x = torch.from_numpy(np.asarray(Image.open(picture).convert("RGB"), dtype=np.float32) / 127.5 - 1)

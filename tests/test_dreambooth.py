@@ -17,8 +17,8 @@ import tiny_sd
 from difflab.cli import main
 from difflab.config import DreamBoothConfig, dreambooth_defaults
 from difflab.diffusion.generate import generate
-from difflab.pipelines import lora
-from difflab.pipelines.folder import load_model
+from difflab.storage import lora
+from difflab.storage.folder import load_model
 from difflab.training import dreambooth as db
 from difflab.training.run_folder import MetricsLog, RunFolder
 from difflab.training.trainer import train

@@ -12,7 +12,7 @@ import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
 from difflab.models.embeddings import expand_tokens, learned_tokens, load_embeddings
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 WIDTH = tiny_sd.TEXT_WIDTH
 

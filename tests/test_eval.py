@@ -15,7 +15,7 @@ from difflab.errors import DataError
 from difflab.metrics import classifier as classifier_module
 from difflab.metrics.evaluate import Evaluator
 from difflab.metrics.frechet import frechet_distance
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 
 @pytest.fixture(autouse=True)

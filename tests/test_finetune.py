@@ -181,8 +181,8 @@ def test_metrics_reach_the_trackers_through_accelerate(tmp_path, monkeypatch):
 
 
 def test_the_card_links_a_hub_base_model(trained_model):
-    from difflab.pipelines.card import model_card
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.card import model_card
+    from difflab.storage.folder import load_model
 
     model = load_model(trained_model)
     model.info.base_model = "google/ddpm-celebahq-256"
@@ -195,7 +195,7 @@ def test_the_card_links_a_hub_base_model(trained_model):
 
 
 def test_a_class_conditional_model_is_fine_tuned_as_one(tmp_path, conditional_model, labelled_folder, capsys):
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     out = tmp_path / "ft"
     assert finetune("--from", str(conditional_model), "--data", "digits", "--split", "test", "--out", str(out)) == 0

@@ -25,7 +25,7 @@ from difflab.diffusion.guidance import (
 from difflab.errors import GuidanceError, ModelError
 from difflab.metrics.classifier import EvalClassifier
 from difflab.models.build import build_model
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 WHITE = (1.0, 1.0, 1.0)
 

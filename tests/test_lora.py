@@ -16,8 +16,9 @@ import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
-from difflab.pipelines import lora
-from difflab.pipelines.folder import load_model
+from difflab.models import lora as adapters
+from difflab.storage import lora
+from difflab.storage.folder import load_model
 
 PROMPTS = ["a red circle", "a blue square"]
 SIZE = dict(height=16, width=16)
@@ -39,13 +40,13 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     base = tiny_sd.build(root / "base", "text")
     model = load_model(base)
-    randomize(lora.add_lora(model, RANK_A, ALPHA_A, text_encoder=True), 1)
+    randomize(adapters.add_lora(model, RANK_A, ALPHA_A, text_encoder=True), 1)
     run = root / "run-a"
     run.mkdir()
     (run / "config.toml").write_text("# a run folder\n")
     lora.save_lora(model, run / "model")
     model = load_model(base)
-    randomize(lora.add_lora(model, RANK_B, ALPHA_B), 2)
+    randomize(adapters.add_lora(model, RANK_B, ALPHA_B), 2)
     lora.save_lora(model, root / "lora-b")
     return {"base": base, "a": run, "b": root / "lora-b", "root": root}
 
@@ -83,18 +84,18 @@ def weights_file(folder):
 
 def test_add_lora_makes_only_the_adapters_trainable(files):
     model = load_model(files["base"])
-    trainable = lora.add_lora(model, rank=4, text_encoder=True)
+    trainable = adapters.add_lora(model, rank=4, text_encoder=True)
     names = {n for network in (model.unet, model.prompts.text_encoder) for n, p in network.named_parameters()
              if p.requires_grad}
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert not any(p.requires_grad for p in model.codec.vae.parameters())
     # Every attention projection of the UNet and of the text encoder, and nothing else, is adapted.
-    for network, targets, count in ((model.unet, lora.UNET_TARGETS, 4 * 2 * 4),
-                                    (model.prompts.text_encoder, lora.TEXT_ENCODER_TARGETS, 2 * 4)):
+    for network, targets, count in ((model.unet, adapters.UNET_TARGETS, 4 * 2 * 4),
+                                    (model.prompts.text_encoder, adapters.TEXT_ENCODER_TARGETS, 2 * 4)):
         adapted = {n.rsplit(".lora_", 1)[0] for n, p in network.named_parameters() if p.requires_grad}
         assert adapted == {n for n, _ in network.named_modules() if n.endswith(targets)} and len(adapted) == count
-    assert sum(p.numel() for p in trainable) == lora.lora_summary(model)["parameters"]
-    assert lora.lora_summary(model)["targets"] == {"unet": ["to_k", "to_out.0", "to_q", "to_v"],
+    assert sum(p.numel() for p in trainable) == adapters.lora_summary(model)["parameters"]
+    assert adapters.lora_summary(model)["targets"] == {"unet": ["to_k", "to_out.0", "to_q", "to_v"],
                                                    "text_encoder": ["k_proj", "out_proj", "q_proj", "v_proj"]}
     # Adapters start as the base model (B = 0), and a gradient reaches them only.
     x, t = torch.randn(1, 4, 8, 8), torch.tensor(10)
@@ -112,16 +113,16 @@ def test_add_lora_makes_only_the_adapters_trainable(files):
     assert all(p.grad is None for n, p in model.unet.named_parameters() if n in before)
     # Without text_encoder=True the text encoder is left alone (and frozen); a rank must be a whole number ≥ 1.
     unet_only = load_model(files["base"])
-    assert lora.add_lora(unet_only, rank=2) and set(lora.adapted_networks(unet_only)) == {"unet"}
+    assert adapters.add_lora(unet_only, rank=2) and set(adapters.adapted_networks(unet_only)) == {"unet"}
     assert not any(p.requires_grad for p in unet_only.prompts.text_encoder.parameters())
     with pytest.raises(lora.ConfigError, match="rank must be a whole number of at least 1"):
-        lora.add_lora(load_model(files["base"]), rank=0)
+        adapters.add_lora(load_model(files["base"]), rank=0)
 
 
 def test_the_file_is_diffusers_lora_format_with_rank_and_alpha(files):
     from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
-    from difflab.pipelines import hub
+    from difflab.storage import hub
 
     assert lora.LORA_WEIGHTS == LORA_WEIGHT_NAME_SAFE == hub.LORA_WEIGHTS  # what diffusers and difflab push look for
     path = weights_file(files["a"])
@@ -132,12 +133,12 @@ def test_the_file_is_diffusers_lora_format_with_rank_and_alpha(files):
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     assert metadata["unet.r"] == RANK_A and metadata["unet.lora_alpha"] == ALPHA_A
     assert metadata["text_encoder.r"] == RANK_A and set(metadata["text_encoder.target_modules"]) == set(
-        lora.TEXT_ENCODER_TARGETS)
+        adapters.TEXT_ENCODER_TARGETS)
     assert not any(k.startswith("text_encoder.") for k in load_file(str(weights_file(files["b"]))))
     # What is applied is what was saved, to the bit.
     model = load_model(files["base"])
     name = lora.apply_lora(model, files["a"])
-    again = lora.lora_state_dicts(model, name)
+    again = adapters.lora_state_dicts(model, name)
     saved = {f"{part}.{k}": v for part, layers in again.items() for k, v in layers.items()}
     assert saved.keys() == tensors.keys() and all(torch.equal(saved[k], tensors[k]) for k in tensors)
 
@@ -167,10 +168,10 @@ def test_weight_zero_is_the_base_model_and_one_changes_it(files):
     base = ours(load_model(files["base"]))
     model = load_model(files["base"])
     name = lora.apply_lora(model, files["a"], 0.0)
-    assert lora.adapter_weights(model) == {name: 0.0}
+    assert adapters.adapter_weights(model) == {name: 0.0}
     assert np.abs(ours(model) - base).max() < 1e-6
     lora.set_lora_weights(model, {name: 1.0})
-    assert lora.adapter_weights(model) == {name: 1.0}
+    assert adapters.adapter_weights(model) == {name: 1.0}
     changed = ours(model)
     assert np.abs(changed - base).max() > 0.02
     # The text encoder's adapters act too: the prompt embeddings differ from the base model's.
@@ -184,7 +185,7 @@ def test_weight_zero_is_the_base_model_and_one_changes_it(files):
 def test_two_adapters_combine_as_peft_does(files):
     model = load_model(files["base"])
     names = lora.apply_loras(model, lora.plan_loras([files["a"], files["b"]], [0.7, 0.4]))
-    assert lora.adapter_weights(model) == dict(zip(names, [0.7, 0.4]))
+    assert adapters.adapter_weights(model) == dict(zip(names, [0.7, 0.4]))
     pipe = diffusers_pipeline(files["base"])
     pipe.load_lora_weights(str(files["a"] / "model"), adapter_name="a")
     pipe.load_lora_weights(str(files["b"]), adapter_name="b")
@@ -257,7 +258,7 @@ def test_difflab_apply_lora_is_at_the_top_level(files):
 
     model = difflab.load_model(files["base"])
     name = difflab.apply_lora(model, files["b"], 0.5)
-    assert lora.adapter_weights(model) == pytest.approx({name: 0.5})
+    assert adapters.adapter_weights(model) == pytest.approx({name: 0.5})
 
 
 # ---- (d) mistakes: one line each, exit status 2, nothing written -----------------------------------
@@ -293,7 +294,7 @@ def mistakes(files):
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 24),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=tiny_sd.TEXT_WIDTH, attention_head_dim=2, norm_num_groups=4)
-    randomize(lora.add_lora(other, 2), 3)
+    randomize(adapters.add_lora(other, 2), 3)
     lora.save_lora(other, root / "other-widths")
     (root / "pickled").mkdir()
     torch.save(load_file(str(weights_file(files["b"]))), root / "pickled" / "pytorch_lora_weights.bin")
@@ -361,13 +362,13 @@ def test_a_pickled_lora_loads_with_allow_pickle_and_a_misfit_leaves_the_model_as
 # ---- the model card, and difflab push's expectations of it -----------------------------------------
 
 def test_the_card_names_the_base_model_and_push_files_it_under_it(files, tmp_path):
-    from difflab.pipelines.card import lora_card
-    from difflab.pipelines.hub import front_matter, upload_plan
+    from difflab.storage.card import lora_card
+    from difflab.storage.hub import front_matter, upload_plan
 
     model = load_model(files["base"])
-    randomize(lora.add_lora(model, RANK_A, ALPHA_A, text_encoder=True), 1)
+    randomize(adapters.add_lora(model, RANK_A, ALPHA_A, text_encoder=True), 1)
     folder = tmp_path / "sks-lora"
-    card = lora_card(str(folder), "someone/tiny-sd", **lora.lora_summary(model), instance_prompt='a "sks" circle')
+    card = lora_card(str(folder), "someone/tiny-sd", **adapters.lora_summary(model), instance_prompt='a "sks" circle')
     lora.save_lora(model, folder, card=card)
     metadata, body = front_matter((folder / "README.md").read_text())
     assert metadata["base_model"] == "someone/tiny-sd" and metadata["instance_prompt"] == 'a "sks" circle'
@@ -379,16 +380,16 @@ def test_the_card_names_the_base_model_and_push_files_it_under_it(files, tmp_pat
     assert '--lora "me/sks-lora"' in plan.card and 'load_lora_weights("me/sks-lora"' in plan.card
     assert "# me/sks-lora" in plan.card and str(folder) not in plan.card
     # A base model that is a local folder: named in the text, kept out of the metadata.
-    local = lora_card(str(folder), str(files["base"]), **lora.lora_summary(model))
+    local = lora_card(str(folder), str(files["base"]), **adapters.lora_summary(model))
     assert "base_model" not in front_matter(local)[0] and f"`{files['base']}` (a local folder)" in local
 
 
 def test_the_cards_diffusers_snippet_gives_difflabs_images(files, tmp_path):
-    from difflab.pipelines.card import lora_card
+    from difflab.storage.card import lora_card
 
     model = load_model(files["base"])
     card = lora_card(str(files["b"]), str(files["base"]), rank=RANK_B, alpha=ALPHA_B,
-                     targets={"unet": list(lora.UNET_TARGETS)}, prompt="a red circle", scale=0.8)
+                     targets={"unet": list(adapters.UNET_TARGETS)}, prompt="a red circle", scale=0.8)
     command = re.findall(r"```bash\n(.*?)```", card, re.S)[0]
     assert f'--lora "{files["b"]}" --lora-scale 0.8' in command
     code = re.findall(r"```python\n(.*?)```", card, re.S)[0]
@@ -402,7 +403,7 @@ def test_the_cards_diffusers_snippet_gives_difflabs_images(files, tmp_path):
 
 def test_a_lora_folder_given_as_the_model_says_to_give_its_base(tmp_path):
     from difflab.errors import ModelError
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     folder = tmp_path / "just-a-lora"
     folder.mkdir()

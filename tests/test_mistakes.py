@@ -261,7 +261,7 @@ def test_a_mistake_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, fo
 def test_a_generation_estimated_at_hours_asks_for_yes(monkeypatch, finished_run):
     from difflab import workload
     from difflab.errors import ConfigError
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     model = load_model(finished_run)
     monkeypatch.setattr(workload, "_seconds_per_call", lambda model, batch, size=None: 0.5)  # a slow machine, made up

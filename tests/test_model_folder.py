@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from difflab.errors import ModelError
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 
 def test_the_saved_folder_is_a_diffusers_pipeline_with_a_card(trained_model):

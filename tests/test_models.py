@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from difflab.diffusion.schedules import SCHEDULES, noise_scheduler
 from difflab.errors import ConfigError, ModelError
 from difflab.models.presets import PRESETS, build_unet
+from difflab.models.schedules import SCHEDULES, noise_scheduler
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

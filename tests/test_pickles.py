@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from difflab.cli import main
 from difflab.errors import ModelError
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
 

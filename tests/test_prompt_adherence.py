@@ -15,7 +15,7 @@ from difflab.cli import main
 from difflab.data import shapes
 from difflab.metrics.attributes import adherence
 from difflab.metrics.prompt_adherence import evaluate_prompts, evaluation_prompts, real_images, reconstruction_adherence
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from difflab.diffusion.generate import generate
 from difflab.errors import InputError
 from difflab.models.denoiser import Denoiser
 from difflab.models.prompt_syntax import parse_prompt
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 LIMIT = tiny_sd.PROMPT_TOKENS
 

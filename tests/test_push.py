@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from difflab.cli import main
-from difflab.pipelines import hub
-from difflab.pipelines.hub import HubError, card_links, front_matter, rename_model, upload_plan
+from difflab.storage import hub
+from difflab.storage.hub import HubError, card_links, front_matter, rename_model, upload_plan
 
 GOOD_TOKEN = "hf_fake_write_token"
 
@@ -205,7 +205,7 @@ def local_files(folder: Path) -> set[str]:
 
 def test_names_agree_with_the_modules_that_write_the_folders():
     from difflab.models import scratch_model
-    from difflab.pipelines import folder
+    from difflab.storage import folder
     from difflab.training.run_folder import RunFolder
 
     run = RunFolder("r")

@@ -7,10 +7,10 @@ import json
 from PIL import Image
 
 from difflab.cli import main
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE
 from difflab.images import png_settings
 from difflab.metrics import classifier
-from difflab.pipelines.folder import load_model
+from difflab.models.model import DEFAULT_CFG_SCALE
+from difflab.storage.folder import load_model
 
 
 def test_quickstart_trains_samples_and_measures(capsys, tmp_path, monkeypatch):

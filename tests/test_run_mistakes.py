@@ -100,8 +100,8 @@ def test_a_lora_rank_that_cannot_work_is_one_line_before_any_work(case, base, in
 
 def test_the_widest_rank_the_layers_take_is_accepted_and_one_more_is_not(base):
     from difflab.errors import ConfigError
-    from difflab.pipelines.folder import load_model
-    from difflab.pipelines.lora import check_rank
+    from difflab.models.lora import check_rank
+    from difflab.storage.folder import load_model
 
     model = load_model(base)
     check_rank(model, 16)  # the tiny preset's narrowest adapted layer (cross-attention's to_k: 16 → 32)
@@ -250,7 +250,7 @@ def test_a_damaged_model_folder_names_the_part(case, tmp_path, base, capsys):
 
 def test_a_pixel_text_folder_with_a_damaged_text_encoder_names_it(tmp_path, base):
     """The same words where difflab loads a text encoder itself (--text-encoder, pixel text models)."""
-    from difflab.training.text_model import load_text_encoder
+    from difflab.storage.text_encoder import load_text_encoder
 
     folder = tmp_path / "model"
     shutil.copytree(base / "model", folder)
@@ -310,7 +310,7 @@ def test_an_unfinished_run_is_named_with_the_command_that_finishes_it(state, com
 
 
 def test_an_unfinished_dreambooth_run_is_finished_by_dreambooth(tmp_path, base, instances, capsys, monkeypatch):
-    from difflab.pipelines.hub import HubError, upload_plan
+    from difflab.storage.hub import HubError, upload_plan
 
     out = tmp_path / "db"
     assert main(dreambooth(base, instances, out)) == 0

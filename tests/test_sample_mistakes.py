@@ -27,13 +27,14 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def damaged_loras(models, tmp_path_factory):
     """LoRA files whose weights hold NaN or infinities (a damaged copy): each would draw black images."""
-    from difflab.pipelines import lora
-    from difflab.pipelines.folder import load_model
+    from difflab.models import lora as adapters
+    from difflab.storage import lora
+    from difflab.storage.folder import load_model
 
     root = tmp_path_factory.mktemp("damaged-loras")
     for name, value in (("nan", float("nan")), ("inf", float("inf"))):
         model = load_model(models["text"])
-        parameters = lora.add_lora(model, 2)
+        parameters = adapters.add_lora(model, 2)
         with torch.no_grad():
             for p in parameters:
                 p.normal_()
@@ -192,7 +193,7 @@ def test_the_workload_estimate_uses_the_requested_and_the_input_size(monkeypatch
     from difflab import workload
     from difflab.diffusion.request import planned_size
     from difflab.errors import ConfigError
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     text, upscaler = load_model(models["text"]), load_model(models["upscale"])
     assert planned_size(text, None, None, None) == (text.info.image_size,) * 2

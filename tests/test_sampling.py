@@ -8,7 +8,7 @@ import torch
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import SAMPLERS, make_sampler
 from difflab.errors import ConfigError
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from difflab.cli import main
 from difflab.diffusion.generate import generate
 from difflab.errors import ConfigError, ModelError
 from difflab.memory import peak_growth
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 PROMPT = "a red circle"
 
@@ -89,7 +89,7 @@ def test_half_weights_are_chosen_for_half_precision_and_fp16_files_only_on_a_gpu
 def test_fp16_weight_files_are_read_when_the_folder_has_them(folder, tmp_path):
     import diffusers
 
-    from difflab.pipelines.folder import folder_variant
+    from difflab.storage.folder import folder_variant
 
     assert folder_variant(folder, "fp16") is None  # no variant files: the fp32 ones, cast
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
@@ -107,7 +107,7 @@ def test_a_hub_download_in_half_precision_fetches_the_fp16_files_only(monkeypatc
 
     import huggingface_hub
 
-    from difflab.pipelines.folder import download_patterns
+    from difflab.storage.folder import download_patterns
 
     files = {"someone/sd": ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                             "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",

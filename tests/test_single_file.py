@@ -19,11 +19,12 @@ from difflab.cli import main
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
 from difflab.errors import ConfigError, ModelError, OutputError
-from difflab.pipelines import lora
-from difflab.pipelines.folder import load_model, save_model
-from difflab.pipelines.original_layout import UNET_PREFIX, VAE_PREFIX, pipeline_to_original
-from difflab.pipelines.single_file import CONFIGS_METADATA
-from difflab.pipelines.single_file_export import export_single_file
+from difflab.models import lora as adapters
+from difflab.storage import lora
+from difflab.storage.folder import load_model, save_model
+from difflab.storage.original_layout import UNET_PREFIX, VAE_PREFIX, pipeline_to_original
+from difflab.storage.single_file import CONFIGS_METADATA
+from difflab.storage.single_file_export import export_single_file
 
 PROMPTS = ["a red circle", "a blue square"]
 SIZE = dict(height=16, width=16)
@@ -48,7 +49,7 @@ def files(tmp_path_factory):
     exported = root / "tiny.safetensors"
     assert main(["export", "--single-file", str(exported), "--model", str(run)]) == 0
     model = load_model(base)
-    lora_parameters = lora.add_lora(model, 2, 3.0, text_encoder=True)  # alpha ≠ rank: a scale of 1.5
+    lora_parameters = adapters.add_lora(model, 2, 3.0, text_encoder=True)  # alpha ≠ rank: a scale of 1.5
     randomize(lora_parameters, 1)
     lora_run = root / "lora-run"
     lora_run.mkdir()
@@ -216,20 +217,20 @@ def test_built_in_configs_are_sd15_and_sd21_and_chosen_by_layout(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from difflab.pipelines.single_file import built_in_configs
+    from difflab.storage.single_file import built_in_configs
 
     sizes = {"sd15": (859_520_964, 83_653_863, 123_060_480), "sd21": (865_910_724, 83_653_863, None)}
     for family, kind in (("sd15", "v1"), ("sd21", "v2")):
         from importlib import resources
 
-        folder = resources.files("difflab.pipelines") / "sd_configs" / family
+        folder = resources.files("difflab.storage") / "sd_configs" / family
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
             text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
         counts = [sum(p.numel() for p in n.parameters()) for n in (unet, vae, text)]
         assert [c for c, s in zip(counts, sizes[family]) if s] == [s for s in sizes[family] if s], (family, counts)
-        from difflab.pipelines.original_layout import unet_to_original
+        from difflab.storage.original_layout import unet_to_original
 
         shapes = {k: torch.empty(v.shape, device="meta") for k, v in unet_to_original(unet).items()}
         chosen, chosen_family = built_in_configs(tmp_path / "x.safetensors", shapes, {}, tmp_path / family)
@@ -330,7 +331,7 @@ def test_a_tokenizer_in_the_hugging_face_cache_is_found(files, monkeypatch):
     """Without --config-folder, SD 1.x's tokenizer is looked up in the HF cache (never downloaded)."""
     import huggingface_hub
 
-    from difflab.pipelines.single_file import CACHED_TOKENIZERS, find_tokenizer
+    from difflab.storage.single_file import CACHED_TOKENIZERS, find_tokenizer
 
     asked = []
 

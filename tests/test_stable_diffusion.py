@@ -11,7 +11,7 @@ from PIL import Image
 import tiny_sd
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 SAMPLERS = ("ddim", "dpm++2m", "euler-a")  # euler-a draws noise at every step
 PROMPTS = ["a red circle", "a blue square on black"]
@@ -127,8 +127,8 @@ def test_a_folders_safety_checker_runs_like_the_pipelines(tmp_path):
 def test_a_saved_text_model_loads_in_plain_diffusers_with_the_same_images(folders, tmp_path):
     import diffusers
 
-    from difflab.pipelines.card import model_card
-    from difflab.pipelines.folder import save_model
+    from difflab.storage.card import model_card
+    from difflab.storage.folder import save_model
 
     model = load_model(folders["text"])
     saved = save_model(model, tmp_path / "saved", model_card(model, str(tmp_path / "saved")))
@@ -147,7 +147,7 @@ def test_a_saved_text_model_loads_in_plain_diffusers_with_the_same_images(folder
 def test_the_cards_diffusers_snippet_gives_difflabs_images(folders, tmp_path):
     import re
 
-    from difflab.pipelines.card import model_card
+    from difflab.storage.card import model_card
 
     model = load_model(folders["text"])
     code = re.findall(r"```python\n(.*?)```", model_card(model, str(folders["text"])), re.S)[0]
@@ -201,7 +201,7 @@ def test_a_hub_pipeline_is_fetched_without_its_duplicate_weights(monkeypatch, tm
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    from difflab.pipelines.folder import resolve_model_folder
+    from difflab.storage.folder import resolve_model_folder
 
     fetched = {}
 

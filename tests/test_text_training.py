@@ -17,7 +17,7 @@ import tiny_sd
 from difflab.config import TrainConfig
 from difflab.diffusion.generate import generate
 from difflab.errors import DataError, ModelError, RunFolderError
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 from difflab.training.text_batches import CachedLatents, CaptionTokens
 from difflab.training.trainer import train
 

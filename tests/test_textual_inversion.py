@@ -13,7 +13,7 @@ import tiny_sd
 from difflab.cli import main
 from difflab.config import textual_inversion_defaults
 from difflab.models.embeddings import EMBEDDING_FILE
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 from difflab.training import textual_inversion as ti
 from difflab.training.run_folder import MetricsLog
 from test_dreambooth import star

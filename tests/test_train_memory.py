@@ -20,7 +20,7 @@ from difflab.cli import main
 from difflab.config import dreambooth_defaults
 from difflab.devices import auto_precision
 from difflab.errors import ConfigError
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 from difflab.training import dreambooth as db
 from difflab.training import memory_features
 from difflab.training.checkpoints import find_latest

@@ -11,7 +11,7 @@ import tiny_sd
 from difflab import memory
 from difflab.cli import main
 from difflab.errors import ConfigError
-from difflab.pipelines.folder import load_model
+from difflab.storage.folder import load_model
 
 PROMPT, CLASS_PROMPT = "a sks star", "a star"
 

@@ -5,8 +5,8 @@ they are imported on first use, so that `import difflab` (and `difflab --help`) 
 
 __version__ = "0.1.0"
 
-_LAZY = {"generate": "difflab.diffusion.generate", "load_model": "difflab.pipelines.folder",
-         "apply_lora": "difflab.pipelines.lora"}
+_LAZY = {"generate": "difflab.diffusion.generate", "load_model": "difflab.storage.folder",
+         "apply_lora": "difflab.storage.lora"}
 
 
 def __getattr__(name: str):

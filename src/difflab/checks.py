@@ -8,7 +8,6 @@ schedule has timesteps. The CLI and config validation call these instead of find
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -70,41 +69,3 @@ def check_columns(columns: int | None, count: int, flag: str = "--columns") -> N
     """Images per grid row: at least 1, and no more than there are images."""
     if columns is not None and not 1 <= columns <= count:
         raise ConfigError(f"{flag} must be from 1 to the number of images ({count}), not {columns}")
-
-
-def check_config_values(config) -> None:
-    """Every float setting of a training config (any kind) is finite, the image size in range, the
-    device exists here and, where the config sets the noise schedule, its timesteps are enough for
-    the grids' sampler steps."""
-    from difflab.devices import pick_device
-
-    check_finite({flag: value for flag, (_, value) in _numbers(config).items()})
-    check_image_size(config.data.image_size)
-    pick_device(config.run.device)  # --device cuda without a GPU must not train on the CPU without a word
-    model = getattr(config, "model", None)
-    if model is not None and not model.base:  # with --from, the base model decides (finetune.settings_from_base)
-        check_timesteps(model.timesteps)
-        check_sampler_steps(config.run.sample_steps, model.timesteps, config.run.sample_sampler, "--sample-steps")
-
-
-def check_config_ranges(config) -> None:
-    """After a config's own checks (which say more where they apply): no number setting is negative
-    (a warmup of -5 steps), and counts stay below limits past which memory runs out."""
-    numbers = _numbers(config)
-    check_at_least({flag: value for flag, (name, value) in numbers.items() if name not in SIGNED}, 0)
-    for flag, (name, value) in numbers.items():
-        if name in MOST and value > MOST[name]:
-            raise ConfigError(f"{flag} {value} is more than the {MOST[name]:,} difflab allows")
-
-
-def _numbers(config) -> dict[str, tuple[str, int | float]]:
-    """{flag: (field name, value)} for every int and float setting given (not None) in every section."""
-    from difflab.config import flag_of
-
-    out = {}
-    for section in (getattr(config, f.name) for f in dataclasses.fields(config)):
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[flag_of(f)] = (f.name, value)
-    return out

@@ -19,25 +19,23 @@ from typing import Any
 
 import tomllib
 
-from difflab.checks import check_config_ranges, check_config_values
-from difflab.diffusion.samplers import (
-    DEFAULT_CFG_SCALE,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    DEFAULT_TEXT_CFG_SCALE,
-    SAMPLERS,
+from difflab.checks import (
+    MOST,
+    SIGNED,
+    check_at_least,
+    check_finite,
+    check_image_size,
+    check_sampler_steps,
+    check_timesteps,
 )
-from difflab.diffusion.schedules import PREDICTIONS, SCHEDULES
+from difflab.data import DATA_SPEC_HELP
+from difflab.data.folder import DEFAULT_MEMORY_LIMIT_MB
+from difflab.devices import pick_device
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import ConfigError
-
-DATA_SPEC_HELP = (
-    "a folder of images (labels from sub-folder names; captions from metadata.jsonl or IMAGE.txt), digits, "
-    "shapes[:N] (captioned shapes), mnist:PATH, fashion-mnist:PATH, imagefolder:PATH, or a Hugging Face dataset "
-    "id (owner/name)"
-)
-
-
-DEFAULT_MEMORY_LIMIT_MB = 2048
+from difflab.models.model import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE
+from difflab.models.schedules import PREDICTIONS, SCHEDULES
+from difflab.models.scratch_model import SCRATCH_SAMPLE_STEPS
 
 
 @dataclass(frozen=True)
@@ -336,9 +334,6 @@ def textual_inversion_defaults() -> TextualInversionConfig:
 
 # ---- the from-scratch teaching model (difflab scratch train) -----------------------------------------
 
-SCRATCH_SAMPLE_STEPS = 40  # the course's final grid uses 40 steps of the naive sampler
-
-
 @dataclass
 class ScratchOptimConfig:
     lr: float = option(1e-3, "learning rate (Adam, constant, as in the course)", check=POSITIVE)
@@ -405,6 +400,40 @@ def settings_marked(cls, mark: str) -> dict[str, set[str]]:
 
 def sections(config) -> list:
     return [getattr(config, f.name) for f in dataclasses.fields(config)]
+
+
+def check_config_values(config) -> None:
+    """Every float setting of a training config (any kind) is finite, the image size in range, the
+    device exists here and, where the config sets the noise schedule, its timesteps are enough for
+    the grids' sampler steps."""
+    check_finite({flag: value for flag, (_, value) in _numbers(config).items()})
+    check_image_size(config.data.image_size)
+    pick_device(config.run.device)  # --device cuda without a GPU must not train on the CPU without a word
+    model = getattr(config, "model", None)
+    if model is not None and not model.base:  # with --from, the base model decides (finetune.settings_from_base)
+        check_timesteps(model.timesteps)
+        check_sampler_steps(config.run.sample_steps, model.timesteps, config.run.sample_sampler, "--sample-steps")
+
+
+def check_config_ranges(config) -> None:
+    """After a config's own checks (which say more where they apply): no number setting is negative
+    (a warmup of -5 steps), and counts stay below limits past which memory runs out."""
+    numbers = _numbers(config)
+    check_at_least({flag: value for flag, (name, value) in numbers.items() if name not in SIGNED}, 0)
+    for flag, (name, value) in numbers.items():
+        if name in MOST and value > MOST[name]:
+            raise ConfigError(f"{flag} {value} is more than the {MOST[name]:,} difflab allows")
+
+
+def _numbers(config) -> dict[str, tuple[str, int | float]]:
+    """{flag: (field name, value)} for every int and float setting given (not None) in every section."""
+    out = {}
+    for section in (getattr(config, f.name) for f in dataclasses.fields(config)):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[flag_of(f)] = (f.name, value)
+    return out
 
 
 def flag_of(f: dataclasses.Field) -> str:

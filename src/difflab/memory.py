@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +233,22 @@ def check_training_memory(shape: ModelShape, device, *, yes: bool, lora_flag: st
     return check_fits(estimate, device, yes=yes, remedies=remedies, free=free)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable counts reclaimable caches),
+    or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def free_memory(device) -> float | None:
     """Bytes free for new allocations on `device`: the GPU's free memory, or the machine's available
     memory for the CPU; None where unknown."""
@@ -242,8 +259,6 @@ def free_memory(device) -> float | None:
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)
     if device.type == "cpu":
-        from difflab.workload import available_memory
-
         free = available_memory()
         return float(free) if free is not None else None
     return None

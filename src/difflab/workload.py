@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
 import torch
 
 from difflab.errors import ConfigError
 from difflab.images import MIN_GRID_CELL
+from difflab.memory import available_memory
 
 log = logging.getLogger("difflab")
 
@@ -153,22 +153,6 @@ def stand_in_conditioning(model, x: torch.Tensor):
     if model.variant == "upscale":
         parts["noise_level"] = torch.zeros(batch, dtype=torch.long, device=device)
     return Conditioning(**parts)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux's MemAvailable counts reclaimable caches),
-    or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _size(n: float) -> str:

@@ -20,17 +20,18 @@ def randomize(parameters, seed: int) -> None:
 
 
 def tiny_loras(root: Path) -> dict[str, Path]:
-    from difflab.pipelines import lora
-    from difflab.pipelines.folder import load_model
+    from difflab.models import lora as adapters
+    from difflab.storage import lora
+    from difflab.storage.folder import load_model
 
     base = tiny_sd.build(root / "tiny-sd", "text")
     model = load_model(base)
-    randomize(lora.add_lora(model, 2, 3.0, text_encoder=True), 1)
+    randomize(adapters.add_lora(model, 2, 3.0, text_encoder=True), 1)
     run = root / "lora-run"
     run.mkdir()
     (run / "config.toml").write_text(f'[model]\nbase = "{base}"\n')
     lora.save_lora(model, run / "model")
     model = load_model(base)
-    randomize(lora.add_lora(model, 3, 3.0), 2)
+    randomize(adapters.add_lora(model, 3, 3.0), 2)
     lora.save_lora(model, root / "lora-b")
     return {"base": base, "a": run, "b": root / "lora-b"}

@@ -32,9 +32,10 @@ from difflab.app.service import (
     largest_side,
     modes_of,
 )
-from difflab.diffusion.samplers import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import DifflabError
 from difflab.models.embeddings import learned_tokens
+from difflab.models.model import DEFAULT_CFG_SCALE
 
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {MAX_SEED + 1})"  # in the page: no round trip
 # small images stay sharp when enlarged; an input image (uploaded or sent from the results) is shown at a size one sees
@@ -49,7 +50,7 @@ def build_demo(model_spec: str | Path, *, clip_model: str | None = None, limits:
     `embeddings`, textual inversion files (`FILE[:TOKEN]`), are loaded onto the model and their tokens listed
     under the prompt."""
     from difflab.devices import pick_device
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     limits = limits or Limits()
     menu = LoraMenu(loras, allow_pickle=allow_pickle)  # every LoRA found before the model loads

@@ -23,7 +23,7 @@ import difflab
 from difflab.app.demo import model_label
 from difflab.app.service import Limits, check_model
 from difflab.errors import ConfigError
-from difflab.pipelines.folder import PICKLE_SUFFIXES, atomic_folder, load_model, resolve_model_folder
+from difflab.storage.folder import PICKLE_SUFFIXES, atomic_folder, load_model, resolve_model_folder
 
 PROVIDED_BY_SPACE = {"gradio"}  # the Space installs gradio from README's sdk_version
 

@@ -1,6 +1,6 @@
 """The LoRAs a demo offers: given when it starts (`difflab demo --model BASE --lora RUN_OR_FILE ...`), found
 before the model loads, applied once onto the model as adapters with the LoRA code `difflab sample --lora`
-uses (`pipelines.lora`), and switched per request: each request chooses one LoRA (or none) and its weight,
+uses (`storage.lora`), and switched per request: each request chooses one LoRA (or none) and its weight,
 so the page never reads a file a visitor names.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.pipelines.lora import LoraSource, apply_lora, plan_loras, use_lora
+from difflab.storage.lora import LoraSource, apply_lora, plan_loras, use_lora
 
 
 class LoraMenu:

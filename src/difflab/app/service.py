@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from difflab.app.guides import Guides, hex_color
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from difflab.diffusion.schedules import check_choice
 from difflab.errors import ConfigError, InputError, ModelError
+from difflab.models.schedules import check_choice
 
 if TYPE_CHECKING:
     from difflab.models.model import DiffusionModel

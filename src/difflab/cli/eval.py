@@ -5,14 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.cli.options import add_device
-from difflab.config import DATA_SPEC_HELP
-from difflab.diffusion.samplers import (
-    DEFAULT_CFG_SCALE,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    DEFAULT_TEXT_CFG_SCALE,
-    SAMPLERS,
-)
+from difflab.data import DATA_SPEC_HELP
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.models.model import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE
 
 
 def add_parser(subparsers) -> None:
@@ -67,12 +62,12 @@ def run(args) -> int:
 
     from difflab.cli.checks import check_flags, check_with_model
     from difflab.devices import pick_device
-    from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError
     from difflab.files import write_text_atomic
     from difflab.metrics.evaluate import Evaluator, held_out_captions, summary_line
     from difflab.metrics.prompt_adherence import is_shapes
-    from difflab.pipelines.folder import load_model
+    from difflab.models.schedules import check_choice
+    from difflab.storage.folder import load_model
 
     check_choice("sampler", args.sampler, SAMPLERS)
     if args.count < 2 or args.steps < 1 or args.batch_size < 1:

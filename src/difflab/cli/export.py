@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import logging
 
-    from difflab.pipelines.single_file_export import export_single_file
+    from difflab.storage.single_file_export import export_single_file
 
     out, what = export_single_file(args.model, args.single_file, overwrite=args.overwrite,
                                    half=args.half)

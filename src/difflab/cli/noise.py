@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.config import DATA_SPEC_HELP
-from difflab.diffusion.schedules import SCHEDULES
+from difflab.data import DATA_SPEC_HELP
+from difflab.models.schedules import SCHEDULES
 
 MAX_FIGURE_SIDE = 64  # rows and columns of the figure: more would not be readable
 
@@ -34,9 +34,9 @@ def run(args) -> int:
 
     from difflab.checks import check_image_size, check_timesteps
     from difflab.data import open_dataset
-    from difflab.diffusion.schedules import noise_scheduler
     from difflab.errors import ConfigError
     from difflab.files import check_output_file
+    from difflab.models.schedules import noise_scheduler
     from difflab.plots import noise_figure
 
     check_timesteps(args.timesteps)

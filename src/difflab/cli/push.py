@@ -36,7 +36,7 @@ def run(args) -> int:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from difflab.errors import ConfigError
-    from difflab.pipelines.hub import hub_token, push, upload_plan
+    from difflab.storage.hub import hub_token, push, upload_plan
 
     log = logging.getLogger("difflab")
     try:

@@ -86,7 +86,7 @@ def finish_digits(config, out: Path, count: int, log) -> int:
 
     from difflab.cli.train import print_run_outputs
     from difflab.metrics.evaluate import Evaluator, summary_line
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
     from difflab.training.trainer import train
 
     model_dir = train(config, out, overwrite=True)
@@ -108,7 +108,7 @@ def finish_text(config, out: Path, count: int, log) -> int:
 
     from difflab.cli.train import print_run_outputs
     from difflab.metrics.prompt_adherence import adherence_line, evaluate_prompts, record_evaluation
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
     from difflab.training.trainer import train
 
     model_dir = train(config, out, overwrite=True)

@@ -5,14 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.cli.options import add_model_loading, check_at_least_one
-from difflab.diffusion.samplers import (
-    DEFAULT_CFG_SCALE,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    DEFAULT_TEXT_CFG_SCALE,
-    GUIDANCE_MODES,
-    SAMPLERS,
-)
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, GUIDANCE_MODES, SAMPLERS
+from difflab.models.model import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE
 
 
 def add_parser(subparsers) -> None:
@@ -129,12 +123,12 @@ def run(args) -> int:
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
     from difflab.diffusion.request import check_inputs, mode_of, strength_of
-    from difflab.diffusion.schedules import check_choice
     from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
     from difflab.models.offload import check_offload, offload
-    from difflab.pipelines.folder import load_model
-    from difflab.pipelines.lora import apply_loras, plan_loras
+    from difflab.models.schedules import check_choice
+    from difflab.storage.folder import load_model
+    from difflab.storage.lora import apply_loras, plan_loras
 
     log = logging.getLogger("difflab")
     check_choice("sampler", args.sampler, SAMPLERS)

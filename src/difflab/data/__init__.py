@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from difflab.config import DATA_SPEC_HELP as SPEC_HELP
-from difflab.config import DEFAULT_MEMORY_LIMIT_MB
 from difflab.data.dataset import ImageDataset, match_channels, resize_uint8
+from difflab.data.folder import DEFAULT_MEMORY_LIMIT_MB
 from difflab.data.stream import BatchStream
 from difflab.data.streaming import StreamedImages
 from difflab.errors import DataError
@@ -21,9 +20,14 @@ from difflab.errors import DataError
 log = logging.getLogger("difflab")
 
 SPLITS = ("train", "test", "all")
+DATA_SPEC_HELP = (
+    "a folder of images (labels from sub-folder names; captions from metadata.jsonl or IMAGE.txt), digits, "
+    "shapes[:N] (captioned shapes), mnist:PATH, fashion-mnist:PATH, imagefolder:PATH, or a Hugging Face dataset "
+    "id (owner/name)"
+)
 NATIVE_SIZE = {"digits": 16}  # default training size where the source's own size is not the best one
 
-__all__ = ["ImageDataset", "StreamedImages", "BatchStream", "open_dataset", "SPEC_HELP"]
+__all__ = ["ImageDataset", "StreamedImages", "BatchStream", "open_dataset", "DATA_SPEC_HELP"]
 
 
 def open_dataset(spec: str, image_size: int | None = None, channels: int | None = None,
@@ -88,7 +92,7 @@ def _open(spec: str, image_size: int | None, channels: int | None, split: str, s
     elif Path(spec).suffix or "/" in spec or "\\" in spec:
         raise DataError(f"data folder {spec} does not exist")
     else:
-        raise DataError(f"unknown data spec {spec!r}; use {SPEC_HELP}")
+        raise DataError(f"unknown data spec {spec!r}; use {DATA_SPEC_HELP}")
 
     data.images = resize_uint8(data.images, image_size or NATIVE_SIZE.get(spec, data.image_size))
     data.images = match_channels(data.images, channels or data.channels)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.config import DEFAULT_MEMORY_LIMIT_MB
 from difflab.data.captions import fill_missing, folder_captions
 from difflab.data.dataset import ImageDataset, split_indices
 from difflab.data.decode import IMAGE_EXTENSIONS, UnreadableImage, is_grey, open_image, read_image_array
@@ -25,6 +24,9 @@ PARALLEL_FROM = 2000  # decode with worker processes from this many files on
 NAMED = 20  # unreadable files named in the warning (the rest are counted)
 CAN_READ = ("difflab reads PNG, JPEG, WebP, BMP and GIF files: convert the images to one of these, or check that "
             "they were copied whole")
+
+
+DEFAULT_MEMORY_LIMIT_MB = 2048  # a folder's decoded images stay in memory up to this size; larger ones stream
 
 
 @dataclass

@@ -13,11 +13,12 @@ from difflab.diffusion.guidance import GuidanceTerm, classifier_free_guidance, l
 from difflab.diffusion.modes import Prepared, start
 from difflab.diffusion.request import prepare
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, UNCLIPPED, make_sampler
-from difflab.diffusion.sampling import ModelFn, clip_x0, denoise, image_generators, run_timesteps, to_unit_range
+from difflab.diffusion.sampling import ModelFn, clip_x0, denoise, run_timesteps, to_unit_range
 from difflab.errors import InputError
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
 from difflab.progress import progress_bar
+from difflab.seeds import image_generators
 
 
 def row_labels(num_classes: int, per_row: int) -> torch.Tensor:

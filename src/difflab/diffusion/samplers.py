@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from difflab.diffusion.schedules import check_choice
+from difflab.models.schedules import check_choice
 
 # Heun, LMS and PNDM combine predictions across steps in ways that amplify errors by up to
 # sqrt(1/ᾱ) at the first step, which is ~10^4 when the schedule ends at ᾱ ≈ 0 (cosine does): they
@@ -28,11 +28,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 UNCLIPPED = {"euler", "euler-a", "heun", "lms", "pndm"}
 DEFAULT_SAMPLER = "dpm++2m"
 DEFAULT_STEPS = 20
-# Classifier-free guidance for class-conditional models: on MNIST, 1.5 gave both the best Fréchet
-# distance and 99% class accuracy (2 sharpens classes but narrows them; docs/benchmarks.md).
-DEFAULT_CFG_SCALE = 1.5
-# Text-to-image models: Stable Diffusion's customary scale (the course's, and diffusers' default).
-DEFAULT_TEXT_CFG_SCALE = 7.5
 # Loss guidance takes its gradient through x̂₀ only (fast) or through the network too (full); see guidance.py.
 GUIDANCE_MODES = ("fast", "full")
 

@@ -20,11 +20,6 @@ from difflab.diffusion.predictions import alpha_bar, from_x0, to_x0
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def image_generators(seed: int, count: int, start: int = 0) -> list[torch.Generator]:
-    """One CPU generator per image: image i of a request uses seed + i, whatever the batching."""
-    return [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-
-
 def initial_noise(shape: Sequence[int], generators: list[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor
 

@@ -114,8 +114,8 @@ def record_evaluation(model_dir, result: dict) -> None:
     from pathlib import Path
 
     from difflab.files import write_text_atomic
-    from difflab.pipelines.card import set_card_rows
-    from difflab.pipelines.folder import INFO_FILE
+    from difflab.storage.card import set_card_rows
+    from difflab.storage.folder import INFO_FILE
 
     folder = Path(model_dir)
     rows = evaluation_rows(result)

@@ -1,5 +1,2 @@
-"""Model presets, the denoiser with its conditioning doors, and the model container."""
-
-from difflab.models.model import DiffusionModel, ModelInfo
-
-__all__ = ["DiffusionModel", "ModelInfo"]
+"""Model presets, the denoiser with its conditioning doors, the noise schedule, LoRA adapters and the
+model container (`difflab.models.model`)."""

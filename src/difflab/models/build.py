@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from difflab.diffusion.schedules import noise_scheduler
 from difflab.models.denoiser import Denoiser
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.presets import build_unet
+from difflab.models.schedules import noise_scheduler
 
 
 def build_model(model_config, image_size: int, channels: int, data_source: str, seed: int,

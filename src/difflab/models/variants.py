@@ -14,7 +14,7 @@ class Variant:
     pipeline: str  # the diffusers pipeline class that runs it
     needs: tuple[str, ...]  # inputs a request must give besides a prompt
     about: str
-    scheduler_fixes: tuple[str, ...] = ()  # config rewrites the diffusers pipeline makes (see pipelines/)
+    scheduler_fixes: tuple[str, ...] = ()  # config rewrites the diffusers pipeline makes (storage/stable_diffusion.py)
 
     def extra_channels(self, latent_channels: int) -> int:
         return {"inpaint": latent_channels + 1, "depth": 1, "upscale": 3}.get(self.name, 0)

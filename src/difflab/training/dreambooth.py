@@ -73,8 +73,8 @@ def default_lr(base_training: dict, lora: bool) -> float:
 
 def base_training_info(spec: str) -> dict:
     """What the base model's difflab.json says of its training ({} for a folder difflab did not make)."""
-    from difflab.pipelines.folder import INFO_FILE, resolve_model_folder
-    from difflab.pipelines.single_file import carried_info, is_single_file
+    from difflab.storage.folder import INFO_FILE, resolve_model_folder
+    from difflab.storage.single_file import carried_info, is_single_file
 
     if is_single_file(spec):  # difflab's exports carry their difflab.json; other single files say nothing
         return carried_info(spec).get("training", {}) or {}

@@ -15,9 +15,9 @@ from difflab.checks import check_sampler_steps
 from difflab.config import TrainConfig
 from difflab.data import ImageDataset, StreamedImages
 from difflab.data.dataset import match_channels
-from difflab.diffusion.schedules import SCHEDULES
 from difflab.errors import ConfigError, DataError, ModelError
 from difflab.models.model import DiffusionModel, ModelInfo
+from difflab.models.schedules import SCHEDULES
 
 log = logging.getLogger("difflab")
 
@@ -27,7 +27,7 @@ BASE_PRESET = "(base model)"  # the network is the base model's, not a preset
 
 def load_base(config: TrainConfig) -> DiffusionModel:
     """The pretrained model, in training mode, with one-line errors for a folder that is not one."""
-    from difflab.pipelines.folder import load_model
+    from difflab.storage.folder import load_model
 
     base = load_model(config.model.base, allow_pickle=config.model.allow_pickle, safety_checker=False)
     if base.latent:
@@ -39,7 +39,7 @@ def load_base(config: TrainConfig) -> DiffusionModel:
         base.codec.vae.requires_grad_(False)
         base.prompts.text_encoder.requires_grad_(bool(config.model.train_text_encoder))
     if config.model.lora_rank:  # before the run folder is touched: a rank that cannot work is refused now
-        from difflab.pipelines.lora import check_attention, check_rank
+        from difflab.models.lora import check_attention, check_rank
 
         check_attention(base)  # says why a pixel model takes no LoRA
         check_rank(base, config.model.lora_rank, text_encoder=bool(config.model.train_text_encoder))

@@ -189,7 +189,7 @@ class NewTokenRows:
         from safetensors.torch import save_file
 
         from difflab.files import atomic_folder
-        from difflab.pipelines.card import textual_inversion_card
+        from difflab.storage.card import textual_inversion_card
 
         self.embedding.write_back()
         training = model.info.training

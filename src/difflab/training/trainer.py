@@ -29,9 +29,9 @@ from difflab.models.build import build_model
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
 from difflab.models.prompt_syntax import escape, parse_prompt
-from difflab.pipelines.card import model_card
-from difflab.pipelines.folder import save_model
 from difflab.progress import progress_bar
+from difflab.storage.card import model_card
+from difflab.storage.folder import save_model
 from difflab.training import checkpoints, finetune, memory_features
 from difflab.training.budget import Budget, lr_factor
 from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target, shifted_timesteps
@@ -326,8 +326,8 @@ class Trainer:
 
     def add_lora(self) -> None:
         """LoRA as the choice of trainable parameters: adapters on the attention projections (of the text
-        encoder too when it trains), every other weight frozen (pipelines/lora.py)."""
-        from difflab.pipelines.lora import add_lora
+        encoder too when it trains), every other weight frozen (models/lora.py)."""
+        from difflab.models.lora import add_lora
 
         if self.text is None:
             raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
@@ -806,8 +806,9 @@ class Trainer:
 
     def save_lora(self) -> None:
         """A LoRA run's model: only the adapters, as pytorch_lora_weights.safetensors, with its card."""
-        from difflab.pipelines.card import lora_card
-        from difflab.pipelines.lora import lora_summary, save_lora
+        from difflab.models.lora import lora_summary
+        from difflab.storage.card import lora_card
+        from difflab.storage.lora import save_lora
 
         training = self.model.info.training
         summary = lora_summary(self.model)

@@ -1,17 +1,13 @@
-"""LoRA: low-rank adapters on a text-to-image model's attention projections, through peft.
+"""LoRA files: written in the diffusers LoRA format, found, checked against a model, and applied.
 
-LoRA is a choice of trainable parameters: `add_lora` puts peft adapters (`LoraConfig`) on the UNet's
-attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`) and, when it trains, the text encoder's
-(`q_proj`, `k_proj`, `v_proj`, `out_proj`), freezes everything else, and returns what the optimizer
-should train. `save_lora` writes the adapters in the diffusers LoRA format
-(`pytorch_lora_weights.safetensors`, through diffusers' own `save_lora_weights`), which
-`StableDiffusionPipeline.load_lora_weights` accepts.
+`save_lora` writes a model's adapters (`models/lora.py`) as `pytorch_lora_weights.safetensors`, through
+diffusers' own `save_lora_weights`, which `StableDiffusionPipeline.load_lora_weights` accepts.
 
 `apply_lora(model, spec, scale)` loads such a file (difflab's, diffusers', or a kohya/A1111 one that
 diffusers converts) onto a loaded model: diffusers' `load_lora_weights` runs on `to_pipeline(model)`,
 whose UNet and text encoder *are* the model's, so formats and conversions are exactly diffusers'.
 Each file is one named adapter; several combine as peft combines them (`set_adapters` with one weight
-each: the output of a projection is W·x + Σ weightᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ·x).
+each).
 
 Before anything is loaded, the file is checked against the model: a file that is not a LoRA, or whose
 layers are missing from this model or have other widths (a LoRA made for another base model), is a
@@ -24,109 +20,30 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
+from difflab.files import atomic_folder
+from difflab.layout import LORA_PICKLE, LORA_WEIGHTS, PICKLE_SUFFIXES
+from difflab.models.lora import (
+    DEFAULT_ADAPTER,
+    adapted_networks,
+    adapter_weights,
+    check_attention,
+    check_scale,
+    layer_width,
+    lora_state_dicts,
+)
 from difflab.models.model import DiffusionModel
 from difflab.models.weights import check_weights
+from difflab.storage.pickles import load_pickled_weights
+from difflab.storage.quiet import quiet_diffusers
 
 log = logging.getLogger("difflab")
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-LORA_PICKLE = "pytorch_lora_weights.bin"  # diffusers' LORA_WEIGHT_NAME (older runs)
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-COMPONENTS = ("unet", "text_encoder")  # the prefixes of a diffusers LoRA file's tensor names
-DEFAULT_ADAPTER = "default"
 
-
-# ---- adapters for training -------------------------------------------------------------------------
-
-def add_lora(model: DiffusionModel, rank: int = 4, alpha: float | None = None, *, text_encoder: bool = False,
-             name: str = DEFAULT_ADAPTER, dropout: float = 0.0) -> list:
-    """Add a LoRA adapter of `rank` (scaled by alpha/rank; alpha defaults to rank) to the UNet's
-    attention projections, and to the text encoder's when `text_encoder`; freeze every other weight of
-    the model. Returns the trainable parameters (`lora_parameters(model)`)."""
-    from peft import LoraConfig
-
-    check_attention(model)
-    check_rank(model, rank, text_encoder=text_encoder)
-    alpha = float(rank if alpha is None else alpha)
-    if not alpha > 0:
-        raise ConfigError(f"the LoRA alpha must be more than 0 (got {alpha})")
-    for network in model.modules():
-        network.requires_grad_(False)
-    # diffusers' DreamBooth LoRA script: gaussian A, zero B, so that training starts from the base model
-    model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                                      target_modules=list(UNET_TARGETS)), adapter_name=name)
-    if text_encoder:
-        if model.prompts is None:
-            raise ModelError("this model has no text encoder to put LoRA adapters on")
-        model.prompts.text_encoder.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                       target_modules=list(TEXT_ENCODER_TARGETS)), adapter_name=name)
-    return lora_parameters(model)
-
-
-def check_rank(model: DiffusionModel, rank, *, text_encoder: bool = False) -> None:
-    """A rank of at least 1 and at most the width of the narrowest layer it adapts: an adapter's update
-    B·A has rank min(rank, in, out), so a larger rank adds weights and time (it made a tiny run take
-    40 s a step and 1.7 GB), never capacity."""
-    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
-        raise ConfigError(f"--lora-rank must be a whole number of at least 1 (got {rank})")
-    networks = {"unet": (model.unet, UNET_TARGETS)}
-    if text_encoder and model.prompts is not None:
-        networks["text_encoder"] = (model.prompts.text_encoder, TEXT_ENCODER_TARGETS)
-    widths = [(min(_width(module, "A"), _width(module, "B")), f"{part}.{name}")
-              for part, (network, targets) in networks.items()
-              for name, module in network.named_modules()
-              if name.endswith(targets) and _width(module, "A") is not None]
-    if widths:
-        narrowest, where = min(widths)
-        if rank > narrowest:
-            raise ConfigError(f"--lora-rank {rank} is more than the width of the layers it adapts (the narrowest, "
-                              f"{where}, is {narrowest} wide): a larger rank adds time and size, not capacity; use "
-                              f"--lora-rank {narrowest} or less (4 to 64 is typical)")
-
-
-def lora_parameters(model: DiffusionModel, name: str | None = None) -> list:
-    """The adapters' parameters (of adapter `name`, or of all), made trainable: what LoRA training
-    optimizes while the base model stays frozen."""
-    found = []
-    for network in adapted_networks(model).values():
-        for key, parameter in network.named_parameters():
-            if ".lora_" in key and (name is None or key.endswith(f".{name}.weight") or key.endswith(f".{name}.bias")):
-                parameter.requires_grad_(True)
-                found.append(parameter)
-    return found
-
-
-def adapted_networks(model: DiffusionModel) -> dict:
-    """{"unet": ..., "text_encoder": ...}: the networks of the model that hold LoRA adapters."""
-    networks = {"unet": model.unet}
-    if model.prompts is not None:
-        networks["text_encoder"] = model.prompts.text_encoder
-    return {part: network for part, network in networks.items() if getattr(network, "peft_config", None)}
-
-
-def lora_state_dicts(model: DiffusionModel, name: str = DEFAULT_ADAPTER) -> dict[str, dict]:
-    """The adapter's weights per network, keyed as the diffusers LoRA format keys them (before the
-    "unet."/"text_encoder." prefix): what `save_lora` writes."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = {}
-    for part, network in adapted_networks(model).items():
-        if name in network.peft_config:
-            layers[part] = convert_state_dict_to_diffusers(get_peft_model_state_dict(network, adapter_name=name))
-            if part == "text_encoder" and not hasattr(network, "text_model"):
-                # CLIPTextModel is flat in transformers 5; LoRA files (diffusers', kohya's, A1111's) name its
-                # layers text_model.encoder...: written so, they load everywhere (diffusers strips it here)
-                layers[part] = {f"text_model.{k}": v for k, v in layers[part].items()}
-    return layers
-
+# ---- writing ---------------------------------------------------------------------------------------
 
 def save_lora(model: DiffusionModel, folder: str | Path, *, name: str = DEFAULT_ADAPTER, card: str | None = None
               ) -> Path:
@@ -134,8 +51,6 @@ def save_lora(model: DiffusionModel, folder: str | Path, *, name: str = DEFAULT_
     each network's LoraConfig in the file's metadata so that rank and alpha load back exactly), and the
     model card as README.md. The folder is replaced only once complete; returns the weights file."""
     from diffusers import StableDiffusionPipeline
-
-    from difflab.pipelines.folder import atomic_folder
 
     layers = lora_state_dicts(model, name)
     if not layers:
@@ -153,20 +68,6 @@ def save_lora(model: DiffusionModel, folder: str | Path, *, name: str = DEFAULT_
     return folder / LORA_WEIGHTS
 
 
-def lora_summary(model: DiffusionModel, name: str = DEFAULT_ADAPTER) -> dict:
-    """Rank, alpha, target modules and size of adapter `name`: what a LoRA's model card states."""
-    summary = {"targets": {}, "parameters": 0}
-    for part, network in adapted_networks(model).items():
-        config = network.peft_config.get(name)
-        if config is None:
-            continue
-        summary["targets"][part] = sorted(config.target_modules)
-        summary.update(rank=config.r, alpha=config.lora_alpha)
-        summary["parameters"] += sum(p.numel() for k, p in network.named_parameters()
-                                     if ".lora_" in k and f".{name}." in k)
-    return summary
-
-
 # ---- loading LoRA files ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -181,9 +82,6 @@ class LoraSource:
     @property
     def label(self) -> str:
         return str(self.file) if self.file is not None else self.repo_id
-
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def resolve_lora(spec: str | Path, *, allow_pickle: bool = False) -> LoraSource:
@@ -300,54 +198,9 @@ def use_lora(model: DiffusionModel, name: str | None, scale: float = 1.0) -> Non
         pipe.set_adapters([name], adapter_weights=[check_scale(scale)])
 
 
-def adapter_weights(model: DiffusionModel) -> dict[str, float]:
-    """{adapter name: weight} of the adapters on the model, as peft holds them: a LoRA layer's scaling
-    is weight·alpha/rank (alpha/√rank with rsLoRA)."""
-    import math
-
-    from peft.tuners.lora import LoraLayer
-
-    weights: dict[str, float] = {}
-    for network in adapted_networks(model).values():
-        for name in network.peft_config:
-            if name in weights:
-                continue
-            for module in network.modules():
-                if isinstance(module, LoraLayer) and name in module.scaling:
-                    rank = module.r[name]
-                    base = module.lora_alpha[name] / (math.sqrt(rank) if module.use_rslora.get(name) else rank)
-                    active = name in module.active_adapters
-                    weights[name] = float(f"{module.scaling[name] / base:.12g}") if active else 0.0  # 0.7, not 0.69…98
-                    break
-    return weights
-
-
-def check_scale(scale) -> float:
-    import math
-
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise ConfigError(f"a LoRA weight must be a number (got {scale!r})") from None
-    if not math.isfinite(scale):
-        raise ConfigError(f"a LoRA weight must be a finite number (got {scale})")
-    return scale
-
-
-def check_attention(model: DiffusionModel) -> None:
-    """LoRA adapts the attention projections of a text-to-image model's UNet (and text encoder)."""
-    attention = any(n.endswith(UNET_TARGETS) for n, _ in model.unet.named_modules())
-    if model.codec is None or model.prompts is None:
-        what = "a pixel model" + ("" if attention else " with no attention layers for a LoRA to adapt")
-        raise ModelError(f"this is {what}; LoRA files adapt text-to-image models (the Stable Diffusion family), and "
-                         "difflab applies them to those")
-    if not attention:
-        raise ModelError("this model's UNet has no attention layers for a LoRA to adapt")
-
-
 def lora_pipeline(model: DiffusionModel):
     """The diffusers pipeline around the model's own modules: diffusers' LoRA loader works on it."""
-    from difflab.pipelines.stable_diffusion import to_pipeline
+    from difflab.storage.stable_diffusion import to_pipeline
 
     with quiet_diffusers():
         return to_pipeline(model)
@@ -364,8 +217,6 @@ def _read(pipe, source: LoraSource) -> tuple[dict, dict]:
     from safetensors import SafetensorError
 
     if source.pickle:
-        from difflab.pipelines.folder import load_pickled_weights
-
         state = load_pickled_weights(source.file)
         with quiet_diffusers():
             try:
@@ -431,7 +282,7 @@ def check_fits(model: DiffusionModel, state_dict: dict, label: str) -> None:
             if module is None:
                 problems.append(f"{part}.{layer} (not in this model)")
                 continue
-            want = (_width(module, "A"), _width(module, "B"))
+            want = (layer_width(module, "A"), layer_width(module, "B"))
             have = (sides["A"].shape[1] if "A" in sides else None, sides["B"].shape[0] if "B" in sides else None)
             if None not in want and any(h is not None and h != w for h, w in zip(have, want)):
                 problems.append(f"{part}.{layer} ({have[0]}→{have[1]} wide in the LoRA, {want[0]}→{want[1]} in "
@@ -440,18 +291,6 @@ def check_fits(model: DiffusionModel, state_dict: dict, label: str) -> None:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise ModelError(f"{label} does not fit this model (made for another base model?): {len(problems)} of its "
                          f"{layers} layers do not fit: {shown}")
-
-
-def _width(module, side: str) -> int | None:
-    """A layer's input (LoRA's A side) or output (B side) width; None for a layer LoRA cannot name."""
-    import torch
-
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features if side == "A" else module.out_features
-    if isinstance(module, torch.nn.Conv2d):
-        return module.in_channels if side == "A" else module.out_channels
-    base = getattr(module, "base_layer", None)  # already wrapped by another adapter
-    return _width(base, side) if base is not None else None
 
 
 def _remove_adapter(pipe, name: str) -> None:
@@ -467,19 +306,3 @@ def _first_line(error: Exception, limit: int = 300) -> str:
     return (text if len(text) <= limit else text[:limit - 3] + "...") or type(error).__name__
 
 
-@contextmanager
-def quiet_diffusers():
-    """diffusers' notes (disabled safety checkers, adapter bookkeeping) are not for difflab's users."""
-    import transformers
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" of the text encoder's adapter
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers.utils.logging.enable_progress_bar()

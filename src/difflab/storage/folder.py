@@ -10,14 +10,13 @@ folder, a run folder (its model/), or a Hub id (through the normal Hugging Face 
 from __future__ import annotations
 
 import json
-import re
-import warnings
 from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
 from difflab.files import atomic_folder, local_model_folder, read_json_object, safetensors_os_error
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.weights import check_safetensors_files, check_weights, weights_file
+from difflab.storage.pickles import load_pickled_weights
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
@@ -39,7 +38,7 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
     with atomic_folder(folder) as partial:
         try:
             if model.latent:
-                from difflab.pipelines.stable_diffusion import save_pipeline
+                from difflab.storage.stable_diffusion import save_pipeline
 
                 save_pipeline(model, partial)
             elif model.prompts is not None:
@@ -131,7 +130,7 @@ def _read_json(path: Path) -> dict:
 def pipeline_kind(folder: Path, spec) -> str | None:
     """The diffusers pipeline class a folder holds (None for a bare UNet folder); refuses the
     pipelines difflab does not run."""
-    from difflab.pipelines.stable_diffusion import is_stable_diffusion
+    from difflab.storage.stable_diffusion import is_stable_diffusion
 
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -155,7 +154,7 @@ def unet_folder(folder: Path, spec) -> Path:
 
     if (folder / SCRATCH_INFO_FILE).is_file():
         raise ModelError(f"{spec} is a from-scratch teaching model (BasicUNet); sample it with difflab scratch sample")
-    from difflab.pipelines.lora import LORA_WEIGHTS
+    from difflab.layout import LORA_WEIGHTS
 
     if (folder / LORA_WEIGHTS).is_file():
         base = lora_run_base(folder)
@@ -195,34 +194,6 @@ def pickled_weights(unet_dir: Path, allow_pickle: bool) -> Path | None:
     return pickles[0]
 
 
-def load_pickled_weights(path: Path) -> dict:
-    """A state dict from a pickle, read with torch.load(weights_only=True): that unpickler builds only
-    tensors and plain containers, and refuses anything else without running it."""
-    import pickle
-
-    import torch
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # about pickle protocols; the outcome is what counts
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"it calls {found[1]}" if found else "it holds more than tensors"
-        raise ModelError(
-            f"{path} was refused: {what}, which could run code when unpickled; load only weights you trust, "
-            "converted to safetensors"
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"cannot read {path} ({reason}); the file may be damaged") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a training checkpoint that wraps the weights
-    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
-        raise ModelError(f"{path} does not hold model weights (a mapping of names to tensors)")
-    return state
-
-
 def load_unet(unet_dir: Path, allow_pickle: bool, unet_class: str = "UNet2DModel"):
     import diffusers
 
@@ -246,15 +217,15 @@ def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu", sa
     """A model folder, a run folder or a Hub id: pixel models (DDPMPipeline folders) and the Stable
     Diffusion family (whose safety checker, when the folder has one, runs unless `safety_checker`
     is False); or a single-file Stable Diffusion checkpoint (`model.safetensors`; see
-    pipelines/single_file.py), whose configs come from `config_folder` when given. `dtype`
+    storage/single_file.py), whose configs come from `config_folder` when given. `dtype`
     (torch.float16/bfloat16): a Stable Diffusion model's weights held in that type, for sampling in half
     precision (pixel models stay fp32: they are small, and run under autocast); `variant` ("fp16"): a
     folder's or Hub repo's half-precision weight files are fetched and read where it has them."""
-    from difflab.pipelines.single_file import is_single_file
+    from difflab.storage.single_file import is_single_file
 
     if is_single_file(spec):
-        from difflab.pipelines.single_file import load_single_file
-        from difflab.pipelines.stable_diffusion import from_pipeline
+        from difflab.storage.single_file import load_single_file
+        from difflab.storage.stable_diffusion import from_pipeline
 
         pipe, info = load_single_file(spec, allow_pickle=allow_pickle, config_folder=config_folder)
         model = from_pipeline(pipe, str(spec), info)
@@ -266,7 +237,7 @@ def load_model(spec: str | Path, *, allow_pickle: bool = False, device="cpu", sa
     folder = resolve_model_folder(spec, allow_pickle, variant)
     kind = pipeline_kind(folder, spec)
     if kind is not None and kind not in PIXEL_PIPELINES:
-        from difflab.pipelines.stable_diffusion import from_pipeline, load_pipeline
+        from difflab.storage.stable_diffusion import from_pipeline, load_pipeline
 
         pipe = load_pipeline(folder, kind, allow_pickle=allow_pickle, safety_checker=safety_checker, dtype=dtype,
                              variant=folder_variant(folder, variant))
@@ -318,7 +289,7 @@ def save_pixel_text_model(model: DiffusionModel, folder: Path) -> None:
 
 def load_prompt_encoder(folder: Path, spec):
     from difflab.models.text import PromptEncoder
-    from difflab.training.text_model import load_text_encoder
+    from difflab.storage.text_encoder import load_text_encoder
 
     tokenizer, text_encoder = load_text_encoder(folder, what=f"the model folder {spec}")
     return PromptEncoder(tokenizer, check_weights(text_encoder, folder / "text_encoder"))

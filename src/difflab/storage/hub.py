@@ -40,7 +40,7 @@ from difflab.errors import DifflabError
 
 log = logging.getLogger("difflab")
 
-# Names in model folders (see pipelines/folder.py, models/scratch_model.py, lora); kept here as
+# Names in model folders (see storage/folder.py, models/scratch_model.py, lora); kept here as
 # strings so that planning a push needs no torch. tests/test_push.py checks they agree.
 RUN_CONFIG = "config.toml"
 RUN_MODEL = "model"

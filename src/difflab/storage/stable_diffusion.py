@@ -59,7 +59,7 @@ def load_pipeline(source: str | Path, pipeline_class: str, *, allow_pickle: bool
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "safetensors" in reason and not allow_pickle:
             reason += "; weights stored as pickles load only with --allow-pickle"
-        from difflab.pipelines.damage import damaged_part
+        from difflab.storage.damage import damaged_part
 
         part = damaged_part(Path(source)) if Path(source).is_dir() else None
         if part:  # the libraries' message does not say which part failed: name it

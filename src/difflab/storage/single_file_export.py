@@ -2,8 +2,8 @@
 ComfyUI load.
 
 A text-to-image model (a StableDiffusionPipeline or inpainting folder) is written in the original SD
-single-file layout (pipelines/original_layout.py), with its diffusers configs in the file's metadata so
-that difflab loads it back with nothing else (pipelines/single_file.py). A LoRA run is written in the
+single-file layout (storage/original_layout.py), with its diffusers configs in the file's metadata so
+that difflab loads it back with nothing else (storage/single_file.py). A LoRA run is written in the
 kohya format (`lora_unet_…`/`lora_te_…` with `.lora_down.weight`, `.lora_up.weight` and `.alpha`),
 converted by diffusers' own `convert_state_dict_to_kohya`, with each layer's alpha taken from the
 adapter's config (that converter writes alpha = rank, which is right only when they are equal).
@@ -26,7 +26,7 @@ def export_single_file(spec, out, *, overwrite: bool = False, half: bool = False
     float16 when `half`; returns (out, "model" or "LoRA"). An existing `out` is replaced only with
     `overwrite`, and only once the new file is complete."""
     from difflab.files import check_output_file, local_model_folder
-    from difflab.pipelines.lora import LORA_WEIGHTS
+    from difflab.layout import LORA_WEIGHTS
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -48,9 +48,9 @@ def export_single_file(spec, out, *, overwrite: bool = False, half: bool = False
 
 
 def write_model(folder: Path, spec, out: Path, half: bool = False) -> Path:
-    from difflab.pipelines.folder import load_model, pipeline_kind
-    from difflab.pipelines.original_layout import pipeline_to_original
-    from difflab.pipelines.single_file import CONFIGS_METADATA, pack_configs
+    from difflab.storage.folder import load_model, pipeline_kind
+    from difflab.storage.original_layout import pipeline_to_original
+    from difflab.storage.single_file import CONFIGS_METADATA, pack_configs
 
     kind = pipeline_kind(folder, spec)
     if kind not in EXPORTABLE:

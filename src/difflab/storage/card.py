@@ -211,7 +211,7 @@ def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: d
     its rank, alpha and target modules, and how to use it with difflab and with plain diffusers.
 
     `name` is how the folder is named (its path; `difflab push` renames it to the repo id),
-    `targets` {"unet": [...], "text_encoder": [...]} as `pipelines.lora.lora_summary` gives them. The front
+    `targets` {"unet": [...], "text_encoder": [...]} as `models.lora.lora_summary` gives them. The front
     matter is what the Hub files a LoRA by (`base_model` when it is a Hub id, the `lora` tag), as
     `difflab push` expects it."""
     prompt = prompt or instance_prompt or "a photo"

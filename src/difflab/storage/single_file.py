@@ -55,8 +55,8 @@ def load_single_file(spec, *, allow_pickle: bool = False, config_folder=None):
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from difflab.pipelines.lora import quiet_diffusers
-    from difflab.pipelines.stable_diffusion import NETWORKS, is_stable_diffusion
+    from difflab.storage.quiet import quiet_diffusers
+    from difflab.storage.stable_diffusion import NETWORKS, is_stable_diffusion
 
     path = Path(str(spec)).expanduser()
     shapes, metadata = read_layout(path, allow_pickle)
@@ -98,7 +98,7 @@ def read_layout(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
     import torch
 
     if path.suffix in PICKLES:
-        from difflab.pipelines.folder import load_pickled_weights
+        from difflab.storage.pickles import load_pickled_weights
 
         if not allow_pickle:
             raise ModelError(f"{path} is a pickle, and unpickling can run code hidden in it: use the model's "
@@ -153,7 +153,7 @@ def built_in_configs(path: Path, shapes: dict, metadata: dict, scratch: Path) ->
                          "configs and tokenizer; the weights are not needed)")
     family = BUILT_IN[kind]
     folder = scratch / family
-    shutil.copytree(resources.files("difflab.pipelines") / "sd_configs" / family, folder)
+    shutil.copytree(resources.files("difflab.storage") / "sd_configs" / family, folder)
     unet_file, scheduler_file = folder / "unet" / "config.json", folder / "scheduler" / "scheduler_config.json"
     unet, scheduler = json.loads(unet_file.read_text()), json.loads(scheduler_file.read_text())
     if kind.startswith("inpainting"):
