@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its notes on torchvision and tiny test vocabularies
 # Tests use tiny tensors: one thread is as fast as two, and two are slowed many times over when other
 # work shares the CPU (a busy 2-core machine: the whole suite in 551 s with two threads, 60 s with one).
-# Set before torch loads.
+# With pytest -n, each worker is one such process. Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import gzip  # noqa: E402
