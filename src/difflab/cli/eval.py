@@ -127,7 +127,7 @@ def record_evaluation_in(spec: str, result: dict) -> None:
     """A local model folder keeps its measured prompt adherence (difflab.json, the card's table)."""
     from pathlib import Path
 
-    from difflab.files import local_model_folder
+    from difflab.layout import local_model_folder
     from difflab.metrics.prompt_adherence import record_evaluation
 
     if Path(spec).expanduser().is_dir():

@@ -114,8 +114,8 @@ def record_evaluation(model_dir, result: dict) -> None:
     from pathlib import Path
 
     from difflab.files import write_text_atomic
+    from difflab.layout import CARD, INFO_FILE
     from difflab.storage.card import set_card_rows
-    from difflab.storage.folder import INFO_FILE
 
     folder = Path(model_dir)
     rows = evaluation_rows(result)
@@ -124,6 +124,6 @@ def record_evaluation(model_dir, result: dict) -> None:
         info = json.loads(info_file.read_text(encoding="utf-8"))
         info["evaluation"] = {**info.get("evaluation", {}), **rows}
         write_text_atomic(info_file, json.dumps(info, indent=2) + "\n")
-    card = folder / "README.md"
+    card = folder / CARD
     if card.is_file():
         write_text_atomic(card, set_card_rows(card.read_text(encoding="utf-8"), rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from difflab.layout import is_hub_id
 from difflab.models.model import DiffusionModel
 
 SCHEDULE_NAMES = {"squaredcos_cap_v2": "cosine"}
@@ -65,7 +66,7 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     config_block = ""
     if config_toml:
         config_block = f"\n## Settings\n\nThe run's full `config.toml`:\n\n```toml\n{config_toml}```\n"
-    base_model = f"base_model: {info.base_model}\n" if info.base_model and _is_hub_id(info.base_model) else ""
+    base_model = f"base_model: {info.base_model}\n" if info.base_model and is_hub_id(info.base_model) else ""
     return f"""---
 library_name: diffusers
 pipeline_tag: {task}
@@ -86,14 +87,6 @@ model, {origin} with difflab on `{info.data}`.
 {table}
 
 {use}{config_block}"""
-
-
-def _is_hub_id(spec: str) -> bool:
-    """owner/name, not a local path: what the Hub's `base_model` field takes."""
-    from pathlib import Path
-
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and not Path(spec).exists()
 
 
 def _unconditional_use(name: str) -> str:
@@ -215,7 +208,7 @@ def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: d
     matter is what the Hub files a LoRA by (`base_model` when it is a Hub id, the `lora` tag), as
     `difflab push` expects it."""
     prompt = prompt or instance_prompt or "a photo"
-    hub_base = _is_hub_id(base_model)
+    hub_base = is_hub_id(base_model)
     networks = {"unet": "UNet", "text_encoder": "text encoder"}
     rows = [("base model", f"`{base_model}`" + ("" if hub_base else " (a local folder)")),
             ("rank", f"{rank} (alpha {alpha:g}: the update is scaled by alpha/rank = {alpha / rank:g})"),
@@ -328,7 +321,7 @@ def textual_inversion_card(name: str, base_model: str, *, token: str, training: 
     """The README.md of a textual inversion folder (`learned_embeds.safetensors`): the token, the base model
     it was learnt on, and how to use it with difflab and with plain diffusers."""
     training = training or {}
-    hub_base = _is_hub_id(base_model)
+    hub_base = is_hub_id(base_model)
     vectors = training.get("num_vectors", 1)
     rows = [("base model", f"`{base_model}`" + ("" if hub_base else " (a local folder)")),
             ("token", f"`{token}` ({vectors} vector{'s' * (vectors > 1)}, started from `{training.get('init_word')}`)"),
