@@ -17,8 +17,17 @@ from pathlib import Path
 from difflab.config import differences, dumps_config, load_config
 from difflab.errors import RunFolderError
 from difflab.files import atomic_path, write_text_atomic
-from difflab.layout import (RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOSS_PLOT, RUN_METRICS, RUN_MODEL, RUN_SAMPLES, TOKENIZER,
-                            VAE_STAGE, is_run_folder)
+from difflab.layout import (
+    RUN_CHECKPOINTS,
+    RUN_CONFIG,
+    RUN_LOSS_PLOT,
+    RUN_METRICS,
+    RUN_MODEL,
+    RUN_SAMPLES,
+    TOKENIZER,
+    VAE_STAGE,
+    is_run_folder,
+)
 from difflab.training.checkpoints import find_latest
 
 
