@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from difflab.data.batch_stream import BatchStream
 from difflab.data.dataset import ImageDataset, match_channels, resize_uint8
 from difflab.data.folder import DEFAULT_MEMORY_LIMIT_MB
-from difflab.data.stream import BatchStream
 from difflab.data.streaming import StreamedImages
 from difflab.errors import DataError
 from difflab.layout import is_hub_id

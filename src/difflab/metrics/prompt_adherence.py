@@ -24,8 +24,8 @@ def is_shapes(spec: str) -> bool:
 
 def evaluation_prompts(n: int, seed: int) -> list[shapes.Scene]:
     """`n` prompts: the first half from combinations seen in training, the rest from held-out ones."""
-    seen = shapes.generate(n - n // 2, 8, seed=seed, held_out="exclude")[1]
-    held_out = shapes.generate(n // 2, 8, seed=seed + 1, held_out="only")[1]
+    seen = shapes.draw_scenes(n - n // 2, 8, seed=seed, held_out="exclude")[1]
+    held_out = shapes.draw_scenes(n // 2, 8, seed=seed + 1, held_out="only")[1]
     return seen + held_out
 
 
@@ -73,7 +73,7 @@ def reconstruction_adherence(model: DiffusionModel, n: int, seed: int, reader: A
 def drawn_images(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[shapes.Scene]]:
     """`n` drawn shapes images in [-1, 1], every combination included (what a perfect model draws), and
     their scenes."""
-    images, scenes = shapes.generate(n, size, seed=seed)
+    images, scenes = shapes.draw_scenes(n, size, seed=seed)
     return images.float().div_(127.5).sub_(1.0), scenes
 
 
