@@ -115,15 +115,16 @@ def record_evaluation(model_dir, result: dict) -> None:
 
     from difflab.files import write_text_atomic
     from difflab.layout import CARD, INFO_FILE
+    from difflab.models.model import ModelInfo
     from difflab.storage.card import set_card_rows
 
     folder = Path(model_dir)
     rows = evaluation_rows(result)
     info_file = folder / INFO_FILE
     if info_file.is_file():
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-        info["evaluation"] = {**info.get("evaluation", {}), **rows}
-        write_text_atomic(info_file, json.dumps(info, indent=2) + "\n")
+        info = ModelInfo.from_json(json.loads(info_file.read_text(encoding="utf-8")))
+        info.evaluation.update(rows)
+        write_text_atomic(info_file, info.dumps())
     card = folder / CARD
     if card.is_file():
         write_text_atomic(card, set_card_rows(card.read_text(encoding="utf-8"), rows))

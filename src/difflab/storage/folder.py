@@ -9,7 +9,6 @@ folder, a run folder (its model/), or a Hub id (through the normal Hugging Face 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
@@ -60,7 +59,7 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
                 save_file(tensors, str(partial / CONDITIONING_FILE))
         except SafetensorError as e:
             raise safetensors_os_error(e, partial) from None
-        (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
+        (partial / INFO_FILE).write_text(model.info.dumps(), encoding="utf-8")
         (partial / "README.md").write_text(card, encoding="utf-8")
     return folder
 
