@@ -6,7 +6,6 @@ from difflab.layout import is_hub_id
 from difflab.models.model import DiffusionModel, TrainingRecord
 
 SCHEDULE_NAMES = {"squaredcos_cap_v2": "cosine"}
-TASKS = {None: "text-to-image", "inpaint": "image-to-image", "depth": "image-to-image", "upscale": "image-to-image"}
 
 
 def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
@@ -58,7 +57,7 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
         rows.append(("weights", f"exponential moving average (decay {training.ema_decay})"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     if model.latent:
-        use, kind, task = _text_use(model, name), "text-to-image", TASKS.get(model.variant, "text-to-image")
+        use, kind, task = _text_use(model, name), "text-to-image", model.kind.task
     elif classes:
         use, kind, task = _conditional_use(model, name), "class-conditional", "unconditional-image-generation"
     else:
@@ -159,11 +158,8 @@ def _text_use(model: DiffusionModel, name: str) -> str:
     """How to run a Stable Diffusion family folder with difflab and with plain diffusers."""
     kind = model.kind
     prompt = (model.info.training.instance_prompt or "a red circle").replace('"', '\\"')
-    inputs = {"inpaint": " --image photo.png --mask mask.png", "depth": " --image photo.png --depth depth.png",
-              "upscale": " --image small.png --noise-level 20"}.get(model.variant, "")
-    call_inputs = {"inpaint": ", image=photo, mask_image=mask", "depth": ", image=photo, depth_map=depth",
-                   "upscale": ", image=small, noise_level=20"}.get(model.variant, "")
-    more = ("" if model.variant else f"""
+    inputs, call_inputs = kind.cli_inputs, kind.call_inputs
+    more = ("" if "img2img" not in kind.modes else f"""
 img2img and inpainting with the same folder:
 
 ```bash
