@@ -96,8 +96,10 @@ def test_expect_names_what_was_found_and_what_was_wanted(tmp_path):
     assert str(e.value) == (f"--model {tmp_path} is a folder, not a Stable Diffusion folder, a model folder, a "
                             "from-scratch teaching model folder, a run folder, a LoRA run folder, a run folder "
                             "with no model/ yet or a Hugging Face Hub id")
-    with pytest.raises(ModelError, match=r"^\S+missing does not exist; give a LoRA file$"):
-        expect(tmp_path / "missing", [Kind.LORA_FILE])
+    with pytest.raises(ModelError, match=r"^--lora \S+missing does not exist; give a LoRA file "
+                                         r"\(pytorch_lora_weights.safetensors\), a LoRA folder, a LoRA run folder "
+                                         r"or a Hugging Face Hub id$"):
+        expect(tmp_path / "missing", layout.LORAS, flag="--lora")
     touch(tmp_path / "run" / layout.RUN_CONFIG, "")
     with pytest.raises(ModelError, match="never trained a step .* difflab train --config"):
         expect(tmp_path / "run", [Kind.RUN])

@@ -52,7 +52,7 @@ class Kind(enum.Enum):
     MODEL = "a model folder"  # another diffusers pipeline, a pixel-space text model's parts, a bare UNet
     SCRATCH_MODEL = "a from-scratch teaching model folder"
     LORA_FOLDER = "a LoRA folder"  # holds pytorch_lora_weights.safetensors (a LoRA run's model/)
-    LORA_FILE = "a LoRA file"  # pytorch_lora_weights.safetensors (or .bin) itself
+    LORA_FILE = f"a LoRA file ({LORA_WEIGHTS})"  # or its .bin
     SINGLE_FILE = "a single-file checkpoint"  # any other .safetensors or pickle file
     HUB_ID = "a Hugging Face Hub id"
     FOLDER = "a folder"  # none of the above
@@ -61,6 +61,7 @@ class Kind(enum.Enum):
 
 
 RUNS = (Kind.RUN, Kind.LORA_RUN, Kind.UNFINISHED_RUN)
+LORAS = (Kind.LORA_FILE, Kind.LORA_FOLDER, Kind.LORA_RUN, Kind.HUB_ID)  # what --lora takes
 MODEL_FOLDERS = (Kind.SD_FOLDER, Kind.MODEL, Kind.SCRATCH_MODEL)
 
 

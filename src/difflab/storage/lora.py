@@ -25,7 +25,17 @@ from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
 from difflab.files import atomic_folder
-from difflab.layout import LORA_PICKLE, LORA_WEIGHTS, MODEL_INDEX, PICKLE_SUFFIXES, RUN_MODEL, Kind, what_is_at
+from difflab.layout import (
+    LORA_PICKLE,
+    LORA_WEIGHTS,
+    LORAS,
+    MODEL_INDEX,
+    PICKLE_SUFFIXES,
+    RUN_MODEL,
+    Kind,
+    expect,
+    what_is_at,
+)
 from difflab.models.lora import (
     DEFAULT_ADAPTER,
     adapted_networks,
@@ -96,8 +106,7 @@ def resolve_lora(spec: str | Path, *, allow_pickle: bool = False) -> LoraSource:
             path = path / RUN_MODEL
         path = _lora_file_in(path, spec)
     elif kind is Kind.NOTHING:
-        raise ModelError(f"LoRA {spec} does not exist; give a LoRA file ({LORA_WEIGHTS}), the folder or run folder "
-                         "that holds one, or a Hub id")
+        expect(spec, LORAS, flag="LoRA")
     if path.suffix == ".safetensors":
         return LoraSource(str(spec), file=path)
     if path.suffix in PICKLE_SUFFIXES:
