@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 
 from difflab.errors import ModelError
-from difflab.layout import PICKLE_SUFFIXES, RUN_MODEL, Kind, what_is_at
+from difflab.layout import EMBEDDING_FILE, EMBEDDING_PICKLE, PICKLE_SUFFIXES, RUN_MODEL, Kind, what_is_at
 
-EMBEDDING_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
-EMBEDDING_PICKLE = "learned_embeds.bin"  # diffusers' TEXT_INVERSION_NAME
 A1111_KEY = "emb_params"  # the one tensor of an A1111/civitai .safetensors embedding
 
 

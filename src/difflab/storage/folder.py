@@ -14,6 +14,7 @@ from pathlib import Path
 from difflab.errors import ConfigError, ModelError
 from difflab.files import atomic_folder, read_json_object, safetensors_os_error
 from difflab.layout import (
+    CONDITIONING_FILE,
     INFO_FILE,
     LORA_WEIGHTS,
     PICKLE_SUFFIXES,
@@ -28,7 +29,6 @@ from difflab.models.weights import check_safetensors_files, check_weights, weigh
 from difflab.storage.pickles import load_pickled_weights
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
-CONDITIONING_FILE = "conditioning.safetensors"  # weights of the denoiser outside the UNet
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
