@@ -24,18 +24,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from difflab.data.shapes import generate
+    from difflab.data.shapes import draw_scenes
     from difflab.metrics import attributes
 
     started = time.perf_counter()
-    images, _ = generate(5000, args.image_size, seed=7)
+    images, _ = draw_scenes(5000, args.image_size, seed=7)
     draw_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
     reader = attributes.train_attributes(args.image_size)
     train_seconds = time.perf_counter() - started
 
-    test, truth = generate(2000, args.image_size, seed=attributes.SEED + 2, objects=2)
+    test, truth = draw_scenes(2000, args.image_size, seed=attributes.SEED + 2, objects=2)
     x = test.float() / 127.5 - 1
     generator = torch.Generator().manual_seed(0)
     blurred = torch.lerp(x, torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False), 0.5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_READER as TINY
-from difflab.data.shapes import Scene, Shape, generate
+from difflab.data.shapes import Scene, Shape, draw_scenes
 from difflab.errors import DataError
 from difflab.metrics import attributes
 from difflab.metrics.attributes import AttributeClassifier, AttributeNet, adherence, load_or_train_attributes
@@ -62,7 +62,7 @@ def test_judging_counts_each_stated_attribute_apart():
 
 def test_the_reader_reads_drawn_images(reader):
     assert reader.test_accuracy["colour"] > 0.9 and reader.test_accuracy["position"] > 0.9
-    images, scenes = generate(200, 16, seed=99)  # one shape each, every combination
+    images, scenes = draw_scenes(200, 16, seed=99)  # one shape each, every combination
     x = as_input(images)
     right = adherence(x, [s.caption for s in scenes], reader)
     assert right["colour"] > 0.9 and right["position"] > 0.9 and right["background"] > 0.9
@@ -84,7 +84,7 @@ def test_the_reader_is_cached(reader, monkeypatch):
     monkeypatch.setattr(attributes, "train_attributes", no_training)
     again = load_or_train_attributes(16, **TINY)
     assert again.test_accuracy == reader.test_accuracy
-    x = as_input(generate(8, 16, seed=3)[0])
+    x = as_input(draw_scenes(8, 16, seed=3)[0])
     assert torch.equal(again.outputs(x)["colour"], reader.outputs(x)["colour"])
 
 

@@ -17,6 +17,7 @@ import tiny_sd
 from difflab.cli import main
 from difflab.config import DreamBoothConfig, dreambooth_defaults
 from difflab.diffusion.generate import generate
+from difflab.models.model import TrainingRecord
 from difflab.storage import lora
 from difflab.storage.folder import load_model
 from difflab.training import dreambooth as db
@@ -280,8 +281,8 @@ def test_the_config_round_trips_and_a_resume_takes_the_saved_settings(full_run):
 
     saved = load_config(full_run / "config.toml", DreamBoothConfig)
     assert saved.dreambooth.instance_prompt == PROMPT and saved.dreambooth.prior_preservation
-    assert saved.optim.lr == db.default_lr({"lr": 1e-3}, lora=False) == 5e-5  # the base was trained at 1e-3
-    assert db.default_lr({}, lora=True) == 1e-4 and db.default_lr({}, lora=False) == 5e-6  # diffusers' own
+    assert saved.optim.lr == db.default_lr(TrainingRecord(lr=1e-3), lora=False) == 5e-5  # the base was trained at 1e-3
+    assert db.default_lr(TrainingRecord(), lora=True) == 1e-4 and db.default_lr(TrainingRecord(), lora=False) == 5e-6
 
 
 def test_finetune_takes_a_text_to_image_model_on_captioned_data(base, tmp_path):

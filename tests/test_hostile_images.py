@@ -169,18 +169,18 @@ def test_a_long_thin_image_is_not_resized_whole(monkeypatch):
 
 @pytest.mark.timeout(120)  # a hang (the pipe) fails the test instead of blocking the suite
 def test_a_guidance_image_goes_through_the_same_decoder(tmp_path, tiny_clip):
-    from difflab.diffusion.guidance import image_guidance, read_image
+    from difflab.diffusion.guidance import image_guidance, read_image_tensor
     from difflab.errors import GuidanceError
     from difflab.models.clip import load_clip
 
     good, bad = build_corpus(tmp_path / "corpus")
     root = tmp_path / "corpus"
     for name, colour in good.items():
-        got = mean_colour(read_image(root / name).numpy() * 255)
+        got = mean_colour(read_image_tensor(root / name).numpy() * 255)
         assert all(abs(a - b) <= 8 for a, b in zip(got, colour)), f"{name}: {got}, expected {colour}"
     for name, reason in bad.items():
         with pytest.raises(GuidanceError) as caught:
-            read_image(root / name)
+            read_image_tensor(root / name)
         message = str(caught.value)
         assert reason in message and f"guidance image {str(root / name)!r}" in message and "\n" not in message
     with pytest.raises(GuidanceError, match="decompression bomb"):

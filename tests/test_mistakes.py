@@ -308,11 +308,11 @@ def test_the_frechet_distance_of_tiny_sets_is_said_to_be_indicative(caplog):
 
 
 def test_a_decompression_bomb_as_a_guidance_image_is_refused_from_its_header(tmp_path):
-    from difflab.diffusion.guidance import read_image
+    from difflab.diffusion.guidance import read_image_tensor
     from difflab.errors import GuidanceError
     from test_hostile_images import handmade_png
 
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(handmade_png(100_000, 100_000, 8, 0, b""))  # 10 GB of pixels, announced in 50 bytes
     with pytest.raises(GuidanceError, match=r"cannot read the guidance image .*decompression bomb"):
-        read_image(bomb)
+        read_image_tensor(bomb)

@@ -24,6 +24,24 @@ def test_the_saved_folder_is_a_diffusers_pipeline_with_a_card(trained_model):
     assert info["image_size"] == 8 and info["channels"] == 1 and info["training"]["steps"] == 20
 
 
+def test_the_training_record_is_typed_and_reads_older_files(trained_model, tmp_path):
+    from difflab.models.model import ModelInfo, TrainingRecord
+
+    info = load_model(trained_model).info
+    assert isinstance(info.training, TrainingRecord) and info.training.steps == 20 and info.training.images > 0
+    written = json.loads((trained_model / "difflab.json").read_text())
+    assert info.to_json() == written  # read and written back: the same file
+    # an older difflab.json: a plain dict with a key this version does not know, and no format fields
+    old = {"image_size": 8, "channels": 1, "data": "digits",
+           "training": {"steps": 7, "lr": 0.001, "preset": "tiny", "ema_decay": 0.999, "made_by": "difflab 0.1"}}
+    read = ModelInfo.from_json(old)
+    assert (read.training.steps, read.training.lr, read.training.preset) == (7, 0.001, "tiny")
+    assert read.training.others == {"made_by": "difflab 0.1"} and read.training.vae is None
+    assert read.to_json()["training"] == old["training"]  # nothing lost, nothing added
+    assert ModelInfo.from_json({"image_size": 8, "channels": 1}).training == TrainingRecord()
+    assert ModelInfo.from_json({"image_size": 8, "channels": 1, "training": None}).training.to_json() == {}
+
+
 def test_a_run_folder_loads_its_model(trained_model):
     model = load_model(trained_model.parent)
     assert model.info.image_size == 8 and model.prediction == "v"

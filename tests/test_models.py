@@ -106,3 +106,28 @@ def test_unknown_schedule_or_prediction():
         noise_scheduler("quadratic")
     with pytest.raises(ConfigError, match="unknown prediction type 'noise'"):
         noise_scheduler("linear", "noise")
+
+
+def test_each_variant_owns_its_channels_modes_and_pipeline_parts():
+    from types import SimpleNamespace
+
+    from difflab.models.variants import VARIANTS, variant_for
+
+    assert {key: 4 + v.extra_channels(4) for key, v in VARIANTS.items()} == {
+        None: 4, "inpaint": 9, "depth": 5, "upscale": 7}
+    for key, v in VARIANTS.items():
+        assert variant_for(4 + v.extra_channels(4), 4, v.pipeline, "here") == key  # loading decides it back
+        assert v.modes == (("txt2img", "img2img", "inpaint") if key is None else (key,))
+    assert variant_for(4, 4, "StableDiffusionImg2ImgPipeline", "here") is None
+    with pytest.raises(ModelError, match="takes 6 input channels, which match no known layout"):
+        variant_for(6, 4, None, "here")
+    model = SimpleNamespace(safety_checker=("checker", "processor"), depth_estimator=("dpt", "dpt processor"),
+                            low_res_scheduler="low", max_noise_level=350)
+    assert VARIANTS[None].pipeline_parts(model) == VARIANTS["inpaint"].pipeline_parts(model) == dict(
+        safety_checker="checker", feature_extractor="processor", requires_safety_checker=True)
+    assert VARIANTS["depth"].pipeline_parts(model) == dict(depth_estimator="dpt", feature_extractor="dpt processor")
+    assert VARIANTS["upscale"].pipeline_parts(model) == dict(low_res_scheduler="low", max_noise_level=350,
+                                                             safety_checker="checker", feature_extractor="processor")
+    parts = VARIANTS["upscale"].conditioning_parts(2, 4, (8, 8), "cpu")
+    assert parts["channels"].shape == (2, 3, 8, 8) and parts["noise_level"].shape == (2,)
+    assert VARIANTS[None].conditioning_parts(2, 4, (8, 8), "cpu") == {}

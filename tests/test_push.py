@@ -204,14 +204,12 @@ def local_files(folder: Path) -> set[str]:
 # ---- the plan: what would be uploaded --------------------------------------------------------------
 
 def test_names_agree_with_the_modules_that_write_the_folders():
-    from difflab.models import scratch_model
-    from difflab.storage import folder
+    from difflab import layout
     from difflab.training.run_folder import RunFolder
 
     run = RunFolder("r")
-    assert (hub.INFO_FILE, hub.SCRATCH_INFO_FILE) == (folder.INFO_FILE, scratch_model.INFO_FILE)
     assert (run.config.name, run.model.name, run.samples.name, run.loss_plot.name) == (
-        hub.RUN_CONFIG, hub.RUN_MODEL, hub.RUN_SAMPLES, hub.RUN_LOSS_PLOT)
+        layout.RUN_CONFIG, layout.RUN_MODEL, layout.RUN_SAMPLES, layout.RUN_LOSS_PLOT)
 
 
 def test_run_folder_plan_is_its_model_and_the_grid_the_card_shows(run_folder, trained_model):

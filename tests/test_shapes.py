@@ -11,7 +11,7 @@ from difflab.data.shapes import (
     HELD_OUT,
     Scene,
     Shape,
-    generate,
+    draw_scenes,
     is_held_out,
     mirror_caption,
     parse_caption,
@@ -57,7 +57,7 @@ def test_held_out_combinations_never_appear_in_training_but_do_in_test():
     seen_pairs = {(s.colour, s.shape) for scene in train.attributes for s in scene.shapes}
     assert len(seen_pairs) == 18 - len(HELD_OUT)  # every other pair, so every colour and shape is seen
     assert is_held_out(("green", "triangle")) and not is_held_out(Shape("triangle", "red"))
-    images, scenes = generate(30, 16, seed=5, held_out="only")
+    images, scenes = draw_scenes(30, 16, seed=5, held_out="only")
     assert images.shape == (30, 3, 16, 16) and all(scene.held_out for scene in scenes)
 
 

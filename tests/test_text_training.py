@@ -389,7 +389,7 @@ def test_a_text_model_of_labelled_data_is_asked_for_each_class_by_its_caption(tm
     config = text_config(steps=2, vae_steps=2, data="digits")
     config.data.caption_template = "a digit {label}"
     model = load_model(train(config, tmp_path / "run"))
-    assert model.info.training["caption_template"] == "a digit {label}"
+    assert model.info.training.caption_template == "a digit {label}"
     asked = []
     import difflab.metrics.evaluate as evaluate
 

@@ -123,7 +123,7 @@ def test_a_timestep_shift_draws_training_timesteps_at_higher_noise(tmp_path):
     trainer = Trainer(config, tmp_path / "run")
     _, t = trainer.draw_noise(torch.zeros(4000, 1, 2, 2))
     assert abs(t.float().median().item() - 0.75 * trainer.model.noise_schedule.config.num_train_timesteps) < 30
-    assert trainer.model.info.training["timestep_shift"] == 3.0  # the model card says how it was trained
+    assert trainer.model.info.training.timestep_shift == 3.0  # the model card says how it was trained
     trainer.fit()
     assert "timesteps shifted towards high noise by 3.0" in (tmp_path / "run" / "model" / "README.md").read_text()
 

@@ -33,6 +33,7 @@ from difflab.data.folder import DEFAULT_MEMORY_LIMIT_MB
 from difflab.devices import pick_device
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import ConfigError
+from difflab.models.denoiser import CLASS_METHODS
 from difflab.models.model import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE
 from difflab.models.schedules import PREDICTIONS, SCHEDULES
 from difflab.models.scratch_model import SCRATCH_SAMPLE_STEPS
@@ -147,7 +148,7 @@ class ModelConfig:
                                                    "one, no for one given with --text-encoder)")
     class_method: str = option("embedding", "how labels enter the UNet: added to the timestep embedding, or as "
                                             "extra input channels (the course's way)",
-                               choices=("embedding", "channels"), set_by_base=True)
+                               choices=CLASS_METHODS, set_by_base=True)
     class_embed_dim: int = option(4, "width of the class embedding for --class-method channels", set_by_base=True)
     lora_rank: int | None = option(None, "fine-tuning a text model (--from): train LoRA adapters of this rank (at most "
                                          "the width of the layers they adapt) on the attention projections (of the "

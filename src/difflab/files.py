@@ -1,6 +1,6 @@
 """Files and folders: writing them so that a crash, a kill or a full disk never leaves half of one in
-place, finding a model's folder, and reading the small JSON files models are described by. Both model
-kinds (diffusers folders and the teaching model's) use these, so they live below both."""
+place, and reading the small JSON files models are described by. Both model kinds (diffusers folders and
+the teaching model's) use these, so they live below both. What is at a path is difflab.layout's."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from difflab.errors import ModelError, OutputError
+from difflab.errors import OutputError
 from difflab.testhooks import pause_point  # a no-op unless a crash test asks to stop there
 
 
@@ -54,50 +54,6 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         pause_point("model:moved-aside")
     partial.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
-
-
-def local_model_folder(spec: str | Path) -> Path:
-    """A local model folder, or the model/ of a run folder; an unfinished run, or a text run's VAE stage,
-    is a one-line error that says how to finish the run."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if (path / "config.toml").is_file():
-            if (path / "model").is_dir():
-                return path / "model"  # a run folder
-            raise ModelError(unfinished_run(path))
-        if path.resolve().name == "vae" and (path.resolve().parent / "config.toml").is_file():
-            run = path.parent
-            if (run / "model").is_dir():
-                raise ModelError(f"{spec} is the VAE stage of the run {run}, not a diffusion model; give the run's "
-                                 f"model: {run / 'model'}")
-            raise ModelError(f"{spec} is the VAE stage of the run {run}, not a diffusion model; {unfinished_run(run)}")
-        return path
-    if path.exists():
-        raise ModelError(f"{spec} is a file; give the model folder that holds it")
-    raise ModelError(f"model folder {spec} does not exist")
-
-
-def unfinished_run(folder: Path, consequence: str = "") -> str:
-    """'FOLDER is a run folder …': what a run folder without a model/ is (and `consequence`, such as ", so
-    there is nothing to push yet"), and, last, the command that finishes it, ready to paste
-    (the one that made it: dreambooth for a DreamBooth run, else train, which takes every other run's
-    config.toml): --resume once it has a checkpoint or a finished stage, its config.toml again if it never
-    trained a step (a resume would be refused)."""
-    import shlex
-
-    try:
-        settings = (folder / "config.toml").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        settings = ""
-    command = "dreambooth" if re.search(r"^\[dreambooth\]", settings, re.M) else "train"
-    started = (any((folder / "checkpoints").glob("step_*")) or any((folder / "vae" / "checkpoints").glob("step_*"))
-               or (folder / "vae" / "model" / "config.json").is_file())
-    quoted = shlex.quote(str(folder))
-    if started:
-        return (f"{folder} is a run folder whose training has not finished (no model/ yet){consequence}; finish it "
-                f"with: difflab {command} --out {quoted} --resume")
-    return (f"{folder} is a run folder that never trained a step (no model/ yet){consequence}; start it with: "
-            f"difflab {command} --config {shlex.quote(str(folder / 'config.toml'))} --out {quoted}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

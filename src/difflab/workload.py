@@ -147,11 +147,8 @@ def stand_in_conditioning(model, x: torch.Tensor):
     if model.prompts is not None:
         width = model.prompts.text_encoder.config.hidden_size
         parts["text"] = torch.zeros(batch, model.prompts.max_tokens, width, device=device)
-    if model.codec is not None and model.kind.extra_channels(model.codec.channels):
-        parts["channels"] = torch.zeros(batch, model.kind.extra_channels(model.codec.channels), *x.shape[-2:],
-                                        device=device)
-    if model.variant == "upscale":
-        parts["noise_level"] = torch.zeros(batch, dtype=torch.long, device=device)
+    if model.codec is not None:
+        parts.update(model.kind.conditioning_parts(batch, model.codec.channels, x.shape[-2:], device))
     return Conditioning(**parts)
 
 

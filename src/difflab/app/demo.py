@@ -457,9 +457,7 @@ def describe(model) -> str:
     info = model.info
     if model.prompts is not None:
         kind = model.kind
-        what = {None: "A text-to-image", "inpaint": "An inpainting", "depth": "A depth-to-image",
-                "upscale": "A ×4 upscaling"}[model.variant]
-        return (f"{what} latent diffusion model ({kind.pipeline}): {info.image_size}×{info.image_size} images by "
+        return (f"{kind.label} latent diffusion model ({kind.pipeline}): {info.image_size}×{info.image_size} images by "
                 f"default, in steps of {model.size_factor} pixels"
                 + (f", trained on {info.data}." if info.data and info.data != "(unknown)" else "."))
     kind = f"class-conditional ({len(model.class_names)} classes)" if model.class_names else "unconditional"

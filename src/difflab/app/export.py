@@ -23,7 +23,8 @@ import difflab
 from difflab.app.demo import model_label
 from difflab.app.service import Limits, check_model
 from difflab.errors import ConfigError
-from difflab.storage.folder import PICKLE_SUFFIXES, atomic_folder, load_model, resolve_model_folder
+from difflab.layout import PICKLE_SUFFIXES, is_hub_id
+from difflab.storage.folder import atomic_folder, load_model, resolve_model_folder
 
 PROVIDED_BY_SPACE = {"gradio"}  # the Space installs gradio from README's sdk_version
 
@@ -79,7 +80,7 @@ def export_space(model_spec, out: str | Path, *, clip_model: str | None = None, 
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "app.py").is_file())):
         raise ConfigError(f"{out} exists and is not an exported demo; choose a new folder for --export")
-    hub_id = None if Path(model_spec).expanduser().exists() else str(model_spec)  # else a Hub id
+    hub_id = str(model_spec) if is_hub_id(str(model_spec)) else None
     source = resolve_model_folder(model_spec, allow_pickle)
     model = load_model(source, allow_pickle=allow_pickle)  # a model that cannot be served is refused here
     check_model(model, limits, model_spec)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difflab.layout import LORA_WEIGHTS, RUN_MODEL
 from difflab.storage.lora import LoraSource, apply_lora, plan_loras, use_lora
 
 
@@ -52,7 +53,7 @@ def lora_label(source: LoraSource) -> str:
     if source.file is None:
         return source.repo_id
     path = Path(source.file)
-    if path.stem != "pytorch_lora_weights":
+    if path.stem != Path(LORA_WEIGHTS).stem:
         return path.stem
     folder = path.parent
-    return folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
+    return folder.parent.name if folder.name == RUN_MODEL and folder.parent.name else folder.name

@@ -117,9 +117,7 @@ def number(name: str, value, low: float, high: float) -> float:
 
 def modes_of(model: DiffusionModel) -> tuple[str, ...]:
     """The modes a model takes: its variant's own, or txt2img, img2img and inpainting."""
-    if model.variant is not None:
-        return (model.variant,)
-    return ("txt2img", "img2img", "inpaint")
+    return model.kind.modes
 
 
 def check_model(model: DiffusionModel, limits: Limits, spec) -> None:

@@ -87,7 +87,7 @@ def run(args) -> int:
     spec = args.data or model.info.data
     if spec in ("", "(unknown)"):
         raise ConfigError(f"{args.model} does not say what data it was trained on; give --data")
-    template = model.info.training.get("caption_template")
+    template = model.info.training.caption_template
     if model.prompts is not None and is_shapes(spec) and not template:
         result = {"model": str(args.model), "data": spec, **evaluate_text_model(model, spec, args, clip)}
         if args.record:
@@ -127,7 +127,7 @@ def record_evaluation_in(spec: str, result: dict) -> None:
     """A local model folder keeps its measured prompt adherence (difflab.json, the card's table)."""
     from pathlib import Path
 
-    from difflab.files import local_model_folder
+    from difflab.layout import local_model_folder
     from difflab.metrics.prompt_adherence import record_evaluation
 
     if Path(spec).expanduser().is_dir():

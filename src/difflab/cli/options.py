@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.errors import ConfigError
+from difflab.layout import RUN_CONFIG, is_run_folder
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default auto)"
 ALLOW_PICKLE_HELP = "load .bin/.ckpt weights (with torch.load(weights_only=True)) when there are no safetensors"
@@ -18,8 +19,8 @@ def starting_config(args, defaults, config_class=None):
     config_class = config_class or TrainConfig
     if args.config:
         return load_config(args.config, config_class), False
-    if args.resume and args.out and (args.out / "config.toml").is_file():
-        return load_config(args.out / "config.toml", config_class), False
+    if args.resume and args.out and is_run_folder(args.out):
+        return load_config(args.out / RUN_CONFIG, config_class), False
     return defaults, True
 
 

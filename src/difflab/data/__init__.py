@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from difflab.data.batch_stream import BatchStream
 from difflab.data.dataset import ImageDataset, match_channels, resize_uint8
 from difflab.data.folder import DEFAULT_MEMORY_LIMIT_MB
-from difflab.data.stream import BatchStream
 from difflab.data.streaming import StreamedImages
 from difflab.errors import DataError
+from difflab.layout import is_hub_id
 
 log = logging.getLogger("difflab")
 
@@ -61,7 +62,7 @@ def _open(spec: str, image_size: int | None, channels: int | None, split: str, s
           memory_limit_mb: int, caption_column: str | None) -> ImageDataset | StreamedImages:
     kind, _, arg = spec.partition(":")
     is_folder = Path(spec).expanduser().is_dir()
-    is_hub = kind in ("imagefolder", "hf") and bool(arg) or _looks_like_hub_id(spec)
+    is_hub = kind in ("imagefolder", "hf") and bool(arg) or is_hub_id(spec)
     if caption_column is not None and not (is_folder or is_hub):
         raise DataError(f"--caption-column is for folders with metadata files and Hugging Face datasets; "
                         f"{spec} has no caption columns")
@@ -99,6 +100,3 @@ def _open(spec: str, image_size: int | None, channels: int | None, split: str, s
     return data
 
 
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))

@@ -7,8 +7,6 @@ import torch
 
 from difflab.data.dataset import ImageDataset, split_indices
 
-DIGITS_SIZE = 16  # the 8x8 digits are upsampled to this by default
-
 
 def load_digits(split: str) -> ImageDataset:
     """scikit-learn's bundled 1,797 handwritten digits (8x8, 17 grey levels), labels 0-9."""

@@ -22,7 +22,7 @@ Spec: `shapes` (5,000 images), `shapes:N`, or `shapes:n=N,seed=S,objects=2`.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -89,9 +89,6 @@ class Scene:
         text = " and ".join(s.phrase for s in self.shapes)
         return f"{text} on a {self.background} background" if self.background else text
 
-    def as_dict(self) -> dict:
-        return {"shapes": [asdict(s) for s in self.shapes], "background": self.background}
-
 
 def is_held_out(attributes: Scene | Shape | tuple[str, str]) -> bool:
     """Whether a scene, a shape or a (colour, shape) pair is among the held-out combinations."""
@@ -142,8 +139,8 @@ def render(scene: Scene, size: int, rng: np.random.Generator | None = None) -> n
     return np.array(image.reduce(SUPERSAMPLE))
 
 
-def generate(count: int, size: int = NATIVE_SIZE, seed: int = 0, objects: int = 1,
-             held_out: str = "include") -> tuple[torch.Tensor, list[Scene]]:
+def draw_scenes(count: int, size: int = NATIVE_SIZE, seed: int = 0, objects: int = 1,
+                held_out: str = "include") -> tuple[torch.Tensor, list[Scene]]:
     """`count` images (uint8 [count, 3, size, size]) and their scenes, drawn with `held_out` as in
     sample_scene: items 0 … count-1 of the stream seeded by `seed`."""
     return _draw(range(count), size, seed, objects, lambda index: held_out)

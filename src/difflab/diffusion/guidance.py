@@ -171,7 +171,7 @@ def clip_guidance(prompt: str, clip: ClipScorer | None, scale: float = DEFAULT_C
     return GuidanceTerm("clip", clip_loss(clip, clip.embed_text([prompt])[0], cuts), scale, window, every)
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image_tensor(path: str | Path) -> torch.Tensor:
     """An image file -> [3, H, W] in [0, 1], through the decoder training data goes through (its format
     allow-list, pixel limit and colour handling)."""
     from difflab.data.decode import UnreadableImage, read_whole_image
@@ -191,7 +191,7 @@ def image_guidance(image: str | Path | torch.Tensor, clip: ClipScorer | None, sc
     if clip is None:
         raise GuidanceError("image guidance needs a CLIP model: give --clip-model PATH_OR_ID "
                             "(for example openai/clip-vit-base-patch32 while online)")
-    pixels = read_image(image) if isinstance(image, (str, Path)) else image
+    pixels = read_image_tensor(image) if isinstance(image, (str, Path)) else image
     with torch.no_grad():
         target = clip.embed_images(pixels[None].to(clip.device) * 2 - 1)[0]
     return GuidanceTerm("image", clip_loss(clip, target, cuts), scale, window, every)

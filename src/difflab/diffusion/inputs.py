@@ -5,7 +5,6 @@ diffusers' own `VaeImageProcessor`, so that difflab's inputs are exactly the pip
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +15,6 @@ from difflab.errors import InputError
 
 log = logging.getLogger("difflab")
 ImageLike = str | Path | Image.Image | torch.Tensor | np.ndarray
-
-
-@dataclass
-class ImageInputs:
-    """What a generation starts from besides noise; every field is optional."""
-
-    image: ImageLike | None = None  # img2img / inpainting / depth source; the upscaler's low-res input
-    mask: ImageLike | None = None  # inpainting: white = repaint
-    depth: ImageLike | None = None  # depth-to-image: a depth map (any scale; nearer = larger, as DPT gives)
-    strength: float | None = None  # how far down the schedule to start: 1 = from pure noise
-    noise_level: int | None = None  # the upscaler's: how much noise is added to its low-res input
-
-    @property
-    def given(self) -> list[str]:
-        return [name for name in ("image", "mask", "depth") if getattr(self, name) is not None]
 
 
 def read_image(source: ImageLike, what: str) -> Image.Image:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, generate, parse_caption
+from difflab.data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, draw_scenes, parse_caption
 from difflab.errors import DataError
 from difflab.metrics.trained import cache_stem, fit, load_cached, save_cached
 
@@ -207,7 +207,7 @@ def train_attributes(image_size: int, train_images: int = TRAIN_IMAGES, test_ima
     """Train the reader on `train_images` fresh shapes images (one or two shapes, every combination) and
     measure it on `test_images` others."""
     started = time.perf_counter()
-    images, scenes = generate(train_images, image_size, seed=seed, objects=2)
+    images, scenes = draw_scenes(train_images, image_size, seed=seed, objects=2)
     x = images.float().div_(127.5).sub_(1.0)
     y = targets(scenes)
     generator = torch.Generator().manual_seed(seed)
@@ -220,7 +220,7 @@ def train_attributes(image_size: int, train_images: int = TRAIN_IMAGES, test_ima
         return loss(network(augment(x[index], generator)), {k: v[index] for k, v in y.items()})
 
     classifier = AttributeClassifier(fit(network, steps, loss_at, "training the attribute reader"), image_size)
-    test, truth = generate(test_images, image_size, seed=seed + 1, objects=2)
+    test, truth = draw_scenes(test_images, image_size, seed=seed + 1, objects=2)
     measured = adherence(test.float().div_(127.5).sub_(1.0), truth, classifier)
     classifier.test_accuracy = {name: measured[name] for name in (*ATTRIBUTES, "all")}
     log.info("attribute reader at %d px: %s on %d fresh images (%.0f s)", image_size,

@@ -24,8 +24,8 @@ def is_shapes(spec: str) -> bool:
 
 def evaluation_prompts(n: int, seed: int) -> list[shapes.Scene]:
     """`n` prompts: the first half from combinations seen in training, the rest from held-out ones."""
-    seen = shapes.generate(n - n // 2, 8, seed=seed, held_out="exclude")[1]
-    held_out = shapes.generate(n // 2, 8, seed=seed + 1, held_out="only")[1]
+    seen = shapes.draw_scenes(n - n // 2, 8, seed=seed, held_out="exclude")[1]
+    held_out = shapes.draw_scenes(n // 2, 8, seed=seed + 1, held_out="only")[1]
     return seen + held_out
 
 
@@ -73,7 +73,7 @@ def reconstruction_adherence(model: DiffusionModel, n: int, seed: int, reader: A
 def drawn_images(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[shapes.Scene]]:
     """`n` drawn shapes images in [-1, 1], every combination included (what a perfect model draws), and
     their scenes."""
-    images, scenes = shapes.generate(n, size, seed=seed)
+    images, scenes = shapes.draw_scenes(n, size, seed=seed)
     return images.float().div_(127.5).sub_(1.0), scenes
 
 
@@ -114,16 +114,17 @@ def record_evaluation(model_dir, result: dict) -> None:
     from pathlib import Path
 
     from difflab.files import write_text_atomic
+    from difflab.layout import CARD, INFO_FILE
+    from difflab.models.model import ModelInfo
     from difflab.storage.card import set_card_rows
-    from difflab.storage.folder import INFO_FILE
 
     folder = Path(model_dir)
     rows = evaluation_rows(result)
     info_file = folder / INFO_FILE
     if info_file.is_file():
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-        info["evaluation"] = {**info.get("evaluation", {}), **rows}
-        write_text_atomic(info_file, json.dumps(info, indent=2) + "\n")
-    card = folder / "README.md"
+        info = ModelInfo.from_json(json.loads(info_file.read_text(encoding="utf-8")))
+        info.evaluation.update(rows)
+        write_text_atomic(info_file, info.dumps())
+    card = folder / CARD
     if card.is_file():
         write_text_atomic(card, set_card_rows(card.read_text(encoding="utf-8"), rows))

@@ -24,7 +24,7 @@ from torch import nn
 
 from difflab.models.conditioning import Conditioning
 
-CLASS_METHODS = ("embedding", "channels")
+CLASS_METHODS = ("embedding", "channels")  # how class labels enter the UNet (config.py offers these)
 
 
 class Denoiser(nn.Module):

@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 
 from difflab.errors import ModelError
+from difflab.layout import EMBEDDING_FILE, EMBEDDING_PICKLE, PICKLE_SUFFIXES, RUN_MODEL, Kind, what_is_at
 
-EMBEDDING_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
-EMBEDDING_PICKLE = "learned_embeds.bin"  # diffusers' TEXT_INVERSION_NAME
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 A1111_KEY = "emb_params"  # the one tensor of an A1111/civitai .safetensors embedding
 
 
@@ -59,7 +57,7 @@ def embedding_file(path: Path, allow_pickle: bool = False) -> Path:
     """The embedding file at `path`: the file itself, or learned_embeds.safetensors in a folder (a run
     folder's model/)."""
     if path.is_dir():
-        folder = path / "model" if (path / "config.toml").is_file() and (path / "model").is_dir() else path
+        folder = path / RUN_MODEL if what_is_at(path) in (Kind.RUN, Kind.LORA_RUN) else path
         for name in (EMBEDDING_FILE, EMBEDDING_PICKLE):
             if (folder / name).is_file():
                 return folder / name

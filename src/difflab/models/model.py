@@ -8,7 +8,9 @@ flag the user must match.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+import json
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,8 +30,65 @@ DEFAULT_TEXT_CFG_SCALE = 7.5
 
 
 @dataclass
+class TrainingRecord:
+    """How a model was trained: difflab.json's `training`, and what the model card says of it. Every field
+    is optional (a model difflab did not train records nothing; older files lack newer fields) and only
+    those that are set are written, so the JSON reads as before."""
+
+    images: int | None = None  # training images (DreamBooth: instance and class images together)
+    preset: str | None = None  # the network preset of a new model
+    captions: int | None = None  # distinct captions of a text model's data
+    caption_template: str | None = None  # captions made from class labels (--caption-template)
+    cond_dropout: float | None = None  # chance a label or caption was dropped, for classifier-free guidance
+    lora_rank: int | None = None
+    timestep_shift: float | None = None  # timesteps shifted towards high noise (1: not shifted)
+    # a new text model's parts: where its VAE and text encoder came from
+    vae: str | None = None
+    vae_psnr: float | None = None
+    text_encoder: str | None = None
+    text_encoder_trained: bool | None = None
+    # DreamBooth's subject
+    instance_prompt: str | None = None
+    token: str | None = None  # the subject's (or a textual inversion's) token
+    instance_images: int | None = None
+    class_prompt: str | None = None
+    class_images: int | None = None
+    prior_loss_weight: float | None = None
+    # textual inversion's
+    init_word: str | None = None
+    num_vectors: int | None = None
+    what: str | None = None  # "object" or "style"
+    templates: int | None = None
+    # the run, filled in when the model is saved
+    steps: int | None = None
+    images_seen: int | None = None
+    minutes: float | None = None
+    device: str | None = None
+    ema_decay: float | None = None
+    lr: float | None = None
+    others: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
+
+    def update(self, values: dict | None = None, **more) -> None:
+        for name, value in {**(values or {}), **more}.items():
+            if name in self.__dataclass_fields__ and name != "others":
+                setattr(self, name, value)
+            else:
+                self.others[name] = value
+
+    def to_json(self) -> dict:
+        found = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "others"}
+        return {**{k: v for k, v in found.items() if v is not None}, **self.others}
+
+    @classmethod
+    def from_json(cls, data) -> TrainingRecord:
+        record = cls()
+        record.update(data if isinstance(data, dict) else {})
+        return record
+
+
+@dataclass
 class ModelInfo:
-    """Saved as difflab.json next to the diffusers folders."""
+    """Saved as difflab.json next to the diffusers folders: read and written here (`from_json`, `to_json`)."""
 
     image_size: int
     channels: int
@@ -38,16 +97,23 @@ class ModelInfo:
     class_method: str | None = None  # "embedding" or "channels" (see models/denoiser.py)
     class_embed_dim: int | None = None  # width of the "channels" class embedding
     base_model: str | None = None
-    training: dict[str, Any] = field(default_factory=dict)
+    training: TrainingRecord = field(default_factory=TrainingRecord)
     evaluation: dict[str, str] = field(default_factory=dict)  # measured figures, in words, by what measured them
     format_version: int = 1
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "training": self.training.to_json(), "class_names": copy.copy(self.class_names),
+                "evaluation": dict(self.evaluation)}
+
+    def dumps(self) -> str:
+        """difflab.json's text."""
+        return json.dumps(self.to_json(), indent=2) + "\n"
 
     @classmethod
     def from_json(cls, data: dict) -> ModelInfo:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["training"] = TrainingRecord.from_json(known.get("training"))
         return cls(**known)
 
 

@@ -18,15 +18,14 @@ from typing import Any
 import torch
 
 from difflab.errors import ModelError
-from difflab.files import atomic_folder, local_model_folder, read_json_object
+from difflab.files import atomic_folder, read_json_object
+from difflab.layout import SCRATCH_INFO_FILE, SCRATCH_WEIGHTS, local_model_folder
 from difflab.models.presets import check_image_size
 from difflab.models.scratch import BasicUNet, sample
 from difflab.progress import progress_bar
 from difflab.seeds import image_generators
 
 NETWORK = "BasicUNet"
-WEIGHTS_FILE = "basic_unet.safetensors"
-INFO_FILE = "scratch.json"
 SCRATCH_SAMPLE_STEPS = 40  # the course's final grid uses 40 steps of the naive sampler
 @dataclass
 class ScratchInfo:
@@ -91,8 +90,8 @@ class ScratchModel:
         folder = Path(folder)
         with atomic_folder(folder) as partial:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            save_file(weights, str(partial / WEIGHTS_FILE), metadata={"network": NETWORK})
-            (partial / INFO_FILE).write_text(json.dumps(asdict(self.info), indent=2) + "\n", encoding="utf-8")
+            save_file(weights, str(partial / SCRATCH_WEIGHTS), metadata={"network": NETWORK})
+            (partial / SCRATCH_INFO_FILE).write_text(json.dumps(asdict(self.info), indent=2) + "\n", encoding="utf-8")
             (partial / "README.md").write_text(readme(self), encoding="utf-8")
         return folder
 
@@ -105,26 +104,26 @@ class ScratchModel:
         from difflab.models.weights import check_weights
 
         folder = local_model_folder(spec)
-        if not (folder / INFO_FILE).is_file():
+        if not (folder / SCRATCH_INFO_FILE).is_file():
             if (folder / "model_index.json").is_file():
                 raise ModelError(f"{spec} is a diffusers model, not a from-scratch one; sample it with difflab sample")
-            raise ModelError(f"{spec} is not a from-scratch model (it has no {INFO_FILE}); "
+            raise ModelError(f"{spec} is not a from-scratch model (it has no {SCRATCH_INFO_FILE}); "
                              "give a folder written by difflab scratch train")
-        data = read_json_object(folder / INFO_FILE, ModelError, "; the model folder is damaged")
+        data = read_json_object(folder / SCRATCH_INFO_FILE, ModelError, "; the model folder is damaged")
         try:
             info = ScratchInfo(**{k: v for k, v in data.items() if k in ScratchInfo.__dataclass_fields__})
         except TypeError:
-            raise ModelError(f"{folder / INFO_FILE} lacks the image size or channels; "
+            raise ModelError(f"{folder / SCRATCH_INFO_FILE} lacks the image size or channels; "
                              "the model folder is damaged") from None
         if info.network != NETWORK or info.channels not in (1, 3):
-            raise ModelError(f"{folder / INFO_FILE} describes a {info.network} with {info.channels} channels; "
+            raise ModelError(f"{folder / SCRATCH_INFO_FILE} describes a {info.network} with {info.channels} channels; "
                              f"this version of difflab makes {NETWORK}s with 1 or 3")
         net = BasicUNet(info.channels, info.channels)
         try:
-            net.load_state_dict(check_weights(load_file(str(folder / WEIGHTS_FILE)), folder / WEIGHTS_FILE))
+            net.load_state_dict(check_weights(load_file(str(folder / SCRATCH_WEIGHTS)), folder / SCRATCH_WEIGHTS))
         except (OSError, SafetensorError, RuntimeError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ModelError(f"cannot load the weights in {folder / WEIGHTS_FILE} ({reason}); "
+            raise ModelError(f"cannot load the weights in {folder / SCRATCH_WEIGHTS} ({reason}); "
                              "the model folder is damaged: train it again") from None
         return cls(net.eval().to(device), info)
 
@@ -150,6 +149,6 @@ difflab scratch sample --model PATH/TO/THIS/FOLDER -n 16 --out grid.png
 from safetensors.torch import load_file
 from difflab.scratch import BasicUNet
 net = BasicUNet({info.channels}, {info.channels})
-net.load_state_dict(load_file("{WEIGHTS_FILE}"))
+net.load_state_dict(load_file("{SCRATCH_WEIGHTS}"))
 ```
 """

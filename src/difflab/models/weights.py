@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from difflab.errors import ModelError
+from difflab.layout import PICKLE_SUFFIXES
 
 # No trained network holds a weight anywhere near this (UNets' largest are in the tens); random bytes
 # read as float32 exceed it about four times in ten.
@@ -94,7 +95,7 @@ def check_safetensors_files(folder: Path) -> None:
 def weights_file(unet_dir: Path) -> Path:
     """The file a UNet folder's weights are read from, for messages."""
     files = sorted(unet_dir.glob("*.safetensors")) or sorted(p for p in unet_dir.iterdir() if p.is_file()
-                                                             and p.suffix in {".bin", ".ckpt", ".pt", ".pth"})
+                                                             and p.suffix in PICKLE_SUFFIXES)
     return files[0] if files else unet_dir
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from difflab.models.model import DiffusionModel
+from difflab.layout import is_hub_id
+from difflab.models.model import DiffusionModel, TrainingRecord
 
 SCHEDULE_NAMES = {"squaredcos_cap_v2": "cosine"}
-TASKS = {None: "text-to-image", "inpaint": "image-to-image", "depth": "image-to-image", "upscale": "image-to-image"}
 
 
 def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
@@ -18,22 +18,22 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     rows = [("base model", f"`{info.base_model}` (fine-tuned from its weights and noise schedule)")
             ] if info.base_model else []
     rows += [
-        ("data", f"`{info.data}`" + (f" ({training['images']:,} images)" if "images" in training else "")),
+        ("data", f"`{info.data}`" + (f" ({training.images:,} images)" if training.images is not None else "")),
         ("network", f"diffusers {type(model.unet).__name__}, {parameters / 1e6:.2f} M parameters"
-                    + (f" (preset `{training['preset']}`)" if "preset" in training else "")),
+                    + (f" (preset `{training.preset}`)" if training.preset is not None else "")),
         ("noise schedule", f"{SCHEDULE_NAMES.get(schedule.beta_schedule, schedule.beta_schedule)}, "
                            f"{schedule.num_train_timesteps} steps, predicts {model.prediction}"),
     ]
-    if "steps" in training:
-        rows.append(("training", f"{training['steps']:,} optimizer steps, {training.get('images_seen', 0):,} "
-                                 f"images seen, {training.get('minutes', 0):.1f} minutes on "
-                                 f"{training.get('device', '?')}"
-                                 + (f", timesteps shifted towards high noise by {training['timestep_shift']}"
-                                    if "timestep_shift" in training else "")))
+    if training.steps is not None:
+        rows.append(("training", f"{training.steps:,} optimizer steps, {training.images_seen or 0:,} "
+                                 f"images seen, {training.minutes or 0:.1f} minutes on "
+                                 f"{training.device or '?'}"
+                                 + (f", timesteps shifted towards high noise by {training.timestep_shift}"
+                                    if training.timestep_shift is not None else "")))
     if classes:
         door = ("an embedding added to the timestep embedding" if info.class_method == "embedding"
                 else f"a {info.class_embed_dim}-channel embedding concatenated to the input")
-        dropout = training.get("cond_dropout")
+        dropout = training.cond_dropout
         rows.append(("classes", f"{len(classes)} ({', '.join(classes[:10])}{', …' if len(classes) > 10 else ''}), "
                                 f"through {door}" + (f"; labels dropped with chance {dropout} in training, for "
                                                      "classifier-free guidance" if dropout else "")))
@@ -44,20 +44,20 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
         rows.append(("text encoder", f"{type(text_encoder).__name__}, {model.prompts.max_tokens} tokens, width "
                                      f"{text_encoder.config.hidden_size}; prompts reach the UNet by cross-attention"))
         rows.append(("kind", f"{model.kind.pipeline}: the UNet takes {model.kind.about}"))
-    if "vae" in training:  # a text-to-image model trained by difflab
-        psnr = f", reconstruction PSNR {training['vae_psnr']:.1f} dB" if training.get("vae_psnr") else ""
-        trained = "trained with the UNet" if training.get("text_encoder_trained") else "frozen"
-        rows.append(("components", f"VAE: {training['vae']}{psnr}; text encoder: {training['text_encoder']} "
-                                   f"({trained}); {training.get('captions', 0):,} distinct captions, dropped with "
-                                   f"chance {training.get('cond_dropout', 0)} for classifier-free guidance"))
+    if training.vae is not None:  # a text-to-image model trained by difflab
+        psnr = f", reconstruction PSNR {training.vae_psnr:.1f} dB" if training.vae_psnr else ""
+        trained = "trained with the UNet" if training.text_encoder_trained else "frozen"
+        rows.append(("components", f"VAE: {training.vae}{psnr}; text encoder: {training.text_encoder} "
+                                   f"({trained}); {training.captions or 0:,} distinct captions, dropped with "
+                                   f"chance {training.cond_dropout or 0} for classifier-free guidance"))
     rows += _dreambooth_rows(training, with_prompt=True)
     for label, figures in info.evaluation.items():
         rows.append((label, figures))
-    if training.get("ema_decay"):
-        rows.append(("weights", f"exponential moving average (decay {training['ema_decay']})"))
+    if training.ema_decay:
+        rows.append(("weights", f"exponential moving average (decay {training.ema_decay})"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     if model.latent:
-        use, kind, task = _text_use(model, name), "text-to-image", TASKS.get(model.variant, "text-to-image")
+        use, kind, task = _text_use(model, name), "text-to-image", model.kind.task
     elif classes:
         use, kind, task = _conditional_use(model, name), "class-conditional", "unconditional-image-generation"
     else:
@@ -65,7 +65,7 @@ def model_card(model: DiffusionModel, name: str, config_toml: str = "") -> str:
     config_block = ""
     if config_toml:
         config_block = f"\n## Settings\n\nThe run's full `config.toml`:\n\n```toml\n{config_toml}```\n"
-    base_model = f"base_model: {info.base_model}\n" if info.base_model and _is_hub_id(info.base_model) else ""
+    base_model = f"base_model: {info.base_model}\n" if info.base_model and is_hub_id(info.base_model) else ""
     return f"""---
 library_name: diffusers
 pipeline_tag: {task}
@@ -86,14 +86,6 @@ model, {origin} with difflab on `{info.data}`.
 {table}
 
 {use}{config_block}"""
-
-
-def _is_hub_id(spec: str) -> bool:
-    """owner/name, not a local path: what the Hub's `base_model` field takes."""
-    from pathlib import Path
-
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and not Path(spec).exists()
 
 
 def _unconditional_use(name: str) -> str:
@@ -165,12 +157,9 @@ images = (x / 2 + 0.5).clamp(0, 1)
 def _text_use(model: DiffusionModel, name: str) -> str:
     """How to run a Stable Diffusion family folder with difflab and with plain diffusers."""
     kind = model.kind
-    prompt = (model.info.training.get("instance_prompt") or "a red circle").replace('"', '\\"')
-    inputs = {"inpaint": " --image photo.png --mask mask.png", "depth": " --image photo.png --depth depth.png",
-              "upscale": " --image small.png --noise-level 20"}.get(model.variant, "")
-    call_inputs = {"inpaint": ", image=photo, mask_image=mask", "depth": ", image=photo, depth_map=depth",
-                   "upscale": ", image=small, noise_level=20"}.get(model.variant, "")
-    more = ("" if model.variant else f"""
+    prompt = (model.info.training.instance_prompt or "a red circle").replace('"', '\\"')
+    inputs, call_inputs = kind.cli_inputs, kind.call_inputs
+    more = ("" if "img2img" not in kind.modes else f"""
 img2img and inpainting with the same folder:
 
 ```bash
@@ -205,7 +194,7 @@ images = pipe(["{prompt}"] * 4, negative_prompt=["blurry"] * 4, guidance_scale=7
 
 def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: dict[str, list[str]],
               parameters: int | None = None, instance_prompt: str | None = None, prompt: str | None = None,
-              scale: float = 1.0, data: str | None = None, training: dict | None = None,
+              scale: float = 1.0, data: str | None = None, training: TrainingRecord | None = None,
               token: str | None = None) -> str:
     """The README.md of a LoRA folder (`pytorch_lora_weights.safetensors`): the base model it adapts,
     its rank, alpha and target modules, and how to use it with difflab and with plain diffusers.
@@ -215,7 +204,7 @@ def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: d
     matter is what the Hub files a LoRA by (`base_model` when it is a Hub id, the `lora` tag), as
     `difflab push` expects it."""
     prompt = prompt or instance_prompt or "a photo"
-    hub_base = _is_hub_id(base_model)
+    hub_base = is_hub_id(base_model)
     networks = {"unet": "UNet", "text_encoder": "text encoder"}
     rows = [("base model", f"`{base_model}`" + ("" if hub_base else " (a local folder)")),
             ("rank", f"{rank} (alpha {alpha:g}: the update is scaled by alpha/rank = {alpha / rank:g})"),
@@ -226,10 +215,10 @@ def lora_card(name: str, base_model: str, *, rank: int, alpha: float, targets: d
     if instance_prompt:
         named = f" (the subject's token: `{token}`)" if token else ""
         rows.append(("instance prompt", f"`{instance_prompt}`{named}"))
-    rows += _dreambooth_rows(training or {})
+    training = training or TrainingRecord()
+    rows += _dreambooth_rows(training)
     if data:
         rows.append(("data", f"`{data}`"))
-    training = training or {}
     rows += _training_rows(training)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     front = [("library_name", "diffusers"), ("pipeline_tag", "text-to-image")]
@@ -283,18 +272,18 @@ LoRA format), with each network's peft `LoraConfig` (rank, alpha, target modules
 """
 
 
-def _dreambooth_rows(training: dict, with_prompt: bool = False) -> list[tuple[str, str]]:
+def _dreambooth_rows(training: TrainingRecord, with_prompt: bool = False) -> list[tuple[str, str]]:
     """What a DreamBooth run says of its subject (from its difflab.json `training`)."""
     rows = []
-    if with_prompt and training.get("instance_prompt"):
-        token = training.get("token")
-        rows.append(("instance prompt", f"`{training['instance_prompt']}`"
+    if with_prompt and training.instance_prompt:
+        token = training.token
+        rows.append(("instance prompt", f"`{training.instance_prompt}`"
                                         + (f" (the subject's token: `{token}`)" if token else "")))
-    if "instance_images" in training:
-        prior = (f"; prior preservation on {training['class_images']} images of `{training['class_prompt']}` "
-                 f"(weight {training['prior_loss_weight']:g})" if training.get("class_images") else
+    if training.instance_images is not None:
+        prior = (f"; prior preservation on {training.class_images} images of `{training.class_prompt}` "
+                 f"(weight {training.prior_loss_weight:g})" if training.class_images else
                  "; no prior preservation")
-        rows.append(("DreamBooth", f"{training['instance_images']} instance images{prior}"))
+        rows.append(("DreamBooth", f"{training.instance_images} instance images{prior}"))
     return rows
 
 
@@ -324,15 +313,16 @@ def set_card_rows(card: str, rows: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def textual_inversion_card(name: str, base_model: str, *, token: str, training: dict | None = None) -> str:
+def textual_inversion_card(name: str, base_model: str, *, token: str, training: TrainingRecord | None = None) -> str:
     """The README.md of a textual inversion folder (`learned_embeds.safetensors`): the token, the base model
     it was learnt on, and how to use it with difflab and with plain diffusers."""
-    training = training or {}
-    hub_base = _is_hub_id(base_model)
-    vectors = training.get("num_vectors", 1)
+    training = training or TrainingRecord()
+    hub_base = is_hub_id(base_model)
+    vectors = training.num_vectors or 1
     rows = [("base model", f"`{base_model}`" + ("" if hub_base else " (a local folder)")),
-            ("token", f"`{token}` ({vectors} vector{'s' * (vectors > 1)}, started from `{training.get('init_word')}`)"),
-            ("learnt from", f"{training.get('images', '?')} images, {training.get('what', 'object')} captions")]
+            ("token", f"`{token}` ({vectors} vector{'s' * (vectors > 1)}, started from `{training.init_word}`)"),
+            ("learnt from", f"{'?' if training.images is None else training.images} images, "
+                            f"{training.what or 'object'} captions")]
     rows += _training_rows(training)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     front = [("library_name", "diffusers"), ("pipeline_tag", "text-to-image")]
@@ -340,7 +330,7 @@ def textual_inversion_card(name: str, base_model: str, *, token: str, training: 
         front.append(("base_model", base_model))
     tags = ["text-to-image", "diffusers", "textual_inversion", "difflab"]
     metadata = "\n".join(f"{k}: {v}" for k, v in front) + "\ntags:\n" + "".join(f"- {t}\n" for t in tags)
-    prompt = f"a photo of {token}" if training.get("what") != "style" else f"a painting in the style of {token}"
+    prompt = f"a photo of {token}" if training.what != "style" else f"a painting in the style of {token}"
     return f"""---
 {metadata}---
 
@@ -373,9 +363,9 @@ image = pipe("{prompt}").images[0]
 """
 
 
-def _training_rows(training: dict) -> list[tuple[str, str]]:
+def _training_rows(training: TrainingRecord) -> list[tuple[str, str]]:
     """The card's row of how long a run trained (none where the run did not record its steps)."""
-    if "steps" not in training:
+    if training.steps is None:
         return []
-    on = f", {training['minutes']:.1f} minutes on {training.get('device', '?')}" if "minutes" in training else ""
-    return [("training", f"{training['steps']:,} optimizer steps{on}")]
+    on = f", {training.minutes:.1f} minutes on {training.device or '?'}" if training.minutes is not None else ""
+    return [("training", f"{training.steps:,} optimizer steps{on}")]

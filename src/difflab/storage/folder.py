@@ -9,19 +9,26 @@ folder, a run folder (its model/), or a Hub id (through the normal Hugging Face 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
-from difflab.files import atomic_folder, local_model_folder, read_json_object, safetensors_os_error
+from difflab.files import atomic_folder, read_json_object, safetensors_os_error
+from difflab.layout import (
+    CONDITIONING_FILE,
+    INFO_FILE,
+    LORA_WEIGHTS,
+    PICKLE_SUFFIXES,
+    RUN_CONFIG,
+    SCRATCH_INFO_FILE,
+    is_hub_id,
+    local_model_folder,
+    run_of,
+)
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.weights import check_safetensors_files, check_weights, weights_file
 from difflab.storage.pickles import load_pickled_weights
 
 PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
-PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
-INFO_FILE = "difflab.json"
-CONDITIONING_FILE = "conditioning.safetensors"  # weights of the denoiser outside the UNet
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
@@ -52,7 +59,7 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
                 save_file(tensors, str(partial / CONDITIONING_FILE))
         except SafetensorError as e:
             raise safetensors_os_error(e, partial) from None
-        (partial / INFO_FILE).write_text(json.dumps(model.info.to_json(), indent=2) + "\n", encoding="utf-8")
+        (partial / INFO_FILE).write_text(model.info.dumps(), encoding="utf-8")
         (partial / "README.md").write_text(card, encoding="utf-8")
     return folder
 
@@ -62,9 +69,7 @@ def save_model(model: DiffusionModel, folder: str | Path, card: str) -> Path:
 def resolve_model_folder(spec: str | Path, allow_pickle: bool = False, variant: str | None = None) -> Path:
     """A local model folder (or a run folder's model/), or a Hub id fetched into the HF cache (its
     `variant` weights, "fp16", instead of the full-precision ones where the repo has them)."""
-    parts = str(spec).split("/")
-    is_hub_id = len(parts) == 2 and all(parts) and not str(spec).startswith((".", "~"))
-    if is_hub_id and not Path(spec).expanduser().exists():
+    if is_hub_id(str(spec)):
         return _download(str(spec), allow_pickle, variant)
     return local_model_folder(spec)
 
@@ -150,12 +155,8 @@ def unet_folder(folder: Path, spec) -> Path:
         return folder / "unet"
     if (folder / "config.json").is_file() and "block_out_channels" in _read_json(folder / "config.json"):
         return folder  # a bare UNet folder
-    from difflab.models.scratch_model import INFO_FILE as SCRATCH_INFO_FILE
-
     if (folder / SCRATCH_INFO_FILE).is_file():
         raise ModelError(f"{spec} is a from-scratch teaching model (BasicUNet); sample it with difflab scratch sample")
-    from difflab.layout import LORA_WEIGHTS
-
     if (folder / LORA_WEIGHTS).is_file():
         base = lora_run_base(folder)
         raise ModelError(f"{spec} holds a LoRA, which adapts a base model: give the base model and the LoRA, "
@@ -167,11 +168,11 @@ def lora_run_base(folder: Path) -> str | None:
     """The base model a LoRA run (whose model/ is `folder`) was trained on, as its config.toml names it."""
     import tomllib
 
-    config = folder.parent / "config.toml"
-    if folder.name != "model" or not config.is_file():
+    run = run_of(folder)
+    if run is None:
         return None
     try:
-        base = tomllib.loads(config.read_text(encoding="utf-8")).get("model", {}).get("base")
+        base = tomllib.loads((run / RUN_CONFIG).read_text(encoding="utf-8")).get("model", {}).get("base")
     except (OSError, UnicodeError, tomllib.TOMLDecodeError):
         return None
     return base if isinstance(base, str) and base else None
@@ -275,12 +276,9 @@ def load_pixel_model(folder: Path, spec, *, allow_pickle: bool, device) -> Diffu
     return DiffusionModel(denoiser.eval(), schedule, info, prompts=prompts).to(device)
 
 
-# A text model in pixel space (`difflab train --conditioning text --vae none`) has no diffusers pipeline:
-# its folder holds the parts a Stable Diffusion folder would, but the VAE, and no model_index.json.
-PIXEL_TEXT_PARTS = ("unet", "scheduler", "tokenizer", "text_encoder")
-
-
 def save_pixel_text_model(model: DiffusionModel, folder: Path) -> None:
+    """A text model in pixel space (`difflab train --conditioning text --vae none`) has no diffusers pipeline:
+    its folder holds the parts a Stable Diffusion folder would, but the VAE, and no model_index.json."""
     model.unet.save_pretrained(folder / "unet", safe_serialization=True)
     model.noise_schedule.save_pretrained(folder / "scheduler")
     model.prompts.tokenizer.save_pretrained(str(folder / "tokenizer"))

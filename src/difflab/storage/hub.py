@@ -37,19 +37,25 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from difflab.errors import DifflabError
+from difflab.layout import (
+    CARD,
+    INFO_FILE,
+    LORA_WEIGHTS,
+    MODEL_FOLDERS,
+    MODEL_INDEX,
+    RUN_LOSS_PLOT,
+    RUN_MODEL,
+    RUN_SAMPLES,
+    SCRATCH_INFO_FILE,
+    Kind,
+    is_hub_id,
+    run_of,
+    unfinished_run,
+    what_is_at,
+)
 
 log = logging.getLogger("difflab")
 
-# Names in model folders (see storage/folder.py, models/scratch_model.py, lora); kept here as
-# strings so that planning a push needs no torch. tests/test_push.py checks they agree.
-RUN_CONFIG = "config.toml"
-RUN_MODEL = "model"
-RUN_SAMPLES = "samples"
-RUN_LOSS_PLOT = "loss.png"
-INFO_FILE = "difflab.json"
-SCRATCH_INFO_FILE = "scratch.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-CARD = "README.md"
 
 SPACE_SDKS = ("gradio", "streamlit", "docker", "static")
 # pipeline_tag by the diffusers pipeline class a model_index.json names
@@ -63,7 +69,6 @@ PIPELINE_TAGS = {
     "StableDiffusionDepth2ImgPipeline": "image-to-image",
     "StableDiffusionUpscalePipeline": "image-to-image",
 }
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
 class HubError(DifflabError):
@@ -100,28 +105,19 @@ def folder_kind(folder: Path) -> str:
                        "folder (difflab demo --export)")
     if not folder.is_dir():
         raise HubError(f"{folder} is a file; give the folder that holds it")
-    if (folder / RUN_CONFIG).is_file():
-        if not (folder / RUN_MODEL).is_dir():
-            from difflab.files import unfinished_run
-
-            raise HubError(unfinished_run(folder, ", so there is nothing to push yet"))
+    found = what_is_at(folder)
+    if found is Kind.UNFINISHED_RUN:
+        raise HubError(unfinished_run(folder, ", so there is nothing to push yet"))
+    if found in (Kind.RUN, Kind.LORA_RUN):
         return "run"
     if (folder / "app.py").is_file() and "sdk" in front_matter(_read_card(folder))[0]:
         return "space"
-    if (folder / LORA_WEIGHTS).is_file():
+    if found is Kind.LORA_FOLDER:
         return "lora"
-    if (any((folder / name).is_file() for name in ("model_index.json", "unet/config.json", SCRATCH_INFO_FILE))
-            or _is_bare_unet(folder)):
+    if found in MODEL_FOLDERS:
         return "model"
     raise HubError(f"{folder} is not a model folder, a run folder, a LoRA folder ({LORA_WEIGHTS}) or an exported "
                    "Space (app.py + README.md with Space metadata); nothing to push")
-
-
-def _is_bare_unet(folder: Path) -> bool:
-    try:
-        return "block_out_channels" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def _read_card(folder: Path) -> str:
@@ -160,10 +156,6 @@ def with_front_matter(metadata: dict, body: str) -> str:
     return f"---\n{CardData(**metadata).to_yaml()}\n---\n{body if body.startswith(chr(10)) else chr(10) + body}"
 
 
-def is_hub_id(value) -> bool:
-    return isinstance(value, str) and bool(HUB_ID.match(value)) and ".." not in value
-
-
 def check_metadata(metadata: dict, repo_type: str = "model") -> None:
     """The rules of the Hub's metadata that a card difflab uploads could break; a HubError names the field."""
     def fail(what: str):
@@ -188,7 +180,7 @@ def _model_metadata(model: Path, metadata: dict, notes: list[str]) -> dict:
     metadata = dict(metadata)
     lora = (model / LORA_WEIGHTS).is_file()
     info = _json_or_empty(model / INFO_FILE)
-    index = _json_or_empty(model / "model_index.json")
+    index = _json_or_empty(model / MODEL_INDEX)
     scratch = (model / SCRATCH_INFO_FILE).is_file()
     if not scratch:
         metadata.setdefault("library_name", "diffusers")
@@ -342,7 +334,7 @@ def _space_plan(folder: Path) -> UploadPlan:
 def _model_plan(folder: Path, kind: str, repo_id: str | None) -> UploadPlan:
     model = folder / RUN_MODEL if kind == "run" else folder
     # Links of the card that leave the model folder may reach into its run folder, no further.
-    in_run = kind == "model" and folder.name == RUN_MODEL and (folder.parent / RUN_CONFIG).is_file()
+    in_run = kind == "model" and run_of(folder) is not None
     root = folder.parent if in_run else folder
     notes: list[str] = []
     lora = (model / LORA_WEIGHTS).is_file()

@@ -25,7 +25,17 @@ from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
 from difflab.files import atomic_folder
-from difflab.layout import LORA_PICKLE, LORA_WEIGHTS, PICKLE_SUFFIXES
+from difflab.layout import (
+    LORA_PICKLE,
+    LORA_WEIGHTS,
+    LORAS,
+    MODEL_INDEX,
+    PICKLE_SUFFIXES,
+    RUN_MODEL,
+    Kind,
+    expect,
+    what_is_at,
+)
 from difflab.models.lora import (
     DEFAULT_ADAPTER,
     adapted_networks,
@@ -88,16 +98,15 @@ def resolve_lora(spec: str | Path, *, allow_pickle: bool = False) -> LoraSource:
     """A LoRA file; a folder holding one (`pytorch_lora_weights.safetensors`, or its only .safetensors
     file); a run folder (its model/); or a Hub id. Checked before any model is loaded."""
     path = Path(spec).expanduser()
+    kind = what_is_at(spec)
+    if kind is Kind.HUB_ID:
+        return LoraSource(str(spec), repo_id=str(spec))
     if path.is_dir():
-        if (path / "config.toml").is_file() and (path / "model").is_dir():
-            path = path / "model"  # a run folder
+        if kind in (Kind.RUN, Kind.LORA_RUN):
+            path = path / RUN_MODEL
         path = _lora_file_in(path, spec)
-    elif not path.exists():
-        parts = str(spec).split("/")
-        if len(parts) == 2 and all(parts) and not str(spec).startswith((".", "~")) and not path.suffix:
-            return LoraSource(str(spec), repo_id=str(spec))
-        raise ModelError(f"LoRA {spec} does not exist; give a LoRA file ({LORA_WEIGHTS}), the folder or run folder "
-                         "that holds one, or a Hub id")
+    elif kind is Kind.NOTHING:
+        expect(spec, LORAS, flag="LoRA")
     if path.suffix == ".safetensors":
         return LoraSource(str(spec), file=path)
     if path.suffix in PICKLE_SUFFIXES:
@@ -121,7 +130,7 @@ def _lora_file_in(folder: Path, spec) -> Path:
     pickled = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
     if (folder / LORA_PICKLE).is_file() or len(pickled) == 1:
         return folder / LORA_PICKLE if (folder / LORA_PICKLE).is_file() else pickled[0]
-    what = "a model folder" if (folder / "model_index.json").is_file() else "a folder"
+    what = "a model folder" if (folder / MODEL_INDEX).is_file() else "a folder"
     raise ModelError(f"{spec} is {what} with no LoRA file ({LORA_WEIGHTS}); give a LoRA file, or the folder or run "
                      "folder that holds one")
 

@@ -25,10 +25,9 @@ from pathlib import Path
 
 from difflab.errors import ConfigError, ModelError
 from difflab.files import read_json_object
+from difflab.layout import PICKLE_SUFFIXES, Kind, what_is_at
 from difflab.models.weights import check_weights
 
-SAFETENSORS = ".safetensors"
-PICKLES = {".ckpt", ".pt", ".pth", ".bin"}
 CONFIGS_METADATA = "difflab.diffusers_configs"  # metadata key of the configs difflab's exports carry
 # A layout key both SD 1.x and 2.x have, and where the built-in configs come from for each kind.
 SD_LAYOUT_KEY = "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
@@ -45,8 +44,7 @@ CACHED_TOKENIZERS = {
 
 
 def is_single_file(spec) -> bool:
-    path = Path(str(spec)).expanduser()
-    return path.is_file() and path.suffix in {SAFETENSORS, *PICKLES}
+    return what_is_at(spec) in (Kind.SINGLE_FILE, Kind.LORA_FILE)
 
 
 def load_single_file(spec, *, allow_pickle: bool = False, config_folder=None):
@@ -97,7 +95,7 @@ def read_layout(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
     its metadata. A truncated file, a refused pickle or a file of no tensors is a one-line error."""
     import torch
 
-    if path.suffix in PICKLES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         from difflab.storage.pickles import load_pickled_weights
 
         if not allow_pickle:

@@ -25,8 +25,8 @@ def export_single_file(spec, out, *, overwrite: bool = False, half: bool = False
     """Write the model or LoRA at `spec` (a run folder, a model folder or a LoRA folder) to `out`, in
     float16 when `half`; returns (out, "model" or "LoRA"). An existing `out` is replaced only with
     `overwrite`, and only once the new file is complete."""
-    from difflab.files import check_output_file, local_model_folder
-    from difflab.layout import LORA_WEIGHTS
+    from difflab.files import check_output_file
+    from difflab.layout import LORA_WEIGHTS, local_model_folder
 
     out = Path(out)
     if out.suffix != ".safetensors":

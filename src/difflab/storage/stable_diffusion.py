@@ -16,7 +16,7 @@ from difflab.models.codec import LatentCodec
 from difflab.models.denoiser import Denoiser
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.text import PromptEncoder
-from difflab.models.variants import PIPELINE_VARIANTS, VARIANTS, variant_for
+from difflab.models.variants import PIPELINE_VARIANTS, variant_for
 from difflab.models.weights import check_safetensors_files, check_weights
 
 log = logging.getLogger("difflab")
@@ -143,17 +143,7 @@ def to_pipeline(model: DiffusionModel):
         model.sampler_config)
     parts = dict(vae=model.codec.vae, text_encoder=model.prompts.text_encoder, tokenizer=model.prompts.tokenizer,
                  unet=model.denoiser.unet, scheduler=scheduler)
-    if model.variant == "upscale":
-        parts.update(low_res_scheduler=model.low_res_scheduler, max_noise_level=model.max_noise_level)
-    if model.variant == "depth":
-        estimator, processor = model.depth_estimator or (None, None)
-        parts.update(depth_estimator=estimator, feature_extractor=processor)
-    else:
-        checker, processor = model.safety_checker or (None, None)
-        parts.update(safety_checker=checker, feature_extractor=processor)
-        if model.variant != "upscale":
-            parts["requires_safety_checker"] = checker is not None
-    return getattr(diffusers, kind.pipeline)(**parts)
+    return getattr(diffusers, kind.pipeline)(**parts, **kind.pipeline_parts(model))
 
 
 def save_pipeline(model: DiffusionModel, folder: Path) -> None:
@@ -162,5 +152,5 @@ def save_pipeline(model: DiffusionModel, folder: Path) -> None:
 
 def describe(model: DiffusionModel) -> str:
     """One line on what a latent model is, for logs."""
-    kind = VARIANTS[model.variant]
+    kind = model.kind
     return f"{kind.pipeline} ({kind.about}), latents ×{model.codec.factor}, {model.info.image_size} px"

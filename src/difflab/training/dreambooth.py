@@ -25,7 +25,7 @@ import torch
 from difflab.config import DREAMBOOTH_LR_FRACTION, STABLE_DIFFUSION_LR, DreamBoothConfig
 from difflab.data.dataset import ImageDataset, LossGroups
 from difflab.errors import ConfigError, DataError
-from difflab.models.model import DiffusionModel
+from difflab.models.model import DiffusionModel, TrainingRecord
 from difflab.training.run_folder import RunFolder
 from difflab.training.signals import stop_signals
 
@@ -64,27 +64,28 @@ def check_settings(config: DreamBoothConfig) -> DreamBoothConfig:
     return dataclasses.replace(config, data=dataclasses.replace(config.data, spec=d.instance_data))
 
 
-def default_lr(base_training: dict, lora: bool) -> float:
-    """DreamBooth's learning rate for a base model trained at `base_training["lr"]` (difflab.json;
+def default_lr(base_training: TrainingRecord, lora: bool) -> float:
+    """DreamBooth's learning rate for a base model trained at `base_training.lr` (difflab.json;
     Stable Diffusion's 1e-4 when it does not say): 1/20 of it for a full fine-tune, as much for LoRA."""
-    pretrained = base_training.get("lr") or STABLE_DIFFUSION_LR
+    pretrained = base_training.lr or STABLE_DIFFUSION_LR
     return float(f"{pretrained * DREAMBOOTH_LR_FRACTION['lora' if lora else 'full']:.3g}")
 
 
-def base_training_info(spec: str) -> dict:
-    """What the base model's difflab.json says of its training ({} for a folder difflab did not make)."""
-    from difflab.storage.folder import INFO_FILE, resolve_model_folder
+def base_training_info(spec: str) -> TrainingRecord:
+    """What the base model's difflab.json says of its training (nothing for a folder difflab did not make)."""
+    from difflab.layout import INFO_FILE
+    from difflab.storage.folder import resolve_model_folder
     from difflab.storage.single_file import carried_info, is_single_file
 
     if is_single_file(spec):  # difflab's exports carry their difflab.json; other single files say nothing
-        return carried_info(spec).get("training", {}) or {}
+        return TrainingRecord.from_json(carried_info(spec).get("training"))
     path = resolve_model_folder(spec) / INFO_FILE
     if not path.is_file():
-        return {}
+        return TrainingRecord()
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("training", {}) or {}
+        return TrainingRecord.from_json(json.loads(path.read_text(encoding="utf-8")).get("training"))
     except (OSError, ValueError, AttributeError):
-        return {}
+        return TrainingRecord()
 
 
 # ---- the subject's token ---------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def settings_from_base(config: TrainConfig, base: DiffusionModel) -> TrainConfig
                               "leave it out: the images are converted to the model's")
     model = dataclasses.replace(
         config.model,
-        preset=info.training.get("preset", BASE_PRESET),
+        preset=info.training.preset or BASE_PRESET,
         schedule=SCHEDULE_NAMES.get(schedule.beta_schedule, config.model.schedule),
         prediction=base.prediction,
         timesteps=schedule.num_train_timesteps,

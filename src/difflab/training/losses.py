@@ -36,14 +36,6 @@ def per_image_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error per image, optionally weighted per image, averaged over the batch."""
-    per_image = per_image_loss(prediction, target)
-    if weights is not None:
-        per_image = per_image * weights
-    return per_image.mean()
-
-
 def group_losses(per_image: torch.Tensor, groups: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the unweighted losses, number of images) of each of `count` loss groups: what metrics.csv
     reports per group, so that the instance loss and the prior loss can be read apart."""

@@ -17,25 +17,34 @@ from pathlib import Path
 from difflab.config import differences, dumps_config, load_config
 from difflab.errors import RunFolderError
 from difflab.files import atomic_path, write_text_atomic
+from difflab.layout import (
+    RUN_CHECKPOINTS,
+    RUN_CONFIG,
+    RUN_LOSS_PLOT,
+    RUN_METRICS,
+    RUN_MODEL,
+    RUN_SAMPLES,
+    TOKENIZER,
+    VAE_STAGE,
+    is_run_folder,
+)
 from difflab.training.checkpoints import find_latest
-
-TOKENIZER = "tokenizer"  # learnt from a text run's captions before training (training/text_model.py)
 
 
 class RunFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.config = self.root / "config.toml"
-        self.metrics = self.root / "metrics.csv"
-        self.loss_plot = self.root / "loss.png"
-        self.samples = self.root / "samples"
-        self.checkpoints = self.root / "checkpoints"
-        self.model = self.root / "model"
-        self.vae_stage = self.root / "vae"
+        self.config = self.root / RUN_CONFIG
+        self.metrics = self.root / RUN_METRICS
+        self.loss_plot = self.root / RUN_LOSS_PLOT
+        self.samples = self.root / RUN_SAMPLES
+        self.checkpoints = self.root / RUN_CHECKPOINTS
+        self.model = self.root / RUN_MODEL
+        self.vae_stage = self.root / VAE_STAGE
         self.created = False  # whether prepare() made the folder (a refused start then removes it)
 
     def holds_run(self) -> bool:
-        return self.config.is_file()
+        return is_run_folder(self.root)
 
     def latest_checkpoint(self) -> Path | None:
         return find_latest(self.checkpoints)

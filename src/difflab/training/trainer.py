@@ -27,7 +27,7 @@ from difflab.errors import ConfigError, DataError, TrainingError
 from difflab.images import make_grid
 from difflab.models.build import build_model
 from difflab.models.conditioning import Conditioning
-from difflab.models.model import DiffusionModel
+from difflab.models.model import DiffusionModel, TrainingRecord
 from difflab.models.prompt_syntax import escape, parse_prompt
 from difflab.progress import progress_bar
 from difflab.storage.card import model_card
@@ -357,17 +357,17 @@ class Trainer:
 
     def describe_training(self, data: ImageDataset) -> None:
         """What the model card and difflab.json say about the training (completed by save_model)."""
-        training = self.model.info.training = {"images": len(data)}
+        training = self.model.info.training = TrainingRecord(images=len(data))
         if self.config.model.preset != finetune.BASE_PRESET:
-            training["preset"] = self.config.model.preset
+            training.preset = self.config.model.preset
         if self.model.class_names or self.text:
-            training["cond_dropout"] = self.config.model.cond_dropout
+            training.cond_dropout = self.config.model.cond_dropout
         if self.text:
             training.update(self.text.training_rows(self.config, data))
         if self.config.model.lora_rank:
-            training["lora_rank"] = self.config.model.lora_rank
+            training.lora_rank = self.config.model.lora_rank
         if self.config.optim.timestep_shift != 1:
-            training["timestep_shift"] = self.config.optim.timestep_shift
+            training.timestep_shift = self.config.optim.timestep_shift
         training.update(getattr(data, "notes", None) or {})  # what made data says of itself (DreamBooth's prompts)
 
     def start_reporting(self, data: ImageDataset) -> None:
@@ -814,7 +814,7 @@ class Trainer:
         summary = lora_summary(self.model)
         card = lora_card(str(self.run.model), str(self.config.model.base), rank=summary["rank"],
                          alpha=summary["alpha"], targets=summary["targets"], parameters=summary["parameters"],
-                         instance_prompt=training.get("instance_prompt"), token=training.get("token"),
+                         instance_prompt=training.instance_prompt, token=training.token,
                          prompt=(self.validation_prompts or [None])[0], data=self.model.info.data, training=training)
         save_lora(self.model, self.run.model, card=card)
 
