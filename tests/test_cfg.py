@@ -10,13 +10,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.cfg import ClassifierFreeGuidance, guidance_of, noise_levels, parse_interval
 from difflab.diffusion.generate import generate
 from difflab.diffusion.samplers import make_sampler
-from difflab.errors import InputError
+from difflab.errors import DifflabError, InputError
 from difflab.images import png_settings
 from difflab.storage.folder import load_model
 
@@ -152,3 +153,30 @@ def test_png_settings_record_the_interval_and_rescale(capsys, sd_folder, tmp_pat
                  "--out", str(plain)]) == 0
     settings = png_settings(plain)
     assert settings["cfg_scale"] == 7.5 and "cfg_interval" not in settings and "cfg_rescale" not in settings
+
+
+def test_the_demo_takes_the_interval_and_rescale(sd_folder, tmp_path):
+    from difflab.app import build_demo
+    from difflab.app.guides import Guides
+    from difflab.app.service import Generator, Limits, Request
+
+    model = load_model(sd_folder)
+    generate = Generator(model, "tiny", Limits(), Guides(), tmp_path)
+    fast = dict(sampler="ddim", steps=4, count=1, seed=2, prompt="a fox", width=16, height=16)
+    plain = generate(Request(**fast))[0][0]
+    guided = generate(Request(**fast, cfg_interval="0.5-8", cfg_rescale=0.7))[0][0]
+    settings = png_settings(guided)
+    assert (settings["cfg_interval"], settings["cfg_rescale"]) == ("0.5-8", 0.7)
+    assert "cfg_interval" not in png_settings(plain) and "cfg_rescale" not in png_settings(plain)
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(guided)))
+    for change, message in (({"cfg_interval": "5-1"}, "interval 5-1 must be two noise levels"),
+                            ({"cfg_rescale": 2}, "guidance rescale must be a number from 0 to 1")):
+        with pytest.raises(DifflabError, match=message) as caught:
+            generate(Request(**fast, **change))
+        assert "\n" not in str(caught.value)
+    demo = build_demo(sd_folder, limits=Limits(max_steps=10, max_images=4))
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {"cfg-interval", "cfg-rescale"} <= ids
+    (txt2img,) = [f.fn for f in demo.fns.values() if f.api_name == "txt2img"]
+    gallery, files = txt2img("a fox", "", "ddim", 4, 2, 1, 16, 16, 7.5, "#ff0000", 0, 0, "", 1.0, "0.5-8", 0.7)
+    assert png_settings(files[0])["cfg_interval"] == "0.5-8"
