@@ -180,3 +180,14 @@ def test_the_demo_takes_the_interval_and_rescale(sd_folder, tmp_path):
     (txt2img,) = [f.fn for f in demo.fns.values() if f.api_name == "txt2img"]
     gallery, files = txt2img("a fox", "", "ddim", 4, 2, 1, 16, 16, 7.5, "#ff0000", 0, 0, "", 1.0, "0.5-8", 0.7)
     assert png_settings(files[0])["cfg_interval"] == "0.5-8"
+
+
+def test_the_folders_difflab_json_carries_the_default(conditional_model, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(conditional_model, tmp_path / "model")
+    info = json.loads((folder / "difflab.json").read_text())
+    info["guidance"] = {"cfg_scale": 3.0, "cfg_interval": "0-5", "cfg_rescale": 0.3}
+    (folder / "difflab.json").write_text(json.dumps(info))
+    assert guidance_of(load_model(folder)) == ClassifierFreeGuidance(3.0, (0.0, 5.0), 0.3)

@@ -26,6 +26,9 @@ from difflab.errors import InputError
 from difflab.models.conditioning import Conditioning
 
 EVERYWHERE = (0.0, math.inf)  # plain CFG: every noise level
+# What a text model difflab trains records as its default guidance (difflab.json's `guidance`); empty: the
+# kind's plain scale. Only a setting that meets issue 29's target on `shapes` goes here (docs/benchmarks.md).
+TRAINED_TEXT_GUIDANCE: dict = {}
 
 
 @dataclass(frozen=True)
