@@ -191,3 +191,9 @@ def test_the_folders_difflab_json_carries_the_default(conditional_model, tmp_pat
     info["guidance"] = {"cfg_scale": 3.0, "cfg_interval": "0-5", "cfg_rescale": 0.3}
     (folder / "difflab.json").write_text(json.dumps(info))
     assert guidance_of(load_model(folder)) == ClassifierFreeGuidance(3.0, (0.0, 5.0), 0.3)
+
+
+def test_eval_refuses_a_bad_interval_before_loading_the_model(capsys, tmp_path):
+    code = main(["eval", "--model", str(tmp_path / "nowhere"), "--cfg-interval", "2-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "interval 2-1 must be two noise levels" in err and "Traceback" not in err, err
