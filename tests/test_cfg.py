@@ -164,7 +164,8 @@ def test_the_demo_takes_the_interval_and_rescale(sd_folder, tmp_path):
     generate = Generator(model, "tiny", Limits(), Guides(), tmp_path)
     fast = dict(sampler="ddim", steps=4, count=1, seed=2, prompt="a fox", width=16, height=16)
     plain = generate(Request(**fast))[0][0]
-    guided = generate(Request(**fast, cfg_interval="0.5-8", cfg_rescale=0.7))[0][0]
+    (guided, text), = generate(Request(**fast, cfg_interval="0.5-8", cfg_rescale=0.7))
+    assert "CFG 7.5, at σ 0.5-8, rescale 0.7" in text
     settings = png_settings(guided)
     assert (settings["cfg_interval"], settings["cfg_rescale"]) == ("0.5-8", 0.7)
     assert "cfg_interval" not in png_settings(plain) and "cfg_rescale" not in png_settings(plain)

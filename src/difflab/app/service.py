@@ -331,6 +331,9 @@ def caption(settings: dict, lora: str | None = None) -> str:
         parts.append(f"class {settings['class']} (CFG {settings['cfg_scale']:g})")
     elif "cfg_scale" in settings:
         parts.append(f"CFG {settings['cfg_scale']:g}")
+    if "cfg_interval" in settings or "cfg_rescale" in settings:  # said beside the scale, as the PNG records them
+        named = (("cfg_interval", "at σ"), ("cfg_rescale", "rescale"))
+        parts[-1] += "".join(f", {name} {settings[key]}" for key, name in named if key in settings)
     parts.append(f"{settings['sampler']}, {settings['steps']} steps")
     if "width" in settings:
         parts.append(f"{settings['width']}×{settings['height']}")
