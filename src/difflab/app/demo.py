@@ -86,6 +86,22 @@ def answer(generator: Generator, request: Request):
     return [(str(path), text) for path, text in results], [str(path) for path, _ in results]
 
 
+def cfg_controls(model, visible: bool = True):
+    """The guidance interval (noise levels where CFG acts) and rescale, at the model's defaults (diffusion/cfg.py)."""
+    import gradio as gr
+
+    from difflab.app.fields import slider
+    from difflab.diffusion.cfg import guidance_of
+
+    default = guidance_of(model)
+    interval = gr.Textbox(default.settings().get("cfg_interval", ""), max_lines=1, visible=visible,
+                          label="CFG only at noise levels LOW-HIGH (sigma, e.g. 0.3-5; empty: every step)",
+                          elem_id="cfg-interval")
+    rescale = slider(0, 1, value=default.rescale, step=0.05, visible=visible, elem_id="cfg-rescale",
+                     label="CFG rescale (0 = none; 0.7 keeps strong guidance from over-saturating)")
+    return interval, rescale
+
+
 def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, title: str):
     """Unconditional and class-conditional pixel models: sampler, steps, seed, count, class and CFG, guidance."""
     import gradio as gr
@@ -95,10 +111,11 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
     classes = model.class_names or []
 
     def on_generate(sampler, steps, seed, count, class_name, cfg_scale, color, color_scale, prompt, clip_scale,
-                    progress=gr.Progress(track_tqdm=True)):
+                    cfg_interval="", cfg_rescale=None, progress=gr.Progress(track_tqdm=True)):
         return answer(generator, Request(sampler=sampler, steps=steps, seed=seed, count=count,
                                          class_name=class_name or None, cfg_scale=cfg_scale, color=color,
-                                         color_scale=color_scale, prompt=prompt, clip_scale=clip_scale))
+                                         color_scale=color_scale, prompt=prompt, clip_scale=clip_scale,
+                                         cfg_interval=cfg_interval, cfg_rescale=cfg_rescale))
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.HTML(f"<style>{CSS}</style>", padding=False)
@@ -111,6 +128,7 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
                 cfg_scale = slider(0, MAX_CFG_SCALE, value=DEFAULT_CFG_SCALE, step=0.1,
                                       label="Classifier-free guidance scale (1 = plain conditional)",
                                       visible=bool(classes), elem_id="cfg-scale")
+                cfg_interval, cfg_rescale = cfg_controls(model, visible=bool(classes))
                 color, color_scale = colour_controls(guides)
                 with gr.Group(visible=guides.clip is not None):
                     prompt = gr.Textbox("", label="CLIP guidance: prompt", elem_id="prompt", max_lines=1)
@@ -122,7 +140,7 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
                     "requests queue and run one at a time.")
         randomize.click(None, outputs=seed, js=RANDOM_SEED_JS)
         run.click(on_generate, inputs=[sampler, steps, seed, count, class_name, cfg_scale, color, color_scale,
-                                       prompt, clip_scale],
+                                       prompt, clip_scale, cfg_interval, cfg_rescale],
                   outputs=[gallery, files], api_name="generate", concurrency_limit=1)
     return demo
 
@@ -130,7 +148,8 @@ def pixel_page(model, generator: Generator, guides: Guides, limits: Limits, titl
 def text_page(model, generator: Generator, guides: Guides, limits: Limits, title: str, loras: LoraMenu):
     """Text-to-image models (the Stable Diffusion family): prompt, negative prompt, LoRA, CFG scale, size, and a
     tab per mode the model takes, each with its own Generate button and API endpoint (/txt2img, /img2img,
-    /inpaint, /depth, /upscale); every endpoint takes the LoRA and its weight last (both optional)."""
+    /inpaint, /depth, /upscale); every endpoint takes the LoRA and its weight, then the guidance interval and
+    rescale last (all optional)."""
     import gradio as gr
 
     from difflab.app.fields import image_editor, slider
@@ -148,36 +167,46 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
     # One handler per tab: the shared settings, the tab's own inputs, then the LoRA and its weight (last, so that
     # API clients that do not name them get no LoRA).
     def txt2img(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-                clip_scale, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
+                clip_scale, lora="", lora_scale=1.0, cfg_interval="", cfg_rescale=None,
+                progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale))
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale,
+                                         cfg_interval=cfg_interval, cfg_rescale=cfg_rescale))
 
     def img2img(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-                clip_scale, image, strength, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
+                clip_scale, image, strength, lora="", lora_scale=1.0, cfg_interval="", cfg_rescale=None,
+                progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="img2img",
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale,
+                                         cfg_interval=cfg_interval, cfg_rescale=cfg_rescale, mode="img2img",
                                          image=image, strength=strength))
 
     def inpaint(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-                clip_scale, editor, mask, strength, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
+                clip_scale, editor, mask, strength, lora="", lora_scale=1.0, cfg_interval="", cfg_rescale=None,
+                progress=gr.Progress(track_tqdm=True)):
         try:
             image, mask = inpaint_inputs(editor, mask)
         except DifflabError as e:
             raise gr.Error(str(e), print_exception=False) from None
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="inpaint",
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale,
+                                         cfg_interval=cfg_interval, cfg_rescale=cfg_rescale, mode="inpaint",
                                          image=image, mask=mask, strength=strength))
 
     def depth(prompt, negative_prompt, sampler, steps, seed, count, width, height, cfg_scale, color, color_scale,
-              clip_scale, image, depth_map, strength, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
+              clip_scale, image, depth_map, strength, lora="", lora_scale=1.0, cfg_interval="", cfg_rescale=None,
+              progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, width, height,
-                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="depth",
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale,
+                                         cfg_interval=cfg_interval, cfg_rescale=cfg_rescale, mode="depth",
                                          image=image, depth=depth_map, strength=strength))
 
     def upscale(prompt, negative_prompt, sampler, steps, seed, count, cfg_scale, color, color_scale, clip_scale,
-                image, noise_level, lora="", lora_scale=1.0, progress=gr.Progress(track_tqdm=True)):
+                image, noise_level, lora="", lora_scale=1.0, cfg_interval="", cfg_rescale=None,
+                progress=gr.Progress(track_tqdm=True)):
         return answer(generator, request(prompt, negative_prompt, sampler, steps, seed, count, None, None,
-                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale, mode="upscale",
+                                         cfg_scale, color, color_scale, clip_scale, lora, lora_scale,
+                                         cfg_interval=cfg_interval, cfg_rescale=cfg_rescale, mode="upscale",
                                          image=image, noise_level=noise_level))
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
@@ -233,6 +262,7 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                 cfg_scale = slider(0, MAX_CFG_SCALE, value=model.default_cfg_scale, step=0.5,
                                       label="CFG scale (how closely to follow the prompt; 1 = plain conditional)",
                                       elem_id="cfg-scale")
+                cfg_interval, cfg_rescale = cfg_controls(model)
                 sampler, steps, seed, randomize, count = sampling_controls(limits)
                 with gr.Row(visible="upscale" not in modes):
                     width = slider(factor, largest, value=size, step=factor, label="Width", elem_id="width")
@@ -259,6 +289,7 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
         for mode, button in buttons.items():
             fn, extra = handlers[mode]
             inputs = [c for c in shared if mode != "upscale" or c not in (width, height)] + extra() + [lora, lora_scale]
+            inputs += [cfg_interval, cfg_rescale]  # after the LoRA: API clients that do not name them get the defaults
             # one queue for every tab: the model (and the LoRA chosen on it) serves one request at a time
             button.click(fn, inputs=inputs, outputs=[gallery, files], api_name=mode, concurrency_limit=1,
                          concurrency_id="generate")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difflab.app.guides import Guides, hex_color
+from difflab.diffusion.cfg import EVERYWHERE, guidance_of
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import ConfigError, InputError, ModelError
 from difflab.models.schedules import check_choice
@@ -71,6 +72,8 @@ class Request:
     count: int = 4
     class_name: str | None = None  # class-conditional models only
     cfg_scale: float | None = None  # None: the model's default (DEFAULT_CFG_SCALE; 7.5 for text models)
+    cfg_interval: str | None = None  # "LOW-HIGH": the noise levels where CFG acts; None or "": the model's
+    cfg_rescale: float | None = None  # guidance rescale in [0, 1]; None: the model's
     color: str | None = None  # "#rrggbb"; colour guidance when color_scale > 0
     color_scale: float = 0.0
     prompt: str = ""  # text models: what to draw (and CLIP guidance's prompt); pixel models: CLIP guidance's
@@ -170,6 +173,9 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
         raise ConfigError("this model has no text encoder: it takes no negative prompt")
     check_inputs(request, checked, model, limits)
     check_lora(request, checked, loras)
+    rescale = None if request.cfg_rescale in (None, "") else number("guidance rescale", request.cfg_rescale, 0, 1)
+    cfg = guidance_of(model, checked.cfg_scale, request.cfg_interval or None, rescale)  # diffusion/cfg.py
+    checked.cfg_interval, checked.cfg_rescale = cfg.settings().get("cfg_interval"), cfg.settings().get("cfg_rescale")
     if model.class_names:
         if request.class_name in (None, ""):
             raise ConfigError(f"choose a class: one of {', '.join(model.class_names[:12])}")
@@ -294,6 +300,9 @@ def settings_of(request: Request, model_name: str, model: DiffusionModel, loras=
         settings.update({"class": request.class_name, "cfg_scale": request.cfg_scale})
     if model.prompts is not None:
         settings.update({"prompt": request.prompt, "cfg_scale": request.cfg_scale})
+    if model.class_names or model.prompts is not None:
+        settings.update({key: value for key in ("cfg_interval", "cfg_rescale")
+                         if (value := getattr(request, key)) is not None})
         if request.negative_prompt:
             settings["negative_prompt"] = request.negative_prompt
     if request.mode != "txt2img":
@@ -320,6 +329,9 @@ def caption(settings: dict, lora: str | None = None) -> str:
         parts.append(f"class {settings['class']} (CFG {settings['cfg_scale']:g})")
     elif "cfg_scale" in settings:
         parts.append(f"CFG {settings['cfg_scale']:g}")
+    if "cfg_interval" in settings or "cfg_rescale" in settings:  # said beside the scale, as the PNG records them
+        named = (("cfg_interval", "at σ"), ("cfg_rescale", "rescale"))
+        parts[-1] += "".join(f", {name} {settings[key]}" for key, name in named if key in settings)
     parts.append(f"{settings['sampler']}, {settings['steps']} steps")
     if "width" in settings:
         parts.append(f"{settings['width']}×{settings['height']}")
@@ -377,6 +389,7 @@ class Generator:
                 self.loras.use(self.model, request.lora, request.lora_scale)
             images = generate(self.model, request.count, sampler=request.sampler, steps=request.steps,
                               seed=request.seed, class_labels=labels, cfg_scale=request.cfg_scale,
+                              cfg_interval=request.cfg_interval or EVERYWHERE, cfg_rescale=request.cfg_rescale or 0.0,
                               batch_size=self.limits.max_images, progress=progress, **extra)
         folder = self.new_folder()
         settings = settings_of(request, self.model_name, self.model, self.loras)

@@ -29,12 +29,14 @@ def check_request_flags(args) -> None:
     """The generation request's own checks (diffusion/request.py, which `generate` makes again) that need
     no model: the seed, strength and size, an --out that names an image format, and no output that
     would replace an input."""
+    from difflab.diffusion.cfg import check_options
     from difflab.diffusion.request import check_outputs, check_settings
     from difflab.images import image_format
 
     count = getattr(args, "count", 1) or 1
     check_settings(seed=getattr(args, "seed", None), count=count, strength=getattr(args, "strength", None),
                    width=getattr(args, "width", None), height=getattr(args, "height", None))
+    check_options(getattr(args, "cfg_interval", None), getattr(args, "cfg_rescale", None))
     if getattr(args, "out", None) is not None:
         image_format(args.out, "--out")
     inputs = {what: getattr(args, name, None) for name, what in INPUT_FILES.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.cli.options import add_device
+from difflab.cli.options import add_cfg_options, add_device
 from difflab.data import DATA_SPEC_HELP
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.models.model import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE
@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cfg-scale", type=float,
                    help=f"classifier-free guidance (default {DEFAULT_CFG_SCALE} for class-conditional models, "
                         f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
+    add_cfg_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--features",
                    help="feature space of the Fréchet distance: classifier (a classifier difflab trains on labelled "
@@ -101,7 +102,8 @@ def run(args) -> int:
                                        captioned=own_captions)
         prompts = held_out_captions(evaluator, args.count) if own_captions else None
         result = evaluator(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                           seed=args.seed, batch_size=args.batch_size, progress=True,
+                           cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale, seed=args.seed,
+                           batch_size=args.batch_size, progress=True,
                            caption_template=template if model.prompts is not None else None, clip=clip,
                            prompts=prompts)
         result = {"model": str(args.model), "data": spec, **result, "frechet_floor": evaluator.floor(args.count)}
@@ -150,7 +152,8 @@ def evaluate_text_model(model, spec: str, args, clip=None) -> dict:
             raise ConfigError(f"--features {args.features}: a text model trained on shapes is measured in the "
                               "attribute reader's features (attributes, the default) or a CLIP model's (clip:PATH)")
     result = evaluate_prompts(model, args.count, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                              seed=args.seed, batch_size=args.batch_size, progress=True, clip=clip, features=features)
+                              cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale, seed=args.seed,
+                              batch_size=args.batch_size, progress=True, clip=clip, features=features)
     import logging
 
     log = logging.getLogger("difflab")

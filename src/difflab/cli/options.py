@@ -54,3 +54,15 @@ def check_at_least_one(args, names: tuple[str, ...] = ("count", "steps", "batch_
     for name in names:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def add_cfg_options(parser) -> None:
+    """--cfg-interval and --cfg-rescale, beside --cfg-scale (diffusion/cfg.py)."""
+    parser.add_argument("--cfg-interval", metavar="LOW-HIGH",
+                        help="classifier-free guidance only at noise levels sigma in (LOW, HIGH] (Kynkäänniemi et "
+                             "al. 2024), plain conditional elsewhere: keeps the variety of strong guidance; e.g. "
+                             "0.3-5 or 1-inf (default: the model's; every step)")
+    parser.add_argument("--cfg-rescale", type=float, metavar="PHI",
+                        help="guidance rescale in [0, 1] (Lin et al. 2023, diffusers' guidance_rescale): gives the "
+                             "guided prediction the conditional one's spread; 0.7 is the paper's (default: the "
+                             "model's; 0)")

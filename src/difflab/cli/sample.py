@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.cli.options import add_model_loading, check_at_least_one
+from difflab.cli.options import add_cfg_options, add_model_loading, check_at_least_one
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, GUIDANCE_MODES, SAMPLERS
 from difflab.models.model import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE
 
@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
                    help="classifier-free guidance: 1 plain conditional, 0 unconditional, higher follows the class "
                         f"or prompt more closely (default {DEFAULT_CFG_SCALE} for class models, "
                         f"{DEFAULT_TEXT_CFG_SCALE} for text models)")
+    add_cfg_options(p)
     p.add_argument("--width", type=int, help="image width in pixels, for any model: a multiple of the VAE's factor (8 "
                                              "for Stable Diffusion) or, for a pixel model, of the factor its UNet's "
                                              "levels halve by (default: the input image's, or the model's size)")
@@ -121,6 +122,7 @@ def run(args) -> int:
 
     from difflab.cli.checks import check_flags, check_with_model
     from difflab.devices import pick_device
+    from difflab.diffusion.cfg import guidance_of
     from difflab.diffusion.generate import generate
     from difflab.diffusion.request import check_inputs, mode_of, strength_of
     from difflab.errors import ConfigError, InputError
@@ -194,7 +196,7 @@ def run(args) -> int:
         labels = torch.tensor(classes).repeat_interleave(args.count)  # one row per class
         columns, names = args.count, [model.class_names[c] for c in classes]
     if labels is not None or per_image_prompts is not None:
-        settings["cfg_scale"] = args.cfg_scale if args.cfg_scale is not None else model.default_cfg_scale
+        settings.update(guidance_of(model, args.cfg_scale, args.cfg_interval, args.cfg_rescale).settings(True))
     if guidance:
         settings.update(guide=args.guide, guidance_mode=args.guidance_mode)
         if args.clip_model:
@@ -202,7 +204,8 @@ def run(args) -> int:
     count = len(labels) if labels is not None else len(per_image_prompts) if per_image_prompts else args.count
     images = generate(model, count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
                       class_labels=labels, prompts=per_image_prompts, negative_prompt=args.negative_prompt,
-                      cfg_scale=args.cfg_scale, image=args.image, mask=args.mask, depth=args.depth,
+                      cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale,
+                      image=args.image, mask=args.mask, depth=args.depth,
                       strength=args.strength, noise_level=args.noise_level, width=args.width, height=args.height,
                       guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True,
                       safety_check=not args.no_safety_checker, precision=args.precision, blend=args.blend or ())

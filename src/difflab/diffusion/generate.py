@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from difflab.diffusion.guidance import GuidanceTerm, classifier_free_guidance, loss_guidance
+from difflab.diffusion.cfg import ClassifierFreeGuidance
+from difflab.diffusion.guidance import GuidanceTerm, loss_guidance
 from difflab.diffusion.modes import Prepared, start
 from difflab.diffusion.request import prepare
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, UNCLIPPED, make_sampler
@@ -27,12 +28,13 @@ def row_labels(num_classes: int, per_row: int) -> torch.Tensor:
 
 
 def model_function(model: DiffusionModel, conditioning: Conditioning | None, unconditional: Conditioning | None,
-                   cfg_scale: float) -> ModelFn:
-    """The model as a function of (x_t, t), conditioned, with classifier-free guidance when it has an
-    unconditional twin."""
+                   cfg: ClassifierFreeGuidance | float) -> ModelFn:
+    """The model as a function of (x_t, t), conditioned, with classifier-free guidance (a scale, or the
+    scale with its interval and rescale) when it has an unconditional twin."""
     if unconditional is None:
         return lambda x, t: model.denoiser(x, t, conditioning)
-    return classifier_free_guidance(model.denoiser, conditioning, unconditional, cfg_scale)
+    cfg = cfg if isinstance(cfg, ClassifierFreeGuidance) else ClassifierFreeGuidance(cfg)
+    return cfg.wrap(model.denoiser, conditioning, unconditional, model.noise_schedule)
 
 
 def counted(model_fn: ModelFn, bar) -> ModelFn:
@@ -48,7 +50,8 @@ def counted(model_fn: ModelFn, bar) -> ModelFn:
 def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
              seed: int = 0, eta: float | None = None, class_labels: torch.Tensor | None = None,
              prompts: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
-             cfg_scale: float | None = None, image=None, mask=None, depth=None, strength: float | None = None,
+             cfg_scale: float | None = None, cfg_interval=None, cfg_rescale: float | None = None,
+             image=None, mask=None, depth=None, strength: float | None = None,
              noise_level: int | None = None, width: int | None = None, height: int | None = None,
              guidance: Sequence[GuidanceTerm] = (), guidance_mode: str = "fast", batch_size: int = 64,
              progress: bool = False, safety_check: bool = True, precision: str = "no",
@@ -61,7 +64,8 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     in A1111's syntax: docs/prompts.md) and `negative_prompt` for text models, `blend` mixing other
     prompts into each (("a leopard", 0.5) or "a leopard:0.5"), or the embeddings themselves
     (`prompt_embeds` [1 or count, tokens, width], `negative_prompt_embeds`, as diffusers' pipelines
-    take them); classifier-free guidance at `cfg_scale` (default: the model kind's). Where sampling
+    take them); classifier-free guidance at `cfg_scale`, only at noise levels σ in `cfg_interval` ((low, high)
+    or "low-high"), rescaled by `cfg_rescale` in [0, 1] (diffusion/cfg.py; defaults: the model's). Where sampling
     starts: `image` (a path, PIL image or [C, H, W] tensor in [0, 1]) with `strength` (img2img;
     depth-to-image with `depth` or the model's depth estimator), `image` + `mask` (inpainting, white =
     repaint), `image` + `noise_level` (the ×4 upscaler's low-res input).
@@ -72,7 +76,8 @@ def generate(model: DiffusionModel, count: int, *, sampler: str = DEFAULT_SAMPLE
     runs fast on the model's device (devices.auto_precision); "no" is exact fp32. A model loaded in
     half precision (load_model(dtype=...)) runs in its own type, without autocast's copies."""
     job = prepare(model, count, class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
-                  cfg_scale=cfg_scale, image=image, mask=mask, depth=depth, strength=strength,
+                  cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_rescale=cfg_rescale,
+                  image=image, mask=mask, depth=depth, strength=strength,
                   noise_level=noise_level, width=width, height=height, blend=blend, prompt_embeds=prompt_embeds,
                   negative_prompt_embeds=negative_prompt_embeds, seed=seed)
     for part in model.modules():
@@ -117,7 +122,7 @@ def generate_batch(model: DiffusionModel, job, scheduler, first: int, n: int, ba
     timesteps = run_timesteps(scheduler, steps, job.inputs.strength, model.device)
     begin = start(model, job.inputs, generators, scheduler, timesteps)
     # Only the guided model function keeps the conditioning (batched for guidance), not a second copy.
-    model_fn = counted(model_function(model, *job.conditioning(first, n, begin), job.cfg_scale), bar)
+    model_fn = counted(model_function(model, *job.conditioning(first, n, begin), job.guidance), bar)
     decode = model.codec.decode if model.codec is not None else None
     model_fn = loss_guidance(model_fn, guidance, model.noise_schedule, timesteps, guidance_mode, decode=decode)
     if sampler in UNCLIPPED and not model.latent:

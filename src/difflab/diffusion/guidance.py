@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from difflab.diffusion.cfg import ClassifierFreeGuidance
 from difflab.diffusion.predictions import alpha_bar, from_x0, to_x0
 from difflab.diffusion.samplers import GUIDANCE_MODES
 from difflab.diffusion.sampling import ModelFn
@@ -61,16 +62,8 @@ def classifier_free_guidance(denoiser, conditioning: Conditioning, unconditional
     unconditional half first, as diffusers batches it). ∅ is the conditioning's "empty" twin: the
     null class, the negative prompt. Scale 1 is plain conditional sampling (one pass), 0
     unconditional, above 1 closer to the condition. Mixing predictions linearly is the same for ε, v
-    and x₀ targets, since each is affine in ε."""
-    if scale == 1.0:
-        return lambda x, t: denoiser(x, t, conditioning)
-    both = Conditioning.cat([unconditional, conditioning])
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        unconditioned, conditioned = denoiser(torch.cat([x, x]), t, both).chunk(2)
-        return unconditioned + scale * (conditioned - unconditioned)
-
-    return guided
+    and x₀ targets, since each is affine in ε. The interval and rescale: diffusion/cfg.py."""
+    return ClassifierFreeGuidance(scale).wrap(denoiser, conditioning, unconditional)
 
 
 # --- guidance terms ---------------------------------------------------------------------------------

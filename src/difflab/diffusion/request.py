@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from difflab.diffusion.cfg import ClassifierFreeGuidance, guidance_of
 from difflab.diffusion.inputs import check_size, depth_tensor, image_tensor, mask_tensor, read_image
 from difflab.diffusion.modes import Prepared, Start
 from difflab.errors import InputError
@@ -34,6 +35,7 @@ class Job:
     cfg_scale: float
     labels: torch.Tensor | None = None  # one per image
     text: PromptPlan | None = None  # text models: what each image's prompt embeddings are made from
+    guidance: ClassifierFreeGuidance | None = None  # the scale above, its interval and rescale (diffusion/cfg.py)
 
     def conditioning(self, first: int, n: int, begin: Start) -> tuple[Conditioning, Conditioning | None]:
         """The conditioning of images first..first+n and its unconditional twin (None: no guidance)."""
@@ -94,12 +96,11 @@ def per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[
 
 
 def prepare(model: DiffusionModel, count: int, *, class_labels=None, prompts=None, negative_prompt=None,
-            cfg_scale=None, image=None, mask=None, depth=None, strength=None, noise_level=None,
+            cfg_scale=None, cfg_interval=None, cfg_rescale=None,
+            image=None, mask=None, depth=None, strength=None, noise_level=None,
             width=None, height=None, blend=None, prompt_embeds=None, negative_prompt_embeds=None,
             seed: int | None = None) -> Job:
-    cfg_scale = model.default_cfg_scale if cfg_scale is None else float(cfg_scale)
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise InputError(f"the classifier-free guidance scale must be a finite number, 0 or more (got {cfg_scale})")
+    guidance = guidance_of(model, cfg_scale, cfg_interval, cfg_rescale)
     check_settings(seed=seed, count=count, strength=strength, width=width, height=height)
     prompts, negatives = per_image(prompts, count, "prompt"), per_image(negative_prompt, count, "negative prompt")
     embedded = prompt_embeds is not None or negative_prompt_embeds is not None
@@ -112,7 +113,7 @@ def prepare(model: DiffusionModel, count: int, *, class_labels=None, prompts=Non
     if model.prompts is not None:
         text = plan_prompts(model, count, prompts, negatives, blend, prompt_embeds, negative_prompt_embeds)
     inputs = prepare_inputs(model, image, mask, depth, strength, noise_level, width, height)
-    return Job(model, inputs, cfg_scale, class_labels, text)
+    return Job(model, inputs, guidance.scale, class_labels, text, guidance)
 
 
 def plan_prompts(model: DiffusionModel, count: int, prompts, negatives, blend, embeds, negative_embeds) -> PromptPlan:

@@ -10,6 +10,7 @@ import torch
 
 from difflab.data import ImageDataset, open_dataset
 from difflab.data.captions import template_captions
+from difflab.diffusion.cfg import guidance_of
 from difflab.diffusion.generate import generate
 from difflab.errors import DataError
 from difflab.metrics.classifier import TrainedClassifier, load_or_train
@@ -101,7 +102,8 @@ class Evaluator:
         return result
 
     def __call__(self, model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
-                 seed: int = 0, batch_size: int = 250, progress: bool = False,
+                 cfg_interval=None, cfg_rescale: float | None = None, seed: int = 0, batch_size: int = 250,
+                 progress: bool = False,
                  caption_template: str | None = None, clip=None, prompts: list[str] | None = None) -> dict:
         """`caption_template`: a text model trained on labelled data with this template is asked for each
         class by its caption, and measured like a class-conditional model. `prompts`: a text model is asked
@@ -115,6 +117,7 @@ class Evaluator:
             prompts = template_captions(caption_template, labels.tolist(), class_names)
         cfg_scale = model.default_cfg_scale if cfg_scale is None else cfg_scale
         images = generate(model, n, sampler=sampler, steps=steps, seed=seed, cfg_scale=cfg_scale,
+                          cfg_interval=cfg_interval, cfg_rescale=cfg_rescale,
                           class_labels=None if prompts else labels, prompts=prompts, batch_size=batch_size,
                           progress=progress) * 2 - 1
         result = {
@@ -129,7 +132,7 @@ class Evaluator:
                                 f"{self.data_spec}; evaluate it on the data it was trained on")
             predictions = self.classifier.features_and_predictions(images)[1]
             correct = predictions == labels
-            result["cfg_scale"] = cfg_scale
+            result.update(guidance_of(model, cfg_scale, cfg_interval, cfg_rescale).settings(include_scale=True))
             result["class_accuracy"] = round(correct.float().mean().item(), 4)
             result["class_accuracy_per_class"] = {
                 name: round(correct[labels == i].float().mean().item(), 4) for i, name in enumerate(class_names)

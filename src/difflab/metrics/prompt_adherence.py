@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from difflab.data import shapes
+from difflab.diffusion.cfg import guidance_of
 from difflab.diffusion.generate import generate
 from difflab.metrics.attributes import AttributeClassifier, adherence, load_or_train_attributes
 from difflab.metrics.frechet import frechet_distance
@@ -30,7 +31,8 @@ def evaluation_prompts(n: int, seed: int) -> list[shapes.Scene]:
 
 
 def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int, cfg_scale: float | None,
-                     seed: int = 0, batch_size: int = 64, progress: bool = False,
+                     cfg_interval=None, cfg_rescale: float | None = None, seed: int = 0, batch_size: int = 64,
+                     progress: bool = False,
                      reader: AttributeClassifier | None = None, clip=None, features=None) -> dict:
     """Prompt adherence and Fréchet distance of `n` images, half of seen and half of held-out combinations;
     with `clip` (a ClipScorer), their CLIP score too. `features`: the feature space of the distance (an
@@ -41,7 +43,8 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
     embed, space = (features, features.name) if features is not None else (reader.features, "attribute reader")
     prompts = evaluation_prompts(n, seed)
     images = generate(model, n, prompts=[p.caption for p in prompts], sampler=sampler, steps=steps, seed=seed,
-                      cfg_scale=cfg_scale, batch_size=batch_size, progress=progress) * 2 - 1
+                      cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_rescale=cfg_rescale, batch_size=batch_size,
+                      progress=progress) * 2 - 1
     reference = embed(real_images(n, size, REFERENCE_SEED)).numpy()
     result = {
         "n": n,
@@ -50,7 +53,7 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
         "frechet_floor": round(frechet_distance(embed(real_images(n, size, seed)).numpy(), reference), 4),
         "feature_space": space,
         "sampler": sampler, "steps": steps, "seed": seed,
-        "cfg_scale": cfg_scale if cfg_scale is not None else model.default_cfg_scale,
+        **guidance_of(model, cfg_scale, cfg_interval, cfg_rescale).settings(include_scale=True),
     }
     if model.latent:
         result["vae_ceiling"] = reconstruction_adherence(model, n, seed, reader)
@@ -98,6 +101,7 @@ def adherence_line(result: dict) -> str:
 def evaluation_rows(result: dict) -> dict[str, str]:
     """The measured figures as model-card rows."""
     how = f"{result['sampler']}, {result['steps']} steps, CFG scale {result['cfg_scale']}"
+    how += "".join(f", CFG {key[4:]} {result[key]}" for key in ("cfg_interval", "cfg_rescale") if key in result)
     rows = {f"prompt adherence, {label} combinations": f"{shares_text(shares)} (n={shares['n']}; {how})"
             for part, label in PARTS if (shares := result["adherence"].get(part))}
     if "vae_ceiling" in result:

@@ -99,6 +99,9 @@ class ModelInfo:
     base_model: str | None = None
     training: TrainingRecord = field(default_factory=TrainingRecord)
     evaluation: dict[str, str] = field(default_factory=dict)  # measured figures, in words, by what measured them
+    # The classifier-free guidance it samples with unless told: cfg_scale, cfg_interval "LOW-HIGH" (sigma),
+    # cfg_rescale (diffusion/cfg.py); empty: the kind's scale, plain.
+    guidance: dict[str, Any] = field(default_factory=dict)
     format_version: int = 1
 
     def to_json(self) -> dict:
@@ -161,7 +164,13 @@ class DiffusionModel:
 
     @property
     def default_cfg_scale(self) -> float:
-        return DEFAULT_TEXT_CFG_SCALE if self.prompts is not None else DEFAULT_CFG_SCALE
+        kind = DEFAULT_TEXT_CFG_SCALE if self.prompts is not None else DEFAULT_CFG_SCALE
+        return float(self.default_guidance.get("cfg_scale", kind))
+
+    @property
+    def default_guidance(self) -> dict:
+        """The guidance the folder records (difflab.json's `guidance`), {} for the kind's plain default."""
+        return self.info.guidance or {}
 
     @property
     def unet(self):
