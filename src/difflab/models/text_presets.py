@@ -62,6 +62,10 @@ TEXT_PRESETS = {
                         vae_channels=(16, 32, 64),
                         about="for CPU work: 4.0 M UNet parameters, latents ×4 smaller than the image, a text "
                               "encoder without transformer layers"),
+    "quick": TextPreset((32, 64), (False, True), 32, text_width=128, text_layers=0, text_heads=4,
+                        vae_channels=(16, 32, 64), about="quickstart"),
+    "quick8": TextPreset((32, 64), (False, True), 32, text_width=128, text_layers=0, text_heads=4,
+                        vae_channels=(8, 16, 32), about="quickstart"),
     "medium": TextPreset((128, 256, 512), (True, True, True), 64, text_width=512, text_layers=6, text_heads=8,
                          vae_channels=(64, 128, 256, 256),
                          about="for GPU work on 64-256 px images: latents ×8 smaller, as Stable Diffusion's"),
