@@ -38,8 +38,8 @@ def add_parser(subparsers) -> None:
                     "(a VAE, a tokenizer and text encoder, a cross-attention UNet) on the built-in captioned shapes "
                     "for a fixed number of steps (it says first how long that takes on this machine: about 7 "
                     "minutes on one busy core), write a grid of prompts (the last two ask for colour-shape pairs "
-                    "held out of training), measure its prompt adherence, and save it as a StableDiffusionPipeline folder. "
-                    "Replaces an earlier quickstart run in --out.",
+                    "held out of training), measure its prompt adherence, and save it as a StableDiffusionPipeline "
+                    "folder. Replaces an earlier quickstart run in --out.",
     )
     p.add_argument("--text", action="store_true", help="the text-to-image quickstart on the built-in shapes")
     p.add_argument("--out", type=Path, help="run folder (default runs/quickstart, or runs/quickstart-text)")
