@@ -52,14 +52,17 @@ def main() -> None:
                str(args.count), *(["--steps", str(args.steps)] if args.steps else [])]
     try:
         started, cpu_before = time.perf_counter(), cpu_seconds()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        log = args.workdir.with_name(args.workdir.name + ".log")
+        with log.open("w") as said:  # what a learner reads, kept beside the run folder
+            subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=said, check=True)
         wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     finally:
         if busy:
             busy.kill()
         if cache:
             cache.cleanup()
-    said = done.stderr
+    said = log.read_text()
     estimate = re.search(r"should take about ([\d.]+ \w+)", said) or re.search(r"instead .*?: about ([\d.]+ \w+)",
                                                                               said)
     result = json.loads((args.workdir / "eval.json").read_text())

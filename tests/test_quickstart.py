@@ -86,7 +86,8 @@ def test_quickstart_text_plan_says_the_time_and_cuts_the_steps_on_a_too_slow_mac
     with caplog.at_level("INFO", logger="difflab"):
         quickstart.plan_text_run(config, 200, chosen=False, log=logging.getLogger("difflab"))
     said = caplog.text
-    assert "too slow" in said and "19.0 minutes" in said and "--steps 1000" in said and "lower prompt adherence" in said
+    assert "full text quickstart would take about 19.0 minutes" in said and config.model.preset == "quick"
+    assert "too slow" in said and "would take about 19.0 minutes, more than 12" in said and "--steps 800" in said
     share = (12 * 60 - 180) / 960  # what is left of 12 minutes after the fixed parts, over the training's
     assert (config.vae.steps, config.run.steps) == (round(1200 * share), round(1000 * share))
     assert f"(the VAE {config.vae.steps}, the UNet {config.run.steps}): about 12.0 minutes" in said
@@ -106,8 +107,20 @@ def test_quickstart_text_plan_keeps_the_steps_on_a_fast_machine_or_when_chosen(c
     config = text_config(1200, 1000)
     with caplog.at_level("INFO", logger="difflab"):
         quickstart.plan_text_run(config, 200, chosen=False, log=logging.getLogger("difflab"))
-    assert (config.vae.steps, config.run.steps) == (1200, 1000)
+    assert (config.model.preset, config.vae.steps, config.run.steps) == ("small", 1200, 1000)  # the full model
     assert "should take about 6.3 minutes" in caplog.text and "too slow" not in caplog.text  # 30 + 120 + 200 + 30 s
+
+    # the full plan over 8 minutes, the quick model within 12: the quick model's steps, as they are
+    speeds = {"small": quickstart.TextSpeed(vae_step=0.3, unet_step=0.6, evaluation=30.0, reader=0.0),
+              "quick": fast}
+    monkeypatch.setattr(quickstart, "measure_text_speed", lambda config, count: speeds[config.model.preset])
+    config = text_config(1200, 1000)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="difflab"):
+        quickstart.plan_text_run(config, 200, chosen=False, log=logging.getLogger("difflab"))
+    assert (config.model.preset, config.optim.batch_size) == ("quick", 32) and "too slow" not in caplog.text
+    assert (config.vae.steps, config.run.steps) == (quickstart.QUICK_PLAN["vae_steps"], quickstart.QUICK_PLAN["steps"])
+    assert "full text quickstart would take about 17.0 minutes" in caplog.text  # 30 + 360 + 600 + 30 s
 
     slow = quickstart.TextSpeed(vae_step=1.0, unet_step=2.0, evaluation=60.0, reader=0.0)
     monkeypatch.setattr(quickstart, "measure_text_speed", lambda config, count: slow)
@@ -115,5 +128,5 @@ def test_quickstart_text_plan_keeps_the_steps_on_a_fast_machine_or_when_chosen(c
     caplog.clear()
     with caplog.at_level("INFO", logger="difflab"):
         quickstart.plan_text_run(config, 200, chosen=True, log=logging.getLogger("difflab"))
-    assert config.run.steps == 5000 and "too slow" not in caplog.text
+    assert (config.model.preset, config.run.steps) == ("small", 5000) and "too slow" not in caplog.text
     assert "should take about 188.2 minutes" in caplog.text
