@@ -23,7 +23,6 @@ TEXT_PROMPTS = (
 # TOO_SLOW_MINUTES, fewer of its steps, with a warning. docs/benchmarks.md, "quickstart --text".
 FULL_PLAN = {"preset": "small", "batch_size": 64, "vae_steps": 600, "steps": 800}
 QUICK_PLAN = {"preset": "quick", "batch_size": 32, "vae_steps": 1200, "steps": 1000}
-TEXT_STEPS = FULL_PLAN["steps"]
 PROMISED_MINUTES = 8
 TOO_SLOW_MINUTES = 12
 LEAST_SHARE = 0.25  # below a quarter of the steps the grid is blobs: then take longer instead
@@ -48,8 +47,8 @@ def add_parser(subparsers) -> None:
                                                  "--text: after the VAE's steps, instead of a number of UNet "
                                                  "steps)")
     p.add_argument("--steps", type=int, help="train for this many steps instead: the same model on any machine "
-                                             f"(--text: UNet steps, default {TEXT_STEPS}, measured and said before "
-                                             "it starts)")
+                                             "(--text: the full model's UNet steps; by default the plan is picked "
+                                             "by a short measurement and said before it starts)")
     p.add_argument("-n", "--count", type=int, help="images generated for the evaluation (default 500; --text 200)")
     p.set_defaults(run=run)
 
