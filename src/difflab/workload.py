@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -165,3 +166,18 @@ def _duration(seconds: float) -> str:
         if seconds >= length:
             return f"{seconds / length:.1f} {unit}"
     return f"{seconds:.0f} seconds"
+
+
+def seconds_per_training_step(module: torch.nn.Module, loss: Callable[[], torch.Tensor], steps: int = 3) -> float:
+    """The median time of `steps` optimizer steps (forward, backward, AdamW) of `module` on the batch
+    `loss` computes, after one warm-up step: what a step of a training run of it costs on this machine.
+    The module's weights change; time a stand-in, not a model that is being trained."""
+    optimizer = torch.optim.AdamW(module.parameters())
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return sorted(times[1:])[steps // 2]
