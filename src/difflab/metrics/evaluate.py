@@ -11,6 +11,7 @@ import torch
 from difflab.data import ImageDataset, open_dataset
 from difflab.data.captions import template_captions
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.errors import DataError
 from difflab.metrics.classifier import TrainedClassifier, load_or_train
 from difflab.metrics.frechet import frechet_distance
@@ -114,9 +115,9 @@ class Evaluator:
         if caption_template and labels is not None:
             prompts = template_captions(caption_template, labels.tolist(), class_names)
         cfg_scale = model.default_cfg_scale if cfg_scale is None else cfg_scale
-        images = generate(model, n, sampler=sampler, steps=steps, seed=seed, cfg_scale=cfg_scale,
-                          class_labels=None if prompts else labels, prompts=prompts, batch_size=batch_size,
-                          progress=progress) * 2 - 1
+        request = GenerationRequest(n, sampler=sampler, steps=steps, seed=seed, cfg_scale=cfg_scale,
+                                    class_labels=None if prompts else labels, prompts=prompts)
+        images = generate(model, request, batch_size=batch_size, progress=progress) * 2 - 1
         result = {
             "n": n,
             "frechet_distance": self.distance(images),

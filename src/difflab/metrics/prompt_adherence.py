@@ -10,6 +10,7 @@ import torch
 
 from difflab.data import shapes
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.metrics.attributes import AttributeClassifier, adherence, load_or_train_attributes
 from difflab.metrics.frechet import frechet_distance
 from difflab.models.codec import round_trip
@@ -40,8 +41,9 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
     reader = reader or load_or_train_attributes(size)
     embed, space = (features, features.name) if features is not None else (reader.features, "attribute reader")
     prompts = evaluation_prompts(n, seed)
-    images = generate(model, n, prompts=[p.caption for p in prompts], sampler=sampler, steps=steps, seed=seed,
-                      cfg_scale=cfg_scale, batch_size=batch_size, progress=progress) * 2 - 1
+    request = GenerationRequest(n, prompts=[p.caption for p in prompts], sampler=sampler, steps=steps, seed=seed,
+                                cfg_scale=cfg_scale)
+    images = generate(model, request, batch_size=batch_size, progress=progress) * 2 - 1
     reference = embed(real_images(n, size, REFERENCE_SEED)).numpy()
     result = {
         "n": n,
