@@ -397,15 +397,15 @@ def test_a_text_model_of_labelled_data_is_asked_for_each_class_by_its_caption(tm
 
     real_generate = evaluate.generate
 
-    def spy(model, n, **kw):
-        asked.append(kw)
-        return real_generate(model, n, **kw)
+    def spy(model, request, **kw):
+        asked.append(request)
+        return real_generate(model, request, **kw)
 
     monkeypatch.setattr(evaluate, "generate", spy)
     evaluator = Evaluator.for_data("digits", 16, 3)
     result = evaluator(model, 20, sampler="ddim", steps=2, cfg_scale=None, caption_template="a digit {label}")
-    assert asked[0]["prompts"][:3] == ["a digit 0", "a digit 1", "a digit 2"] and asked[0]["class_labels"] is None
-    assert asked[0]["cfg_scale"] == 7.5
+    assert asked[0].prompts[:3] == ["a digit 0", "a digit 1", "a digit 2"] and asked[0].class_labels is None
+    assert asked[0].cfg_scale == 7.5
     assert 0 <= result["class_accuracy"] <= 1 and len(result["class_accuracy_per_class"]) == 10
 
     # the VAE's ceiling: the floor's real images through the VAE, measured as generated ones are

@@ -210,9 +210,10 @@ class GenerationRequest:
                 raise InputError("the upscaler's output size is its input's × 4: give no --width/--height")
             highest = model.max_noise_level if model.max_noise_level is not None else FALLBACK_MAX_NOISE_LEVEL
             level = self.run_noise_level(model)
-            if isinstance(level, bool) or not isinstance(level, Integral) or not 0 <= level <= highest:
-                raise InputError(f"--noise-level {level} is outside what this upscaler takes: whole numbers 0 to "
-                                 f"{highest}")
+            if isinstance(level, bool) or not isinstance(level, Integral):
+                raise InputError(f"--noise-level must be a whole number (got {level!r})")
+            if not 0 <= level <= highest:
+                raise InputError(f"--noise-level {level} is outside what this upscaler takes: 0 to {highest}")
             return
         if self.width is not None or self.height is not None:
             size = model.info.image_size
