@@ -75,15 +75,16 @@ PHOTO = Image.new("RGB", (16, 16), "red")
     ("pixel", dict(image=PHOTO, depth=PHOTO), "a depth map is for depth-to-image models"),
     ("pixel", dict(noise_level=20), "--noise-level is for the ×4 upscaler"),
     ("pixel", dict(width=0), "--width must be a positive number of pixels (got 0)"),
-    ("pixel", dict(width=12), "the image size 12×8 does not fit: the width 12 must be a multiple of"),
+    ("pixel", dict(width=9), "the image size 9×8 does not fit: the width 9 must be a multiple of 2 (the factor the "
+                             "UNet's levels halve by); nearest that work: 8 or 10"),
     ("pixel", dict(image=PHOTO, steps=4, strength=0.2), "strength 0.2 of 4 steps is no step at all: raise --strength "
                                                         "or --steps (at least 5 steps at this strength, or a strength "
                                                         "of at least 0.25 at 4 steps)"),
     ("text", dict(), "this is a text-to-image model: give a prompt"),
     ("text", dict(prompts="a fox", class_labels=[0]), "this is a text-to-image model: it takes a prompt (--prompt), "
                                                       "not a class"),
-    ("text", dict(prompts="a fox", width=20), "the image size 20×16 does not fit: the width 20 must be a multiple "
-                                              "of 8"),
+    ("text", dict(prompts="a fox", width=17), "the image size 17×16 does not fit: the width 17 must be a multiple "
+                                              "of 2 (the VAE's downscaling factor)"),
     ("text", dict(count=3, prompts=["a", "b"]), "2 prompts for 3 images: give one, or one per image"),
     ("text", dict(prompts="a fox", prompt_embeds=torch.zeros(1, 4, 32)), "give prompts or prompt embeddings, not both"),
     ("text", dict(negative_prompt_embeds=torch.zeros(1, 4, 32), prompts="a"), "negative prompt embeddings need prompt "

@@ -12,7 +12,7 @@ import torch
 
 from difflab.diffusion.inputs import check_size, depth_tensor, image_tensor, mask_tensor, read_image
 from difflab.diffusion.modes import Prepared, Start
-from difflab.diffusion.request import GenerationRequest, checked_embeddings, per_image
+from difflab.diffusion.request import GenerationRequest, checked_embeddings, per_image, size_step
 from difflab.errors import InputError
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
@@ -150,7 +150,7 @@ def output_size(model: DiffusionModel, source, width, height) -> tuple[int, int]
                      "%d×%d (give --width and --height to choose)", *source.size, factor, width, height)
     width = model.info.image_size if width is None else width
     height = model.info.image_size if height is None else height
-    check_size(width, height, factor)
+    check_size(width, height, factor, step=size_step(model))
     return width, height
 
 

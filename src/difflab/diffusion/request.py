@@ -218,7 +218,7 @@ class GenerationRequest:
         if self.width is not None or self.height is not None:
             size = model.info.image_size
             check_size(size if self.width is None else self.width, size if self.height is None else self.height,
-                       model.size_factor)
+                       model.size_factor, step=size_step(model))
         strength = self.run_strength(model)
         if strength is not None and first_step(self.steps, strength) >= self.steps:
             need = math.ceil(1 / strength)
@@ -320,6 +320,11 @@ def check_depth_model(model: DiffusionModel, given: str | None) -> None:
     if given is not None and model.variant != "depth":
         raise InputError(f"{given} is for depth-to-image models (a StableDiffusionDepth2ImgPipeline folder); "
                          f"this is {what_model(model)}, which takes none")
+
+
+def size_step(model: DiffusionModel) -> str:
+    """What a model's size factor is, for messages."""
+    return "the VAE's downscaling factor" if model.codec is not None else "the factor the UNet's levels halve by"
 
 
 def what_model(model: DiffusionModel) -> str:
