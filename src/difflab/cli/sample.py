@@ -148,6 +148,10 @@ def run(args) -> int:
                        variant=variant)
     if args.offload:
         offload(model, device)
+    if loras:
+        from difflab.models.lora import check_attention
+
+        check_attention(model)  # a pixel model takes no LoRA: said before what it takes
     labels = columns = names = per_image_prompts = None
     if args.classes is not None and model.prompts is not None:
         raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class (--class)")
