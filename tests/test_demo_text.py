@@ -64,7 +64,7 @@ def right_half(size=(32, 32)) -> Image.Image:
     (dict(mode="img2img", image=picture(), strength=0.2), "strength 0.2 of 4 steps is no step at all: raise "
                                                           "--strength or --steps (at least 5 steps at this strength"),
     (dict(mode="img2img", image=picture(), steps=2, strength=0.05), "strength 0.05 of 2 steps is no step at all: "
-     "raise --strength or --steps (at least 20 steps at this strength, or a strength of at least 0.5 at 2 steps)"),
+     "raise the strength to at least 0.5 at 2 steps, or to at least 0.1 at 10 steps (the most allowed here)"),
     (dict(cfg_scale=25), "CFG scale must be a number from 0 to 20"),
     (dict(lora="mine"), "no LoRA named 'mine' here: this demo was started without LoRAs (difflab demo --model BASE "
                         "--lora RUN)"),

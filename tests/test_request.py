@@ -155,3 +155,12 @@ def test_a_sampled_png_carries_what_the_request_said(folders, tmp_path):
     assert each["seed"] == 6 and each["strength"] == 0.5 and each["mode"] == "img2img"
     assert a1111_text(out) == ("a (red:1.2) fox\nNegative prompt: blurry\nSteps: 4, Sampler: ddim, CFG scale: 3.0, "
                                f"Seed: 5, Size: 16x16, Denoising strength: 0.5, Model: {folders['text']}")
+
+
+def test_the_no_step_advice_stays_within_the_callers_most_steps(pixel):
+    request = GenerationRequest(image=PHOTO, steps=2, strength=0.05)
+    with pytest.raises(DifflabError, match=re.escape("at least 20 steps at this strength")):
+        request.check(pixel)
+    with pytest.raises(DifflabError, match=re.escape("raise the strength to at least 0.5 at 2 steps, or to at least "
+                                                     "0.1 at 10 steps (the most allowed here)")):
+        request.check(pixel, most_steps=10)  # the demo's limit

@@ -192,7 +192,7 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
             raise ConfigError("CLIP guidance needs a CLIP model: start the demo with --clip-model")
         guides.check_prompt(checked.prompt)
     generation = generation_request(checked, model)
-    generation.check(model)  # every rule a request follows, the demo's limits aside
+    generation.check(model, most_steps=limits.max_steps)  # every rule a request follows
     checked.strength, checked.noise_level = generation.run_strength(model), generation.run_noise_level(model)
     return checked
 

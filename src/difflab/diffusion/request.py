@@ -79,7 +79,7 @@ class GenerationRequest:
     # loss guidance
     guidance: Sequence[GuidanceTerm] = ()
     guidance_mode: str = "fast"
-    # how the networks run (no image changes with these beyond what half precision moves)
+    # how the networks run, and whether a folder's safety checker blacks out flagged images
     precision: str = "no"
     safety_check: bool = True
 
@@ -145,14 +145,15 @@ class GenerationRequest:
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown precision {self.precision!r}; choose auto, no, bf16 or fp16")
 
-    def check(self, model: DiffusionModel) -> None:
+    def check(self, model: DiffusionModel, most_steps: int | None = None) -> None:
         """Every rule, against `model`, before any work and without reading a file: what it is conditioned on,
         which inputs this model takes, a size it can make, steps its schedule has, a strength that runs a step.
-        (The input images themselves are checked where they are read: planning.py.)"""
+        (The input images themselves are checked where they are read: planning.py.) `most_steps`: the most
+        steps the caller allows (the demo's limit), so that advice stays within it."""
         self.check_values()
         check_sampler_steps(self.steps, model.noise_schedule.config.num_train_timesteps, self.sampler)
         self.check_conditioning(model)
-        self.check_inputs(model)
+        self.check_inputs(model, most_steps)
 
     def check_conditioning(self, model: DiffusionModel) -> None:
         count, text = self.count, model.prompts is not None
@@ -185,7 +186,7 @@ class GenerationRequest:
         checked_embeddings(self.prompt_embeds, count, model.prompts, "prompt_embeds")
         checked_embeddings(self.negative_prompt_embeds, count, model.prompts, "negative_prompt_embeds")
 
-    def check_inputs(self, model: DiffusionModel) -> None:
+    def check_inputs(self, model: DiffusionModel, most_steps: int | None = None) -> None:
         """Which inputs this model takes, at what size, strength and noise level."""
         variant, image, mask, depth = model.variant, self.image, self.mask, self.depth
         for name, value, needs in (("mask", mask, "inpainting"), ("depth map", depth, "depth-to-image")):
@@ -223,9 +224,12 @@ class GenerationRequest:
         if strength is not None and first_step(self.steps, strength) >= self.steps:
             need = math.ceil(1 / strength)
             need += int(need * strength) < 1  # 1 / strength rounded down by floating point
-            raise InputError(f"strength {strength:g} of {self.steps} steps is no step at all: raise --strength or "
-                             f"--steps (at least {need} steps at this strength, or a strength of at least "
-                             f"{lowest_strength(self.steps):g} at {self.steps} steps)")
+            lowest = lowest_strength(self.steps)
+            advice = (f"raise --strength or --steps (at least {need} steps at this strength, or a strength of at "
+                      f"least {lowest:g} at {self.steps} steps)" if most_steps is None or need <= most_steps else
+                      f"raise the strength to at least {lowest:g} at {self.steps} steps, or to at least "
+                      f"{lowest_strength(most_steps):g} at {most_steps} steps (the most allowed here)")
+            raise InputError(f"strength {strength:g} of {self.steps} steps is no step at all: {advice}")
 
     # ---- what the images say about how they were made ---------------------------------------------------
 
