@@ -24,7 +24,8 @@ from common import emit, machine
 from difflab.data import shapes
 from difflab.diffusion.cfg import ClassifierFreeGuidance, noise_levels, parse_interval
 from difflab.diffusion.generate import generate
-from difflab.diffusion.samplers import make_sampler
+from difflab.diffusion.request import GenerationRequest
+from difflab.diffusion.samplers import scheduler_for
 from difflab.images import make_grid, save_png
 from difflab.metrics.attributes import load_or_train_attributes
 from difflab.metrics.prompt_adherence import evaluate_prompts
@@ -91,7 +92,7 @@ def real_diversity(reader, size: int, seeds: int) -> float:
 
 
 def step_sigmas(model, sampler: str, steps: int) -> list[float]:
-    scheduler = make_sampler(sampler, model.sampler_config)
+    scheduler = scheduler_for(sampler, model.sampler_config)
     scheduler.set_timesteps(steps)
     sigma = noise_levels(model.noise_schedule)
     return [round(sigma(t), 3) for t in scheduler.timesteps]
@@ -119,8 +120,8 @@ def main() -> None:
         options = {"cfg_scale": cfg.scale, "cfg_interval": cfg.interval, "cfg_rescale": cfg.rescale}
         began = time.perf_counter()
         figures = evaluate_prompts(model, args.n, sampler=args.sampler, steps=args.steps, reader=reader, **options)
-        images = generate(model, len(prompts), prompts=prompts, sampler=args.sampler, steps=args.steps, seed=0,
-                          **options)
+        images = generate(model, GenerationRequest(len(prompts), prompts=prompts, sampler=args.sampler,
+                                                   steps=args.steps, seed=0, **options))
         row = {"setting": label(cfg), "seen_shape": figures["adherence"]["seen"]["shape"],
                "held_out_shape": figures["adherence"]["held_out"]["shape"],
                "seen_all": figures["adherence"]["seen"]["all"], "held_out_all": figures["adherence"]["held_out"]["all"],

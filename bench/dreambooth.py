@@ -107,17 +107,18 @@ def measure(model, reader, instance_features: torch.Tensor, class_features: torc
     the base model's own "a shape" samples, the other side of the nearest-neighbour test."""
     from difflab.data.shapes import Scene, Shape
     from difflab.diffusion.generate import generate
+    from difflab.diffusion.request import GenerationRequest
     from difflab.metrics.attributes import adherence
     from difflab.metrics.prompt_adherence import evaluate_prompts
 
     sample = dict(sampler=a.sampler, steps=a.sample_steps, seed=1000)
-    subject = generate(model, a.samples, prompts=INSTANCE_PROMPT, **sample) * 2 - 1
+    subject = generate(model, GenerationRequest(a.samples, prompts=INSTANCE_PROMPT, **sample)) * 2 - 1
     features = torch.nn.functional.normalize(reader.features(subject), dim=1)
     fidelity = (features @ instance_features.T).mean().item()
     # the share of samples whose nearest neighbour (reader features) is an instance image, not a base-model shape
     to_instances = (features @ instance_features.T).max(dim=1).values
     subject_share = (to_instances > (features @ class_features.T).max(dim=1).values).float().mean().item()
-    moved = generate(model, a.samples, prompts=RECONTEXT_PROMPT, **sample) * 2 - 1
+    moved = generate(model, GenerationRequest(a.samples, prompts=RECONTEXT_PROMPT, **sample)) * 2 - 1
     asked = Scene((Shape(None, "blue", "bottom right"),))
     recontext = adherence(moved, [asked] * a.samples, reader)
     prompts = evaluate_prompts(model, a.eval_n, sampler=a.sampler, steps=a.sample_steps, cfg_scale=None, reader=reader)
@@ -181,8 +182,10 @@ def main() -> None:
     save_grid(instances.add(1).div(2), a.out / "instances.png", a.instances)
 
     from difflab.diffusion.generate import generate
+    from difflab.diffusion.request import GenerationRequest
 
-    shapes = generate(base, a.samples, prompts=CLASS_PROMPT, sampler=a.sampler, steps=a.sample_steps, seed=5000)
+    shapes = generate(base, GenerationRequest(a.samples, prompts=CLASS_PROMPT, sampler=a.sampler, steps=a.sample_steps,
+                                              seed=5000))
     class_features = torch.nn.functional.normalize(reader.features(shapes * 2 - 1), dim=1)
     before = measure(base, reader, instance_features, class_features, a)
     save_grid(before.pop("_grid"), a.out / "base.png")

@@ -31,14 +31,16 @@ def one_mode(args) -> dict:
     from difflab.config import ModelConfig
     from difflab.diffusion.generate import generate
     from difflab.diffusion.guidance import color_guidance
+    from difflab.diffusion.request import GenerationRequest
     from difflab.models.build import build_model
 
     model = build_model(ModelConfig(preset=args.preset), args.image_size, 3, "none", seed=0)
     terms = [] if args.only == "none" else [color_guidance((0.33, 1.0, 0.67))]
 
     def run():
-        generate(model, args.batch, sampler="ddim", steps=args.steps, guidance=terms,
-                 guidance_mode="fast" if args.only == "none" else args.only, batch_size=args.batch)
+        generate(model, GenerationRequest(args.batch, sampler="ddim", steps=args.steps, guidance=terms,
+                                          guidance_mode="fast" if args.only == "none" else args.only),
+                 batch_size=args.batch)
 
     before = rss_mb()
     run()  # warm-up

@@ -22,6 +22,7 @@ from common import emit
 from difflab.data import open_dataset
 from difflab.diffusion.generate import generate
 from difflab.diffusion.guidance import classifier_guidance, color_guidance, color_loss, parse_color
+from difflab.diffusion.request import GenerationRequest
 from difflab.images import make_grid, save_png
 from difflab.metrics.classifier import load_or_train, train_classifier
 from difflab.storage.folder import load_model
@@ -35,8 +36,8 @@ def colour_effect(args) -> dict:
     for scale in args.color_scales:
         started = time.perf_counter()
         terms = [color_guidance(rgb, scale)] if scale else []
-        images = generate(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, guidance=terms,
-                          guidance_mode=args.mode, batch_size=args.batch)
+        images = generate(model, GenerationRequest(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                                   guidance=terms, guidance_mode=args.mode), batch_size=args.batch)
         rows.append({"scale": scale, "mean_distance": round(distance(images * 2 - 1).mean().item(), 4),
                      "seconds": round(time.perf_counter() - started, 1)})
         if args.grid_dir:
@@ -63,8 +64,9 @@ def classifier_effect(args) -> dict:
     rows = []
     for scale in args.classifier_scales:
         terms = [classifier_guidance(guide.network, index, scale)] if scale else []
-        images = generate(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, guidance=terms,
-                          guidance_mode=args.mode, batch_size=args.batch) * 2 - 1
+        images = generate(model, GenerationRequest(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                                   guidance=terms, guidance_mode=args.mode),
+                          batch_size=args.batch) * 2 - 1
         shares = {name: round((c.features_and_predictions(images)[1] == index).float().mean().item(), 4)
                   for name, c in (("guiding_classifier", guide), ("independent_classifier", judge))}
         rows.append({"scale": scale, "class_share": shares})

@@ -140,6 +140,7 @@ def run_side(args) -> dict:
     if args.side == "difflab":
         from difflab.cli.sample import half_weights
         from difflab.diffusion.generate import generate
+        from difflab.diffusion.request import GenerationRequest
         from difflab.models.offload import offload
         from difflab.storage.folder import load_model
 
@@ -154,8 +155,9 @@ def run_side(args) -> dict:
         grads = sum(p.requires_grad for m in modules for p in m.parameters())
 
         def sample():
-            return generate(model, args.batch, sampler=SAMPLER, steps=args.steps, seed=0, prompts=PROMPT,
-                            cfg_scale=7.5, width=size, height=size, precision=args.precision)
+            return generate(model, GenerationRequest(args.batch, sampler=SAMPLER, steps=args.steps, seed=0,
+                                                     prompts=PROMPT, cfg_scale=7.5, width=size, height=size,
+                                                     precision=args.precision))
     else:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None,

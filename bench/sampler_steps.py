@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = [(item.split(":")[0], int(item.split(":")[1])) for item in args.settings.split(",")]
 
-    from difflab.diffusion.samplers import make_sampler
+    from difflab.diffusion.samplers import scheduler_for
     from difflab.metrics.evaluate import Evaluator
     from difflab.models.model import DEFAULT_CFG_SCALE
     from difflab.storage.folder import load_model
@@ -62,7 +62,7 @@ def main() -> None:
     floor = evaluator.floor(args.n)
     rows = []
     for sampler, steps in settings:
-        scheduler = make_sampler(sampler, model.noise_schedule.config)
+        scheduler = scheduler_for(sampler, model.noise_schedule.config)
         scheduler.set_timesteps(steps)
         result = evaluator(model, args.n, sampler=sampler, steps=steps, cfg_scale=cfg, seed=args.seed)
         rows.append({**result, "model_evaluations": len(scheduler.timesteps), "frechet_floor": round(floor, 4)})

@@ -14,14 +14,15 @@ import torch
 from common import alternate, emit
 from difflab.config import ModelConfig
 from difflab.diffusion.generate import generate
-from difflab.diffusion.samplers import make_sampler
+from difflab.diffusion.request import GenerationRequest
+from difflab.diffusion.samplers import scheduler_for
 from difflab.models.build import build_model
 from difflab.models.schedules import noise_scheduler
 
 
 @torch.no_grad()
 def bare_loop(model, args) -> None:
-    scheduler = make_sampler("ddim", model.noise_schedule.config)
+    scheduler = scheduler_for("ddim", model.noise_schedule.config)
     scheduler.set_timesteps(args.steps)
     shape = (args.batch, args.channels, args.image_size, args.image_size)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -43,11 +44,12 @@ def main() -> None:
 
     model = build_model(ModelConfig(preset=args.preset), args.image_size, args.channels, "none", seed=0)
     model.denoiser.eval()
-    pipe = DDIMPipeline(unet=model.unet, scheduler=make_sampler("ddim", noise_scheduler("cosine").config))
+    pipe = DDIMPipeline(unet=model.unet, scheduler=scheduler_for("ddim", noise_scheduler("cosine").config))
     pipe.set_progress_bar_config(disable=True)
     runs = {
         "bare_loop": lambda: bare_loop(model, args),
-        "difflab": lambda: generate(model, args.batch, sampler="ddim", steps=args.steps, batch_size=args.batch),
+        "difflab": lambda: generate(model, GenerationRequest(args.batch, sampler="ddim", steps=args.steps),
+                                    batch_size=args.batch),
         "diffusers_ddim_pipeline": lambda: pipe(batch_size=args.batch, num_inference_steps=args.steps,
                                                generator=torch.Generator().manual_seed(0), output_type="np"),
     }

@@ -21,6 +21,7 @@ import torch
 from common import emit, median
 from difflab.devices import auto_precision, cpu_flags
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from difflab.metrics.evaluate import Evaluator
 from difflab.metrics.frechet import frechet_distance
@@ -40,8 +41,9 @@ def labels_for(model, n: int) -> torch.Tensor | None:
 
 def sample(model, n: int, seed: int, name: str, args) -> torch.Tensor:
     with precision(name):
-        return generate(model, n, sampler=args.sampler, steps=args.steps, seed=seed, class_labels=labels_for(model, n),
-                        cfg_scale=args.cfg_scale, batch_size=args.batch_size)
+        return generate(model, GenerationRequest(n, sampler=args.sampler, steps=args.steps, seed=seed,
+                                                 class_labels=labels_for(model, n), cfg_scale=args.cfg_scale),
+                        batch_size=args.batch_size)
 
 
 def measure(evaluator: Evaluator, model, images: torch.Tensor) -> dict:

@@ -62,12 +62,13 @@ def runners(folder: Path, args):
     import diffusers
 
     from difflab.diffusion.generate import generate
-    from difflab.diffusion.samplers import make_sampler
+    from difflab.diffusion.request import GenerationRequest
+    from difflab.diffusion.samplers import scheduler_for
     from difflab.storage.folder import load_model
 
     model = load_model(folder)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    pipe.scheduler = make_sampler("dpm++2m", pipe.scheduler.config)
+    pipe.scheduler = scheduler_for("dpm++2m", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     prompts = [PROMPT] * args.batch
 
@@ -75,7 +76,8 @@ def runners(folder: Path, args):
         return [torch.Generator().manual_seed(i) for i in range(args.batch)]
 
     return {
-        "difflab": lambda: generate(model, args.batch, sampler="dpm++2m", steps=args.steps, prompts=PROMPT),
+        "difflab": lambda: generate(model, GenerationRequest(args.batch, sampler="dpm++2m", steps=args.steps,
+                                                             prompts=PROMPT)),
         "diffusers": lambda: pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, generator=generators(),
                                   output_type="np"),
     }, model
@@ -104,15 +106,16 @@ def sampling(folder: Path, args) -> dict:
 def guidance(folder: Path, args) -> dict:
     from difflab.diffusion.generate import generate
     from difflab.diffusion.guidance import color_guidance
+    from difflab.diffusion.request import GenerationRequest
     from difflab.storage.folder import load_model
 
     model = load_model(folder)
     term = [color_guidance((1.0, 0.0, 0.0), 40)]
     runs = {
-        "unguided": lambda: generate(model, args.batch, steps=args.steps, prompts=PROMPT),
-        "fast": lambda: generate(model, args.batch, steps=args.steps, prompts=PROMPT, guidance=term),
-        "full": lambda: generate(model, args.batch, steps=args.steps, prompts=PROMPT, guidance=term,
-                                 guidance_mode="full"),
+        "unguided": lambda: generate(model, GenerationRequest(args.batch, steps=args.steps, prompts=PROMPT)),
+        "fast": lambda: generate(model, GenerationRequest(args.batch, steps=args.steps, prompts=PROMPT, guidance=term)),
+        "full": lambda: generate(model, GenerationRequest(args.batch, steps=args.steps, prompts=PROMPT, guidance=term,
+                                                          guidance_mode="full")),
     }
     seconds, _ = alternate(runs, args.repeats)
     return {"seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -124,12 +127,14 @@ def img2img(folder: Path, args) -> dict:
     from PIL import Image
 
     from difflab.diffusion.generate import generate
+    from difflab.diffusion.request import GenerationRequest
     from difflab.storage.folder import load_model
 
     model = load_model(folder)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
     strengths = (0.25, 0.5, 0.75, 1.0)
-    runs = {s: (lambda s=s: generate(model, args.batch, steps=args.steps, prompts=PROMPT, image=image, strength=s))
+    runs = {s: (lambda s=s: generate(model, GenerationRequest(args.batch, steps=args.steps, prompts=PROMPT,
+                                                              image=image, strength=s)))
             for s in strengths}
     seconds, _ = alternate(runs, args.repeats)
     return {"seconds_by_strength": {str(s): round(v, 3) for s, v in seconds.items()},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.cfg import ClassifierFreeGuidance, guidance_of, noise_levels, parse_interval
 from difflab.diffusion.generate import generate
-from difflab.diffusion.samplers import make_sampler
+from difflab.diffusion.request import GenerationRequest
+from difflab.diffusion.samplers import scheduler_for
 from difflab.errors import DifflabError, InputError
 from difflab.images import png_settings
 from difflab.storage.folder import load_model
@@ -34,16 +36,16 @@ def test_rescale_equals_diffusers_guidance_rescale(sd_folder, sampler):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
-    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    pipe.scheduler = scheduler_for(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(3 + i) for i in range(len(PROMPTS))]
     theirs = pipe(prompt=PROMPTS, negative_prompt=["green"] * 2, guidance_scale=7.5, guidance_rescale=0.7,
                   generator=generators, num_inference_steps=6, height=16, width=24, output_type="np").images
     model = load_model(sd_folder)
-    ours = generate(model, 2, sampler=sampler, steps=6, seed=3, prompts=PROMPTS, negative_prompt="green",
-                    cfg_scale=7.5, cfg_rescale=0.7, height=16, width=24).permute(0, 2, 3, 1).numpy()
-    plain = generate(model, 2, sampler=sampler, steps=6, seed=3, prompts=PROMPTS, negative_prompt="green",
-                     cfg_scale=7.5, height=16, width=24).permute(0, 2, 3, 1).numpy()
+    request = GenerationRequest(2, sampler=sampler, steps=6, seed=3, prompts=PROMPTS, negative_prompt="green",
+                                cfg_scale=7.5, height=16, width=24)
+    ours = generate(model, replace(request, cfg_rescale=0.7)).permute(0, 2, 3, 1).numpy()
+    plain = generate(model, request).permute(0, 2, 3, 1).numpy()
     assert np.abs(ours - theirs).max() < 1e-5
     assert np.abs(ours - plain).max() > 1e-3  # the rescale changed the images
     assert theirs.std() > 0.01
@@ -51,7 +53,8 @@ def test_rescale_equals_diffusers_guidance_rescale(sd_folder, sampler):
 
 def images(model_dir, **options):
     model = load_model(model_dir)
-    return generate(model, 4, sampler="ddim", steps=8, seed=1, class_labels=torch.tensor([0, 3, 5, 7]), **options)
+    labels = torch.tensor([0, 3, 5, 7])
+    return generate(model, GenerationRequest(4, sampler="ddim", steps=8, seed=1, class_labels=labels, **options))
 
 
 def test_interval_everywhere_is_plain_cfg_exactly(conditional_model):
@@ -71,12 +74,13 @@ def test_the_interval_guides_exactly_the_steps_whose_sigma_lies_in_it(sd_folder)
     model = load_model(sd_folder)
     batches = []
     model.denoiser.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
-    scheduler = make_sampler("ddim", model.sampler_config)
+    scheduler = scheduler_for("ddim", model.sampler_config)
     scheduler.set_timesteps(10)
     sigma = noise_levels(model.noise_schedule)
     sigmas = [sigma(t) for t in scheduler.timesteps]
     low, high = sorted(sigmas)[3], sorted(sigmas)[7]  # (low, high]: four steps
-    generate(model, 1, sampler="ddim", steps=10, prompts="a red circle", cfg_scale=5.0, cfg_interval=(low, high))
+    generate(model, GenerationRequest(1, sampler="ddim", steps=10, prompts="a red circle", cfg_scale=5.0,
+                                      cfg_interval=(low, high)))
     assert batches == [2 if low < s <= high else 1 for s in sigmas] and batches.count(2) == 4
 
 
@@ -87,8 +91,8 @@ def test_the_folder_records_the_default_guidance(conditional_model, tmp_path):
     recorded = guidance_of(model)
     assert recorded == ClassifierFreeGuidance(4.0, (0.5, 5.0), 0.5) and model.default_cfg_scale == 4.0
     labels = torch.tensor([1, 2])
-    given = generate(model, 2, steps=4, class_labels=labels, cfg_scale=4.0, cfg_interval=(0.5, 5), cfg_rescale=0.5)
-    assert torch.equal(generate(model, 2, steps=4, class_labels=labels), given)
+    given = GenerationRequest(2, steps=4, class_labels=labels, cfg_scale=4.0, cfg_interval=(0.5, 5), cfg_rescale=0.5)
+    assert torch.equal(generate(model, GenerationRequest(2, steps=4, class_labels=labels)), generate(model, given))
 
 
 def test_sd_folders_keep_plain_7_5(sd_folder):

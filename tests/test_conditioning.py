@@ -12,7 +12,8 @@ from conftest import conditional_config, tiny_config
 from difflab.cli import main
 from difflab.diffusion.generate import generate, model_function
 from difflab.diffusion.guidance import classifier_free_guidance
-from difflab.diffusion.samplers import make_sampler
+from difflab.diffusion.request import GenerationRequest
+from difflab.diffusion.samplers import scheduler_for
 from difflab.diffusion.sampling import denoise, initial_noise, run_timesteps, to_unit_range
 from difflab.errors import DataError, ModelError
 from difflab.models.conditioning import Conditioning
@@ -35,9 +36,10 @@ def test_both_class_methods_train_save_and_load(tmp_path, method):
     else:
         assert unet.num_class_embeds == 11 and unet.in_channels == 1  # ten classes and the null class
     labels = torch.tensor([0, 1, 2, 3])
-    images = generate(model, 4, steps=4, class_labels=labels)
+    images = generate(model, GenerationRequest(4, steps=4, class_labels=labels))
     assert images.shape == (4, 1, 8, 8)
-    assert not torch.equal(images, generate(model, 4, steps=4, class_labels=torch.tensor([7, 7, 7, 7])))
+    assert not torch.equal(images, generate(model, GenerationRequest(4, steps=4, class_labels=torch.tensor([7, 7, 7,
+                                                                                                            7]))))
 
 
 def test_labels_change_the_prediction_and_the_null_class_is_unconditional(conditional_model):
@@ -53,11 +55,11 @@ def test_labels_change_the_prediction_and_the_null_class_is_unconditional(condit
 def test_cfg_scale_one_is_plain_conditional_sampling(conditional_model):
     model = load_model(conditional_model)
     labels = torch.tensor([3, 5, 8])
-    ours = generate(model, 3, sampler="ddim", steps=6, seed=2, class_labels=labels, cfg_scale=1.0)
+    ours = generate(model, GenerationRequest(3, sampler="ddim", steps=6, seed=2, class_labels=labels, cfg_scale=1.0))
     generators = image_generators(2, 3)
     noise = initial_noise((3, 1, 8, 8), generators, "cpu")
     with torch.no_grad():
-        scheduler = make_sampler("ddim", model.noise_schedule.config)
+        scheduler = scheduler_for("ddim", model.noise_schedule.config)
         plain = denoise(lambda x, t: model.denoiser(x, t, labels), scheduler,
                         noise, run_timesteps(scheduler, 6), generators=generators)
     assert torch.allclose(ours, to_unit_range(plain), atol=1e-6)

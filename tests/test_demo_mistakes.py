@@ -71,11 +71,12 @@ def editor(path):
     ("inpaint", dict(editor="paper.pdf"), "cannot read the image 'paper.pdf' (not an image file"),
     ("inpaint", dict(editor="good.png", mask="damaged.png"), "cannot read the image 'damaged.png' ("),
     # at 2 steps a strength of 0.05 runs no step; 20 steps would, but this demo allows 10
-    ("img2img", dict(image="good.png", strength=0.05), "strength 0.05 of 2 steps leaves no step to run: use a "
-                                                       "strength of at least 0.5 at 2 steps, or of at least 0.1 at 10 "
-                                                       "steps (this demo's most)"),
-    ("img2img", dict(image="good.png", strength=0.2), "strength 0.2 of 2 steps leaves no step to run: use at least "
-                                                      "5 steps, or a strength of at least 0.5"),
+    ("img2img", dict(image="good.png", strength=0.05), "strength 0.05 of 2 steps is no step at all: raise the "
+                                                       "strength to at least 0.5 at 2 steps, or to at least 0.1 at 10 "
+                                                       "steps (the most allowed here)"),
+    ("img2img", dict(image="good.png", strength=0.2), "strength 0.2 of 2 steps is no step at all: raise --strength "
+                                                      "or --steps (at least 5 steps at this strength, or a strength of "
+                                                      "at least 0.5 at 2 steps)"),
     ("txt2img", dict(lora="nope"), "nope is not in the list of choices"),  # Gradio's check of the picker
     ("txt2img", dict(lora="lora-b", lora_scale="abc"), "LoRA weight must be a number from 0 to 2 (got 'abc')"),
 ])

@@ -57,12 +57,14 @@ def right_half(size=(32, 32)) -> Image.Image:
     (dict(mode="img2img"), "image to image starts from an image: upload one"),
     (dict(mode="inpaint", image=picture()), "inpainting needs a mask: paint over the region to repaint"),
     (dict(mode="inpaint", image=picture(), mask=Image.new("L", (32, 32))), "the mask is empty"),
-    (dict(mode="img2img", image=picture(), strength=0), "strength must be more than 0"),
-    (dict(mode="img2img", image=picture(), strength=1.5), "strength must be a number from 0 to 1"),
-    (dict(mode="img2img", image=picture(), strength=0.2), "strength 0.2 of 4 steps leaves no step to run: use at "
-                                                          "least 5 steps"),
-    (dict(mode="img2img", image=picture(), steps=2, strength=0.05), "strength 0.05 of 2 steps leaves no step to run: "
-     "use a strength of at least 0.5 at 2 steps, or of at least 0.1 at 10 steps (this demo's most)"),  # not 20 steps
+    # the rules of every request are the GenerationRequest's (its messages name the CLI's flags)
+    (dict(mode="img2img", image=picture(), strength=0), "--strength must be in (0, 1] (got 0.0)"),
+    (dict(mode="img2img", image=picture(), strength=1.5), "--strength must be in (0, 1] (got 1.5)"),
+    (dict(mode="img2img", image=picture(), strength="strong"), "strength must be a number (got 'strong')"),
+    (dict(mode="img2img", image=picture(), strength=0.2), "strength 0.2 of 4 steps is no step at all: raise "
+                                                          "--strength or --steps (at least 5 steps at this strength"),
+    (dict(mode="img2img", image=picture(), steps=2, strength=0.05), "strength 0.05 of 2 steps is no step at all: "
+     "raise the strength to at least 0.5 at 2 steps, or to at least 0.1 at 10 steps (the most allowed here)"),
     (dict(cfg_scale=25), "CFG scale must be a number from 0 to 20"),
     (dict(lora="mine"), "no LoRA named 'mine' here: this demo was started without LoRAs (difflab demo --model BASE "
                         "--lora RUN)"),

@@ -17,6 +17,7 @@ import tiny_sd
 from difflab.cli import main
 from difflab.config import DreamBoothConfig, dreambooth_defaults
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.models.model import TrainingRecord
 from difflab.storage import lora
 from difflab.storage.folder import load_model
@@ -133,7 +134,8 @@ def test_class_images_are_generated_once_by_the_one_sampler_and_topped_up(base, 
     again = db.class_images(config, model, run)
     assert torch.equal(again[:2], first) and len(again) == 3
     assert [f.stat().st_mtime_ns for f in files] == stamps  # kept, not made again
-    expected = generate(model, 3, sampler=config.run.sample_sampler, steps=2, seed=0, prompts=CLASS_PROMPT)
+    expected = generate(model, GenerationRequest(3, sampler=config.run.sample_sampler, steps=2, seed=0,
+                                                 prompts=CLASS_PROMPT))
     assert (again.float() - expected.mul(255)).abs().max() <= 1.0  # image i from seed i, as PNG
 
 
@@ -157,7 +159,7 @@ def test_a_lora_run_saves_diffusers_lora_weights_that_give_difflabs_images(base,
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from difflab.diffusion.samplers import make_sampler
+    from difflab.diffusion.samplers import scheduler_for
 
     weights = lora_run / "model" / lora.LORA_WEIGHTS
     tensors_ = load_file(str(weights))
@@ -166,16 +168,17 @@ def test_a_lora_run_saves_diffusers_lora_weights_that_give_difflabs_images(base,
     prompts = [PROMPT, "a blue sks shape at the bottom right"]
     ours_model = load_model(base)
     lora.apply_lora(ours_model, lora_run, 0.8)
-    ours = generate(ours_model, 2, sampler="ddim", steps=3, seed=0, prompts=prompts, cfg_scale=3.0)
+    ours = generate(ours_model, GenerationRequest(2, sampler="ddim", steps=3, seed=0, prompts=prompts, cfg_scale=3.0))
     pipe = StableDiffusionPipeline.from_pretrained(base)
-    pipe.scheduler = make_sampler("ddim", pipe.scheduler.config)
+    pipe.scheduler = scheduler_for("ddim", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(lora_run / "model"))
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
     theirs = pipe(prompts, negative_prompt=["", ""], guidance_scale=3.0, num_inference_steps=3, generator=generators,
                   output_type="np", cross_attention_kwargs={"scale": 0.8}).images
     assert np.abs(theirs - ours.permute(0, 2, 3, 1).numpy()).max() < 1e-5
-    plain = generate(load_model(base), 2, sampler="ddim", steps=3, seed=0, prompts=prompts, cfg_scale=3.0)
+    plain = generate(load_model(base), GenerationRequest(2, sampler="ddim", steps=3, seed=0, prompts=prompts,
+                                                         cfg_scale=3.0))
     assert (plain - ours).abs().max() > 1e-3  # the adapters learnt something
 
 

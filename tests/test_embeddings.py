@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.models.embeddings import expand_tokens, learned_tokens, load_embeddings
 from difflab.storage.folder import load_model
 
@@ -41,10 +42,10 @@ def files(tmp_path_factory):
 def diffusers_images(sd, loads: list[tuple[str, str | None]], prompts: list[str]) -> np.ndarray:
     from diffusers import StableDiffusionPipeline
 
-    from difflab.diffusion.samplers import make_sampler
+    from difflab.diffusion.samplers import scheduler_for
 
     pipe = StableDiffusionPipeline.from_pretrained(sd)
-    pipe.scheduler = make_sampler("ddim", pipe.scheduler.config)
+    pipe.scheduler = scheduler_for("ddim", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for path, token in loads:
         pipe.load_textual_inversion(path, token=token)
@@ -54,7 +55,8 @@ def diffusers_images(sd, loads: list[tuple[str, str | None]], prompts: list[str]
 
 
 def difflab_images(model, prompts: list[str]) -> np.ndarray:
-    images = generate(model, len(prompts), sampler="ddim", steps=3, seed=0, prompts=prompts, cfg_scale=3.0)
+    images = generate(model, GenerationRequest(len(prompts), sampler="ddim", steps=3, seed=0, prompts=prompts,
+                                               cfg_scale=3.0))
     return images.permute(0, 2, 3, 1).numpy()
 
 

@@ -22,6 +22,7 @@ from difflab.diffusion.guidance import (
     parse_color,
     parse_guide,
 )
+from difflab.diffusion.request import GenerationRequest
 from difflab.errors import GuidanceError, ModelError
 from difflab.metrics.classifier import EvalClassifier
 from difflab.models.build import build_model
@@ -52,9 +53,9 @@ def distance(images: torch.Tensor, rgb=WHITE) -> float:
 @pytest.mark.parametrize("sampler", ["dpm++2m", "ddim", "euler", "heun", "ddpm"])
 def test_color_guidance_pulls_samples_to_the_colour(trained_model, sampler, mode):
     model = load_model(trained_model)
-    plain = generate(model, 4, sampler=sampler, steps=6, seed=3)
-    guided = generate(model, 4, sampler=sampler, steps=6, seed=3, guidance=[color_guidance(WHITE, 100)],
-                      guidance_mode=mode)
+    plain = generate(model, GenerationRequest(4, sampler=sampler, steps=6, seed=3))
+    guided = generate(model, GenerationRequest(4, sampler=sampler, steps=6, seed=3,
+                                               guidance=[color_guidance(WHITE, 100)], guidance_mode=mode))
     assert distance(guided) < 0.8 * distance(plain)
 
 
@@ -62,9 +63,10 @@ def test_color_guidance_pulls_samples_to_the_colour(trained_model, sampler, mode
 def test_every_prediction_type(prediction):
     model = build_model(ModelConfig(preset="tiny", prediction=prediction), 8, 3, "none", seed=0)
     target = (1.0, 0.2, 0.6)
-    plain = generate(model, 3, sampler="ddim", steps=5)
+    plain = generate(model, GenerationRequest(3, sampler="ddim", steps=5))
     for mode in ("fast", "full"):
-        guided = generate(model, 3, sampler="ddim", steps=5, guidance=[color_guidance(target, 400)], guidance_mode=mode)
+        guided = generate(model, GenerationRequest(3, sampler="ddim", steps=5, guidance=[color_guidance(target, 400)],
+                                                   guidance_mode=mode))
         if prediction == "x0" and mode == "full":  # x̂₀ is the network's output: only its own gradient acts
             assert not torch.equal(guided, plain)
         else:
@@ -77,7 +79,7 @@ def test_window_and_cadence_choose_the_steps(trained_model):
     for sampler, calls in (("ddim", 3), ("heun", 5)):
         seen = []
         term = custom_guidance(lambda x0, seen=seen: seen.append(1) or x0.mean(), 1.0, window=(0.0, 0.5), every=2)
-        generate(model, 2, sampler=sampler, steps=10, guidance=[term])
+        generate(model, GenerationRequest(2, sampler=sampler, steps=10, guidance=[term]))
         assert len(seen) == calls
     with pytest.raises(GuidanceError, match="window"):
         color_guidance(WHITE, window=(0.6, 0.2))
@@ -88,18 +90,20 @@ def test_window_and_cadence_choose_the_steps(trained_model):
 def test_same_seed_same_image_whatever_the_batch(trained_model, tiny_clip):
     model = load_model(trained_model)
     terms = [color_guidance(WHITE, 20), clip_guidance("a red rose", load_clip(str(tiny_clip)), 20)]
-    one_batch = generate(model, 4, sampler="euler-a", steps=4, guidance=terms, batch_size=4)
-    two_batches = generate(model, 4, sampler="euler-a", steps=4, guidance=terms, batch_size=3)
+    one_batch = generate(model, GenerationRequest(4, sampler="euler-a", steps=4, guidance=terms), batch_size=4)
+    two_batches = generate(model, GenerationRequest(4, sampler="euler-a", steps=4, guidance=terms), batch_size=3)
     torch.testing.assert_close(one_batch, two_batches)
 
 
 def test_terms_compose_with_each_other_and_with_cfg(conditional_model):
     model = load_model(conditional_model)
     labels = row_labels(3, 2)
-    plain = generate(model, 6, steps=5, class_labels=labels, cfg_scale=2.0)
-    white = generate(model, 6, steps=5, class_labels=labels, cfg_scale=2.0, guidance=[color_guidance(WHITE, 100)])
+    plain = generate(model, GenerationRequest(6, steps=5, class_labels=labels, cfg_scale=2.0))
+    white = generate(model, GenerationRequest(6, steps=5, class_labels=labels, cfg_scale=2.0,
+                                              guidance=[color_guidance(WHITE, 100)]))
     black = custom_guidance(lambda x0: (x0 + 1).abs().mean((1, 2, 3)), 50)  # pulls the other way, half as hard
-    both = generate(model, 6, steps=5, class_labels=labels, cfg_scale=2.0, guidance=[color_guidance(WHITE, 100), black])
+    both = generate(model, GenerationRequest(6, steps=5, class_labels=labels, cfg_scale=2.0,
+                                             guidance=[color_guidance(WHITE, 100), black]))
     assert distance(white) < 0.8 * distance(plain)
     assert distance(white) < distance(both) < distance(plain)
 
@@ -114,10 +118,10 @@ def test_classifier_guidance_raises_the_class_probability(trained_model):
         with torch.no_grad():
             return torch.log_softmax(network(images * 2 - 1), 1)[:, 7].mean().item()
 
-    plain = generate(model, 6, steps=6, seed=1)
+    plain = generate(model, GenerationRequest(6, steps=6, seed=1))
     for mode in ("fast", "full"):
-        guided = generate(model, 6, steps=6, seed=1, guidance=[classifier_guidance(network, 7, 20)],
-                          guidance_mode=mode)
+        guided = generate(model, GenerationRequest(6, steps=6, seed=1, guidance=[classifier_guidance(network, 7, 20)],
+                                                   guidance_mode=mode))
         assert log_p(guided) > log_p(plain) + 0.1
 
 
@@ -126,8 +130,8 @@ def test_clip_guidance_end_to_end(trained_model, tiny_clip):
     clip = load_clip(str(tiny_clip))
     losses = []
     term = recording(clip_guidance("a red rose", clip, scale=300, cuts=8), losses)
-    plain = generate(model, 4, sampler="ddim", steps=8, seed=5)
-    guided = generate(model, 4, sampler="ddim", steps=8, seed=5, guidance=[term])
+    plain = generate(model, GenerationRequest(4, sampler="ddim", steps=8, seed=5))
+    guided = generate(model, GenerationRequest(4, sampler="ddim", steps=8, seed=5, guidance=[term]))
     assert len(losses) == 8 and losses[-1] < losses[0]  # the loss falls over the steps
     score = clip_guidance("a red rose", clip, scale=1, cuts=16).loss
     with torch.random.fork_rng():
@@ -136,8 +140,8 @@ def test_clip_guidance_end_to_end(trained_model, tiny_clip):
     reference = torch.zeros(3, 16, 16)
     reference[0, 4:12, 4:12] = 1  # a red square
     closeness = image_guidance(reference, clip, scale=1, cuts=16).loss
-    guided = generate(model, 4, sampler="ddim", steps=8, seed=5, guidance_mode="full",
-                      guidance=[image_guidance(reference, clip, scale=300, cuts=8)])
+    guided = generate(model, GenerationRequest(4, sampler="ddim", steps=8, seed=5, guidance_mode="full",
+                                               guidance=[image_guidance(reference, clip, scale=300, cuts=8)]))
     with torch.random.fork_rng():
         torch.manual_seed(0)
         assert closeness(guided * 2 - 1).mean() < closeness(plain * 2 - 1).mean()
@@ -182,8 +186,8 @@ def test_bad_guidance_input(tiny_clip, tmp_path):
     with pytest.raises(GuidanceError, match="cannot read the guidance image"):
         image_guidance(tmp_path / "missing.png", clip)
     with pytest.raises(GuidanceError, match="unknown guidance mode 'slow'"):
-        generate(build_model(ModelConfig(preset="tiny"), 8, 1, "none", seed=0), 1, steps=2,
-                 guidance=[color_guidance(WHITE)], guidance_mode="slow")
+        generate(build_model(ModelConfig(preset="tiny"), 8, 1, "none", seed=0),
+                 GenerationRequest(1, steps=2, guidance=[color_guidance(WHITE)], guidance_mode="slow"))
 
 
 def test_cli_guidance(trained_model, tiny_clip, tmp_path, capsys):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
-from difflab.diffusion.samplers import make_sampler
+from difflab.diffusion.request import GenerationRequest
+from difflab.diffusion.samplers import scheduler_for
 from difflab.models import lora as adapters
 from difflab.storage import lora
 from difflab.storage.folder import load_model
@@ -52,7 +53,8 @@ def files(tmp_path_factory):
 
 
 def ours(model, sampler: str = "dpm++2m", seed: int = 3, steps: int = 4) -> np.ndarray:
-    images = generate(model, len(PROMPTS), sampler=sampler, steps=steps, seed=seed, prompts=PROMPTS, **SIZE)
+    images = generate(model, GenerationRequest(len(PROMPTS), sampler=sampler, steps=steps, seed=seed, prompts=PROMPTS,
+                                               **SIZE))
     return images.permute(0, 2, 3, 1).numpy()
 
 
@@ -60,7 +62,7 @@ def diffusers_pipeline(base, sampler: str = "dpm++2m"):
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base)
-    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    pipe.scheduler = scheduler_for(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -239,7 +241,7 @@ def test_sample_with_loras_gives_generates_images(files, tmp_path):
     assert main([*argv, "--lora", str(files["a"]), "--lora", str(files["b"]), "--lora-scale", "0.7", "0.4"]) == 0
     model = load_model(files["base"])
     lora.apply_loras(model, lora.plan_loras([files["a"], files["b"]], [0.7, 0.4]))
-    expected = generate(model, 2, steps=4, seed=3, prompts=[PROMPTS[0]] * 2, **SIZE)
+    expected = generate(model, GenerationRequest(2, steps=4, seed=3, prompts=[PROMPTS[0]] * 2, **SIZE))
     from PIL import Image
 
     written = np.stack([np.asarray(Image.open(out / f"{3 + i:06d}.png")) for i in range(2)]).astype(np.float32) / 255
@@ -248,7 +250,7 @@ def test_sample_with_loras_gives_generates_images(files, tmp_path):
     assert settings["lora"] == [str(files["a"]), str(files["b"])] and settings["lora_scale"] == [0.7, 0.4]
     # One weight for all LoRAs; weight 0 draws the base model.
     assert main([*argv, "--lora", str(files["a"]), "--lora", str(files["b"]), "--lora-scale", "0"]) == 0
-    base = generate(load_model(files["base"]), 2, steps=4, seed=3, prompts=[PROMPTS[0]] * 2, **SIZE)
+    base = generate(load_model(files["base"]), GenerationRequest(2, steps=4, seed=3, prompts=[PROMPTS[0]] * 2, **SIZE))
     written = np.stack([np.asarray(Image.open(out / f"{3 + i:06d}.png")) for i in range(2)]).astype(np.float32) / 255
     assert np.abs(written - base.permute(0, 2, 3, 1).numpy()).max() <= 1 / 255 + 1e-6
 
@@ -394,9 +396,10 @@ def test_the_cards_diffusers_snippet_gives_difflabs_images(files, tmp_path):
     assert f'--lora "{files["b"]}" --lora-scale 0.8' in command
     code = re.findall(r"```python\n(.*?)```", card, re.S)[0]
     scope: dict = {}
-    exec(code.replace(".images", ".images; images = [__import__('numpy').asarray(i) for i in images]"), scope)  # noqa: S102
+    exec(code.replace(".images", ".images; images = [__import__('numpy').asarray(i) for i in images]"),
+         scope)  # noqa: S102
     lora.apply_lora(model, files["b"], 0.8)
-    expected = generate(model, 4, sampler="dpm++2m", steps=20, seed=0, prompts="a red circle")
+    expected = generate(model, GenerationRequest(4, sampler="dpm++2m", steps=20, seed=0, prompts="a red circle"))
     got = np.stack(scope["images"]).astype(np.float32) / 255
     assert np.abs(expected.permute(0, 2, 3, 1).numpy() - got).max() <= 1 / 255 + 1e-6
 

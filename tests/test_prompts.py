@@ -15,6 +15,7 @@ from PIL import Image
 import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.errors import InputError
 from difflab.models.denoiser import Denoiser
 from difflab.models.prompt_syntax import parse_prompt
@@ -68,8 +69,9 @@ def test_a_plain_prompt_and_a_weight_of_one_give_diffusers_embeddings_and_images
     theirs = pipe.encode_prompt("a red ball", "cpu", 1, False)[0]
     assert torch.equal(model.prompts.encode(["a red ball"]), theirs)
     assert torch.equal(model.prompts.encode(["a (red:1) ball"]), theirs)
-    plain = generate(model, 2, prompts="a red ball", negative_prompt="blue", steps=2, seed=3)
-    weighted = generate(model, 2, prompts="a (red:1) ball", negative_prompt="(blue:1)", steps=2, seed=3)
+    plain = generate(model, GenerationRequest(2, prompts="a red ball", negative_prompt="blue", steps=2, seed=3))
+    weighted = generate(model, GenerationRequest(2, prompts="a (red:1) ball", negative_prompt="(blue:1)", steps=2,
+                                                 seed=3))
     assert torch.equal(plain, weighted) and plain.std() > 0.01
 
 
@@ -104,7 +106,7 @@ def test_a_200_token_prompt_reaches_the_unet_whole_with_the_negative_padded_to_i
     prompt = " ".join(words)
     assert len(model.prompts.tokenizer(prompt).input_ids) == 202  # with the start and end tokens
     contexts = unet_contexts(model, monkeypatch)
-    images = generate(model, 1, prompts=prompt, negative_prompt="z", steps=2, seed=0)
+    images = generate(model, GenerationRequest(1, prompts=prompt, negative_prompt="z", steps=2, seed=0))
     both = contexts[0]
     assert both.shape[0] == 2 and both.shape[1] > LIMIT and both.shape[1] % LIMIT == 0
     assert both.shape[1] >= LIMIT * -(-200 // (LIMIT - 2))  # every token in a chunk of its own length
@@ -113,18 +115,18 @@ def test_a_200_token_prompt_reaches_the_unet_whole_with_the_negative_padded_to_i
     assert torch.equal(both[:1, :LIMIT], model.prompts.encode(["z"]))  # the negative, padded to the prompt's length
     assert torch.equal(both[:1, LIMIT:2 * LIMIT], model.prompts.encode([""]))
     # The last words count: change them and the image changes (a cut prompt would give the same image).
-    changed = generate(model, 1, prompts=" ".join(words[:-2] + ["zzzz", "zzzz"]), negative_prompt="z", steps=2,
-                       seed=0)
+    changed = generate(model, GenerationRequest(1, prompts=" ".join(words[:-2] + ["zzzz", "zzzz"]),
+                                                negative_prompt="z", steps=2, seed=0))
     assert not torch.equal(images, changed)
 
 
 def test_a_request_pads_every_prompt_to_its_longest_so_batching_changes_nothing(model):
     long = " ".join(["abcd"] * 12)
     prompts = ["a red ball", long, "a blue sky"]
-    together = generate(model, 3, prompts=prompts, steps=2, seed=1, batch_size=3)
-    apart = generate(model, 3, prompts=prompts, steps=2, seed=1, batch_size=1)
+    together = generate(model, GenerationRequest(3, prompts=prompts, steps=2, seed=1), batch_size=3)
+    apart = generate(model, GenerationRequest(3, prompts=prompts, steps=2, seed=1), batch_size=1)
     assert (together - apart).abs().max() < 1e-5, (together - apart).abs().max()
-    alone = generate(model, 1, prompts=prompts[0], steps=2, seed=1)  # one chunk, not padded to two
+    alone = generate(model, GenerationRequest(1, prompts=prompts[0], steps=2, seed=1))  # one chunk, not padded to two
     assert (alone[0] - together[0]).abs().max() > 1e-3
 
 
@@ -140,7 +142,7 @@ def test_break_starts_a_new_chunk(model):
 def test_a_blend_is_the_stated_mix_of_the_two_prompts(model, monkeypatch, weight):
     encode = model.prompts.encode
     contexts = unet_contexts(model, monkeypatch)
-    generate(model, 2, prompts="a mouse", blend=[f"a leopard:{weight}"], steps=1, seed=0)
+    generate(model, GenerationRequest(2, prompts="a mouse", blend=[f"a leopard:{weight}"], steps=1, seed=0))
     expected = (1 - weight) * encode(["a mouse"]) + weight * encode(["a leopard"])
     negative, conditioned = contexts[0].chunk(2)
     assert torch.allclose(conditioned, expected.expand(2, -1, -1), atol=1e-6)
@@ -149,9 +151,9 @@ def test_a_blend_is_the_stated_mix_of_the_two_prompts(model, monkeypatch, weight
 
 def test_given_embeddings_are_sampled_as_the_prompt_would_be(model):
     embeds = model.prompts.encode(["a red ball"])
-    given = generate(model, 2, prompt_embeds=embeds, negative_prompt_embeds=model.prompts.encode(["blue"]), steps=2,
-                     seed=4)
-    prompted = generate(model, 2, prompts="a red ball", negative_prompt="blue", steps=2, seed=4)
+    given = generate(model, GenerationRequest(2, prompt_embeds=embeds,
+                                              negative_prompt_embeds=model.prompts.encode(["blue"]), steps=2, seed=4))
+    prompted = generate(model, GenerationRequest(2, prompts="a red ball", negative_prompt="blue", steps=2, seed=4))
     assert torch.equal(given, prompted)
 
 
@@ -166,7 +168,7 @@ def test_given_embeddings_are_sampled_as_the_prompt_would_be(model):
 ])
 def test_bad_embeddings_and_blends_from_python_are_one_line_errors(model, call, message):
     with pytest.raises(InputError, match=message) as error:
-        generate(model, 1, steps=1, **call)
+        generate(model, GenerationRequest(1, steps=1, **call))
     assert "\n" not in str(error.value)
 
 

@@ -419,9 +419,9 @@ def test_eval_asks_the_text_model_for_the_held_out_captions(tmp_path, base, tiny
     asked = []
     real_generate = evaluate.generate
 
-    def recording(model, n, **kwargs):
-        asked.append(kwargs.get("prompts"))
-        return real_generate(model, n, **kwargs)
+    def recording(model, request, **kwargs):
+        asked.append(request.prompts)
+        return real_generate(model, request, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate", recording)
     folder = captioned_folder(tmp_path / "mine", count=20)

@@ -191,7 +191,7 @@ def test_the_workload_estimate_uses_the_requested_and_the_input_size(monkeypatch
     """11: memory and time are estimated at the size the images will have: --width/--height, the input
     image's, the upscaler's input × 4 — not the model's own size."""
     from difflab import workload
-    from difflab.diffusion.request import planned_size
+    from difflab.diffusion.planning import planned_size
     from difflab.errors import ConfigError
     from difflab.storage.folder import load_model
 

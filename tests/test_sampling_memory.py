@@ -12,6 +12,7 @@ import torch
 import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.errors import ConfigError, ModelError
 from difflab.memory import peak_growth
 from difflab.storage.folder import load_model
@@ -41,11 +42,12 @@ def test_a_large_models_damaged_tensor_is_named_when_it_is_first_used(folder, tm
     monkeypatch.setattr(weights, "LAZY_ABOVE_BYTES", 0)  # every module counts as large
     model = load_model(damaged)  # loading reads no values
     with pytest.raises(ModelError, match=r"vae is damaged: 1 of the .* values of decoder\.conv_out\.weight are NaN"):
-        generate(model, 1, steps=2, prompts=PROMPT)
+        generate(model, GenerationRequest(1, steps=2, prompts=PROMPT))
     healthy = load_model(folder)
     monkeypatch.setattr(weights, "LAZY_ABOVE_BYTES", 256 * 2**20)
     eager = load_model(folder)
-    assert torch.equal(generate(healthy, 1, steps=2, prompts=PROMPT), generate(eager, 1, steps=2, prompts=PROMPT))
+    request = GenerationRequest(1, steps=2, prompts=PROMPT)
+    assert torch.equal(generate(healthy, request), generate(eager, request))
     assert not any(hasattr(m, "_difflab_weight_check") for m in healthy.codec.vae.decoder.modules())  # gone once run
 
 
@@ -72,9 +74,9 @@ def test_half_precision_sampling_holds_half_weights_without_gradients_or_autocas
     assert half_bytes * 2 == sum(p.numel() * p.element_size() for m in full.modules() for p in m.parameters())
     seen = []
     model.unet.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
-    half = generate(model, 2, steps=4, prompts=PROMPT, precision="bf16")
+    half = generate(model, GenerationRequest(2, steps=4, prompts=PROMPT, precision="bf16"))
     assert seen and not any(seen)  # the weights are bf16 already: no autocast, so no cast copies
-    exact = generate(full, 2, steps=4, prompts=PROMPT, precision="no")
+    exact = generate(full, GenerationRequest(2, steps=4, prompts=PROMPT, precision="no"))
     assert half.dtype == torch.float32 and (half - exact).abs().max() < 0.08  # bf16 rounding, not other images
 
 
@@ -183,11 +185,11 @@ def test_offload_hooks_each_network_and_gives_the_same_images(folder):
 
     from difflab.models.offload import attach
 
-    expected = generate(load_model(folder), 2, steps=3, prompts=PROMPT)
+    expected = generate(load_model(folder), GenerationRequest(2, steps=3, prompts=PROMPT))
     model = load_model(folder).freeze()
     attach(model, torch.device("cpu"), cpu_offload_with_hook)  # the wiring (a GPU test measures the memory)
     assert all(hasattr(m, "_hf_hook") for m in (model.prompts.text_encoder, model.denoiser, model.codec.vae))
-    assert torch.equal(generate(model, 2, steps=3, prompts=PROMPT), expected)
+    assert torch.equal(generate(model, GenerationRequest(2, steps=3, prompts=PROMPT)), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -200,7 +202,7 @@ def test_offload_lowers_the_gpus_peak(folder):
         if offloaded:
             offload(model, "cuda")
         torch.cuda.reset_peak_memory_stats()
-        generate(model, 1, steps=2, prompts=PROMPT)
+        generate(model, GenerationRequest(1, steps=2, prompts=PROMPT))
         peaks.append(torch.cuda.max_memory_allocated())
     assert peaks[1] < peaks[0]
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 import tiny_sd
 from difflab.cli import main
 from difflab.diffusion.generate import generate
-from difflab.diffusion.samplers import make_sampler
+from difflab.diffusion.request import GenerationRequest
+from difflab.diffusion.samplers import scheduler_for
 from difflab.errors import ConfigError, ModelError, OutputError
 from difflab.models import lora as adapters
 from difflab.storage import lora
@@ -61,12 +62,13 @@ def files(tmp_path_factory):
 
 
 def ours(model, seed: int = 3, steps: int = 4) -> np.ndarray:
-    images = generate(model, len(PROMPTS), sampler="dpm++2m", steps=steps, seed=seed, prompts=PROMPTS, **SIZE)
+    images = generate(model, GenerationRequest(len(PROMPTS), sampler="dpm++2m", steps=steps, seed=seed,
+                                               prompts=PROMPTS, **SIZE))
     return images.permute(0, 2, 3, 1).numpy()
 
 
 def theirs(pipe, seed: int = 3, steps: int = 4) -> np.ndarray:
-    pipe.scheduler = make_sampler("dpm++2m", pipe.scheduler.config)
+    pipe.scheduler = scheduler_for("dpm++2m", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(PROMPTS))]
     return pipe(PROMPTS, num_inference_steps=steps, generator=generators, output_type="np", **SIZE).images

@@ -10,7 +10,8 @@ from PIL import Image
 
 import tiny_sd
 from difflab.diffusion.generate import generate
-from difflab.diffusion.samplers import make_sampler
+from difflab.diffusion.request import GenerationRequest
+from difflab.diffusion.samplers import scheduler_for
 from difflab.storage.folder import load_model
 
 SAMPLERS = ("ddim", "dpm++2m", "euler-a")  # euler-a draws noise at every step
@@ -39,7 +40,7 @@ def theirs(folder, pipeline: str, sampler: str, seed: int, **call) -> np.ndarray
     import diffusers
 
     pipe = getattr(diffusers, pipeline).from_pretrained(folder)
-    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    pipe.scheduler = scheduler_for(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(PROMPTS))]
     return pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), guidance_scale=7.5, generator=generators,
@@ -47,8 +48,10 @@ def theirs(folder, pipeline: str, sampler: str, seed: int, **call) -> np.ndarray
 
 
 def ours(folder, sampler: str, seed: int, **inputs) -> np.ndarray:
-    images = generate(load_model(folder), len(PROMPTS), sampler=sampler, steps=inputs.pop("num_inference_steps"),
-                      seed=seed, prompts=PROMPTS, negative_prompt=NEGATIVE, cfg_scale=7.5, **inputs)
+    steps = inputs.pop("num_inference_steps")
+    images = generate(load_model(folder), GenerationRequest(len(PROMPTS), sampler=sampler, steps=steps, seed=seed,
+                                                            prompts=PROMPTS, negative_prompt=NEGATIVE, cfg_scale=7.5,
+                                                            **inputs))
     return images.permute(0, 2, 3, 1).numpy()
 
 
@@ -112,12 +115,12 @@ def test_a_folders_safety_checker_runs_like_the_pipelines(tmp_path):
     checker = model.safety_checker[0]
     with torch.no_grad():
         checker.concept_embeds_weights.fill_(-1.0)  # every image now counts as flagged
-    kept = generate(model, 2, steps=3, prompts="a cat", safety_check=False)
-    flagged = generate(model, 2, steps=3, prompts="a cat")
+    kept = generate(model, GenerationRequest(2, steps=3, prompts="a cat", safety_check=False))
+    flagged = generate(model, GenerationRequest(2, steps=3, prompts="a cat"))
     assert kept.std() > 0.01 and flagged.abs().max() == 0  # black
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     pipe.safety_checker.concept_embeds_weights.data.fill_(-1.0)
-    pipe.scheduler = make_sampler("dpm++2m", pipe.scheduler.config)
+    pipe.scheduler = scheduler_for("dpm++2m", pipe.scheduler.config)
     reference = pipe(["a cat"] * 2, num_inference_steps=3, output_type="np",
                      generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
     assert np.abs(reference).max() == 0
@@ -136,9 +139,10 @@ def test_a_saved_text_model_loads_in_plain_diffusers_with_the_same_images(folder
     assert "pipeline_tag: text-to-image" in card and "StableDiffusionPipeline.from_pretrained" in card
     assert "difflab sample --model" in card and "(difflab.json)" not in card
     assert (saved / "difflab.json").is_file() and (saved / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    ours = generate(load_model(saved), 2, sampler="dpm++2m", steps=5, seed=4, prompts=PROMPTS, negative_prompt=NEGATIVE)
+    ours = generate(load_model(saved), GenerationRequest(2, sampler="dpm++2m", steps=5, seed=4, prompts=PROMPTS,
+                                                         negative_prompt=NEGATIVE))
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(saved)
-    pipe.scheduler = make_sampler("dpm++2m", pipe.scheduler.config)
+    pipe.scheduler = scheduler_for("dpm++2m", pipe.scheduler.config)
     reference = pipe(PROMPTS, negative_prompt=[NEGATIVE] * 2, num_inference_steps=5, output_type="np",
                      generator=[torch.Generator().manual_seed(4 + i) for i in range(2)]).images
     assert_same(ours.permute(0, 2, 3, 1).numpy(), reference)
@@ -152,8 +156,10 @@ def test_the_cards_diffusers_snippet_gives_difflabs_images(folders, tmp_path):
     model = load_model(folders["text"])
     code = re.findall(r"```python\n(.*?)```", model_card(model, str(folders["text"])), re.S)[0]
     scope: dict = {}
-    exec(code.replace(".images", ".images; images = [__import__('numpy').asarray(i) for i in images]"), scope)  # noqa: S102
-    ours = generate(model, 4, sampler="dpm++2m", steps=20, seed=0, prompts="a red circle", negative_prompt="blurry")
+    exec(code.replace(".images", ".images; images = [__import__('numpy').asarray(i) for i in images]"),
+         scope)  # noqa: S102
+    ours = generate(model, GenerationRequest(4, sampler="dpm++2m", steps=20, seed=0, prompts="a red circle",
+                                             negative_prompt="blurry"))
     theirs_uint8 = np.stack(scope["images"]).astype(np.float32) / 255
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs_uint8).max() <= 1 / 255 + 1e-6
 
@@ -164,12 +170,12 @@ def test_colour_guidance_moves_decoded_latent_samples_toward_the_colour(folders)
     model = load_model(folders["text"])
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     kwargs = dict(sampler="ddim", steps=6, seed=0, prompts="a circle", cfg_scale=1.0)
-    plain = generate(model, 2, **kwargs)
+    plain = generate(model, GenerationRequest(2, **kwargs))
     # A random tiny VAE's decoder barely depends on its latents (its Jacobian is ~1e-3 of a trained
     # one's), hence the large scale; the gradient still has to pass through the decoder to act.
     for mode in ("fast", "full"):
-        guided = generate(model, 2, guidance=[color_guidance((1.0, 0.0, 0.0), scale=2e5)], guidance_mode=mode,
-                          **kwargs)
+        guided = generate(model, GenerationRequest(2, guidance=[color_guidance((1.0, 0.0, 0.0), scale=2e5)],
+                                                   guidance_mode=mode, **kwargs))
         before, after = (plain - red).abs().mean().item(), (guided - red).abs().mean().item()
         assert after < before - 0.01, (mode, before, after)
         assert guided[:, 0].mean() > plain[:, 0].mean() + 0.03 and guided[:, 1].mean() < plain[:, 1].mean() - 0.03
@@ -187,8 +193,8 @@ def test_guidance_windows_count_the_steps_a_partial_run_takes(folders):
         return x0.mean() * 0
 
     term = custom_guidance(loss, 1.0, window=(0.0, 0.5))
-    generate(load_model(folders["text"]), 1, sampler="ddim", steps=8, prompts="a", image=picture(16, 0),
-             strength=0.5, guidance=[term])
+    generate(load_model(folders["text"]), GenerationRequest(1, sampler="ddim", steps=8, prompts="a",
+                                                            image=picture(16, 0), strength=0.5, guidance=[term]))
     assert len(calls) == 2  # half of the 4 steps run
 
 
@@ -247,8 +253,8 @@ def test_depth_estimated_by_the_folders_model_equals_the_pipeline(folders, tmp_p
     shutil.copy(folders["depth"] / "feature_extractor" / "preprocessor_config.json", estimator)
     model = load_model(folders["depth"])
     model.depth_estimator = load_depth_estimator(str(estimator))
-    again = generate(model, 2, sampler="ddim", steps=4, seed=2, prompts=PROMPTS, negative_prompt=NEGATIVE,
-                     image=image, strength=1.0)
+    again = generate(model, GenerationRequest(2, sampler="ddim", steps=4, seed=2, prompts=PROMPTS,
+                                              negative_prompt=NEGATIVE, image=image, strength=1.0))
     assert_same(again.permute(0, 2, 3, 1).numpy(), reference)
 
 
@@ -269,7 +275,8 @@ def test_the_command_draws_a_row_per_prompt_and_each_png_says_how_it_was_made(fo
         ours_third = np.asarray(image.convert("RGB"))
     assert parameters.splitlines()[:2] == ["a blue square", "Negative prompt: green"]
     assert "Steps: 3, Sampler: dpm++2m, CFG scale: 7.5, Seed: 7, Size: 16x16" in parameters
-    alone = generate(load_model(folders["text"]), 1, steps=3, seed=7, prompts="a blue square", negative_prompt="green")
+    alone = generate(load_model(folders["text"]), GenerationRequest(1, steps=3, seed=7, prompts="a blue square",
+                                                                    negative_prompt="green"))
     assert np.abs(ours_third / 255 - alone[0].permute(1, 2, 0).numpy()).max() <= 1 / 255  # seed 5 + 2, any batch
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.height > 2 * 64 > grid.height / 3  # two rows of 64-px cells

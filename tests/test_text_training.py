@@ -16,6 +16,7 @@ import torch
 import tiny_sd
 from difflab.config import TrainConfig
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.errors import DataError, ModelError, RunFolderError
 from difflab.storage.folder import load_model
 from difflab.training.text_batches import CachedLatents, CaptionTokens
@@ -96,16 +97,17 @@ def test_the_scaling_factor_gives_latents_of_unit_spread(trained):
 def test_plain_diffusers_gives_the_trained_models_images(trained):
     from diffusers import StableDiffusionPipeline
 
-    from difflab.diffusion.samplers import make_sampler
+    from difflab.diffusion.samplers import scheduler_for
 
     prompts = ["a small red circle at the top left on a white background", "a large blue square in the centre"]
     pipe = StableDiffusionPipeline.from_pretrained(trained / "model")
-    pipe.scheduler = make_sampler("ddim", pipe.scheduler.config)
+    pipe.scheduler = scheduler_for("ddim", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
     theirs = pipe(prompts, negative_prompt=["", ""], guidance_scale=3.0, num_inference_steps=3, generator=generators,
                   output_type="np").images
-    ours = generate(load_model(trained), 2, sampler="ddim", steps=3, seed=0, prompts=prompts, cfg_scale=3.0)
+    ours = generate(load_model(trained), GenerationRequest(2, sampler="ddim", steps=3, seed=0, prompts=prompts,
+                                                           cfg_scale=3.0))
     ours = ours.permute(0, 2, 3, 1).numpy()
     assert np.abs(theirs - ours).max() < 1e-5
     assert ours.std() > 0.01
@@ -352,10 +354,10 @@ def test_a_pixel_space_text_model_saves_and_loads_with_its_text_encoder(tmp_path
     assert model.codec is None and model.prompts is not None
     assert model.unet.config.in_channels == 3 and model.unet.config.sample_size == 16
     prompts = ["a small red circle at the top left on a white background"] * 2
-    images = generate(model, 2, steps=2, prompts=prompts)
-    again = generate(load_model(model_dir), 2, steps=2, prompts=prompts)
+    images = generate(model, GenerationRequest(2, steps=2, prompts=prompts))
+    again = generate(load_model(model_dir), GenerationRequest(2, steps=2, prompts=prompts))
     assert images.shape == (2, 3, 16, 16) and torch.equal(images, again)
-    assert not torch.equal(images, generate(model, 2, steps=2, prompts=["a large blue square"] * 2))
+    assert not torch.equal(images, generate(model, GenerationRequest(2, steps=2, prompts=["a large blue square"] * 2)))
 
 
 def test_measured_adherence_is_written_into_the_models_card(trained, tmp_path):
@@ -395,15 +397,15 @@ def test_a_text_model_of_labelled_data_is_asked_for_each_class_by_its_caption(tm
 
     real_generate = evaluate.generate
 
-    def spy(model, n, **kw):
-        asked.append(kw)
-        return real_generate(model, n, **kw)
+    def spy(model, request, **kw):
+        asked.append(request)
+        return real_generate(model, request, **kw)
 
     monkeypatch.setattr(evaluate, "generate", spy)
     evaluator = Evaluator.for_data("digits", 16, 3)
     result = evaluator(model, 20, sampler="ddim", steps=2, cfg_scale=None, caption_template="a digit {label}")
-    assert asked[0]["prompts"][:3] == ["a digit 0", "a digit 1", "a digit 2"] and asked[0]["class_labels"] is None
-    assert asked[0]["cfg_scale"] == 7.5
+    assert asked[0].prompts[:3] == ["a digit 0", "a digit 1", "a digit 2"] and asked[0].class_labels is None
+    assert asked[0].cfg_scale == 7.5
     assert 0 <= result["class_accuracy"] <= 1 and len(result["class_accuracy_per_class"]) == 10
 
     # the VAE's ceiling: the floor's real images through the VAE, measured as generated ones are
@@ -446,21 +448,22 @@ def test_every_generation_mode_runs_on_a_trained_text_model(trained):
 
     model = load_model(trained)
     prompt = "a large red circle in the centre on a white background"
-    plain = generate(model, 2, sampler="ddim", steps=4, prompts=prompt, negative_prompt="a black background")
+    plain = generate(model, GenerationRequest(2, sampler="ddim", steps=4, prompts=prompt,
+                                              negative_prompt="a black background"))
     photo = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
-    img2img = generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=photo, strength=0.25)
+    img2img = generate(model, GenerationRequest(2, sampler="ddim", steps=4, prompts=prompt, image=photo, strength=0.25))
     mask = torch.zeros(1, 16, 16)
     mask[:, :8] = 1  # repaint the top half
-    inpainted = generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=photo, mask=mask)
-    guided = generate(model, 2, sampler="ddim", steps=4, prompts=prompt,
-                      guidance=[color_guidance((0.0, 0.0, 1.0), scale=2e3)])
+    inpainted = generate(model, GenerationRequest(2, sampler="ddim", steps=4, prompts=prompt, image=photo, mask=mask))
+    guided = generate(model, GenerationRequest(2, sampler="ddim", steps=4, prompts=prompt,
+                                               guidance=[color_guidance((0.0, 0.0, 1.0), scale=2e3)]))
     for images in (plain, img2img, inpainted, guided):
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     # each mode uses its input (their equality to diffusers' pipelines is tested in test_stable_diffusion.py)
     other = 1 - photo
     assert not torch.allclose(img2img, plain, atol=1e-3)
-    assert not torch.allclose(img2img, generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=other,
-                                                strength=0.25), atol=1e-3)
-    assert not torch.allclose(inpainted, generate(model, 2, sampler="ddim", steps=4, prompts=prompt, image=other,
-                                                  mask=mask), atol=1e-3)
+    assert not torch.allclose(img2img, generate(model, GenerationRequest(2, sampler="ddim", steps=4, prompts=prompt,
+                                                                         image=other, strength=0.25)), atol=1e-3)
+    assert not torch.allclose(inpainted, generate(model, GenerationRequest(2, sampler="ddim", steps=4, prompts=prompt,
+                                                                           image=other, mask=mask)), atol=1e-3)
     assert guided[:, 2].mean() > plain[:, 2].mean()  # bluer

@@ -1,12 +1,13 @@
 """difflab: train, sample, guide, condition, fine-tune, measure and share image diffusion models.
 
-`difflab.load_model(spec)` and `difflab.generate(model, n, ...)` are the two calls most scripts need;
-they are imported on first use, so that `import difflab` (and `difflab --help`) stays instant."""
+`difflab.load_model(spec)` and `difflab.generate(model, difflab.GenerationRequest(n, ...))` are the calls
+most scripts need (the request holds every setting of one generation: docs/design.md); they are imported
+on first use, so that `import difflab` (and `difflab --help`) stays instant."""
 
 __version__ = "0.1.0"
 
-_LAZY = {"generate": "difflab.diffusion.generate", "load_model": "difflab.storage.folder",
-         "apply_lora": "difflab.storage.lora"}
+_LAZY = {"generate": "difflab.diffusion.generate", "GenerationRequest": "difflab.diffusion.request",
+         "load_model": "difflab.storage.folder", "apply_lora": "difflab.storage.lora"}
 
 
 def __getattr__(name: str):

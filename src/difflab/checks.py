@@ -52,19 +52,6 @@ def check_timesteps(timesteps: int, flag: str = "--timesteps") -> None:
                           "schedule goes from clean to noisy images in that many steps; 1000 is usual")
 
 
-def check_sampler_steps(steps: int, timesteps: int, sampler: str | None = None, flag: str = "--steps") -> None:
-    """A sampler walks down the training timesteps: at least 1 step, at most one per timestep (one
-    fewer for the samplers that start one step below pure noise, whose timesteps are offset by 1)."""
-    from difflab.diffusion.samplers import SAMPLERS
-
-    most = timesteps - SAMPLERS.get(sampler, ("", {}))[1].get("steps_offset", 0)
-    if steps < 1:
-        raise ConfigError(f"{flag} must be at least 1 (got {steps})")
-    if steps > most:
-        raise ConfigError(f"{flag} {steps} is more than {sampler or 'a sampler'} can take from the model's noise "
-                          f"schedule of {timesteps} timesteps; use at most {most} (20-50 is usual)")
-
-
 def check_columns(columns: int | None, count: int, flag: str = "--columns") -> None:
     """Images per grid row: at least 1, and no more than there are images."""
     if columns is not None and not 1 <= columns <= count:

@@ -25,13 +25,12 @@ from difflab.checks import (
     check_at_least,
     check_finite,
     check_image_size,
-    check_sampler_steps,
     check_timesteps,
 )
 from difflab.data import DATA_SPEC_HELP
 from difflab.data.folder import DEFAULT_MEMORY_LIMIT_MB
 from difflab.devices import pick_device
-from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, check_sampler_steps
 from difflab.errors import ConfigError
 from difflab.models.denoiser import CLASS_METHODS
 from difflab.models.model import DEFAULT_CFG_SCALE, DEFAULT_TEXT_CFG_SCALE

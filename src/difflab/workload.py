@@ -33,7 +33,7 @@ def check_workload(model, count: int, steps: int, batch_size: int, *, yes: bool,
     """Refuse a generation whose images would not fit in memory, and, without `yes`, one estimated to
     take more than an hour (said with the estimate and what to do); one over a minute is said. `size`:
     the images' (width, height) — the requested size, or the one an input image gives (see
-    diffusion/request.py `planned_size`); default the model's own. `guided`: two network passes per
+    diffusion/planning.py `planned_size`); default the model's own. `guided`: two network passes per
     step (classifier-free guidance). A latent model's sampling whose estimated peak memory exceeds what
     its device has free (difflab.memory) is refused too, unless `yes`; `offload`: under model CPU offload."""
     if model.codec is not None:

@@ -17,13 +17,9 @@ from pathlib import Path
 from difflab.app.guides import Guides
 from difflab.app.loras import LoraMenu
 from difflab.app.service import (
-    DEFAULT_INPAINT_STRENGTH,
-    DEFAULT_NOISE_LEVEL,
-    DEFAULT_STRENGTH,
     MAX_CFG_SCALE,
     MAX_LORA_SCALE,
     MAX_SEED,
-    STRENGTH_STEP,
     Generator,
     Limits,
     Request,
@@ -31,6 +27,12 @@ from difflab.app.service import (
     fit_size,
     largest_side,
     modes_of,
+)
+from difflab.diffusion.request import (
+    DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_NOISE_LEVEL,
+    DEFAULT_STRENGTH,
+    FALLBACK_MAX_NOISE_LEVEL,
 )
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from difflab.errors import DifflabError
@@ -254,7 +256,8 @@ def text_page(model, generator: Generator, guides: Guides, limits: Limits, title
                         with gr.Tab("Upscaling", id="upscale", elem_id="tab-upscale"):
                             upscale_image = image_input(f"Low-resolution image (at most {largest // 4} pixels a "
                                                         "side; the result is 4× larger)", "upscale-image")
-                            highest = model.max_noise_level if model.max_noise_level is not None else 350
+                            highest = model.max_noise_level
+                            highest = FALLBACK_MAX_NOISE_LEVEL if highest is None else highest
                             noise_level = slider(0, highest, value=min(DEFAULT_NOISE_LEVEL, highest), step=1,
                                                     label="Noise level (added to the input; more lets the model "
                                                           "invent more detail)", elem_id="noise-level")
@@ -430,6 +433,9 @@ def image_input(label: str, elem_id: str):
 
     return image_upload(label=label, type="pil", sources=("upload", "clipboard"), elem_id=elem_id,
                         elem_classes=["input-image"])
+
+
+STRENGTH_STEP = 0.05  # the page's strength slider moves in these steps
 
 
 def strength_slider(value: float, elem_id: str):

@@ -1,5 +1,6 @@
-"""What one demo request does, without any web framework: check it against the limits, generate the
-images with the library's one sampling loop, and write them as PNGs that carry their settings.
+"""What one demo request does, without any web framework: read the page's values, check them against the
+demo's limits, make them a `GenerationRequest` (which checks every other rule), generate the images with the
+library's one sampling loop, and write them as PNGs that carry the request's settings.
 
 A request has a mode: `txt2img` (from noise), `img2img` (from an image, part-way down the schedule),
 `inpaint` (an image and a mask, white = repaint), `depth` (depth-to-image) and `upscale` (the ×4
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difflab.app.guides import Guides, hex_color
-from difflab.diffusion.cfg import EVERYWHERE, guidance_of
+from difflab.diffusion.cfg import guidance_of, interval_text
 from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from difflab.errors import ConfigError, InputError, ModelError
+from difflab.errors import ConfigError, ModelError
 from difflab.models.schedules import check_choice
 
 if TYPE_CHECKING:
@@ -33,11 +34,7 @@ MAX_SEED = 2**32 - 1
 MAX_CFG_SCALE = 20.0
 KEEP_REQUESTS = 100  # request folders kept on disk; older ones are deleted (the page has copied them by then)
 MAX_TEXT_CHARS = 2000  # a prompt or negative prompt (the tokenizer keeps its first 77 tokens, with a warning)
-DEFAULT_STRENGTH = 0.8  # img2img and depth-to-image, as in difflab sample and diffusers
-DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting repaints the masked region from noise
-DEFAULT_NOISE_LEVEL = 20  # the ×4 upscaler's
 MAX_LORA_SCALE = 2.0  # a LoRA's weight in a request: 0 is the base model, 1 the LoRA as trained
-STRENGTH_STEP = 0.05  # the page's strength slider moves in these steps
 MODES = {  # mode -> what the page calls it
     "txt2img": "text to image",
     "img2img": "image to image",
@@ -87,8 +84,8 @@ class Request:
     image: Any = None
     mask: Any = None  # white = repaint
     depth: Any = None  # depth-to-image: a depth map (else the model's depth estimator)
-    strength: float | None = None  # img2img/depth: DEFAULT_STRENGTH; inpainting: 1
-    noise_level: int | None = None  # the upscaler's: DEFAULT_NOISE_LEVEL
+    strength: float | None = None  # None: the request's default (diffusion/request.py)
+    noise_level: int | None = None  # the upscaler's; None: the request's default
     # text models: one of the LoRAs the demo was started with (by its label; "" or None: no LoRA), and its weight
     lora: str | None = None
     lora_scale: float | None = None  # None: 1
@@ -118,9 +115,19 @@ def number(name: str, value, low: float, high: float) -> float:
     return value
 
 
+def parsed(name: str, value):
+    """A number the page sent (a number or its text); the request checks its range."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number (got {value!r})") from None
+
+
 def modes_of(model: DiffusionModel) -> tuple[str, ...]:
     """The modes a model takes: its variant's own, or txt2img, img2img and inpainting."""
-    return model.kind.modes
+    if model.variant is not None:
+        return (model.variant,)
+    return ("txt2img", "img2img", "inpaint")
 
 
 def check_model(model: DiffusionModel, limits: Limits, spec) -> None:
@@ -175,7 +182,7 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
     check_lora(request, checked, loras)
     rescale = None if request.cfg_rescale in (None, "") else number("guidance rescale", request.cfg_rescale, 0, 1)
     cfg = guidance_of(model, checked.cfg_scale, request.cfg_interval or None, rescale)  # diffusion/cfg.py
-    checked.cfg_interval, checked.cfg_rescale = cfg.settings().get("cfg_interval"), cfg.settings().get("cfg_rescale")
+    checked.cfg_interval, checked.cfg_rescale = interval_text(cfg.interval), cfg.rescale
     if model.class_names:
         if request.class_name in (None, ""):
             raise ConfigError(f"choose a class: one of {', '.join(model.class_names[:12])}")
@@ -190,6 +197,9 @@ def check_request(request: Request, model: DiffusionModel, limits: Limits, guide
         if guides.clip is None:
             raise ConfigError("CLIP guidance needs a CLIP model: start the demo with --clip-model")
         guides.check_prompt(checked.prompt)
+    generation = generation_request(checked, model)
+    generation.check(model, most_steps=limits.max_steps)  # every rule a request follows
+    checked.strength, checked.noise_level = generation.run_strength(model), generation.run_noise_level(model)
     return checked
 
 
@@ -207,15 +217,10 @@ def check_lora(request: Request, checked: Request, loras) -> None:
     checked.lora_scale = number("LoRA weight", scale, 0.0, MAX_LORA_SCALE)
 
 
-def lowest_strength(steps: int) -> float:
-    """The lowest strength on the page's slider that runs at least one of `steps` steps."""
-    grid = round(1 / STRENGTH_STEP)
-    return next(k / grid for k in range(math.ceil(grid / steps), grid + 1) if int(steps * k / grid) >= 1)
-
-
 def check_inputs(request: Request, checked: Request, model: DiffusionModel, limits: Limits) -> None:
-    """The mode, its images and the output size, checked into `checked` (input images read, as PIL)."""
-    from difflab.diffusion.inputs import check_size, read_image
+    """The page's mode, its images and the output size, into `checked` (input images read, as PIL), within
+    the demo's limits; the rules every request follows are the `GenerationRequest`'s (`check_request`)."""
+    from difflab.diffusion.inputs import read_image
 
     mode = str(request.mode or "txt2img")
     if mode not in MODES:
@@ -239,33 +244,15 @@ def check_inputs(request: Request, checked: Request, model: DiffusionModel, limi
                               "repaint)")
     if mode == "depth" and request.depth is not None:
         checked.depth = read_image(request.depth, "depth map")
-    if mode in ("img2img", "depth", "inpaint"):
-        default = DEFAULT_INPAINT_STRENGTH if mode == "inpaint" else DEFAULT_STRENGTH
-        strength = default if request.strength in (None, "") else request.strength
-        checked.strength = number("strength", strength, 0.0, 1.0)
-        if checked.strength == 0:
-            raise ConfigError("strength must be more than 0: 0 would keep the image as it is")
-        if int(checked.steps * checked.strength) < 1:  # the last int(steps × strength) steps are run
-            need = math.ceil(1 / checked.strength)
-            if int(need * checked.strength) < 1:
-                need += 1  # 1 / strength rounded down by floating point
-            advice = (f"use at least {need} steps, or a strength of at least {lowest_strength(checked.steps):g}"
-                      if need <= limits.max_steps else
-                      f"use a strength of at least {lowest_strength(checked.steps):g} at {checked.steps} steps, or "
-                      f"of at least {lowest_strength(limits.max_steps):g} at {limits.max_steps} steps (this demo's "
-                      "most)")
-            raise ConfigError(f"strength {checked.strength:g} of {checked.steps} steps leaves no step to run: "
-                              + advice)
+    if mode in ("img2img", "depth", "inpaint") and request.strength not in (None, ""):
+        checked.strength = parsed("strength", request.strength)
     largest = largest_side(model, limits)
-    factor = model.size_factor
     if mode == "upscale":
-        highest = model.max_noise_level if model.max_noise_level is not None else 350
-        level = DEFAULT_NOISE_LEVEL if request.noise_level in (None, "") else request.noise_level
-        checked.noise_level = whole_number("noise level", level, 0, highest)
-        if request.width not in (None, "") or request.height not in (None, ""):
-            raise ConfigError("the upscaler's output is its input × 4: give no width or height")
-        width, height = (max(model.codec.factor, side // model.codec.factor * model.codec.factor)
-                         for side in checked.image.size)
+        if request.noise_level not in (None, ""):
+            checked.noise_level = whole_number("noise level", request.noise_level, 0, 1 << 16)
+        checked.width, checked.height = request.width or None, request.height or None  # the request refuses them
+        factor = model.codec.factor
+        width, height = (max(factor, side // factor * factor) for side in checked.image.size)
         if max(width, height) * 4 > largest:
             raise ConfigError(f"the upscaler makes images 4× its input: {width}×{height} would give "
                               f"{width * 4}×{height * 4}, over this demo's limit of {largest} pixels a side; "
@@ -273,7 +260,7 @@ def check_inputs(request: Request, checked: Request, model: DiffusionModel, limi
         return
     if request.width in (None, "") and request.height in (None, ""):
         if checked.image is not None:
-            checked.width, checked.height = fit_size(*checked.image.size, factor, largest)
+            checked.width, checked.height = fit_size(*checked.image.size, model.size_factor, largest)
         elif model.prompts is None:
             return  # a pixel model from noise: its own size
         else:
@@ -282,37 +269,36 @@ def check_inputs(request: Request, checked: Request, model: DiffusionModel, limi
         size = model.info.image_size
         checked.width = whole_number("width", size if request.width in (None, "") else request.width, 1, 1 << 16)
         checked.height = whole_number("height", size if request.height in (None, "") else request.height, 1, 1 << 16)
-    try:
-        check_size(checked.width, checked.height, factor)
-    except InputError as e:
-        raise ConfigError(str(e).replace("the VAE's downscaling factor", "this model's size step")
-                          if model.codec is None else str(e)) from None
     if max(checked.width, checked.height) > largest:
         raise ConfigError(f"the image size {checked.width}×{checked.height} is over this demo's limit of "
                           f"{largest} pixels a side")
 
 
-def settings_of(request: Request, model_name: str, model: DiffusionModel, loras=None) -> dict:
-    """The settings that made one request's images, as saved in each PNG (plus each image's seed). A text
-    model's PNGs carry the prompt, so `save_png` writes AUTOMATIC1111's `parameters` text too."""
-    settings = {"model": model_name, "sampler": request.sampler, "steps": request.steps}
-    if model.class_names:
-        settings.update({"class": request.class_name, "cfg_scale": request.cfg_scale})
+def generation_request(request: Request, model: DiffusionModel, guidance=()):
+    """The `GenerationRequest` a checked page request asks for."""
+    from difflab.diffusion.request import GenerationRequest
+
+    labels = None
+    if request.class_name is not None:
+        labels = [model.class_names.index(request.class_name)] * request.count
+    text = {}
     if model.prompts is not None:
-        settings.update({"prompt": request.prompt, "cfg_scale": request.cfg_scale})
-    if model.class_names or model.prompts is not None:
-        settings.update({key: value for key in ("cfg_interval", "cfg_rescale")
-                         if (value := getattr(request, key)) is not None})
-        if request.negative_prompt:
-            settings["negative_prompt"] = request.negative_prompt
+        text = dict(prompts=request.prompt, negative_prompt=request.negative_prompt or None)
+    inputs = {}
     if request.mode != "txt2img":
-        settings["mode"] = request.mode
-    if request.width is not None:
-        settings.update({"width": request.width, "height": request.height})
-    if request.strength is not None:
-        settings["strength"] = request.strength
-    if request.noise_level is not None:
-        settings["noise_level"] = request.noise_level
+        inputs = dict(image=request.image, mask=request.mask, depth=request.depth, strength=request.strength,
+                      noise_level=request.noise_level)
+    return GenerationRequest(request.count, sampler=request.sampler, steps=request.steps, seed=request.seed,
+                             class_labels=labels, cfg_scale=request.cfg_scale, cfg_interval=request.cfg_interval,
+                             cfg_rescale=request.cfg_rescale, width=request.width,
+                             height=request.height, guidance=tuple(guidance), **text, **inputs)
+
+
+def settings_of(request: Request, model_name: str, model: DiffusionModel, image: int, loras=None) -> dict:
+    """The settings that made image `image` of a request, as saved in its PNG: the `GenerationRequest`'s own
+    (a text model's carry the prompt, so `save_png` writes AUTOMATIC1111's `parameters` text too), with the
+    model's name, the guidance the page chose and its LoRA."""
+    settings = {"model": model_name, **generation_request(request, model).settings(model, image=image)}
     if request.color_scale > 0:
         settings.update({"color": request.color, "color_scale": request.color_scale})
     if request.clip_scale > 0:
@@ -363,39 +349,19 @@ class Generator:
 
     def __call__(self, request: Request, progress: bool = False) -> list[tuple[Path, str]]:
         """(PNG path, caption) for each image of `request`; a DifflabError if the request is refused."""
-        import torch
-
         from difflab.diffusion.generate import generate
         from difflab.images import save_png, to_pil
 
         request = check_request(request, self.model, self.limits, self.guides, self.loras)
-        labels = None
-        if request.class_name is not None:
-            index = self.model.class_names.index(request.class_name)
-            labels = torch.full((request.count,), index, dtype=torch.long)
-        extra = {}
-        terms = self.guides.terms(request)
-        if terms:
-            extra["guidance"] = terms
-        if self.model.prompts is not None:
-            extra.update(prompts=request.prompt, negative_prompt=request.negative_prompt or None)
-        if request.mode != "txt2img":
-            extra.update(image=request.image, mask=request.mask, depth=request.depth, strength=request.strength,
-                         noise_level=request.noise_level)
-        if request.width is not None:
-            extra.update(width=request.width, height=request.height)
+        generation = generation_request(request, self.model, self.guides.terms(request))
         with self.lock:
             if self.loras:
                 self.loras.use(self.model, request.lora, request.lora_scale)
-            images = generate(self.model, request.count, sampler=request.sampler, steps=request.steps,
-                              seed=request.seed, class_labels=labels, cfg_scale=request.cfg_scale,
-                              cfg_interval=request.cfg_interval or EVERYWHERE, cfg_rescale=request.cfg_rescale or 0.0,
-                              batch_size=self.limits.max_images, progress=progress, **extra)
+            images = generate(self.model, generation, batch_size=self.limits.max_images, progress=progress)
         folder = self.new_folder()
-        settings = settings_of(request, self.model_name, self.model, self.loras)
         results = []
         for i, image in enumerate(images):
-            each = {**settings, "seed": request.seed + i}
+            each = settings_of(request, self.model_name, self.model, i, self.loras)
             path = save_png(to_pil(image), folder / f"seed{request.seed + i:010d}.png", each)
             results.append((path, caption(each, request.lora)))
         return results

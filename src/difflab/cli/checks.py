@@ -3,17 +3,20 @@ call before the model is loaded, one after, so a mistake costs seconds, not an h
 
 from __future__ import annotations
 
-from difflab.checks import check_columns, check_finite, check_sampler_steps
+from difflab.checks import check_columns
 from difflab.files import check_output_file, check_output_folder
 
 OUTPUT_FILES = {"out": ("--out", "out.png"), "json": ("--json", "result.json")}
 OUTPUT_FOLDERS = {"out_dir": "--out-dir"}
 INPUT_FILES = {"image": "image", "mask": "mask", "depth": "depth map", "prompt_file": "prompt file"}
+# The flags that are fields of the generation request, named as they are there.
+REQUEST_FLAGS = ("count", "sampler", "steps", "seed", "eta", "cfg_scale", "cfg_interval", "cfg_rescale", "width",
+                 "height", "image", "mask", "depth",
+                 "strength", "noise_level", "guidance_mode", "precision")
 
 
 def check_flags(args) -> None:
-    """From the flags alone: finite numbers, grid columns, output paths that can be written."""
-    check_finite({"--cfg-scale": getattr(args, "cfg_scale", None), "--eta": getattr(args, "eta", None)})
+    """From the flags alone: the request's numbers, grid columns, output paths that can be written."""
     if getattr(args, "columns", None) is not None and getattr(args, "count", None) is not None:
         check_columns(args.columns, args.count)
     for name, (flag, example) in OUTPUT_FILES.items():
@@ -25,18 +28,22 @@ def check_flags(args) -> None:
     check_request_flags(args)
 
 
+def request_from_flags(args):
+    """The `GenerationRequest` the flags describe, before the model is loaded (what each image is conditioned
+    on, and guidance terms, are added once it is)."""
+    from difflab.diffusion.request import GenerationRequest
+
+    return GenerationRequest(**{name: getattr(args, name) for name in REQUEST_FLAGS
+                                if getattr(args, name, None) is not None})
+
+
 def check_request_flags(args) -> None:
-    """The generation request's own checks (diffusion/request.py, which `generate` makes again) that need
-    no model: the seed, strength and size, an --out that names an image format, and no output that
-    would replace an input."""
-    from difflab.diffusion.cfg import check_options
-    from difflab.diffusion.request import check_outputs, check_settings
+    """The generation request's rules that need no model (`GenerationRequest.check_values`), an --out that
+    names an image format, and no output that would replace an input."""
+    from difflab.diffusion.request import check_outputs
     from difflab.images import image_format
 
-    count = getattr(args, "count", 1) or 1
-    check_settings(seed=getattr(args, "seed", None), count=count, strength=getattr(args, "strength", None),
-                   width=getattr(args, "width", None), height=getattr(args, "height", None))
-    check_options(getattr(args, "cfg_interval", None), getattr(args, "cfg_rescale", None))
+    request_from_flags(args).check_values()
     if getattr(args, "out", None) is not None:
         image_format(args.out, "--out")
     inputs = {what: getattr(args, name, None) for name, what in INPUT_FILES.items()}
@@ -50,6 +57,7 @@ def check_with_model(args, model, per_class: bool = True, prompts: int = 0) -> N
     """With the model loaded: sampler steps its schedule can take, and a workload that fits the
     machine (and, unless --yes, an hour). `per_class`: a class-conditional model draws -n images per
     class (difflab sample), else -n in all (difflab eval); a text model draws -n per prompt."""
+    from difflab.diffusion.samplers import check_sampler_steps
     from difflab.workload import check_workload
 
     count, guided = args.count, False
@@ -65,7 +73,7 @@ def check_with_model(args, model, per_class: bool = True, prompts: int = 0) -> N
     check_sampler_steps(args.steps, model.noise_schedule.config.num_train_timesteps, args.sampler)
     size = None
     if any(getattr(args, name, None) is not None for name in ("image", "width", "height")):
-        from difflab.diffusion.request import planned_size
+        from difflab.diffusion.planning import planned_size
 
         size = planned_size(model, getattr(args, "image", None), getattr(args, "width", None),
                             getattr(args, "height", None))

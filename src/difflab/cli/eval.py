@@ -73,8 +73,6 @@ def run(args) -> int:
     check_choice("sampler", args.sampler, SAMPLERS)
     if args.count < 2 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("-n must be at least 2, and --steps and --batch-size at least 1")
-    if args.cfg_scale is not None and args.cfg_scale < 0:
-        raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale})")
     check_flags(args)  # numbers and the --json path, before minutes of work
     model = load_model(args.model, device=pick_device(args.device))
     check_with_model(args, model, per_class=False)

@@ -116,30 +116,25 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
     import logging
 
     import torch
 
-    from difflab.cli.checks import check_flags, check_with_model
+    from difflab.cli.checks import check_flags, check_with_model, request_from_flags
     from difflab.devices import pick_device
-    from difflab.diffusion.cfg import guidance_of
     from difflab.diffusion.generate import generate
-    from difflab.diffusion.request import check_inputs, mode_of, strength_of
+    from difflab.diffusion.request import check_depth_model
     from difflab.errors import ConfigError, InputError
     from difflab.images import make_grid, save_png, to_pil
     from difflab.models.offload import check_offload, offload
-    from difflab.models.schedules import check_choice
     from difflab.storage.folder import load_model
     from difflab.storage.lora import apply_loras, plan_loras
 
     log = logging.getLogger("difflab")
-    check_choice("sampler", args.sampler, SAMPLERS)
     check_at_least_one(args)
-    if args.eta is not None and args.eta < 0:
-        raise ConfigError("--eta must be 0 or more")
-    if args.cfg_scale is not None and args.cfg_scale < 0:
-        raise ConfigError(f"--cfg-scale must be 0 or more (got {args.cfg_scale}); 1 is plain conditional sampling")
-    check_flags(args)  # numbers, columns and output paths, before any work
+    check_flags(args)  # the request's numbers and names, columns and output paths, before any work
+    request = request_from_flags(args)
     prompts = read_prompts(args)
     check_prompt_syntax(prompts, args.negative_prompt, args.blend)  # before the model loads
     if args.lora_scale and not args.lora:
@@ -154,10 +149,28 @@ def run(args) -> int:
                        variant=variant)
     if args.offload:
         offload(model, device)
-    # Which inputs this model takes, before a LoRA or depth estimator is fetched and before the workload is timed
-    check_inputs(model, image=args.image, mask=args.mask, depth=args.depth, strength=args.strength,
-                 noise_level=args.noise_level, width=args.width, height=args.height, depth_model=args.depth_model)
-    check_with_model(args, model, prompts=len(prompts or []))  # steps the schedule takes, a workload that fits
+    if loras:
+        from difflab.models.lora import check_attention
+
+        check_attention(model)  # a pixel model takes no LoRA: said before what it takes
+    labels = columns = names = per_image_prompts = None
+    if args.classes is not None and model.prompts is not None:
+        raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class (--class)")
+    if prompts is not None or model.prompts is not None:
+        per_image_prompts = [prompt for prompt in (prompts or []) for _ in range(args.count)] or None
+        columns, names = (args.count, [short(p) for p in prompts]) if prompts and len(prompts) > 1 else (None, None)
+    elif model.class_names or args.classes is not None:
+        classes = model.class_indices(args.classes or "all")
+        labels = torch.tensor(classes).repeat_interleave(args.count)  # one row per class
+        columns, names = args.count, [model.class_names[c] for c in classes]
+    count = len(labels) if labels is not None else len(per_image_prompts) if per_image_prompts else args.count
+    request = dataclasses.replace(request, count=count, class_labels=labels, prompts=per_image_prompts,
+                                  negative_prompt=args.negative_prompt, blend=args.blend or (),
+                                  safety_check=not args.no_safety_checker)
+    # Every rule against this model, before a LoRA or depth estimator is fetched and before the workload is timed
+    request.check(model)
+    check_depth_model(model, "--depth-model" if args.depth_model else None)
+    check_with_model(args, model, prompts=len(prompts or []))  # a workload that fits
     apply_loras(model, loras)
     if args.embedding:
         from difflab.models.embeddings import load_embeddings
@@ -169,59 +182,26 @@ def run(args) -> int:
         from difflab.models.depth import load_depth_estimator
 
         model.depth_estimator = load_depth_estimator(args.depth_model, model.device)
-    guidance = guidance_terms(args, model)
-    settings = {"model": str(args.model), "sampler": args.sampler, "steps": args.steps, "seed": args.seed}
+    request = dataclasses.replace(request, guidance=guidance_terms(args, model))
+    images = generate(model, request, batch_size=args.batch_size, progress=True)
+    # What the request does not hold: where the model, LoRAs, embeddings and guidance terms came from
+    loaded = {"model": str(args.model)}
     if args.embedding:
-        settings["embedding"] = args.embedding
+        loaded["embedding"] = args.embedding
     if loras:
-        settings.update(lora=args.lora, lora_scale=[scale for _, scale in loras])
-    settings.update({name: value for name, value in (("eta", args.eta), ("negative_prompt", args.negative_prompt),
-                                                     ("blend", args.blend),
-                                                     ("image", args.image), ("mask", args.mask),
-                                                     ("depth", args.depth), ("noise_level", args.noise_level))
-                     if value is not None})
-    mode = mode_of(model, args.image, args.mask)
-    if mode != "txt2img":  # the mode and the strength it ran at, default or not
-        settings["mode"] = mode
-    if strength_of(mode, args.strength) is not None:
-        settings["strength"] = strength_of(mode, args.strength)
-    labels = columns = names = per_image_prompts = None
-    if args.classes is not None and model.prompts is not None:
-        raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class (--class)")
-    if prompts is not None or model.prompts is not None:
-        per_image_prompts = [prompt for prompt in (prompts or []) for _ in range(args.count)] or None
-        columns, names = (args.count, [short(p) for p in prompts]) if prompts and len(prompts) > 1 else (None, None)
-    elif model.class_names or args.classes is not None:
-        classes = model.class_indices(args.classes or "all")
-        labels = torch.tensor(classes).repeat_interleave(args.count)  # one row per class
-        columns, names = args.count, [model.class_names[c] for c in classes]
-    if labels is not None or per_image_prompts is not None:
-        settings.update(guidance_of(model, args.cfg_scale, args.cfg_interval, args.cfg_rescale).settings(True))
-    if guidance:
-        settings.update(guide=args.guide, guidance_mode=args.guidance_mode)
+        loaded.update(lora=args.lora, lora_scale=[scale for _, scale in loras])
+    if request.guidance:
+        loaded.update(guide=args.guide, guidance_mode=args.guidance_mode)
         if args.clip_model:
-            settings["clip_model"] = args.clip_model
-    count = len(labels) if labels is not None else len(per_image_prompts) if per_image_prompts else args.count
-    images = generate(model, count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
-                      class_labels=labels, prompts=per_image_prompts, negative_prompt=args.negative_prompt,
-                      cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale,
-                      image=args.image, mask=args.mask, depth=args.depth,
-                      strength=args.strength, noise_level=args.noise_level, width=args.width, height=args.height,
-                      guidance=guidance, guidance_mode=args.guidance_mode, batch_size=args.batch_size, progress=True,
-                      safety_check=not args.no_safety_checker, precision=args.precision, blend=args.blend or ())
-    settings.update(width=images.shape[-1], height=images.shape[-2])  # one image's (the grid is larger)
-    if per_image_prompts and len(set(per_image_prompts)) == 1:
-        settings["prompt"] = per_image_prompts[0]
-    save_png(make_grid(images, columns or args.columns, names), args.out, {**settings, "count": len(images)})
+            loaded["clip_model"] = args.clip_model
+    size = images.shape[-1], images.shape[-2]  # one image's (the grid is larger)
+    grid = make_grid(images, columns or args.columns, names)
+    save_png(grid, args.out, {**loaded, **request.settings(model, size=size)})
     log.info("wrote %d images to %s", len(images), args.out)
     if args.out_dir:
         for i, image in enumerate(images):
-            each = {**settings, "seed": args.seed + i}
-            if labels is not None:
-                each["class"] = model.class_names[int(labels[i])]
-            if per_image_prompts:
-                each["prompt"] = per_image_prompts[i]
-            save_png(to_pil(image), args.out_dir / f"{args.seed + i:06d}.png", each)
+            save_png(to_pil(image), args.out_dir / f"{args.seed + i:06d}.png",
+                     {**loaded, **request.settings(model, image=i, size=size)})
         log.info("and one PNG each in %s", args.out_dir)
     return 0
 

@@ -215,6 +215,12 @@ def step_order(timesteps: Sequence) -> torch.Tensor:
     return torch.tensor(list(dict.fromkeys(float(t) for t in timesteps)))
 
 
+def check_guidance_mode(mode: str) -> None:
+    if mode not in GUIDANCE_MODES:
+        raise GuidanceError(f"unknown guidance mode {mode!r}; choose fast (gradient through x̂₀ only) "
+                            "or full (through the network too)")
+
+
 def loss_guidance(model_fn: ModelFn, terms: Sequence[GuidanceTerm], noise_schedule, timesteps: Sequence,
                   mode: str = "fast", decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ModelFn:
     """Wrap `model_fn` so that its prediction implies x̂₀ moved down the gradient of the active
@@ -222,9 +228,7 @@ def loss_guidance(model_fn: ModelFn, terms: Sequence[GuidanceTerm], noise_schedu
     starts part-way down the schedule, like img2img, visits only the last ones): a call's position
     among them says which terms act. `noise_schedule` is the model's. For latent models `decode`
     maps x̂₀ to the image the losses score, and the gradient flows back through it."""
-    if mode not in GUIDANCE_MODES:
-        raise GuidanceError(f"unknown guidance mode {mode!r}; choose fast (gradient through x̂₀ only) "
-                            "or full (through the network too)")
+    check_guidance_mode(mode)
     terms = list(terms)
     if not terms:
         return model_fn

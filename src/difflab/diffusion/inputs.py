@@ -41,8 +41,9 @@ def read_image(source: ImageLike, what: str) -> Image.Image:
     return Image.fromarray(array)
 
 
-def check_size(width: int, height: int, factor: int, what: str = "the image size") -> None:
-    """Sides must be positive multiples of the VAE's factor; the error names the nearest that are."""
+def check_size(width: int, height: int, factor: int, what: str = "the image size",
+               step: str = "the VAE's downscaling factor") -> None:
+    """Sides must be positive multiples of `factor` (what it is: `step`); the error names the nearest that are."""
     for name, side in (("width", width), ("height", height)):
         if side >= factor and side % factor == 0:
             continue
@@ -52,7 +53,7 @@ def check_size(width: int, height: int, factor: int, what: str = "the image size
         below = side // factor * factor
         nearest = f"{below} or {below + factor}" if below >= factor else f"{factor}"
         raise InputError(f"{what} {width}×{height} does not fit: the {name} {side} must be a multiple of {factor} "
-                         f"(the VAE's downscaling factor); nearest that work: {nearest}")
+                         f"({step}); nearest that work: {nearest}")
 
 
 def image_tensor(image: Image.Image, width: int, height: int, channels: int = 3,

@@ -1,90 +1,300 @@
-"""One generation request, checked and prepared before any work is done: which conditioning each
-image gets (class labels, or prompts and negative prompts), which images the run starts from, at
-what size and strength. Every mistake is a one-line `InputError` raised here, before sampling."""
+"""One generation request as a value: what to make (how many images, conditioned on what, from which
+images, at what size), with which sampler, and how the networks run. Every front end builds one (the CLI,
+the demo, the trainer's grids, DreamBooth's class images, evaluation); `check(model)` holds every rule a
+request must follow, each mistake a one-line `InputError` before any work; `settings(model)` is what the
+images say about how they were made (the PNGs' difflab JSON and, through `images.save_png`, A1111's
+`parameters`). Each default is declared here once (the sampler's in samplers.py)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from numbers import Integral
+from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difflab.diffusion.cfg import ClassifierFreeGuidance, guidance_of
-from difflab.diffusion.inputs import check_size, depth_tensor, image_tensor, mask_tensor, read_image
-from difflab.diffusion.modes import Prepared, Start
+from difflab.diffusion.cfg import ClassifierFreeGuidance, check_options, guidance_of
+from difflab.diffusion.guidance import GuidanceTerm, check_guidance_mode
+from difflab.diffusion.inputs import check_size
+from difflab.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, check_sampler_steps
+from difflab.diffusion.sampling import first_step
 from difflab.errors import InputError
-from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
 from difflab.models.prompt_syntax import check_blends
-from difflab.models.text import PromptEncoder, mix
+from difflab.models.schedules import check_choice
 
-log = logging.getLogger("difflab")
-DEFAULT_STRENGTH = 0.8  # img2img and depth-to-image, as in diffusers; inpainting starts from noise (1.0)
+if TYPE_CHECKING:
+    from difflab.models.text import PromptEncoder
+
+DEFAULT_STRENGTH = 0.8  # img2img and depth-to-image, as in diffusers
+DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting repaints the masked region from noise
 DEFAULT_NOISE_LEVEL = 20  # the ×4 upscaler's, as in diffusers
+FALLBACK_MAX_NOISE_LEVEL = 350  # an upscaler whose folder does not say its highest noise level (diffusers' own)
 MAX_SEED = 2 ** 64 - 1  # the largest seed torch.Generator.manual_seed takes
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
-@dataclass
-class Job:
-    model: DiffusionModel
-    inputs: Prepared
-    cfg_scale: float
-    labels: torch.Tensor | None = None  # one per image
-    text: PromptPlan | None = None  # text models: what each image's prompt embeddings are made from
-    guidance: ClassifierFreeGuidance | None = None  # the scale above, its interval and rescale (diffusion/cfg.py)
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: `count` images, image i from seed + i alone (batching never changes one).
 
-    def conditioning(self, first: int, n: int, begin: Start) -> tuple[Conditioning, Conditioning | None]:
-        """The conditioning of images first..first+n and its unconditional twin (None: no guidance)."""
-        device = self.model.device
-        maps = Conditioning(channels=begin.channels, noise_level=begin.noise_level)
-        if self.text is not None:
-            conditioning = maps.replace(text=self.text.embeddings(first, n))
-            if self.cfg_scale == 1.0:
-                return conditioning, None
-            return conditioning, conditioning.replace(text=self.text.embeddings(first, n, negative=True))
-        if self.labels is not None:
-            labels = self.labels[first:first + n].to(device)
-            conditioning = maps.replace(labels=labels)
-            if self.cfg_scale == 1.0:
-                return conditioning, None
-            return conditioning, maps.replace(labels=torch.full_like(labels, self.model.denoiser.null_class))
-        return maps, None
+    Conditioning: `class_labels` (one per image) for class-conditional models; `prompts` (one, or one
+    per image, in A1111's syntax: docs/prompts.md) and `negative_prompt` for text models, `blend` mixing
+    other prompts into each (("a leopard", 0.5) or "a leopard:0.5"), or the embeddings themselves
+    (`prompt_embeds` [1 or count, tokens, width], `negative_prompt_embeds`, as diffusers' pipelines take
+    them). Where sampling starts: `image` (a path, PIL image or [C, H, W] tensor in [0, 1]) with
+    `strength` (img2img; depth-to-image with `depth` or the model's depth estimator), `image` + `mask`
+    (inpainting, white = repaint), `image` + `noise_level` (the ×4 upscaler's low-res input).
+    `guidance` terms steer every image through x̂₀ (decoded, for latent models), with the gradient through
+    x̂₀ only (`guidance_mode="fast"`) or through the network too ("full"). `precision` "bf16" or "fp16"
+    runs fp32 networks under autocast (the samplers' arithmetic stays fp32); "auto" picks what runs fast
+    on the model's device; "no" is exact fp32. A safety checker in the model's folder blacks out flagged
+    images unless `safety_check=False`."""
+
+    count: int = 1
+    # the sampler
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
+    seed: int = 0
+    eta: float | None = None  # DDIM's noise: None or 0 deterministic, 1 like DDPM
+    # what each image is conditioned on
+    class_labels: torch.Tensor | Sequence[int] | None = None
+    prompts: str | Sequence[str] | None = None
+    negative_prompt: str | Sequence[str] | None = None
+    blend: Sequence[tuple[str, float] | str] = ()
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    # classifier-free guidance (its options sit together here)
+    cfg_scale: float | None = None  # None: the model kind's (DiffusionModel.default_cfg_scale)
+    cfg_interval: Any = None  # (low, high] noise levels σ where it guides, or "low-high"; None: the model's
+    cfg_rescale: float | None = None  # 0 (none) to 1 (diffusers' guidance_rescale); None: the model's
+    # the size, and where sampling starts
+    width: int | None = None  # None: the input image's, else the model's
+    height: int | None = None
+    image: Any = None
+    mask: Any = None
+    depth: Any = None
+    strength: float | None = None  # None: DEFAULT_STRENGTH (inpainting DEFAULT_INPAINT_STRENGTH)
+    noise_level: int | None = None  # None: DEFAULT_NOISE_LEVEL
+    # loss guidance
+    guidance: Sequence[GuidanceTerm] = ()
+    guidance_mode: str = "fast"
+    # how the networks run, and whether a folder's safety checker blacks out flagged images
+    precision: str = "no"
+    safety_check: bool = True
+
+    # ---- what the request means for a model ------------------------------------------------------------
+
+    def mode(self, model: DiffusionModel) -> str:
+        """txt2img, img2img, inpaint, depth or upscale (an inpainting, depth or upscaling model does only its
+        own; any other model inpaints with a mask and repaints an image without one)."""
+        if model.variant is not None:
+            return model.variant
+        if self.image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def run_strength(self, model: DiffusionModel) -> float | None:
+        """How much of the image is repainted (1 everything), as given or the mode's default; None for a mode
+        that has none (text-to-image, the upscaler)."""
+        mode = self.mode(model)
+        if mode in ("txt2img", "upscale"):
+            return None
+        if self.strength is not None:
+            return self.strength
+        return DEFAULT_INPAINT_STRENGTH if mode == "inpaint" else DEFAULT_STRENGTH
+
+    def run_noise_level(self, model: DiffusionModel) -> int | None:
+        """The upscaler's noise level, as given or its default; None for other models."""
+        if model.variant != "upscale":
+            return None
+        return DEFAULT_NOISE_LEVEL if self.noise_level is None else self.noise_level
+
+    def run_guidance(self, model: DiffusionModel) -> ClassifierFreeGuidance:
+        """Classifier-free guidance as asked, the rest from the model's defaults (diffusion/cfg.py)."""
+        return guidance_of(model, self.cfg_scale, self.cfg_interval, self.cfg_rescale)
+
+    @property
+    def conditioned(self) -> bool:
+        return self.class_labels is not None or self.prompts is not None or self.prompt_embeds is not None
+
+    # ---- the rules ---------------------------------------------------------------------------------------
+
+    def check_values(self) -> None:
+        """The rules that need no model (a front end makes these before loading one): whole numbers where
+        they must be, a seed every image's generator takes, a strength in (0, 1], known names."""
+        if isinstance(self.count, bool) or not isinstance(self.count, Integral) or self.count < 1:
+            raise InputError(f"the number of images must be a whole number, at least 1 (got {self.count!r})")
+        seed, count = self.seed, self.count
+        if not (isinstance(seed, Integral) and 0 <= seed and seed + count - 1 <= MAX_SEED):
+            last = ("" if count <= 1 else
+                    f" (image i uses SEED+i, so with {count} images at most {MAX_SEED - count + 1})")
+            raise InputError(f"--seed must be a whole number from 0 to {MAX_SEED}{last}; got {seed}")
+        check_choice("sampler", self.sampler, SAMPLERS)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, Integral) or self.steps < 1:
+            raise InputError(f"--steps must be at least 1 (got {self.steps!r})")
+        not_negative("--eta", self.eta, "0 is deterministic, 1 like DDPM")
+        not_negative("--cfg-scale", self.cfg_scale, "1 is plain conditional sampling")
+        check_options(self.cfg_interval, self.cfg_rescale)
+        if self.strength is not None and not (isinstance(self.strength, Real) and math.isfinite(self.strength)
+                                              and 0 < self.strength <= 1):
+            raise InputError(f"--strength must be in (0, 1] (got {self.strength}): it is how much of --image is "
+                             "repainted, 1 everything, 0.3 a little (most of the image is kept)")
+        for name, side in (("width", self.width), ("height", self.height)):
+            if side is not None and (isinstance(side, bool) or not isinstance(side, Integral) or side < 1):
+                raise InputError(f"--{name} must be a positive number of pixels (got {side})")
+        check_guidance_mode(self.guidance_mode)
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; choose auto, no, bf16 or fp16")
+
+    def check(self, model: DiffusionModel, most_steps: int | None = None) -> None:
+        """Every rule, against `model`, before any work and without reading a file: what it is conditioned on,
+        which inputs this model takes, a size it can make, steps its schedule has, a strength that runs a step.
+        (The input images themselves are checked where they are read: planning.py.) `most_steps`: the most
+        steps the caller allows (the demo's limit), so that advice stays within it."""
+        self.check_values()
+        check_sampler_steps(self.steps, model.noise_schedule.config.num_train_timesteps, self.sampler)
+        self.check_conditioning(model)
+        self.run_guidance(model)  # the model's own defaults, with what was given
+        self.check_inputs(model, most_steps)
+
+    def check_conditioning(self, model: DiffusionModel) -> None:
+        count, text = self.count, model.prompts is not None
+        prompts = per_image(self.prompts, count, "prompt")
+        negatives = per_image(self.negative_prompt, count, "negative prompt")
+        embedded = self.prompt_embeds is not None or self.negative_prompt_embeds is not None
+        if embedded and not text:
+            raise InputError("prompt embeddings need a text-to-image model; this model has no text encoder")
+        if not text and (prompts is not None or negatives is not None):
+            raise InputError("this model has no text encoder, so it takes no prompt; "
+                             + ("give --class instead" if model.class_names else "it samples without conditioning"))
+        if text and self.class_labels is not None:
+            raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class (--class)")
+        if text and prompts is None and not embedded:
+            raise InputError("this is a text-to-image model: give a prompt (--prompt \"a photo of ...\")")
+        if self.class_labels is not None and len(self.class_labels) != count:
+            raise InputError(f"{len(self.class_labels)} class labels for {count} images: give one per image")
+        if self.blend and not text:
+            raise InputError("a blend mixes prompts: it needs a text-to-image model")
+        if not text:
+            return
+        blends = check_blends(list(self.blend or []))
+        if self.prompt_embeds is not None and (prompts is not None or blends):
+            raise InputError("give prompts or prompt embeddings, not both (to blend embeddings, mix them yourself: "
+                             "docs/stable-diffusion.md)")
+        if self.negative_prompt_embeds is not None and negatives is not None:
+            raise InputError("give a negative prompt or negative prompt embeddings, not both")
+        if self.prompt_embeds is None and self.negative_prompt_embeds is not None:
+            raise InputError("negative prompt embeddings need prompt embeddings (prompt_embeds) beside them")
+        checked_embeddings(self.prompt_embeds, count, model.prompts, "prompt_embeds")
+        checked_embeddings(self.negative_prompt_embeds, count, model.prompts, "negative_prompt_embeds")
+
+    def check_inputs(self, model: DiffusionModel, most_steps: int | None = None) -> None:
+        """Which inputs this model takes, at what size, strength and noise level."""
+        variant, image, mask, depth = model.variant, self.image, self.mask, self.depth
+        for name, value, needs in (("mask", mask, "inpainting"), ("depth map", depth, "depth-to-image")):
+            if value is not None and image is None:
+                raise InputError(f"a {name} needs the image it belongs to: give --image too ({needs} repaints an "
+                                 "image)")
+        if image is None and variant is not None:
+            raise InputError(f"this is a {model.kind.pipeline} model: it needs an input image (--image)"
+                             + (" and a mask (--mask)" if variant == "inpaint" else ""))
+        if variant == "inpaint" and mask is None:
+            raise InputError("this is an inpainting model: give --mask (white where the image is repainted)")
+        check_depth_model(model, "a depth map" if depth is not None else None)
+        if mask is not None and variant in ("depth", "upscale"):
+            raise InputError(f"a {model.kind.pipeline} model does not inpaint; give no --mask")
+        if self.noise_level is not None and variant != "upscale":
+            raise InputError("--noise-level is for the ×4 upscaler (a StableDiffusionUpscalePipeline folder)")
+        if self.strength is not None and (image is None or variant == "upscale"):
+            raise InputError("--strength is how much of --image is repainted (1: everything): it needs an image, "
+                             "and the upscaler takes none (it uses --noise-level)")
+        if variant == "upscale":
+            if self.width is not None or self.height is not None:
+                raise InputError("the upscaler's output size is its input's × 4: give no --width/--height")
+            highest = model.max_noise_level if model.max_noise_level is not None else FALLBACK_MAX_NOISE_LEVEL
+            level = self.run_noise_level(model)
+            if isinstance(level, bool) or not isinstance(level, Integral):
+                raise InputError(f"--noise-level must be a whole number (got {level!r})")
+            if not 0 <= level <= highest:
+                raise InputError(f"--noise-level {level} is outside what this upscaler takes: 0 to {highest}")
+            return
+        if self.width is not None or self.height is not None:
+            size = model.info.image_size
+            check_size(size if self.width is None else self.width, size if self.height is None else self.height,
+                       model.size_factor, step=size_step(model))
+        strength = self.run_strength(model)
+        if strength is not None and first_step(self.steps, strength) >= self.steps:
+            need = math.ceil(1 / strength)
+            need += int(need * strength) < 1  # 1 / strength rounded down by floating point
+            lowest = lowest_strength(self.steps)
+            advice = (f"raise --strength or --steps (at least {need} steps at this strength, or a strength of at "
+                      f"least {lowest:g} at {self.steps} steps)" if most_steps is None or need <= most_steps else
+                      f"raise the strength to at least {lowest:g} at {self.steps} steps, or to at least "
+                      f"{lowest_strength(most_steps):g} at {most_steps} steps (the most allowed here)")
+            raise InputError(f"strength {strength:g} of {self.steps} steps is no step at all: {advice}")
+
+    # ---- what the images say about how they were made ---------------------------------------------------
+
+    def settings(self, model: DiffusionModel, image: int | None = None,
+                 size: tuple[int, int] | None = None) -> dict:
+        """The request as written into its images (PNG's 'difflab' JSON; `images.save_png` makes A1111's
+        `parameters` from it when it holds a prompt). `image`: one image's (its seed, class and prompt);
+        None: the whole request's (the first seed, the count). `size`: (width, height) of one image made,
+        where the caller has it; else the asked size, if any. Input images are named when given as paths."""
+        settings: dict[str, Any] = {"sampler": self.sampler, "steps": self.steps}
+        settings["seed"] = self.seed if image is None else self.seed + image
+        if image is None:
+            settings["count"] = self.count
+        if self.eta is not None:
+            settings["eta"] = self.eta
+        labels = None if self.class_labels is None else [int(label) for label in self.class_labels]
+        names = model.class_names or []
+        if labels is not None:
+            chosen = labels if image is None else [labels[image]]
+            if len(set(chosen)) == 1:
+                settings["class"] = names[chosen[0]] if chosen[0] < len(names) else chosen[0]
+        prompts = per_image(self.prompts, self.count, "prompt")
+        if prompts is not None:
+            chosen = prompts if image is None else [prompts[image]]
+            distinct = list(dict.fromkeys(chosen))
+            settings.update({"prompt": distinct[0]} if len(distinct) == 1 else {"prompts": " | ".join(distinct)})
+        negatives = per_image(self.negative_prompt, self.count, "negative prompt")
+        if negatives is not None and len(set(negatives)) == 1 and negatives[0]:
+            settings["negative_prompt"] = negatives[0]
+        if self.blend:
+            settings["blend"] = [b if isinstance(b, str) else f"{b[0]}:{b[1]:g}" for b in self.blend]
+        if self.conditioned:
+            settings.update(self.run_guidance(model).settings(include_scale=True))
+        mode = self.mode(model)
+        if mode != "txt2img":  # the mode and the strength or noise level it ran at, default or not
+            settings["mode"] = mode
+        for name, value in (("strength", self.run_strength(model)), ("noise_level", self.run_noise_level(model))):
+            if value is not None:
+                settings[name] = value
+        for name in ("image", "mask", "depth"):
+            if isinstance(getattr(self, name), (str, Path)):
+                settings[name] = str(getattr(self, name))
+        width, height = size if size is not None else (self.width, self.height)
+        if width is not None or height is not None:
+            settings.update(width=width or model.info.image_size, height=height or model.info.image_size)
+        return settings
 
 
-@dataclass
-class PromptPlan:
-    """A request's prompt embeddings, made batch by batch: from prompts (in A1111's syntax, blended with
-    `blends`) or given as tensors; the negative ones likewise. Every sequence of the request is as long
-    as its longest (padded with the empty prompt's embeddings), so batching never changes an image."""
-
-    encoder: PromptEncoder
-    length: int  # tokens of every sequence
-    long: bool  # the UNet takes sequences longer than one chunk
-    prompts: list[str] | None = None  # one per image
-    negatives: list[str] | None = None  # one per image
-    blends: list[tuple[str, float]] = field(default_factory=list)
-    embeds: torch.Tensor | None = None  # given: [1 or count, L, D]
-    negative_embeds: torch.Tensor | None = None
-
-    def embeddings(self, first: int, n: int, negative: bool = False) -> torch.Tensor:
-        given = self.negative_embeds if negative else self.embeds
-        if given is not None:
-            chosen = given[first:first + n] if len(given) > 1 else given.expand(n, -1, -1)
-            return self.encoder.pad(chosen.to(self.encoder.device), self.length)
-        texts = (self.negatives if negative else self.prompts)[first:first + n]
-        embeddings = self.encoder.encode(texts, self.length, self.long)
-        if negative or not self.blends:
-            return embeddings
-        others = [(self.encoder.encode([prompt], self.length, self.long).expand(n, -1, -1), weight)
-                  for prompt, weight in self.blends]
-        return mix(embeddings, others)
+def not_negative(flag: str, value, meaning: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise InputError(f"{flag} must be a finite number (got {value})")
+    if value < 0:
+        raise InputError(f"{flag} must be 0 or more (got {value}); {meaning}")
 
 
 def per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[str] | None:
+    """One value for each image: a single value repeated, or one per image."""
     if value is None or isinstance(value, str):
         return None if value is None else [value] * count
     value = list(value)
@@ -95,50 +305,9 @@ def per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[
     return value
 
 
-def prepare(model: DiffusionModel, count: int, *, class_labels=None, prompts=None, negative_prompt=None,
-            cfg_scale=None, cfg_interval=None, cfg_rescale=None,
-            image=None, mask=None, depth=None, strength=None, noise_level=None,
-            width=None, height=None, blend=None, prompt_embeds=None, negative_prompt_embeds=None,
-            seed: int | None = None) -> Job:
-    guidance = guidance_of(model, cfg_scale, cfg_interval, cfg_rescale)
-    check_settings(seed=seed, count=count, strength=strength, width=width, height=height)
-    prompts, negatives = per_image(prompts, count, "prompt"), per_image(negative_prompt, count, "negative prompt")
-    embedded = prompt_embeds is not None or negative_prompt_embeds is not None
-    if embedded and model.prompts is None:
-        raise InputError("prompt embeddings need a text-to-image model; this model has no text encoder")
-    check_conditioning(model, class_labels, [""] if embedded and prompts is None else prompts, negatives, count)
-    if blend and model.prompts is None:
-        raise InputError("a blend mixes prompts: it needs a text-to-image model")
-    text = None
-    if model.prompts is not None:
-        text = plan_prompts(model, count, prompts, negatives, blend, prompt_embeds, negative_prompt_embeds)
-    inputs = prepare_inputs(model, image, mask, depth, strength, noise_level, width, height)
-    return Job(model, inputs, guidance.scale, class_labels, text, guidance)
-
-
-def plan_prompts(model: DiffusionModel, count: int, prompts, negatives, blend, embeds, negative_embeds) -> PromptPlan:
-    """Check the prompts (syntax, blends, given embeddings) and measure them, before any work: a prompt the
-    model must cut is said here, before the progress bar starts."""
-    encoder = model.prompts
-    long = model.denoiser.takes_long_context
-    blends = check_blends(list(blend or []))
-    if embeds is not None and (prompts is not None or blends):
-        raise InputError("give prompts or prompt embeddings, not both (to blend embeddings, mix them yourself: "
-                         "docs/stable-diffusion.md)")
-    embeds = checked_embeddings(embeds, count, encoder, "prompt_embeds")
-    negative_embeds = checked_embeddings(negative_embeds, count, encoder, "negative_prompt_embeds")
-    if negative_embeds is not None and negatives is not None:
-        raise InputError("give a negative prompt or negative prompt embeddings, not both")
-    if embeds is None and negative_embeds is not None:
-        raise InputError("negative prompt embeddings need prompt embeddings (prompt_embeds) beside them")
-    if negative_embeds is None:
-        negatives = negatives or [""] * count
-    texts = list(dict.fromkeys((prompts or []) + (negatives or []) + [prompt for prompt, _ in blends]))
-    lengths = [encoder.length(text, long) for text in texts]
-    lengths += [e.shape[1] for e in (embeds, negative_embeds) if e is not None]
-    if not long:
-        encoder.warn_truncated(texts)
-    return PromptPlan(encoder, max(lengths), long, prompts, negatives, blends, embeds, negative_embeds)
+def lowest_strength(steps: int) -> float:
+    """The lowest strength, in hundredths, that runs at least one of `steps` steps."""
+    return next(k / 100 for k in range(1, 101) if first_step(steps, k / 100) < steps)
 
 
 def checked_embeddings(embeds, count: int, encoder: PromptEncoder, name: str) -> torch.Tensor | None:
@@ -156,21 +325,25 @@ def checked_embeddings(embeds, count: int, encoder: PromptEncoder, name: str) ->
     return embeds.detach()
 
 
-# ---- checks that need no model (the CLI makes them before loading one) ------------------------------
+def check_depth_model(model: DiffusionModel, given: str | None) -> None:
+    """A depth map or depth estimator (`given` names it) is for depth-to-image models only."""
+    if given is not None and model.variant != "depth":
+        raise InputError(f"{given} is for depth-to-image models (a StableDiffusionDepth2ImgPipeline folder); "
+                         f"this is {what_model(model)}, which takes none")
 
-def check_settings(*, seed: int | None = None, count: int = 1, strength=None, width=None, height=None) -> None:
-    """The request's numbers, before anything is loaded: a seed torch's generators take for every image,
-    a strength in (0, 1], sides of at least one pixel."""
-    if seed is not None and not (isinstance(seed, Integral) and 0 <= seed and seed + max(count, 1) - 1 <= MAX_SEED):
-        last = "" if count <= 1 else f" (image i uses SEED+i, so with {count} images at most {MAX_SEED - count + 1})"
-        raise InputError(f"--seed must be a whole number from 0 to {MAX_SEED}{last}; got {seed}")
-    if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
-        raise InputError(f"--strength must be in (0, 1] (got {strength}): it is how much of --image is repainted, "
-                         "1 everything, 0.3 a little (most of the image is kept)")
-    for name, side in (("width", width), ("height", height)):
-        if side is not None and side < 1:
-            raise InputError(f"--{name} must be a positive number of pixels (got {side})")
 
+def size_step(model: DiffusionModel) -> str:
+    """What a model's size factor is, for messages."""
+    return "the VAE's downscaling factor" if model.codec is not None else "the factor the UNet's levels halve by"
+
+
+def what_model(model: DiffusionModel) -> str:
+    if model.variant is not None:
+        return f"a {model.kind.pipeline} model"
+    return "a text-to-image model" if model.prompts is not None else "a pixel model"
+
+
+# ---- where the request's images are written (the CLI checks this before any work) ---------------------
 
 def check_outputs(outputs, inputs: dict, out_dir=None, first_seed: int = 0) -> None:
     """No output may replace an input (`--out photo.png --image photo.png` would overwrite the user's
@@ -201,167 +374,3 @@ def check_outputs(outputs, inputs: dict, out_dir=None, first_seed: int = 0) -> N
                 refuse(flag, out_dir[1], f"{what} {path.name}")
 
 
-def check_conditioning(model: DiffusionModel, labels, prompts, negatives, count: int) -> None:
-    if model.prompts is None and (prompts is not None or negatives is not None):
-        raise InputError("this model has no text encoder, so it takes no prompt; "
-                         + ("give --class instead" if model.class_names else "it samples without conditioning"))
-    if model.prompts is not None and labels is not None:
-        raise InputError("this is a text-to-image model: it takes a prompt (--prompt), not a class")
-    if model.prompts is not None and prompts is None:
-        raise InputError("this is a text-to-image model: give a prompt (--prompt \"a photo of ...\")")
-    if labels is not None and len(labels) != count:
-        raise InputError(f"{len(labels)} class labels for {count} images: give one per image")
-
-
-def mode_of(model: DiffusionModel, image, mask) -> str:
-    """What a request does: txt2img, img2img, inpaint, depth or upscale (an inpainting, depth or upscaling
-    model does only its own; any other model inpaints with a mask and repaints an image without one)."""
-    if model.variant is not None:
-        return model.variant
-    if image is None:
-        return "txt2img"
-    return "inpaint" if mask is not None else "img2img"
-
-
-def strength_of(mode: str, strength: float | None) -> float | None:
-    """The strength a request runs at — how much of its image is repainted, 1 everything — as given or
-    the mode's default; None for a mode that has none (text-to-image, the upscaler)."""
-    if mode in ("txt2img", "upscale"):
-        return None
-    if strength is not None:
-        return strength
-    return 1.0 if mode == "inpaint" else DEFAULT_STRENGTH
-
-
-def check_inputs(model: DiffusionModel, *, image=None, mask=None, depth=None, strength=None, noise_level=None,
-                 width=None, height=None, depth_model=None) -> None:
-    """Which inputs this model takes, from the request alone (no file read, nothing downloaded): the
-    CLI makes this check as soon as the model is loaded, before LoRAs or a depth estimator are fetched."""
-    variant = model.variant
-    check_settings(strength=strength, width=width, height=height)
-    for name, value, needs in (("mask", mask, "inpainting"), ("depth map", depth, "depth-to-image")):
-        if value is not None and image is None:
-            raise InputError(f"a {name} needs the image it belongs to: give --image too ({needs} repaints an image)")
-    if image is None and variant is not None:
-        raise InputError(f"this is a {model.kind.pipeline} model: it needs an input image (--image)"
-                         + (" and a mask (--mask)" if variant == "inpaint" else ""))
-    if variant == "inpaint" and mask is None:
-        raise InputError("this is an inpainting model: give --mask (white where the image is repainted)")
-    for name, value in (("a depth map", depth), ("--depth-model", depth_model)):
-        if value is not None and variant != "depth":
-            raise InputError(f"{name} is for depth-to-image models (a StableDiffusionDepth2ImgPipeline folder); "
-                             f"this is {what_model(model)}, which takes none")
-    if mask is not None and variant in ("depth", "upscale"):
-        raise InputError(f"a {model.kind.pipeline} model does not inpaint; give no --mask")
-    if noise_level is not None and variant != "upscale":
-        raise InputError("--noise-level is for the ×4 upscaler (a StableDiffusionUpscalePipeline folder)")
-    if strength is not None and (image is None or variant == "upscale"):
-        raise InputError("--strength is how much of --image is repainted (1: everything): it needs an image, and "
-                         "the upscaler takes none (it uses --noise-level)")
-    if variant == "upscale":
-        if width is not None or height is not None:
-            raise InputError("the upscaler's output size is its input's × 4: give no --width/--height")
-        highest = model.max_noise_level if model.max_noise_level is not None else 350
-        level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
-        if not 0 <= level <= highest:
-            raise InputError(f"--noise-level {level} is outside what this upscaler takes: 0 to {highest}")
-
-
-def what_model(model: DiffusionModel) -> str:
-    if model.variant is not None:
-        return f"a {model.kind.pipeline} model"
-    return "a text-to-image model" if model.prompts is not None else "a pixel model"
-
-
-def prepare_inputs(model: DiffusionModel, image, mask, depth, strength, noise_level, width, height) -> Prepared:
-    check_inputs(model, image=image, mask=mask, depth=depth, strength=strength, noise_level=noise_level,
-                 width=width, height=height)
-    variant = model.variant
-    if variant == "upscale":
-        return prepare_upscale(model, image, noise_level)
-    source = read_image(image, "image") if image is not None else None
-    width, height = output_size(model, source, width, height)
-    channels = model.info.channels if model.codec is None else 3
-    prepared = Prepared(model.sample_shape(height, width))
-    if source is not None:
-        prepared.image = image_tensor(source, width, height, channels)
-        prepared.strength = strength_of(mode_of(model, image, mask), strength)
-    if mask is not None:
-        prepared.mask = mask_tensor(read_image(mask, "mask"), source, width, height)
-        check_mask(prepared.mask, mask, prepared.strength)
-    if variant == "depth":
-        prepared.depth = depth_tensor(depth) if depth is not None else estimate_depth(model, source)
-    return prepared
-
-
-def check_mask(mask: torch.Tensor, given, strength: float) -> None:
-    """A mask as it will be used (binarised at the output size): all black repaints nothing, refused;
-    all white repaints everything, said once."""
-    name = f" {given}" if isinstance(given, (str, Path)) else ""
-    if not bool(mask.any()):
-        raise InputError(f"the mask{name} is all black: nothing would be repainted; paint white where the image "
-                         "should be repainted")
-    if bool(mask.all()):
-        height, width = mask.shape[-2:]
-        what = (f"this is text-to-image at the image's size, {width}×{height}" if strength >= 1 else
-                f"this is img2img at strength {strength:g}")
-        log.info("the mask%s is all white: the whole image is repainted, so %s", name, what)
-
-
-def output_size(model: DiffusionModel, source, width, height) -> tuple[int, int]:
-    """The asked size; else the input image's, rounded down to what the model takes (said when it
-    changes); else the model's."""
-    factor = model.size_factor
-    if source is not None and width is None and height is None:
-        width, height = fitted_size(source, factor)
-        if (width, height) != source.size:
-            log.info("the image is %d×%d and this model takes sides that are multiples of %d: it is resized to "
-                     "%d×%d (give --width and --height to choose)", *source.size, factor, width, height)
-    width = model.info.image_size if width is None else width
-    height = model.info.image_size if height is None else height
-    check_size(width, height, factor)
-    return width, height
-
-
-def planned_size(model: DiffusionModel, image=None, width=None, height=None) -> tuple[int, int]:
-    """The (width, height) a request's images will have, for the workload estimate before sampling: the
-    upscaler's input × 4; else as `output_size` decides (the asked size, the input image's, the model's)."""
-    if model.variant == "upscale" and image is not None:
-        source = read_image(image, "image")
-        factor = model.codec.factor
-        return tuple(side * factor for side in fitted_size(source, factor))
-    source = read_image(image, "image") if image is not None else None
-    if source is not None and width is None and height is None:
-        return fitted_size(source, model.size_factor)
-    return (model.info.image_size if width is None else width, model.info.image_size if height is None else height)
-
-
-def fitted_size(image, factor: int) -> tuple[int, int]:
-    """An image's width and height rounded down to multiples of `factor` (as diffusers' processors do)."""
-    return tuple(max(factor, side // factor * factor) for side in image.size)
-
-
-def prepare_upscale(model: DiffusionModel, image, noise_level) -> Prepared:
-    level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
-    source = read_image(image, "image")
-    factor = model.codec.factor
-    if min(source.size) < factor:
-        raise InputError(f"the image {source.width}×{source.height} is too small for the ×4 upscaler: it takes "
-                         f"sides of at least {factor} pixels (multiples of {factor})")
-    width, height = fitted_size(source, factor)
-    if (width, height) != source.size:
-        log.warning("the upscaler takes sides that are multiples of %d: the %d×%d image is resized to %d×%d, so "
-                    "the result is %d×%d, not %d×%d (crop it to multiples of %d for exactly ×4)", factor,
-                    *source.size, width, height, width * factor, height * factor, source.width * factor,
-                    source.height * factor, factor)
-    low_res = image_tensor(source, width, height, resample="bicubic")
-    return Prepared(model.sample_shape(height * factor, width * factor), image=low_res, noise_level=level)
-
-
-def estimate_depth(model: DiffusionModel, source) -> torch.Tensor:
-    if model.depth_estimator is None:
-        raise InputError("depth-to-image needs a depth map: give --depth DEPTH.png, or --depth-model PATH_OR_ID "
-                         "(a transformers depth estimator such as Intel/dpt-hybrid-midas)")
-    from difflab.models.depth import predict_depth
-
-    return predict_depth(model.depth_estimator, source, model.device)

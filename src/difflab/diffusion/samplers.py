@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from difflab.errors import ConfigError
 from difflab.models.schedules import check_choice
 
 # Heun, LMS and PNDM combine predictions across steps in ways that amplify errors by up to
@@ -32,10 +33,21 @@ DEFAULT_STEPS = 20
 GUIDANCE_MODES = ("fast", "full")
 
 
-def make_sampler(name: str, noise_schedule_config):
+def scheduler_for(name: str, noise_schedule_config):
     """A fresh scheduler for sampler `name` (schedulers keep per-run state, so never share one)."""
     import diffusers
 
     check_choice("sampler", name, SAMPLERS)
     class_name, settings = SAMPLERS[name]
     return getattr(diffusers, class_name).from_config(noise_schedule_config, **settings)
+
+
+def check_sampler_steps(steps: int, timesteps: int, sampler: str | None = None, flag: str = "--steps") -> None:
+    """A sampler walks down the training timesteps: at least 1 step, at most one per timestep (one
+    fewer for the samplers that start one step below pure noise, whose timesteps are offset by 1)."""
+    most = timesteps - SAMPLERS.get(sampler, ("", {}))[1].get("steps_offset", 0)
+    if steps < 1:
+        raise ConfigError(f"{flag} must be at least 1 (got {steps})")
+    if steps > most:
+        raise ConfigError(f"{flag} {steps} is more than {sampler or 'a sampler'} can take from the model's noise "
+                          f"schedule of {timesteps} timesteps; use at most {most} (20-50 is usual)")

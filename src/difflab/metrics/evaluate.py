@@ -10,8 +10,8 @@ import torch
 
 from difflab.data import ImageDataset, open_dataset
 from difflab.data.captions import template_captions
-from difflab.diffusion.cfg import guidance_of
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.errors import DataError
 from difflab.metrics.classifier import TrainedClassifier, load_or_train
 from difflab.metrics.frechet import frechet_distance
@@ -116,10 +116,10 @@ class Evaluator:
         if caption_template and labels is not None:
             prompts = template_captions(caption_template, labels.tolist(), class_names)
         cfg_scale = model.default_cfg_scale if cfg_scale is None else cfg_scale
-        images = generate(model, n, sampler=sampler, steps=steps, seed=seed, cfg_scale=cfg_scale,
-                          cfg_interval=cfg_interval, cfg_rescale=cfg_rescale,
-                          class_labels=None if prompts else labels, prompts=prompts, batch_size=batch_size,
-                          progress=progress) * 2 - 1
+        request = GenerationRequest(n, sampler=sampler, steps=steps, seed=seed, cfg_scale=cfg_scale,
+                                    cfg_interval=cfg_interval, cfg_rescale=cfg_rescale,
+                                    class_labels=None if prompts else labels, prompts=prompts)
+        images = generate(model, request, batch_size=batch_size, progress=progress) * 2 - 1
         result = {
             "n": n,
             "frechet_distance": self.distance(images),
@@ -132,7 +132,7 @@ class Evaluator:
                                 f"{self.data_spec}; evaluate it on the data it was trained on")
             predictions = self.classifier.features_and_predictions(images)[1]
             correct = predictions == labels
-            result.update(guidance_of(model, cfg_scale, cfg_interval, cfg_rescale).settings(include_scale=True))
+            result.update(request.run_guidance(model).settings(include_scale=True))
             result["class_accuracy"] = round(correct.float().mean().item(), 4)
             result["class_accuracy_per_class"] = {
                 name: round(correct[labels == i].float().mean().item(), 4) for i, name in enumerate(class_names)

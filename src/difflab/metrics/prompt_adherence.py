@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from difflab.data import shapes
-from difflab.diffusion.cfg import guidance_of
 from difflab.diffusion.generate import generate
+from difflab.diffusion.request import GenerationRequest
 from difflab.metrics.attributes import AttributeClassifier, adherence, load_or_train_attributes
 from difflab.metrics.frechet import frechet_distance
 from difflab.models.codec import round_trip
@@ -42,9 +42,9 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
     reader = reader or load_or_train_attributes(size)
     embed, space = (features, features.name) if features is not None else (reader.features, "attribute reader")
     prompts = evaluation_prompts(n, seed)
-    images = generate(model, n, prompts=[p.caption for p in prompts], sampler=sampler, steps=steps, seed=seed,
-                      cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_rescale=cfg_rescale, batch_size=batch_size,
-                      progress=progress) * 2 - 1
+    request = GenerationRequest(n, prompts=[p.caption for p in prompts], sampler=sampler, steps=steps, seed=seed,
+                                cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_rescale=cfg_rescale)
+    images = generate(model, request, batch_size=batch_size, progress=progress) * 2 - 1
     reference = embed(real_images(n, size, REFERENCE_SEED)).numpy()
     result = {
         "n": n,
@@ -53,7 +53,7 @@ def evaluate_prompts(model: DiffusionModel, n: int, *, sampler: str, steps: int,
         "frechet_floor": round(frechet_distance(embed(real_images(n, size, seed)).numpy(), reference), 4),
         "feature_space": space,
         "sampler": sampler, "steps": steps, "seed": seed,
-        **guidance_of(model, cfg_scale, cfg_interval, cfg_rescale).settings(include_scale=True),
+        **request.run_guidance(model).settings(include_scale=True),
     }
     if model.latent:
         result["vae_ceiling"] = reconstruction_adherence(model, n, seed, reader)

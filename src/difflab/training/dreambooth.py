@@ -207,6 +207,7 @@ def generate_class_images(config: DreamBoothConfig, base: DiffusionModel, folder
     from difflab.batch_memory import vae_batch
     from difflab.devices import pick_device
     from difflab.diffusion.generate import generate
+    from difflab.diffusion.request import GenerationRequest
     from difflab.images import save_png, to_pil
 
     d, run = config.dreambooth, config.run
@@ -217,12 +218,11 @@ def generate_class_images(config: DreamBoothConfig, base: DiffusionModel, folder
     size = base.info.image_size
     dtype = torch.float32 if config.optim.precision == "no" else torch.float16
     batch = vae_batch(size, size, dtype, device, CLASS_BATCH, decode=True)
-    images = generate(base, count, sampler=run.sample_sampler, steps=run.sample_steps, seed=run.seed + start,
-                      prompts=d.class_prompt, batch_size=batch, progress=True, precision=config.optim.precision)
+    request = GenerationRequest(count, sampler=run.sample_sampler, steps=run.sample_steps, seed=run.seed + start,
+                                prompts=d.class_prompt, precision=config.optim.precision)
+    images = generate(base, request, batch_size=batch, progress=True)
     for i, image in enumerate(images):
-        save_png(to_pil(image), folder / f"{start + i:04d}.png",
-                 {"prompt": d.class_prompt, "seed": run.seed + start + i, "sampler": run.sample_sampler,
-                  "steps": run.sample_steps})
+        save_png(to_pil(image), folder / f"{start + i:04d}.png", request.settings(base, image=i))
     log.info("class images generated in %.0f s", time.perf_counter() - started)
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from difflab.checks import check_sampler_steps
 from difflab.config import TrainConfig
 from difflab.data import ImageDataset, StreamedImages
 from difflab.data.dataset import match_channels
+from difflab.diffusion.samplers import check_sampler_steps
 from difflab.errors import ConfigError, DataError, ModelError
 from difflab.models.model import DiffusionModel, ModelInfo
 from difflab.models.schedules import SCHEDULES

@@ -23,6 +23,7 @@ from difflab.config import TEXT_TIMESTEP_SHIFT, TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.devices import auto_precision
 from difflab.diffusion.generate import generate, row_labels
+from difflab.diffusion.request import GenerationRequest
 from difflab.errors import ConfigError, DataError, TrainingError
 from difflab.images import make_grid
 from difflab.models.build import build_model
@@ -676,16 +677,12 @@ class Trainer:
             shown = self.validation_prompts if run.sample_prompts else [escape(p) for p in self.validation_prompts]
             prompts = shown * max(1, -(-run.sample_count // columns))
         count = len(labels) if names else len(prompts) if prompts else run.sample_count
+        request = GenerationRequest(count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0,
+                                    class_labels=labels, prompts=prompts, cfg_scale=self.cfg_scale)
         with self.ema_weights(), self.frozen_half_autocast():
-            images = generate(self.model, count, sampler=run.sample_sampler, steps=run.sample_steps, seed=0,
-                              class_labels=labels, prompts=prompts, cfg_scale=self.cfg_scale,
-                              batch_size=self.sample_batch_size(count))
+            images = generate(self.model, request, batch_size=self.sample_batch_size(count))
         self.train_mode()
-        settings = {"step": self.state.step, "sampler": run.sample_sampler, "steps": run.sample_steps, "seed": 0}
-        if names or prompts:
-            settings["cfg_scale"] = self.cfg_scale
-        if prompts:
-            settings["prompts"] = " | ".join(self.validation_prompts)
+        settings = {"step": self.state.step, **request.settings(self.model)}
         with self.writing():
             self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
 
