@@ -131,3 +131,10 @@ def test_each_variant_owns_its_channels_modes_and_pipeline_parts():
     parts = VARIANTS["upscale"].conditioning_parts(2, 4, (8, 8), "cpu")
     assert parts["channels"].shape == (2, 3, 8, 8) and parts["noise_level"].shape == (2,)
     assert VARIANTS[None].conditioning_parts(2, 4, (8, 8), "cpu") == {}
+
+
+def test_each_variant_has_its_own_start():
+    from difflab.diffusion.modes import STARTS
+    from difflab.models.variants import VARIANTS
+
+    assert set(STARTS) == set(VARIANTS) and len(set(STARTS.values())) == len(VARIANTS)

@@ -40,28 +40,54 @@ class Prepared:
 
 def start(model: DiffusionModel, job: Prepared, generators: list[torch.Generator], scheduler,
           timesteps: torch.Tensor) -> Start:
-    n, device = len(generators), model.device
-    if model.variant == "upscale":
-        return upscale_start(model, job, generators, scheduler)
+    """Where a batch starts, by the model's variant (models/variants.py): each owns its start below."""
+    return STARTS[model.variant](model, job, generators, scheduler, timesteps)
+
+
+def noised(model: DiffusionModel, job: Prepared, generators, scheduler, timesteps, clean_needed: bool = True):
+    """The image's latents (None without an image, or when not needed), the starting noise and the starting
+    sample: the latents noised to the first step of the run (img2img, inpainting below strength 1), else noise."""
+    n = len(generators)
     clean = None
-    if job.image is not None and not (model.variant == "inpaint" and job.strength == 1):
+    if job.image is not None and clean_needed:
         clean = encode(model, job.image.expand(n, -1, -1, -1), generators)
-    noise = initial_noise((n, *job.shape), generators, device)
+    noise = initial_noise((n, *job.shape), generators, model.device)
     from_clean = clean is not None and (job.mask is None or job.strength < 1)  # inpainting at 1: pure noise
-    sample = starting_sample(scheduler, noise, timesteps, clean if from_clean else None)
+    return clean, noise, starting_sample(scheduler, noise, timesteps, clean if from_clean else None)
+
+
+def plain_start(model: DiffusionModel, job: Prepared, generators, scheduler, timesteps) -> Start:
+    """A plain UNet: from noise (txt2img), from the noised image (img2img), or inpainting by re-imposing the
+    known region after every step."""
+    clean, noise, sample = noised(model, job, generators, scheduler, timesteps)
     if job.mask is None:
-        channels = None if model.variant != "depth" else depth_channels(job.depth, job.shape, n, device)
-        return Start(sample, channels)
-    mask = F.interpolate(job.mask, size=job.shape[-2:]).to(device).expand(n, -1, -1, -1)
-    if model.variant == "inpaint":
-        masked = encode(model, (job.image * (job.mask < 0.5)).expand(n, -1, -1, -1), generators)
-        return Start(sample, torch.cat([mask, masked], dim=1))
+        return Start(sample)
     if model.codec is not None:
         # diffusers encodes the masked image for a plain UNet too, unused: draw its posterior sample's
         # noise so that each generator stays in step with the pipeline's.
         for g in generators:
             torch.randn((1, *job.shape), generator=g)
-    return Start(sample, after_step=reimpose_known_region(scheduler, clean, noise, mask))
+    return Start(sample, after_step=reimpose_known_region(scheduler, clean, noise, mask_at(job, len(generators),
+                                                                                          model.device)))
+
+
+def inpaint_start(model: DiffusionModel, job: Prepared, generators, scheduler, timesteps) -> Start:
+    """An inpainting UNet: the mask and the masked image's latents enter its extra channels."""
+    _, _, sample = noised(model, job, generators, scheduler, timesteps, clean_needed=job.strength < 1)
+    n = len(generators)
+    masked = encode(model, (job.image * (job.mask < 0.5)).expand(n, -1, -1, -1), generators)
+    return Start(sample, torch.cat([mask_at(job, n, model.device), masked], dim=1))
+
+
+def depth_start(model: DiffusionModel, job: Prepared, generators, scheduler, timesteps) -> Start:
+    """A depth-to-image UNet: from the noised image, with the depth map in its extra channel."""
+    _, _, sample = noised(model, job, generators, scheduler, timesteps)
+    return Start(sample, depth_channels(job.depth, job.shape, len(generators), model.device))
+
+
+def mask_at(job: Prepared, n: int, device) -> torch.Tensor:
+    """The mask at the sampler's size, for every image of the batch."""
+    return F.interpolate(job.mask, size=job.shape[-2:]).to(device).expand(n, -1, -1, -1)
 
 
 def encode(model: DiffusionModel, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -90,7 +116,8 @@ def depth_channels(depth: torch.Tensor, shape, n: int, device) -> torch.Tensor:
     return (2.0 * (depth - low) / (high - low) - 1.0).expand(n, -1, -1, -1)
 
 
-def upscale_start(model: DiffusionModel, job: Prepared, generators: list[torch.Generator], scheduler) -> Start:
+def upscale_start(model: DiffusionModel, job: Prepared, generators: list[torch.Generator], scheduler,
+                  timesteps: torch.Tensor) -> Start:
     """The ×4 upscaler: the low-resolution image, noised to `noise_level` by its own scheduler, enters
     the extra channels; the level enters the class embedding; sampling starts from pure noise."""
     n, device = len(generators), model.device
@@ -99,3 +126,6 @@ def upscale_start(model: DiffusionModel, job: Prepared, generators: list[torch.G
     low = model.low_res_scheduler.add_noise(low, initial_noise(low.shape, generators, device), level)
     noise = initial_noise((n, *job.shape), generators, device)
     return Start(noise * scheduler.init_noise_sigma, low, level.repeat(n))
+
+
+STARTS = {None: plain_start, "inpaint": inpaint_start, "depth": depth_start, "upscale": upscale_start}
