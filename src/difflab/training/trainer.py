@@ -23,22 +23,22 @@ from difflab.config import TEXT_TIMESTEP_SHIFT, TrainConfig, dumps_config
 from difflab.data import BatchStream, ImageDataset, open_dataset
 from difflab.devices import auto_precision
 from difflab.diffusion.generate import generate, row_labels
-from difflab.errors import ConfigError, DataError, TrainingError
+from difflab.errors import ConfigError, DataError
 from difflab.images import make_grid
 from difflab.models.build import build_model
 from difflab.models.conditioning import Conditioning
 from difflab.models.model import DiffusionModel
 from difflab.models.prompt_syntax import escape, parse_prompt
-from difflab.progress import progress_bar
 from difflab.storage.card import model_card
 from difflab.storage.folder import save_model
 from difflab.training import checkpoints, finetune, memory_features
 from difflab.training.budget import Budget, lr_factor
+from difflab.training.loop import Cadence, Loop, Task
 from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target, shifted_timesteps
-from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings, show_progress
-from difflab.training.run_folder import MetricsLog, RunFolder
-from difflab.training.signals import stop_if_signalled, stop_signals
-from difflab.training.steps import StepLog, StepStats, TrainState
+from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings
+from difflab.training.run_folder import RunFolder
+from difflab.training.signals import stop_signals
+from difflab.training.steps import StepStats, TrainState
 from difflab.training.text_batches import CachedLatents, CaptionTokens, PromptCache, TrainingNetwork, sample_latents
 from difflab.training.text_model import (
     PIXEL_SPACE,
@@ -201,9 +201,12 @@ def validation_prompts(run, data) -> list[str]:
     return distinct[::step][:VALIDATION_PROMPTS]
 
 
-class Trainer:
-    """Set up in the order a reader follows: the settings and data, the run folder, the model, what
-    the run reports, the optimizer, the batch stream and noise, and the checkpoint to resume from.
+class Trainer(Task):
+    """The denoiser's task of the one loop (training/loop.py): a batch is images (or latents) with their
+    conditioning, noise and timesteps, the loss is the denoising loss, and a checkpoint holds what trains,
+    its optimizer and moving average. Set up in the order a reader follows: the settings and data, the run
+    folder, the model, what the run reports, the optimizer, the batch stream and noise, and the checkpoint
+    to resume from.
     `clock` (seconds) measures training time for --minutes and images/s; tests inject one."""
 
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -264,11 +267,12 @@ class Trainer:
         self.prompt_cache = self.cache_prompts(data)
         groups = getattr(data, "loss_groups", None)
         self.loss_groups = groups  # named groups of images, weighted and reported apart (None: one group)
-        self.steps = StepLog(Budget.from_config(self.config.run), self.images_per_step, clock,
-                             groups.names if groups is not None else ())
-        self.lr = 0.0  # the learning rate of the latest step
+        self.loop = Loop(self, self.run, Budget.from_config(self.config.run), self.images_per_step,
+                         Cadence.of_run(self.config.run), clock=clock, main=self.accelerator.is_main_process,
+                         group_names=groups.names if groups is not None else (),
+                         track=self.track if self.config.run.log_with else None)
         if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+            self.loop.resume(checkpoint)
         # accelerate's wrapper (DDP across processes) syncs the gradients, so the training forward pass goes
         # through it; everything else (samples, checkpoints, the saved model) uses self.model's networks, the
         # same modules with the same weights.
@@ -373,7 +377,6 @@ class Trainer:
     def start_reporting(self, data: ImageDataset) -> None:
         """metrics.csv, and on the main process the trackers of --log-with and the evaluator of --eval-every."""
         acc, config = self.accelerator, self.config
-        self.metrics = MetricsLog(self.run.metrics)
         self.evaluator = None
         if not acc.is_main_process:
             return
@@ -437,11 +440,7 @@ class Trainer:
     # ---- where the run stands ----------------------------------------------------------------------
     @property
     def state(self) -> TrainState:
-        return self.steps.state
-
-    @property
-    def budget(self) -> Budget:
-        return self.steps.budget
+        return self.loop.state
 
     @property
     def images_per_step(self) -> int:
@@ -449,49 +448,32 @@ class Trainer:
         return o.batch_size * o.grad_accum * self.accelerator.num_processes
 
     def fraction_done(self) -> float:
-        return self.steps.fraction_done(self.stream.epochs_done)
+        return self.loop.fraction_done()
 
-    # ---- the loop --------------------------------------------------------------------------------
+    # ---- the task: what the one loop runs --------------------------------------------------------------
     def fit(self, after_step: Callable[[TrainState], None] | None = None) -> Path:
         """Train until the budget is used; then the last checkpoint, samples, evaluation and the model.
         `after_step(state)` runs after each step and what it writes (a notebook's or a test's hook): a
         KeyboardInterrupt raised there stops the run as Ctrl-C does, with a checkpoint."""
-        bar = progress_bar(total=self.budget.steps, initial=self.state.step, unit="step", desc="training",
-                           enabled=self.accelerator.is_main_process)
-        try:
-            while self.fraction_done() < 1.0:
-                self.steps.start_step()
-                self.steps.end_step(self.train_step(self.next_micro_batches()))
-                bar.update()
-                self.write_what_is_due(bar)
-                stop_if_signalled(last=self.fraction_done() >= 1.0)  # SIGTERM/SIGHUP: through the Ctrl-C path
-                if after_step is not None:
-                    after_step(self.state)
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_checkpoint()
-            raise
-        bar.close()
-        self.save_checkpoint()
+        self.loop.run(after_step)
         self.write_samples()
         if self.config.run.eval_every:
             self.evaluate()
         return self.save_model()
 
-    def write_what_is_due(self, bar) -> None:
-        """The metrics row, checkpoint, sample grid and evaluation due at this step (the last step's are
-        written by fit)."""
-        run, step, finished = self.config.run, self.state.step, self.fraction_done() >= 1.0
-        if step % run.log_every == 0 or finished:
-            self.log(bar)
-        if finished:
-            return
-        if run.checkpoint_every and step % run.checkpoint_every == 0:
-            self.save_checkpoint()
-        if run.sample_every and step % run.sample_every == 0:
-            self.write_samples()
-        if run.eval_every and step % run.eval_every == 0:
-            self.evaluate()
+    def step(self, loop: Loop) -> StepStats:
+        return self.train_step(self.next_micro_batches())
+
+    def at_grid(self, loop: Loop) -> None:
+        self.write_samples()
+
+    def at_eval(self, loop: Loop) -> None:
+        self.evaluate()
+
+    def advice(self) -> str:
+        """What to do when the loss or the gradients stop being numbers."""
+        return (f"lower --lr (now {self.config.optim.lr}), lengthen --warmup-steps or set --clip-grad, then run "
+                "again with --resume")
 
     def next_micro_batches(self) -> list[MicroBatch]:
         """The next optimizer step's `grad_accum` micro-batches, in the run's data order and noise."""
@@ -607,38 +589,10 @@ class Trainer:
         labels[dropped] = denoiser.null_class
         return labels.to(self.accelerator.device)
 
-    # ---- what the loop writes ----------------------------------------------------------------------
-    def divergence_advice(self) -> str:
-        """What to do when the loss or the gradients stop being numbers."""
-        return (f"{checkpoints.last_good(self.run.checkpoints)}: lower --lr (now {self.config.optim.lr}), "
-                "lengthen --warmup-steps or set --clip-grad, then run again with --resume")
-
-    def log(self, bar) -> None:
-        row = self.steps.row(self.stream.epochs_done, self.lr, self.divergence_advice)
-        show_progress(bar, row["loss"], row["images_per_s"], step=self.state.step, fraction_done=self.fraction_done(),
-                      step_budget=self.budget.steps)
-        if self.accelerator.is_main_process:
-            with self.writing(self.run.metrics):
-                self.metrics.append(row)
-            self.track(row)
-
+    # ---- what the task writes ---------------------------------------------------------------------
     def track(self, row: dict) -> None:
-        """Send a metrics row to the trackers of --log-with, if any (main process only)."""
-        if self.config.run.log_with:
-            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    @contextmanager
-    def writing(self, path: Path | None = None):
-        """A failed write (a full disk, a read-only folder) stops training with one line that names `path`
-        (default: the file the error names) and says what to do; checkpoints.save_checkpoint reports its own."""
-        try:
-            yield
-        except OSError as e:
-            raise TrainingError(
-                f"could not write {path or e.filename} ({e.strerror or e}); "
-                f"{checkpoints.last_good(self.run.checkpoints)}: "
-                "free some disk space or make the run folder writable, then run again with --resume"
-            ) from None
+        """Send a metrics row to the trackers of --log-with (main process only)."""
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     @contextmanager
     def ema_weights(self):
@@ -686,8 +640,8 @@ class Trainer:
             settings["cfg_scale"] = self.cfg_scale
         if prompts:
             settings["prompts"] = " | ".join(self.validation_prompts)
-        with self.writing():
-            self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
+        with self.loop.writing():
+            self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.loop.metrics)
 
     def sample_batch_size(self, count: int) -> int:
         """Images generated (and decoded) per call for the grids: as many as the VAE's decoder has memory for."""
@@ -716,19 +670,16 @@ class Trainer:
         row = {"step": self.state.step, "frechet_distance": result["frechet_distance"]}
         if "class_accuracy" in result:
             row["class_accuracy"] = result["class_accuracy"]
-        with self.writing(self.run.metrics):
-            self.metrics.append(row)
-        self.track(row)
+        self.loop.record(row)
         log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
         return result
 
-    def save_checkpoint(self) -> None:
+    def checkpoint_state(self) -> tuple[dict, dict] | None:
         from accelerate.utils import gather_object
 
-        self.steps.check_finite(self.divergence_advice)  # never save a diverged model
         noise_states = gather_object([self.noise_rng.get_state()])
         if not self.accelerator.is_main_process:
-            return
+            return None
         optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
         tensors = {
             # only what trains, when a part of the model does (textual inversion, LoRA); else the whole network
@@ -741,19 +692,12 @@ class Trainer:
             tensors["text_encoder"] = self.trained_state(self.model.prompts.text_encoder)
         if self.ema is not None:
             tensors["ema"] = {str(i): p for i, p in enumerate(self.ema.shadow_params)}
-        state = {
-            "train": dataclasses.asdict(self.state),
-            "data": self.stream.state_dict(),
-            "optimizer": optimizer_meta,
-            "ema_step": self.ema.optimization_step if self.ema is not None else 0,
-        }
+        state = {"optimizer": optimizer_meta, "ema_step": self.ema.optimization_step if self.ema is not None else 0}
         if self.text:
             state["tokenizer"] = tokenizer_fingerprint(self.model.prompts.tokenizer)
-        checkpoints.save_checkpoint(self.run.checkpoints, self.state.step, tensors, state,
-                                    self.config.run.keep_checkpoints)
+        return tensors, state
 
-    def load_checkpoint(self, path: Path) -> None:
-        tensors, state = checkpoints.load_checkpoint(path)
+    def load_checkpoint_state(self, tensors: dict, state: dict) -> None:
         if self.text:
             check_same_tokenizer(state.get("tokenizer"), self.model.prompts.tokenizer, self.run.root)
             if "text_encoder" in tensors:
@@ -770,11 +714,6 @@ class Trainer:
         noise_state = tensors["rng"].get(f"noise.{self.accelerator.process_index}")
         if noise_state is not None:
             self.noise_rng.set_state(noise_state)
-        self.stream.load_state_dict(state["data"])
-        self.steps.resume(TrainState(**state["train"]))
-        if self.accelerator.is_main_process:
-            self.metrics.truncate_after(self.state.step)
-        log.info("resuming from %s (step %d)", path, self.state.step)
 
     def trained_state(self, network: torch.nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint holds of a network: all of it, or for a LoRA run only the adapters (the frozen base
@@ -793,7 +732,7 @@ class Trainer:
                 steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
                 device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay, lr=self.config.optim.lr)
             memory_features.restore_full(self.model, self.full_frozen)  # the frozen parts as they were given
-            with self.ema_weights(), self.writing(self.run.model):
+            with self.ema_weights(), self.loop.writing(self.run.model):
                 if self.part is not None:
                     self.part.save(self.run.model, self.model)
                 elif self.config.model.lora_rank:
@@ -820,12 +759,15 @@ class Trainer:
 
 @stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          clock: Callable[[], float] = time.perf_counter, yes: bool = False) -> Path:
+          clock: Callable[[], float] = time.perf_counter, yes: bool = False, data: DataMaker | None = None,
+          trained: PartMaker | None = None, after_step: Callable[[TrainState], None] | None = None) -> Path:
     """Train a model; returns the folder of the saved model. `yes`: start even when the memory estimate
-    says it will not fit."""
-    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, yes=yes)
+    says it will not fit. DreamBooth and textual inversion are this call with their `data` maker (and
+    `trained` part)."""
+    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, data=data, trained=trained,
+                      yes=yes)
     try:
-        model_dir = trainer.fit()
+        model_dir = trainer.fit(after_step)
     finally:
         trainer.stream.close()  # stops the processes that read a large folder ahead
         if config.run.log_with:
