@@ -197,7 +197,7 @@ def test_a_run_stopped_in_its_vae_stage_resumes_there(tmp_path):
 
 def test_a_new_latent_text_model_draws_its_timesteps_shifted_and_other_runs_uniformly(trained):
     from difflab.config import TEXT_TIMESTEP_SHIFT
-    from difflab.training.trainer import resolve_timestep_shift
+    from difflab.training.settings import resolve_timestep_shift
 
     info = json.loads((trained / "model" / "difflab.json").read_text())
     assert info["training"]["timestep_shift"] == TEXT_TIMESTEP_SHIFT != 1  # the default, recorded
