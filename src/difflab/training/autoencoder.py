@@ -43,11 +43,12 @@ def stage_folder(run_root: Path) -> RunFolder:
 
 @dataclass(frozen=True)
 class VaeReport:
-    """What the stage measured when it finished: the reconstruction PSNR and the steps it made (fewer
-    than asked when --vae-minutes ran out first)."""
+    """What the stage measured when it finished: the reconstruction PSNR, the steps it made (fewer
+    than asked when its minutes ran out first) and its training seconds (they count against --minutes)."""
 
     psnr: float | None
     steps: int | None
+    seconds: float = 0.0
 
 
 def finished_vae(run_root: Path):
@@ -57,8 +58,11 @@ def finished_vae(run_root: Path):
     folder = stage_folder(run_root)
     if not (folder.model / "config.json").is_file():
         return None
-    final = [r for r in MetricsLog(folder.metrics).rows if r.get("psnr_eval")]
-    report = VaeReport(float(final[-1]["psnr_eval"]), int(final[-1]["step"])) if final else VaeReport(None, None)
+    rows = MetricsLog(folder.metrics).rows
+    final = [r for r in rows if r.get("psnr_eval")]
+    seconds = next((float(r["seconds"]) for r in reversed(rows) if r.get("seconds")), 0.0)
+    report = VaeReport(float(final[-1]["psnr_eval"]), int(final[-1]["step"]), seconds) if final \
+        else VaeReport(None, None, seconds)
     return AutoencoderKL.from_pretrained(folder.model).eval(), report
 
 
@@ -116,6 +120,8 @@ class VaeStage(Task):
         self.rng = torch.Generator().manual_seed(config.run.seed * 7919 + 1 + accelerator.process_index)
         seconds = None if self.settings.minutes is None else self.settings.minutes * 60
         r = config.run
+        if self.settings.minutes is not None and r.minutes:  # the bar says how --minutes are split
+            self.label = f"VAE ({self.settings.minutes:.2g} of --minutes {r.minutes:g})"
         self.loop = Loop(self, self.folder, Budget(self.settings.steps, None, seconds), self.settings.batch_size,
                          Cadence(r.log_every, r.checkpoint_every, keep_checkpoints=r.keep_checkpoints), clock=clock,
                          main=accelerator.is_main_process)
@@ -206,11 +212,15 @@ class VaeStage(Task):
                              shown, ["images", "reconstructions"])
             self.folder.samples.mkdir(parents=True, exist_ok=True)
             grid.save(self.folder.samples / "reconstructions.png")
-            self.loop.metrics.append({"step": self.loop.state.step, "psnr_eval": quality,
-                                      "scaling_factor": vae.config.scaling_factor})
+            rows = self.loop.metrics.rows
+            if not (rows and rows[-1].get("psnr_eval")):  # once: a resumed stage that had finished measures again
+                self.loop.metrics.append({"step": self.loop.state.step, "psnr_eval": quality,
+                                          "scaling_factor": vae.config.scaling_factor})
             from difflab.files import atomic_folder
 
             with atomic_folder(self.folder.model) as partial:
                 vae.save_pretrained(partial, safe_serialization=True)
         self.accelerator.wait_for_everyone()
-        return vae, VaeReport(quality, self.loop.state.step)
+        # the seconds as metrics.csv holds them, so that a resumed run reads back the same split of --minutes
+        seconds = float(f"{round(self.loop.state.seconds, 2):.6g}")
+        return vae, VaeReport(quality, self.loop.state.step, seconds)

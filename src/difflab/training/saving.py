@@ -62,3 +62,26 @@ def save_lora_run(model, config: TrainConfig, folder: Path, prompt: str | None) 
                      instance_prompt=training.get("instance_prompt"), token=training.get("token"),
                      prompt=prompt, data=model.info.data, training=training)
     save_lora(model, folder, card=card)
+
+
+def time_split(state: TrainState, vae_report, evaluator_seconds: float) -> dict:
+    """How the run's time went, for the training record: the VAE stage's training minutes and steps (they
+    count against --minutes) and the minutes the evaluation classifier took to train (not counted)."""
+    split = {}
+    if vae_report is not None:
+        split.update(vae_minutes=round(vae_report.seconds / 60, 2), vae_steps=vae_report.steps)
+    if evaluator_seconds:
+        split["evaluation_classifier_minutes"] = round(evaluator_seconds / 60, 2)
+    return split
+
+
+def time_split_line(split: dict, state: TrainState, minutes: float | None) -> str:
+    """The summary's line on time: the VAE stage and the UNet, of --minutes; the evaluation apart."""
+    parts = []
+    if "vae_minutes" in split:
+        parts.append(f"VAE stage {split['vae_minutes']:.2f} min ({split['vae_steps']} steps)")
+    parts.append(f"{'UNet' if parts else 'model'} {state.seconds / 60:.2f} min ({state.step} steps)")
+    line = "time: " + " + ".join(parts) + (f" of --minutes {minutes:g}" if minutes else "")
+    if "evaluation_classifier_minutes" in split:
+        line += f"; the evaluation classifier trained apart in {split['evaluation_classifier_minutes']:.2f} min"
+    return line

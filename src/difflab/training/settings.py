@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from difflab.config import TEXT_TIMESTEP_SHIFT, TrainConfig
+from difflab.config import TEXT_TIMESTEP_SHIFT, VAE_SHARE, VAE_STEPS, TrainConfig
 from difflab.data import ImageDataset, open_dataset
 from difflab.errors import ConfigError, DataError
 from difflab.models.model import DiffusionModel
@@ -41,7 +41,30 @@ def settle_settings(config: TrainConfig, made_data: bool = False
     if config.run.sample_prompts is not None:
         validation_prompts(config.run, None)  # an empty --sample-prompts is refused before any work
     config, data, base = settings_and_data(config, made_data)
-    return resolve_timestep_shift(config), data, base
+    return resolve_vae_budget(resolve_timestep_shift(config)), data, base
+
+
+def trains_vae_stage(config: TrainConfig) -> bool:
+    """Whether the run trains its own VAE first: a new latent text model given no --vae."""
+    m = config.model
+    return not m.base and m.conditioning == "text" and not m.vae
+
+
+def resolve_vae_budget(config: TrainConfig) -> TrainConfig:
+    """The VAE stage's budget, written into the saved config: --vae-steps (default VAE_STEPS) and --vae-minutes;
+    with --minutes and neither of those given, the stage takes VAE_SHARE of the minutes (the UNet trains for
+    what the stage leaves: budget.Budget.from_config). Other runs keep the VAE settings unset."""
+    v, minutes = config.vae, config.run.minutes
+    if not trains_vae_stage(config):
+        return config
+    if minutes and v.minutes is not None and v.minutes >= minutes:
+        raise ConfigError(f"--vae-minutes {v.minutes:g} leaves nothing of --minutes {minutes:g} for the UNet: "
+                          "--minutes bounds the whole run, the VAE stage included; give a larger --minutes or a "
+                          "smaller --vae-minutes")
+    share = minutes is not None and v.steps is None and v.minutes is None
+    vae = dataclasses.replace(v, steps=VAE_STEPS if v.steps is None else v.steps,
+                              minutes=round(VAE_SHARE * minutes, 4) if share else v.minutes)
+    return dataclasses.replace(config, vae=vae)
 
 
 def resolve_timestep_shift(config: TrainConfig) -> TrainConfig:

@@ -33,7 +33,7 @@ from difflab.training.losses import group_losses, min_snr_weights, per_image_los
 from difflab.training.model_setup import PartMaker, set_up_model
 from difflab.training.reporting import check_tracker, flat_settings
 from difflab.training.run_folder import RunFolder
-from difflab.training.saving import record_training, save_run_model
+from difflab.training.saving import record_training, save_run_model, time_split, time_split_line
 from difflab.training.settings import DataMaker, settle_settings, validation_prompts
 from difflab.training.signals import stop_signals
 from difflab.training.steps import StepStats, TrainState
@@ -96,7 +96,7 @@ class Trainer(Task):
         self.stream = self.batches.stream
         groups = getattr(data, "loss_groups", None)
         self.loss_groups = groups  # named groups of images, weighted and reported apart (None: one group)
-        self.loop = Loop(self, self.run, Budget.from_config(self.config.run), self.images_per_step,
+        self.loop = Loop(self, self.run, self.budget(), self.images_per_step,
                          Cadence.of_run(self.config.run), clock=clock, main=self.accelerator.is_main_process,
                          group_names=groups.names if groups is not None else (),
                          track=self.track if self.config.run.log_with else None)
@@ -119,10 +119,24 @@ class Trainer(Task):
         acc.wait_for_everyone()  # no process reads the folder before the main one has set it up
         return checkpoint
 
+    def budget(self) -> Budget:
+        """The run's budget: with --minutes, what the VAE stage left of them (they bound the whole run)."""
+        run = self.config.run
+        budget = Budget.from_config(run, self.vae_seconds)
+        if self.vae_seconds and run.minutes:  # the bar says how --minutes are split
+            self.label = f"UNet ({budget.seconds / 60:.2g} of --minutes {run.minutes:g})"
+        return budget
+
+    @property
+    def vae_seconds(self) -> float:
+        """Training seconds of the run's VAE stage (0 when the run has none)."""
+        report = self.text.vae_report if self.text else None
+        return report.seconds if report else 0.0
+
     def start_reporting(self, data: ImageDataset) -> None:
         """metrics.csv, and on the main process the trackers of --log-with and the evaluator of --eval-every."""
         acc, config = self.accelerator, self.config
-        self.evaluator = None
+        self.evaluator, self.evaluator_seconds = None, 0.0
         if not acc.is_main_process:
             return
         if config.run.log_with:
@@ -131,7 +145,9 @@ class Trainer(Task):
         if config.run.eval_every:
             from difflab.metrics.evaluate import Evaluator
 
+            started = time.perf_counter()  # its classifier (or attribute reader) trains now: said apart, not counted
             self.evaluator = Evaluator.for_data(config.data.spec, data.image_size, data.channels)
+            self.evaluator_seconds = time.perf_counter() - started
 
     def make_optimizer(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, object | None]:
         """The trainable parameters (moved to the device), the optimizer over them (--optimizer), and their
@@ -394,7 +410,9 @@ class Trainer(Task):
         """The run's model (main process), its training record completed: the moving-average weights, and
         the frozen parts as they were given."""
         if self.accelerator.is_main_process:
-            record_training(self.model, self.config, state=self.state, device=str(self.accelerator.device))
+            split = time_split(self.state, self.text.vae_report if self.text else None, self.evaluator_seconds)
+            record_training(self.model, self.config, state=self.state, device=str(self.accelerator.device), **split)
+            log.info(time_split_line(split, self.state, self.config.run.minutes))
             memory_features.restore_full(self.model, self.built.full_frozen)
             with self.ema_weights(), self.loop.writing(self.run.model):
                 save_run_model(self.model, self.config, self.run.model, self.part,
