@@ -202,7 +202,8 @@ class VaeConfig:
                                resumable=True, default_text=f"{VAE_STEPS}")
     minutes: float | None = option(None, "stop the VAE stage after this many minutes", flag="--vae-minutes",
                                    check=POSITIVE, resumable=True,
-                                   default_text=f"with --minutes, {VAE_SHARE:.0%} of them (the rest trains the UNet)")
+                                   default_text=f"with --minutes, {round(VAE_SHARE * 100)} per cent of them (the rest "
+                                                "trains the UNet)")
     lr: float = option(2e-3, "peak learning rate of the VAE stage", flag="--vae-lr", check=POSITIVE)
     batch_size: int = option(16, "images per VAE step (small batches, more steps: the VAE learns faster per "
                                  "CPU-minute)", flag="--vae-batch-size", check=POSITIVE)
