@@ -207,9 +207,9 @@ def run_row(folder: Path, row: str, device: str, steps: int, size: int = 512) ->
         with PeakRss() as rss:
             for _ in range(steps):
                 start = time.perf_counter()
-                trainer.steps.start_step()
-                trainer.steps.end_step(trainer.train_step(trainer.next_micro_batches()))
-                float(trainer.steps.state.step)
+                trainer.loop.steps.start_step()
+                trainer.loop.steps.end_step(trainer.train_step(trainer.batches.next_step()))
+                float(trainer.loop.steps.state.step)
                 if cuda:
                     torch.cuda.synchronize()
                 seconds.append(time.perf_counter() - start)

@@ -82,11 +82,11 @@ def test_label_dropout_rate(tmp_path):
     config = conditional_config(steps=1)
     config.model.cond_dropout = 0.25
     trainer = Trainer(config, tmp_path / "run")
-    labels = trainer.training_labels({"labels": torch.zeros(4000, dtype=torch.long)})
+    labels = trainer.batches.training_labels({"labels": torch.zeros(4000, dtype=torch.long)})
     assert 0.22 < (labels == 10).float().mean().item() < 0.28
     config.model.cond_dropout = 0.0
     never = Trainer(config, tmp_path / "run", overwrite=True)
-    assert (never.training_labels({"labels": torch.zeros(100, dtype=torch.long)}) == 0).all()
+    assert (never.batches.training_labels({"labels": torch.zeros(100, dtype=torch.long)}) == 0).all()
 
 
 def test_the_model_card_code_reproduces_difflab_sampling(conditional_model, tmp_path):

@@ -61,6 +61,7 @@ RANDOM_KILLS = 6  # then, in a second run, at random moments
 ZYGOTE = r"""
 import json, os, sys
 import difflab.cli, difflab.training.trainer, diffusers.training_utils, sklearn.datasets  # once, slowly
+import difflab.training.autoencoder, difflab.training.dreambooth, transformers  # text runs, DreamBooth
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -154,8 +155,9 @@ def finish(zygote: Zygote, argv: list[str], log: Path) -> None:
     assert zygote.exit_code(120) == 0, log.read_text()
 
 
-def check_after_kill(run: Path, expected: int | None, index: int) -> None:
-    """Every visible checkpoint is complete, and the newest is found, loads and is at least `expected`."""
+def check_after_kill(run: Path, expected: int | None, index: int, ema: bool = True) -> None:
+    """Every visible checkpoint is complete, and the newest is found, loads and is at least `expected`
+    (`ema`: the run keeps a moving average, whose step is the run's)."""
     root = run / "checkpoints"
     visible = sorted(root.glob("step_*")) if root.is_dir() else []
     assert all(verify(c) is not None for c in visible), f"kill {index}: an incomplete checkpoint is visible"
@@ -165,7 +167,8 @@ def check_after_kill(run: Path, expected: int | None, index: int) -> None:
         assert latest is not None and int(latest.name.removeprefix("step_")) >= expected, f"kill {index}: {latest}"
     if latest is not None:
         _, state = load_checkpoint(latest)
-        assert state["step"] == int(latest.name.removeprefix("step_")) and state["ema_step"] == state["step"]
+        assert state["step"] == int(latest.name.removeprefix("step_"))
+        assert not ema or state["ema_step"] == state["step"]
 
 
 def restart(run: Path) -> list[str]:
@@ -229,3 +232,101 @@ def test_killed_at_any_moment_resumed_with_nothing_lost(tmp_path):
         assert losses(other) == losses(straight) and [int(s) for s, _ in losses(straight)] == list(range(1, STEPS + 1))
         leftovers = [p.relative_to(other) for p in other.rglob(".*")]
         assert leftovers == [], leftovers
+
+
+# ---- every kind of run resumes bit-exactly: the VAE stage of a text run, and DreamBooth --------------------
+
+TEXT_ARGS = ["-q", "train", "--data", "shapes:n=48", "--image-size", "16", "--conditioning", "text", "--model", "tiny",
+             "--batch-size", "8", "--precision", "no", "--vae-steps", "6", "--vae-batch-size", "8", "--steps", "4",
+             "--warmup-steps", "2", "--checkpoint-every", "2", "--keep-checkpoints", "2", "--log-every", "1",
+             "--sample-every", "0", "--sample-count", "2", "--sample-steps", "2"]
+# (moment, run sub-folder whose metrics a "logged" moment watches, the newest VAE checkpoint expected)
+VAE_KILLS = [
+    (("pause", "step_00000002:model-written"), "vae", None),   # the stage's first checkpoint, one file of four
+    (("pause", "step_00000004:renamed"), "vae", 4),            # in place; `latest` not yet updated
+    (("logged", 5), "vae", 4),                                 # training the VAE, between checkpoints
+    (("pause", "model:assembled"), "vae", 6),                  # the stage's VAE, not yet moved into place
+    (("logged", 1), ".", 6),                                   # the UNet's first step, after the finished stage
+]
+
+
+def unet_and_vae(run: Path) -> dict[str, torch.Tensor]:
+    vae = load_file(run / "vae" / "model" / "diffusion_pytorch_model.safetensors")
+    return {**{f"unet.{k}": v for k, v in weights(run).items()}, **{f"vae.{k}": v for k, v in vae.items()}}
+
+
+def text_restart(run: Path) -> str:
+    """--resume once the run or its VAE stage has something to resume from, else --overwrite."""
+    vae = run / "vae"
+    started = find_latest(run / "checkpoints") or find_latest(vae / "checkpoints") or (vae / "model").is_dir()
+    return "--resume" if started else "--overwrite"
+
+
+def same_run(a: Path, b: Path, tensors) -> None:
+    x, y = tensors(a), tensors(b)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert losses(a) == losses(b)
+
+
+@pytest.mark.timeout(400)
+def test_a_text_run_killed_in_its_vae_stage_resumes_bit_exactly(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    zygote = Zygote(env)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    try:
+        finish(zygote, [*TEXT_ARGS, "--out", str(straight)], tmp_path / "straight.log")
+        for index, (moment, watched, expected) in enumerate(VAE_KILLS):
+            kill_at(zygote, [*TEXT_ARGS, "--out", str(run), text_restart(run)], moment, run / watched, tmp_path, index)
+            check_after_kill(run / "vae", expected, index, ema=False)
+        finish(zygote, [*TEXT_ARGS, "--out", str(run), "--resume"], tmp_path / "finish.log")
+    finally:
+        zygote.close()
+    same_run(straight, run, unet_and_vae)
+    with open(run / "vae" / "metrics.csv", newline="") as f:  # each VAE step logged once: later rows were dropped
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["loss"]] == list(range(1, 7))
+    assert [r["step"] for r in rows if r["psnr_eval"]] == ["6"]  # the finished stage measured once
+    assert losses(straight)[-1][0] == "4"
+
+
+DREAMBOOTH_ARGS = ["-q", "dreambooth", "--instance-prompt", "a sks shape", "--prior-preservation", "--class-prompt",
+                   "a shape", "--num-class-images", "4", "--steps", "6", "--checkpoint-every", "2",
+                   "--keep-checkpoints", "2", "--log-every", "1", "--sample-every", "0", "--sample-count", "2",
+                   "--sample-steps", "2", "--precision", "no"]
+DREAMBOOTH_KILLS = [
+    (("pause", "step_00000002:optimizer-written"), None),  # the first checkpoint, half written
+    (("logged", 3), 2),                                     # training, between checkpoints
+    (("pause", "step_00000004:renamed"), 4),                # in place; `latest` not yet updated
+    (("pause", "model:assembled"), 6),                      # the model, not yet moved into place
+]
+
+
+@pytest.mark.timeout(400)
+def test_a_dreambooth_run_killed_at_any_moment_resumes_bit_exactly(tmp_path):
+    from PIL import Image
+
+    from difflab.training.trainer import train
+    from test_text_training import text_config
+
+    train(text_config(steps=2, vae_steps=2, data="shapes:n=48"), tmp_path / "base")
+    instances = tmp_path / "instances"
+    instances.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 80, 220)).save(instances / f"{i}.png")
+    common = [*DREAMBOOTH_ARGS, "--model", str(tmp_path / "base" / "model"), "--instance-data", str(instances)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    zygote = Zygote(env)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    try:
+        finish(zygote, [*common, "--out", str(straight)], tmp_path / "straight.log")
+        for index, (moment, expected) in enumerate(DREAMBOOTH_KILLS):
+            again = "--resume" if find_latest(run / "checkpoints") else "--overwrite"
+            kill_at(zygote, [*common, "--out", str(run), again], moment, run, tmp_path, index)
+            check_after_kill(run, expected, index, ema=False)  # DreamBooth keeps no moving average
+        finish(zygote, [*common, "--out", str(run), "--resume"], tmp_path / "finish.log")
+    finally:
+        zygote.close()
+    same_run(straight, run, weights)
+    assert [int(s) for s, _ in losses(run)] == list(range(1, 7))
+    with open(run / "metrics.csv", newline="") as f:  # the prior group is logged apart, as in the straight run
+        assert "loss_prior" in next(csv.DictReader(f))

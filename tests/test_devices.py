@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from difflab.devices import cpu_flags, cpu_model_name, cpu_precision
-from difflab.training.trainer import mixed_precision
+from difflab.training.accelerator import mixed_precision
 
 EPYC = {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}  # AMD EPYC (Zen 4): AVX-512 BF16, no AMX
 SAPPHIRE_RAPIDS = {"fpu", "sse2", "avx512f", "amx_tile", "amx_bf16"}

@@ -3,8 +3,11 @@ the cross-attention UNet, through the one trainer; what it saves; its bad inputs
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -17,7 +20,7 @@ import tiny_sd
 from difflab.config import TrainConfig
 from difflab.diffusion.generate import generate
 from difflab.diffusion.request import GenerationRequest
-from difflab.errors import DataError, ModelError, RunFolderError
+from difflab.errors import ConfigError, DataError, ModelError, RunFolderError
 from difflab.storage.folder import load_model
 from difflab.training.text_batches import CachedLatents, CaptionTokens
 from difflab.training.trainer import train
@@ -197,9 +200,44 @@ def test_a_run_stopped_in_its_vae_stage_resumes_there(tmp_path):
     assert rows[-1]["psnr_eval"]  # the stage finished
 
 
+def one_second_steps():
+    """A clock that advances one second per reading: each training step takes one second exactly."""
+    ticks = itertools.count()
+    return lambda: float(next(ticks))
+
+
+def test_minutes_bound_a_text_run_with_its_vae_stage_taking_its_share(tmp_path):
+    from difflab.config import VAE_SHARE, VAE_STEPS, load_config
+
+    config = text_config(data="shapes:n=48")
+    config.vae.steps, config.run.steps, config.run.minutes = None, None, 0.5  # 30 one-second steps in all
+    train(config, tmp_path / "run", clock=one_second_steps())
+    saved = load_config(tmp_path / "run" / "config.toml", TrainConfig)
+    # the share, written into the re-runnable config
+    assert saved.vae.minutes == pytest.approx(VAE_SHARE * 0.5) and saved.vae.steps == VAE_STEPS
+    vae_steps = math.ceil(VAE_SHARE * 30)
+    training = json.loads((tmp_path / "run" / "model" / "difflab.json").read_text())["training"]
+    assert training["vae_steps"] == vae_steps and training["steps"] == 30 - vae_steps  # the UNet had the rest
+    assert training["vae_minutes"] == round(vae_steps / 60, 2)
+    assert training["minutes"] == round((30 - vae_steps) / 60, 2)
+    vae_rows = [r for r in csv.DictReader((tmp_path / "run" / "vae" / "metrics.csv").open()) if r["seconds"]]
+    assert int(vae_rows[-1]["step"]) == vae_steps and float(vae_rows[-1]["seconds"]) == vae_steps
+
+
+def test_vae_steps_or_minutes_given_replace_the_share_and_minutes_still_bound_the_run(tmp_path):
+    config = text_config(vae_steps=3, data="shapes:n=48")
+    config.run.steps, config.run.minutes = None, 0.25  # 15 one-second steps in all
+    train(config, tmp_path / "run", clock=one_second_steps())
+    training = json.loads((tmp_path / "run" / "model" / "difflab.json").read_text())["training"]
+    assert training["vae_steps"] == 3 and training["steps"] == 12
+    config.vae.steps, config.vae.minutes = None, 0.25
+    with pytest.raises(ConfigError, match=r"--vae-minutes 0.25 leaves nothing of --minutes 0.25 for the UNet"):
+        train(config, tmp_path / "other")
+
+
 def test_a_new_latent_text_model_draws_its_timesteps_shifted_and_other_runs_uniformly(trained):
     from difflab.config import TEXT_TIMESTEP_SHIFT
-    from difflab.training.trainer import resolve_timestep_shift
+    from difflab.training.settings import resolve_timestep_shift
 
     info = json.loads((trained / "model" / "difflab.json").read_text())
     assert info["training"]["timestep_shift"] == TEXT_TIMESTEP_SHIFT != 1  # the default, recorded

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +59,16 @@ def test_the_plain_vocab_and_merges_files_load_alone(tiny_tokenizer, tmp_path):
 def test_a_tokenizer_needs_captions(tmp_path):
     with pytest.raises(DataError, match="cannot train a tokenizer without captions"):
         train_tokenizer(["", "  "], tmp_path)
+
+
+def test_the_same_captions_give_the_same_tokenizer_in_every_process(tmp_path):
+    """The BPE trainer orders word-final characters by a hash map seeded anew in each process; the ids are
+    given out in character order instead, so a run that learns its tokenizer again (after a crash, on
+    another machine) is the same run."""
+    learn = ("import sys; from difflab.data import open_dataset; from difflab.models.tokenizer import train_tokenizer; "
+             "train_tokenizer(open_dataset('shapes:n=48', split='all').captions, sys.argv[1])")
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", learn, str(tmp_path / name)], check=True, env=os.environ.copy(),
+                       timeout=120)
+    vocabularies = [(tmp_path / name / "vocab.json").read_text() for name in ("a", "b", "c")]
+    assert vocabularies[0] == vocabularies[1] == vocabularies[2]

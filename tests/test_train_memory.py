@@ -66,7 +66,7 @@ def trainer(base, instances, out, **changes) -> Trainer:
 
 def saved_bytes_and_gradients(t: Trainer) -> tuple[int, dict[str, torch.Tensor]]:
     """The bytes of activations the forward pass keeps for the backward pass, and the gradients it gives."""
-    batch = t.next_micro_batches()[0]
+    batch = t.batches.next_step()[0]
     x_t = t.model.noise_schedule.add_noise(batch.images, batch.noise, batch.timesteps)
     kept = []
 
@@ -176,7 +176,7 @@ def test_mixed_precision_holds_a_lora_runs_frozen_networks_in_the_half_type(base
     assert {p.dtype for p in text.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}  # the adapters
     assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}  # the base
-    assert t.prompt_cache is not None and t.prompt_cache.embeddings.dtype == torch.bfloat16
+    assert t.batches.prompt_cache is not None and t.batches.prompt_cache.embeddings.dtype == torch.bfloat16
     before = {k: v.clone() for k, v in memory_features.trained_state(unet).items()}
     t.config.run.sample_every = 1  # a grid under the run's autocast, from half frozen weights
     t.fit()
@@ -247,16 +247,16 @@ def test_latents_prompts_class_images_and_grids_go_in_memory_sized_batches(base,
 
 def test_a_frozen_text_encoders_embeddings_are_computed_once(base, instances, tmp_path, monkeypatch):
     t = trainer(base, instances, tmp_path / "run", model={"cond_dropout": 0.5})
-    assert set(t.prompt_cache.rows) == {PROMPT, CLASS_PROMPT, ""}
+    assert set(t.batches.prompt_cache.rows) == {PROMPT, CLASS_PROMPT, ""}
     calls = []
     text = t.model.prompts.text_encoder
     monkeypatch.setattr(text, "forward", lambda *a, **k: calls.append(1))
-    batch = t.next_micro_batches()[0]
+    batch = t.batches.next_step()[0]
     assert calls == []
     monkeypatch.undo()
     with torch.no_grad():
-        direct = text(t.captions.token_ids([PROMPT, CLASS_PROMPT, ""]))[0]
-    torch.testing.assert_close(t.prompt_cache([PROMPT, CLASS_PROMPT, ""]), direct)
+        direct = text(t.batches.captions.token_ids([PROMPT, CLASS_PROMPT, ""]))[0]
+    torch.testing.assert_close(t.batches.prompt_cache([PROMPT, CLASS_PROMPT, ""]), direct)
     assert batch.conditioning.text.shape == (2, *direct.shape[1:])
 
 

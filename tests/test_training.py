@@ -13,7 +13,8 @@ from conftest import tiny_config
 from difflab.config import differences
 from difflab.errors import RunFolderError
 from difflab.training.budget import DEFAULT_STEPS, Budget
-from difflab.training.trainer import MicroBatch, Trainer, train
+from difflab.training.denoiser_batches import MicroBatch
+from difflab.training.trainer import Trainer, train
 
 
 def weights(model_dir):
@@ -121,7 +122,7 @@ def test_a_timestep_shift_draws_training_timesteps_at_higher_noise(tmp_path):
     config = tiny_config(steps=1)
     config.optim.timestep_shift = 3.0
     trainer = Trainer(config, tmp_path / "run")
-    _, t = trainer.draw_noise(torch.zeros(4000, 1, 2, 2))
+    _, t = trainer.batches.draw_noise(torch.zeros(4000, 1, 2, 2))
     assert abs(t.float().median().item() - 0.75 * trainer.model.noise_schedule.config.num_train_timesteps) < 30
     assert trainer.model.info.training.timestep_shift == 3.0  # the model card says how it was trained
     trainer.fit()

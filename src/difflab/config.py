@@ -159,6 +159,10 @@ class ModelConfig:
 
 
 TEXT_TIMESTEP_SHIFT = 2.0  # --timestep-shift of a new latent text-to-image model
+VAE_STEPS = 2000  # a VAE stage's steps unless --vae-steps says otherwise
+# A text run's --minutes bound the whole run; the VAE stage takes this share of them unless --vae-steps or
+# --vae-minutes is given (why this share: docs/text-to-image.md, "How --minutes is split").
+VAE_SHARE = 0.15
 
 
 @dataclass
@@ -194,9 +198,12 @@ class OptimConfig:
 class VaeConfig:
     """The VAE stage of a text-to-image run that is given no --vae."""
 
-    steps: int = option(2000, "optimizer steps of the VAE stage", flag="--vae-steps", check=POSITIVE, resumable=True)
+    steps: int | None = option(None, "optimizer steps of the VAE stage", flag="--vae-steps", check=POSITIVE,
+                               resumable=True, default_text=f"{VAE_STEPS}")
     minutes: float | None = option(None, "stop the VAE stage after this many minutes", flag="--vae-minutes",
-                                   check=POSITIVE, resumable=True)
+                                   check=POSITIVE, resumable=True,
+                                   default_text=f"with --minutes, {round(VAE_SHARE * 100)} per cent of them (the rest "
+                                                "trains the UNet)")
     lr: float = option(2e-3, "peak learning rate of the VAE stage", flag="--vae-lr", check=POSITIVE)
     batch_size: int = option(16, "images per VAE step (small batches, more steps: the VAE learns faster per "
                                  "CPU-minute)", flag="--vae-batch-size", check=POSITIVE)

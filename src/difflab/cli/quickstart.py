@@ -43,9 +43,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--text", action="store_true", help="the text-to-image quickstart on the built-in shapes")
     p.add_argument("--out", type=Path, help="run folder (default runs/quickstart, or runs/quickstart-text)")
-    p.add_argument("--minutes", type=float, help="training time of the diffusion model in minutes (default 3; with "
-                                                 "--text: after the VAE's steps, instead of a number of UNet "
-                                                 "steps)")
+    p.add_argument("--minutes", type=float, help="training time in minutes (default 3; with --text: a wall-clock "
+                                                 "budget instead of a number of steps, its VAE stage included)")
     p.add_argument("--steps", type=int, help="train for this many steps instead: the same model on any machine "
                                              "(--text: the full model's UNet steps; by default the plan is picked "
                                              "by a short measurement and said before it starts)")

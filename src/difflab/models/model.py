@@ -66,6 +66,10 @@ class TrainingRecord:
     device: str | None = None
     ema_decay: float | None = None
     lr: float | None = None
+    # how --minutes were split (training/saving.py time_split)
+    vae_minutes: float | None = None  # the VAE stage's (they count against --minutes)
+    vae_steps: int | None = None
+    evaluation_classifier_minutes: float | None = None  # trained on the way, not counted
     others: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     def update(self, values: dict | None = None, **more) -> None:

@@ -84,16 +84,24 @@ def train(net: nn.Module, batches: Iterable[torch.Tensor], *, lr: float = 1e-3,
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     losses = []
     for step, x in enumerate(batches, start=1):
-        amount = torch.rand(x.shape[0], generator=generator)
-        prediction = net(corrupt(x, amount, generator))
-        loss = F.mse_loss(prediction, x)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss = train_step(net, optimizer, x, generator)
         losses.append(loss.item())
         if on_step is not None:
-            on_step(step, loss.detach())
+            on_step(step, loss)
     return losses
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step of the course's loop on a batch `x` in [0, 1]; returns the loss (detached, on the device).
+    `difflab scratch train` runs these steps in difflab's one training loop."""
+    amount = torch.rand(x.shape[0], generator=generator)
+    prediction = net(corrupt(x, amount, generator))
+    loss = F.mse_loss(prediction, x)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 # ---- 4. Sampling: walk from noise towards the prediction --------------------------------------------------

@@ -61,6 +61,12 @@ def train_tokenizer(captions: Iterable[str], folder: str | Path, vocab_size: int
     tokenizer.train_from_iterator(captions, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     vocab: dict[str, int] = dict(model["vocab"])
+    # The trainer numbers the word-final characters it saw in an order that changes from process to process
+    # (ties broken by a randomly seeded hash map): they keep their ids, given out in character order, so
+    # that the same captions give the same tokenizer, hence the same run, in every process.
+    ends = [t for t in vocab if len(t) == 1 + len(SUFFIX) and t.endswith(SUFFIX)]
+    vocab.update(zip(sorted(ends), sorted(vocab[t] for t in ends)))
+    vocab = dict(sorted(vocab.items(), key=lambda item: item[1]))
     for c in BASE_CHARACTERS:  # every base character at a word's end, too (the trainer adds only those it saw)
         vocab.setdefault(c + SUFFIX, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]

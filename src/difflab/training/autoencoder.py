@@ -9,7 +9,7 @@ diffusion set Stable Diffusion's 0.18215), so the diffusion model works on laten
 variance; the reconstruction PSNR is reported.
 
 It is a stage of the run, not another kind of run: it lives in the run folder's `vae/` sub-folder
-with the run's progress bar, `metrics.csv` rows, checkpoints and resume, and a finished stage is
+with the one loop's progress bar, `metrics.csv` rows, checkpoints and resume, and a finished stage is
 simply loaded again (`vae/model/`, a diffusers AutoencoderKL folder).
 """
 
@@ -25,11 +25,11 @@ import torch
 
 from difflab.errors import TrainingError
 from difflab.images import make_grid
-from difflab.progress import progress_bar
 from difflab.training import checkpoints
 from difflab.training.budget import Budget, lr_factor
+from difflab.training.loop import Cadence, Loop, Task
 from difflab.training.run_folder import MetricsLog, RunFolder
-from difflab.training.steps import StepLog, StepStats
+from difflab.training.steps import StepStats
 
 log = logging.getLogger("difflab")
 
@@ -43,11 +43,12 @@ def stage_folder(run_root: Path) -> RunFolder:
 
 @dataclass(frozen=True)
 class VaeReport:
-    """What the stage measured when it finished: the reconstruction PSNR and the steps it made (fewer
-    than asked when --vae-minutes ran out first)."""
+    """What the stage measured when it finished: the reconstruction PSNR, the steps it made (fewer
+    than asked when its minutes ran out first) and its training seconds (they count against --minutes)."""
 
     psnr: float | None
     steps: int | None
+    seconds: float = 0.0
 
 
 def finished_vae(run_root: Path):
@@ -57,8 +58,11 @@ def finished_vae(run_root: Path):
     folder = stage_folder(run_root)
     if not (folder.model / "config.json").is_file():
         return None
-    final = [r for r in MetricsLog(folder.metrics).rows if r.get("psnr_eval")]
-    report = VaeReport(float(final[-1]["psnr_eval"]), int(final[-1]["step"])) if final else VaeReport(None, None)
+    rows = MetricsLog(folder.metrics).rows
+    final = [r for r in rows if r.get("psnr_eval")]
+    seconds = next((float(r["seconds"]) for r in reversed(rows) if r.get("seconds")), 0.0)
+    report = VaeReport(float(final[-1]["psnr_eval"]), int(final[-1]["step"]), seconds) if final \
+        else VaeReport(None, None, seconds)
     return AutoencoderKL.from_pretrained(folder.model).eval(), report
 
 
@@ -90,7 +94,12 @@ class Reconstruction(torch.nn.Module):
         return self.vae.decode(latents).sample, posterior.kl()
 
 
-class VaeStage:
+class VaeStage(Task):
+    """The stage as a task of the one loop (training/loop.py): a batch is images, the loss is the
+    reconstruction's, and a checkpoint holds the VAE, its optimizer and the posterior noise generator."""
+
+    label = "VAE"
+
     def __init__(self, config, data, run_root: Path, accelerator, preset, clock=time.perf_counter):
         from diffusers import AutoencoderKL
 
@@ -110,44 +119,30 @@ class VaeStage:
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
         self.rng = torch.Generator().manual_seed(config.run.seed * 7919 + 1 + accelerator.process_index)
         seconds = None if self.settings.minutes is None else self.settings.minutes * 60
-        self.steps = StepLog(Budget(self.settings.steps, None, seconds), self.settings.batch_size, clock)
-        self.metrics = MetricsLog(self.folder.metrics)
+        r = config.run
+        if self.settings.minutes is not None and r.minutes:  # the bar says how --minutes are split
+            self.label = f"VAE ({self.settings.minutes:.2g} of --minutes {r.minutes:g})"
+        self.loop = Loop(self, self.folder, Budget(self.settings.steps, None, seconds), self.settings.batch_size,
+                         Cadence(r.log_every, r.checkpoint_every, keep_checkpoints=r.keep_checkpoints), clock=clock,
+                         main=accelerator.is_main_process)
         latest = self.folder.latest_checkpoint()
         if latest is not None:
-            self.load_checkpoint(latest)
+            self.loop.resume(latest)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # one module for the whole forward pass, so that accelerate (DDP) syncs its gradients
         self.synced_vae, self.optimizer = accelerator.prepare(Reconstruction(self.vae), self.optimizer)
 
-    def fraction_done(self) -> float:
-        return self.steps.fraction_done(self.stream.epochs_done)
-
     def run(self):
         """Train until the stage's budget is used, then set the scaling factor and save; returns the VAE
-        and its reconstruction PSNR."""
-        bar = progress_bar(total=self.steps.budget.steps, initial=self.steps.state.step, unit="step", desc="VAE",
-                           enabled=self.accelerator.is_main_process)
+        and its VaeReport."""
         try:
-            while self.fraction_done() < 1.0:
-                self.steps.start_step()
-                self.steps.end_step(self.train_step(next(self.stream)["images"]))
-                bar.update()
-                if self.steps.state.step % self.run_settings.log_every == 0:
-                    self.log(bar)
-                every = self.run_settings.checkpoint_every
-                if every and self.steps.state.step % every == 0:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_checkpoint()
-            raise
+            self.loop.run()
         finally:
             self.stream.close()
-        bar.close()
-        if self.steps.pending:
-            self.log(bar)
-        self.save_checkpoint()
         return self.finish()
+
+    def step(self, loop: Loop) -> StepStats:
+        return self.train_step(next(self.stream)["images"])
 
     def train_step(self, images: torch.Tensor) -> StepStats:
         acc, s = self.accelerator, self.settings
@@ -163,7 +158,7 @@ class VaeStage:
         loss = weighted + s.kl_weight * kl
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(self.vae.parameters(), 1.0)
-        lr = s.lr * lr_factor(self.steps.state.step, self.fraction_done(), WARMUP_STEPS, "cosine")
+        lr = s.lr * lr_factor(self.loop.state.step, self.loop.fraction_done(), WARMUP_STEPS, "cosine")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -172,38 +167,23 @@ class VaeStage:
         return StepStats(loss=mse.detach(), grad_norm=grad_norm.detach().float() if grad_norm is not None else None)
 
     def advice(self) -> str:
-        return (f"{checkpoints.last_good(self.folder.checkpoints)}: lower --vae-lr (now {self.settings.lr}), then run "
-                "again with --resume")
+        return f"lower --vae-lr (now {self.settings.lr}), then run again with --resume"
 
-    def log(self, bar) -> None:
-        row = self.steps.row(self.stream.epochs_done, self.lr, self.advice)
-        row["psnr"] = round(10 * math.log10(4 / max(row["loss"], 1e-12)), 3)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f} dB", refresh=False)
-        if self.accelerator.is_main_process:
-            self.metrics.append(row)
+    def figures(self, row: dict) -> dict:
+        return {"psnr": round(10 * math.log10(4 / max(row["loss"], 1e-12)), 3)}
 
-    def save_checkpoint(self) -> None:
-        self.steps.check_finite(self.advice)
+    def checkpoint_state(self) -> tuple[dict, dict] | None:
         if not self.accelerator.is_main_process:
-            return
+            return None
         optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
         tensors = {"model": self.vae.state_dict(), "optimizer": optimizer_tensors,
                    "rng": {"noise": self.rng.get_state()}}
-        state = {"train": vars(self.steps.state).copy(), "data": self.stream.state_dict(), "optimizer": optimizer_meta}
-        checkpoints.save_checkpoint(self.folder.checkpoints, self.steps.state.step, tensors, state,
-                                    self.run_settings.keep_checkpoints)
+        return tensors, {"optimizer": optimizer_meta}
 
-    def load_checkpoint(self, path: Path) -> None:
-        from difflab.training.steps import TrainState
-
-        tensors, state = checkpoints.load_checkpoint(path)
+    def load_checkpoint_state(self, tensors: dict, state: dict) -> None:
         self.vae.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(checkpoints.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
         self.rng.set_state(tensors["rng"]["noise"])
-        self.stream.load_state_dict(state["data"])
-        self.steps.resume(TrainState(**state["train"]))
-        self.metrics.truncate_after(self.steps.state.step)
-        log.info("resuming the VAE stage from %s (step %d)", path, self.steps.state.step)
 
     @torch.no_grad()
     def finish(self):
@@ -221,7 +201,7 @@ class VaeStage:
         latents, reconstructions = torch.cat(latents), torch.cat(reconstructions)
         std = latents.float().std().item()
         if not math.isfinite(std) or std <= 0:
-            raise TrainingError(f"the VAE stage's latents have no spread (std {std}); {self.advice()}")
+            raise TrainingError(f"the VAE stage's latents have no spread (std {std}); {self.loop.advice()}")
         vae.register_to_config(scaling_factor=round(1.0 / std, 5))
         quality = round(psnr(images, reconstructions), 2)
         log.info("VAE: reconstruction PSNR %.2f dB on %d images; latent scaling factor %.5f", quality, count,
@@ -232,11 +212,15 @@ class VaeStage:
                              shown, ["images", "reconstructions"])
             self.folder.samples.mkdir(parents=True, exist_ok=True)
             grid.save(self.folder.samples / "reconstructions.png")
-            self.metrics.append({"step": self.steps.state.step, "psnr_eval": quality,
-                                 "scaling_factor": vae.config.scaling_factor})
+            rows = self.loop.metrics.rows
+            if not (rows and rows[-1].get("psnr_eval")):  # once: a resumed stage that had finished measures again
+                self.loop.metrics.append({"step": self.loop.state.step, "psnr_eval": quality,
+                                          "scaling_factor": vae.config.scaling_factor})
             from difflab.files import atomic_folder
 
             with atomic_folder(self.folder.model) as partial:
                 vae.save_pretrained(partial, safe_serialization=True)
         self.accelerator.wait_for_everyone()
-        return vae, VaeReport(quality, self.steps.state.step)
+        # the seconds as metrics.csv holds them, so that a resumed run reads back the same split of --minutes
+        seconds = float(f"{round(self.loop.state.seconds, 2):.6g}")
+        return vae, VaeReport(quality, self.loop.state.step, seconds)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 DEFAULT_STEPS = 1000
+LEAST_LEFT = 0.01  # of --minutes, for the model after an earlier stage took the rest
 
 
 @dataclass
@@ -15,10 +16,14 @@ class Budget:
     seconds: float | None = None
 
     @classmethod
-    def from_config(cls, run) -> Budget:
+    def from_config(cls, run, spent_seconds: float = 0.0) -> Budget:
+        """The run's budget; `spent_seconds`: training time an earlier stage of the run (a text run's VAE)
+        already took of --minutes, which bound the whole run. The rest is never less than LEAST_LEFT of the
+        minutes, so that a stage given more than them (--vae-steps) still leaves the model a few steps."""
         if run.steps is None and run.epochs is None and run.minutes is None:
             return cls(steps=DEFAULT_STEPS)
-        return cls(run.steps, run.epochs, None if run.minutes is None else run.minutes * 60)
+        seconds = None if run.minutes is None else max(run.minutes * 60 - spent_seconds, LEAST_LEFT * run.minutes * 60)
+        return cls(run.steps, run.epochs, seconds)
 
     def fraction(self, step: int, epochs: float, seconds: float) -> float:
         """How much of the budget is used, in [0, 1]: the furthest of the budgets given."""

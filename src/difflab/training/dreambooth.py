@@ -27,7 +27,6 @@ from difflab.data.dataset import ImageDataset, LossGroups
 from difflab.errors import ConfigError, DataError
 from difflab.models.model import DiffusionModel, TrainingRecord
 from difflab.training.run_folder import RunFolder
-from difflab.training.signals import stop_signals
 
 log = logging.getLogger("difflab")
 
@@ -262,18 +261,12 @@ def class_prompt_of(instance_prompt: str, token: str | None) -> str:
 
 # ---- the command ------------------------------------------------------------------------------------
 
-@stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def dreambooth(config: DreamBoothConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                clock: Callable[[], float] = time.perf_counter, yes: bool = False) -> Path:
     """Teach the base model (`config.model.base`) the subject; returns the saved model folder (a Stable
-    Diffusion folder, or for LoRA a folder with pytorch_lora_weights.safetensors)."""
-    from difflab.training.trainer import Trainer
+    Diffusion folder, or for LoRA a folder with pytorch_lora_weights.safetensors). The one training run
+    with DreamBooth's data maker: nothing of the loop or of its ending is here."""
+    from difflab.training.trainer import train
 
-    config = check_settings(config)
-    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, data=make_data, yes=yes)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.stream.close()
-        if config.run.log_with:
-            trainer.accelerator.end_training()
+    return train(check_settings(config), out, resume=resume, overwrite=overwrite, clock=clock, yes=yes,
+                 data=make_data)

@@ -34,10 +34,11 @@ def finite_losses(stats: list, last_step: int, advice: Callable[[], str]) -> tor
 
 
 def show_progress(bar, loss: float, images_per_s: float, *, step: int, fraction_done: float,
-                  step_budget: int | None) -> None:
-    """Loss and images/s on the bar. Without a step budget (minutes or epochs), the bar's length is
-    estimated from how much of the budget is used."""
-    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+                  step_budget: int | None, **figures: float) -> None:
+    """Loss, images/s and a task's own `figures` (the VAE's PSNR) on the bar. Without a step budget (minutes
+    or epochs), the bar's length is estimated from how much of the budget is used."""
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", **{k: f"{v:.4g}" for k, v in figures.items()},
+                    refresh=False)
     if step_budget is None and fraction_done > 0:
         bar.total = max(step, round(step / fraction_done))
         bar.refresh()

@@ -1,5 +1,5 @@
-"""`difflab scratch train`: the teaching model's own training loop (`difflab.scratch.train`), run
-with the real trainer's run folder, progress bar, metrics and sample grids:
+"""`difflab scratch train`: the teaching model's steps (`difflab.scratch.train_step`, the course's loop body)
+run by the one training loop, with its run folder, progress bar, metrics and sample grids:
 
     runs/NAME/config.toml   metrics.csv   loss.png   samples/   model/
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,19 +22,21 @@ from difflab.config import ScratchConfig
 from difflab.data import BatchStream, open_dataset
 from difflab.devices import pick_device
 from difflab.images import make_grid
-from difflab.models.scratch import train
+from difflab.models.scratch import train_step
 from difflab.models.scratch_model import ScratchInfo, ScratchModel, check_scratch_image_size
-from difflab.progress import progress_bar
 from difflab.training.budget import Budget
-from difflab.training.reporting import show_progress
-from difflab.training.run_folder import MetricsLog, RunFolder
-from difflab.training.signals import stop_if_signalled, stop_signals
-from difflab.training.steps import StepLog, StepStats, TrainState
+from difflab.training.loop import Cadence, Loop, Task
+from difflab.training.run_folder import RunFolder
+from difflab.training.signals import stop_signals
+from difflab.training.steps import StepStats, TrainState
 
 
-class ScratchTrainer:
-    """Set up like the real trainer (settings and data, run folder, model, batch stream and noise, the
-    bookkeeping of steps); `clock` (seconds) measures training time, and tests inject one."""
+class ScratchTrainer(Task):
+    """The teaching model as a task of the one loop (training/loop.py): a batch is images moved to [0, 1],
+    a step is the course's (`difflab.scratch.train_step`), and there is no checkpoint (an interrupted run
+    keeps its model). `clock` (seconds) measures training time, and tests inject one."""
+
+    label = "training (BasicUNet)"
 
     def __init__(self, config: ScratchConfig, out: str | Path, *, overwrite: bool = False,
                  clock: Callable[[], float] = time.perf_counter):
@@ -52,71 +54,46 @@ class ScratchTrainer:
                            {"images": len(data), "batch_size": config.optim.batch_size, "lr": config.optim.lr})
         self.model = ScratchModel.new(info, config.run.seed)
         self.model.net.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.net.parameters(), lr=config.optim.lr)  # the course's, constant
+        self.lr = config.optim.lr
         self.stream = BatchStream(data, config.optim.batch_size, seed=config.run.seed, flip=d.flip)
         self.noise_rng = torch.Generator().manual_seed(config.run.seed * 7919)
-        self.steps = StepLog(Budget.from_config(config.run), config.optim.batch_size, clock)
-        self.metrics = MetricsLog(self.run.metrics)
+        self.loop = Loop(self, self.run, Budget.from_config(config.run), config.optim.batch_size,
+                         Cadence(config.run.log_every, sample_every=config.run.sample_every), clock=clock,
+                         resumable=False)
 
     @property
     def state(self) -> TrainState:
-        return self.steps.state
+        return self.loop.state
 
-    def fraction_done(self) -> float:
-        return self.steps.fraction_done(self.stream.epochs_done)
-
-    # ---- the loop: difflab.scratch.train, fed and watched from here ----------------------------------
     def fit(self, after_step: Callable[[TrainState], None] | None = None) -> Path:
         """Train until the budget is used, then write the last grid and the model. `after_step(state)`
         runs after each step and what it writes; a KeyboardInterrupt there (or Ctrl-C) keeps the model."""
-        self.bar = progress_bar(total=self.steps.budget.steps, unit="step", desc="training (BasicUNet)")
-
-        def on_step(step: int, loss: torch.Tensor) -> None:
-            self.count_step(loss)
-            if after_step is not None:
-                after_step(self.state)
-
-        try:
-            with self.bar:
-                train(self.model.net, self.batches(), lr=self.config.optim.lr, generator=self.noise_rng,
-                      on_step=on_step)
-        except KeyboardInterrupt:
-            self.save_model()  # keep what was learnt: the run cannot be resumed, but its model can be sampled
-            raise
+        self.loop.run(after_step)
         self.write_samples()
         return self.save_model()
 
-    def batches(self) -> Iterator[torch.Tensor]:
-        """Training images in [0, 1] on the device, until the budget is used."""
-        while self.fraction_done() < 1.0:
-            self.steps.start_step()
-            images = next(self.stream)["images"]
-            yield ((images + 1) / 2).to(self.device)
+    # ---- the task ------------------------------------------------------------------------------------
+    def step(self, loop: Loop) -> StepStats:
+        images = next(self.stream)["images"]
+        x = ((images + 1) / 2).to(self.device)  # the course's images are in [0, 1]
+        return StepStats(loss=train_step(self.model.net, self.optimizer, x, self.noise_rng))
 
-    def count_step(self, loss: torch.Tensor) -> None:
-        """The step the teaching loop just took: counted, then its metrics row and grid if due."""
-        self.steps.end_step(StepStats(loss=loss))
-        self.bar.update()
-        run, step, finished = self.config.run, self.state.step, self.fraction_done() >= 1.0
-        if step % run.log_every == 0 or finished:
-            self.log()
-        if run.sample_every and step % run.sample_every == 0 and not finished:
-            self.write_samples()
-        stop_if_signalled(last=finished)  # SIGTERM/SIGHUP: stop here, through the Ctrl-C path in fit
+    def advice(self) -> str:
+        return f"lower --lr (now {self.config.optim.lr}) and run again with --overwrite"
 
-    # ---- what the loop writes ----------------------------------------------------------------------
-    def log(self) -> None:
-        lr = self.config.optim.lr
-        row = self.steps.row(self.stream.epochs_done, lr,
-                             lambda: f"lower --lr (now {lr}) and run again with --overwrite")
-        show_progress(self.bar, row["loss"], row["images_per_s"], step=self.state.step,
-                      fraction_done=self.fraction_done(), step_budget=self.steps.budget.steps)
-        self.metrics.append(row)
+    def at_grid(self, loop: Loop) -> None:
+        self.write_samples()
 
+    def interrupted(self, loop: Loop) -> None:
+        self.save_model()  # keep what was learnt: the run cannot be resumed, but its model can be sampled
+
+    # ---- what the run writes -------------------------------------------------------------------------
     def write_samples(self) -> None:
         run = self.config.run
         images = self.model.generate(run.sample_count, run.sample_steps, seed=0)
         settings = {"step": self.state.step, "sampler": "naive", "steps": run.sample_steps, "seed": 0}
-        self.run.save_samples(make_grid(images), self.state.step, settings, self.metrics)
+        self.run.save_samples(make_grid(images), self.state.step, settings, self.loop.metrics)
 
     def save_model(self) -> Path:
         self.model.info.training.update(steps=self.state.step, images_seen=self.state.images_seen,

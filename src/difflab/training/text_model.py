@@ -195,8 +195,10 @@ def vae_component(config, data, run_root: Path, accelerator, preset: TextPreset,
     done = finished_vae(run_root)
     if done is not None:
         return done
-    log.info("VAE stage: training an AutoencoderKL (latents ×%d smaller, %d channels) for %d steps",
-             preset.vae_factor, preset.latent_channels, config.vae.steps)
+    v = config.vae
+    budget = f"{v.steps} steps" + (f" or {v.minutes:g} minutes, whichever ends first" if v.minutes else "")
+    log.info("VAE stage: training an AutoencoderKL (latents ×%d smaller, %d channels) for %s",
+             preset.vae_factor, preset.latent_channels, budget)
     return VaeStage(config, data, run_root, accelerator, preset, clock).run()
 
 

@@ -32,7 +32,6 @@ from difflab.errors import ConfigError, DataError, ModelError
 from difflab.models.embeddings import EMBEDDING_FILE, add_token_rows
 from difflab.models.model import DiffusionModel
 from difflab.training.run_folder import RunFolder
-from difflab.training.signals import stop_signals
 
 log = logging.getLogger("difflab")
 
@@ -201,19 +200,13 @@ class NewTokenRows:
 
 # ---- the command ------------------------------------------------------------------------------------
 
-@stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def textual_inversion(config: TextualInversionConfig, out: str | Path, *, resume: bool = False,
                       overwrite: bool = False, clock: Callable[[], float] = time.perf_counter,
                       after_step=None, yes: bool = False) -> Path:
-    """Teach the base model (`config.model.base`) the token; returns the folder of learned_embeds.safetensors."""
-    from difflab.training.trainer import Trainer
+    """Teach the base model (`config.model.base`) the token; returns the folder of learned_embeds.safetensors.
+    The one training run with textual inversion's data maker and trained part."""
+    from difflab.training.trainer import train
 
     config = check_settings(dataclasses.replace(config))
-    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, data=make_data,
-                      trained=NewTokenRows, yes=yes)
-    try:
-        return trainer.fit(after_step)
-    finally:
-        trainer.stream.close()
-        if config.run.log_with:
-            trainer.accelerator.end_training()
+    return train(config, out, resume=resume, overwrite=overwrite, clock=clock, yes=yes, data=make_data,
+                 trained=NewTokenRows, after_step=after_step)

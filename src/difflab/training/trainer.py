@@ -1,210 +1,57 @@
-"""The one training loop.
+"""The denoiser's training: the task the one loop (training/loop.py) runs for every run that trains a
+UNet — unconditional, class- or text-conditional, fine-tuning, DreamBooth, LoRA, textual inversion.
 
-Unconditional, conditioned and fine-tuning runs are all this loop: a batch stream, a denoiser, a
-noise schedule and the parameters to train. Built on `accelerate`, so
-`accelerate launch -m difflab train ...` runs the same code on several GPUs or machines.
+Its pieces, each in its own module: the settings and data (`settings.py`), the accelerator
+(`accelerator.py`), the model and what trains of it (`model_setup.py`), the batches (`denoiser_batches.py`),
+and what the run records and saves (`saving.py`). Here: set-up in order, the step, grids and evaluations,
+and what a checkpoint holds. Built on `accelerate`, so `accelerate launch -m difflab train ...` runs the
+same code on several GPUs or machines.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from difflab.batch_memory import vae_batch
-from difflab.config import TEXT_TIMESTEP_SHIFT, TrainConfig, dumps_config
-from difflab.data import BatchStream, ImageDataset, open_dataset
-from difflab.devices import auto_precision
+from difflab.config import TrainConfig
+from difflab.data import ImageDataset
 from difflab.diffusion.generate import generate, row_labels
 from difflab.diffusion.request import GenerationRequest
-from difflab.errors import ConfigError, DataError, TrainingError
 from difflab.images import make_grid
-from difflab.models.build import build_model
-from difflab.models.conditioning import Conditioning
-from difflab.models.model import DiffusionModel, TrainingRecord
-from difflab.models.prompt_syntax import escape, parse_prompt
-from difflab.progress import progress_bar
-from difflab.storage.card import model_card
-from difflab.storage.folder import save_model
-from difflab.training import checkpoints, finetune, memory_features
+from difflab.models.prompt_syntax import escape
+from difflab.training import checkpoints, memory_features
+from difflab.training.accelerator import make_accelerator
 from difflab.training.budget import Budget, lr_factor
-from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target, shifted_timesteps
-from difflab.training.reporting import TRACKER_FOLDER, check_tracker, flat_settings, show_progress
-from difflab.training.run_folder import MetricsLog, RunFolder
-from difflab.training.signals import stop_if_signalled, stop_signals
-from difflab.training.steps import StepLog, StepStats, TrainState
-from difflab.training.text_batches import CachedLatents, CaptionTokens, PromptCache, TrainingNetwork, sample_latents
-from difflab.training.text_model import (
-    PIXEL_SPACE,
-    TextModelParts,
-    build_text_model,
-    check_same_tokenizer,
-    given_text_parts,
-    tokenizer_fingerprint,
-)
+from difflab.training.denoiser_batches import DenoiserBatches, MicroBatch
+from difflab.training.loop import Cadence, Loop, Task
+from difflab.training.losses import group_losses, min_snr_weights, per_image_loss, prediction_target
+from difflab.training.model_setup import PartMaker, set_up_model
+from difflab.training.reporting import check_tracker, flat_settings
+from difflab.training.run_folder import RunFolder
+from difflab.training.saving import record_training, save_run_model, time_split, time_split_line
+from difflab.training.settings import DataMaker, settle_settings, validation_prompts
+from difflab.training.signals import stop_signals
+from difflab.training.steps import StepStats, TrainState
+from difflab.training.text_batches import TrainingNetwork
+from difflab.training.text_model import check_same_tokenizer, given_text_parts, tokenizer_fingerprint
 
 log = logging.getLogger("difflab")
 
-
-def resolve_data_settings(config: TrainConfig, data: ImageDataset) -> TrainConfig:
-    """Fill in what was left to the data (image size, channels), so the saved config is complete."""
-    return dataclasses.replace(config, data=dataclasses.replace(
-        config.data, image_size=data.image_size, channels=data.channels))
-
-
-def mixed_precision(choice: str, device: str = "auto") -> str:
-    """auto: what runs fast on the device (devices.auto_precision); otherwise the choice itself."""
-    return auto_precision(device) if choice == "auto" else choice
-
-
-def make_accelerator(config: TrainConfig, out: str | Path | None = None):
-    """A fresh Accelerator for this run. accelerate keeps one state per process and refuses a second
-    run with other settings (say, another precision); clearing its per-run part, not the distributed
-    part, lets one process train several runs (a notebook, the tests). Trackers (`--log-with`) write
-    under the run folder `out`."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    # private API, but the only way to a second run with other settings in one process (pinned by
-    # tests/test_training.py::test_one_process_trains_runs_of_different_precisions)
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    trackers = {}
-    if config.run.log_with:
-        trackers = {"log_with": config.run.log_with, "project_dir": str(Path(out) / TRACKER_FOLDER)}
-    return Accelerator(cpu=config.run.device == "cpu",
-                       mixed_precision=mixed_precision(config.optim.precision, config.run.device), **trackers)
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch on the device with what its forward pass needs: the images (latents, for a latent
-    model), their conditioning (class labels, some dropped to the null class for guidance; or prompt
-    embeddings), the noise and a timestep per image. `token_ids` stand for the prompt embeddings when the
-    text encoder trains, which computes them in the step."""
-
-    images: torch.Tensor
-    conditioning: Conditioning | torch.Tensor | None
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    token_ids: torch.Tensor | None = None
-    groups: torch.Tensor | None = None  # each image's loss group, when the data has them
-
-
-# Training data made for the run instead of opened by its spec (DreamBooth's instance and class images):
-# called with the settled config, the pretrained model and the run folder (ready to write in, say to cache
-# generated images), it returns the dataset, captions (and loss groups) included.
-DataMaker = Callable[[TrainConfig, DiffusionModel, RunFolder], ImageDataset]
-
-
-class TrainedPart(Protocol):
-    """What trains when it is neither the whole network nor LoRA on it (textual inversion's new token rows):
-    made from the settled config and the pretrained model by a `PartMaker`, after which only its parameters
-    require gradients. A checkpoint holds only its tensors (and their optimizer state), and the run's model
-    is what it saves."""
-
-    text_encoder_in_step: bool  # the step runs the text encoder forward (its output is not a ready input)
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
-
-    def save(self, folder: Path, model: DiffusionModel) -> None: ...
-
-
-PartMaker = Callable[[TrainConfig, DiffusionModel], TrainedPart]
-
-
-def settle_settings(config: TrainConfig, made_data: bool = False
-                    ) -> tuple[TrainConfig, ImageDataset | None, DiffusionModel | None]:
-    """The run's complete settings, its data and (fine-tuning) the pretrained model. They are decided
-    together: the data fills in the image size and channels left to it; with --from, the pretrained
-    model decides the network, schedule, image size and channels, and the data is fitted to it.
-    `made_data`: the data comes from a DataMaker once the run folder is ready (None is returned for it)."""
-    if config.run.sample_prompts is not None:
-        validation_prompts(config.run, None)  # an empty --sample-prompts is refused before any work
-    config, data, base = settings_and_data(config, made_data)
-    return resolve_timestep_shift(config), data, base
-
-
-def resolve_timestep_shift(config: TrainConfig) -> TrainConfig:
-    """--timestep-shift left to difflab: TEXT_TIMESTEP_SHIFT for a new latent text model (its small latent's
-    layout is decided at high noise), 1 (the uniform draw) for every other run."""
-    if config.optim.timestep_shift is not None:
-        return config
-    m = config.model
-    new_latent_text = not m.base and m.conditioning == "text" and (m.vae or "").lower() != PIXEL_SPACE
-    shift = TEXT_TIMESTEP_SHIFT if new_latent_text else 1.0
-    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, timestep_shift=shift))
-
-
-def settings_and_data(config: TrainConfig, made_data: bool
-                      ) -> tuple[TrainConfig, ImageDataset | None, DiffusionModel | None]:
-    if config.model.base:
-        if made_data:
-            base = finetune.load_base(config)
-            return finetune.settings_from_base(config, base), None, base
-        return fine_tuning_settings(config)
-    if made_data:
-        raise ConfigError("training data made for the run needs a pretrained model to start from (--from)")
-    if config.model.lora_rank:  # adapters on new random weights, with the weights themselves frozen, learn nothing
-        raise ConfigError("--lora-rank trains adapters on a pretrained text-to-image model: give that model with "
-                          "--from (a new model trains every weight)")
-    d, text = config.data, config.model.conditioning == "text"
-    if text and d.channels == 1:
-        raise DataError("--conditioning text makes RGB models (the VAE takes 3 channels); leave out --channels 1")
-    data = open_dataset(d.spec, d.image_size, 3 if text else d.channels, d.split, d.strict, d.memory_limit_mb,
-                        caption_column=d.caption_column, caption_template=d.caption_template)
-    if config.model.conditioning == "class" and not data.has_labels:
-        raise DataError(f"--conditioning class needs labelled data, and {d.spec} has no labels "
-                        "(put each class's images in its own sub-folder)")
-    if text and not data.has_captions:
-        raise DataError(f"--conditioning text needs captions, and {d.spec} has none: add a metadata.jsonl "
-                        "(file_name, text) or IMAGE.txt files, or give labelled data a --caption-template such as "
-                        "'a photo of a {label}'")
-    return resolve_data_settings(config, data), data, None
-
-
-def fine_tuning_settings(config: TrainConfig) -> tuple[TrainConfig, ImageDataset, DiffusionModel]:
-    base = finetune.load_base(config)
-    settled = finetune.settings_from_base(config, base)
-    d = settled.data
-    text = settled.model.conditioning == "text"
-    data = open_dataset(d.spec, d.image_size, 3 if text else None,  # a pixel model's data: its own channels
-                        d.split, d.strict, d.memory_limit_mb,
-                        caption_column=d.caption_column, caption_template=d.caption_template)
-    data = finetune.fit_data(data, settled)
-    return resolve_data_settings(settled, data), data, finetune.fine_tuned(base, settled, data)
-
-
-VALIDATION_PROMPTS = 8
 GRID_BATCH = 64  # the most grid images generated per call (fewer where the VAE's decoder needs the memory)
 
 
-def validation_prompts(run, data) -> list[str]:
-    """The grids' prompts: --sample-prompts, or distinct captions spread over the data."""
-    if run.sample_prompts:
-        prompts = [p.strip() for p in run.sample_prompts.split("|") if p.strip()]
-        if not prompts:
-            raise ConfigError("--sample-prompts holds no prompt; separate prompts with |")
-        for prompt in prompts:  # A1111's syntax (docs/prompts.md)
-            parse_prompt(prompt)
-        return prompts
-    distinct = list(dict.fromkeys(c for c in data.captions if c))
-    step = max(1, len(distinct) // VALIDATION_PROMPTS)
-    return distinct[::step][:VALIDATION_PROMPTS]
-
-
-class Trainer:
-    """Set up in the order a reader follows: the settings and data, the run folder, the model, what
-    the run reports, the optimizer, the batch stream and noise, and the checkpoint to resume from.
+class Trainer(Task):
+    """The denoiser's task of the one loop (training/loop.py): a batch is images (or latents) with their
+    conditioning, noise and timesteps, the loss is the denoising loss, and a checkpoint holds what trains,
+    its optimizer and moving average. Set up in the order a reader follows: the settings and data, the run
+    folder, the model, what the run reports, the optimizer, the batch stream and noise, and the checkpoint
+    to resume from.
     `clock` (seconds) measures training time for --minutes and images/s; tests inject one."""
 
     def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -236,40 +83,26 @@ class Trainer:
                clock) -> None:
         """The rest of __init__, once the run folder is ready: the model, reporting, optimizer, data order and
         the checkpoint to resume from."""
-        if base is not None:  # a pretrained model: refused before class images are generated for it
-            self.check_memory(base, base.info.image_size, bool(self.config.model.train_text_encoder),
-                              textual_inversion=trained is not None)
-        if maker is not None:
-            made, base = self.made_data(maker, base)
-        data = made
-        self.text: TextModelParts | None = None  # text-to-image runs: what the model was made of
-        if base is not None and base.prompts is not None:
-            self.text = TextModelParts(base, bool(self.config.model.train_text_encoder), None)
-        if base is None:
-            self.model = self.new_model(data, clock, given)
-            self.check_memory(self.model, data.image_size, bool(self.text and self.text.train_text_encoder),
-                              textual_inversion=False)
-        else:
-            self.model = base
-        if self.config.model.lora_rank:
-            self.add_lora()
-        self.part = trained(self.config, self.model) if trained is not None else None
-        self.full_frozen = self.use_memory_features()
-        self.describe_training(data)
+        built, data = set_up_model(self.config, self.accelerator, self.run, made, base, maker, trained, given, clock,
+                                   yes=self.yes)
+        self.built = built
+        self.model, self.text, self.part = built.model, built.text, built.part
+        record_training(self.model, self.config, data=data, text=self.text)
         self.start_reporting(data)
         self.params, self.optimizer, self.ema = self.make_optimizer()
-        self.captions = CaptionTokens(self.model.prompts, self.config.model.cond_dropout) if self.text else None
         self.validation_prompts = validation_prompts(self.config.run, data) if self.text else []
         self.train_mode()
-        self.stream, self.noise_rng = self.data_order(data)
-        self.prompt_cache = self.cache_prompts(data)
+        self.batches = DenoiserBatches(self.config, self.model, self.accelerator, data, text=self.text is not None,
+                                       text_in_step=self.text_in_step)
+        self.stream = self.batches.stream
         groups = getattr(data, "loss_groups", None)
         self.loss_groups = groups  # named groups of images, weighted and reported apart (None: one group)
-        self.steps = StepLog(Budget.from_config(self.config.run), self.images_per_step, clock,
-                             groups.names if groups is not None else ())
-        self.lr = 0.0  # the learning rate of the latest step
+        self.loop = Loop(self, self.run, self.budget(), self.images_per_step,
+                         Cadence.of_run(self.config.run), clock=clock, main=self.accelerator.is_main_process,
+                         group_names=groups.names if groups is not None else (),
+                         track=self.track if self.config.run.log_with else None)
         if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+            self.loop.resume(checkpoint)
         # accelerate's wrapper (DDP across processes) syncs the gradients, so the training forward pass goes
         # through it; everything else (samples, checkpoints, the saved model) uses self.model's networks, the
         # same modules with the same weights.
@@ -287,95 +120,24 @@ class Trainer:
         acc.wait_for_everyone()  # no process reads the folder before the main one has set it up
         return checkpoint
 
-    def check_memory(self, model: DiffusionModel, image_size: int, trains_text: bool, *,
-                     textual_inversion: bool) -> None:
-        """The run's estimated peak memory on its device (difflab.memory), from the model's parameter counts and
-        the run's flags, before the optimizer and any step: refused (ConfigError naming the flags that would make
-        it fit) when it exceeds the device's free memory, unless --yes. Said in the log from
-        SAY_MEMORY_FROM bytes (small runs stay quiet) or with --yes. Main process only."""
-        from difflab.memory import SAY_MEMORY_FROM, ModelShape, check_training_memory, estimate_training
+    def budget(self) -> Budget:
+        """The run's budget: with --minutes, what the VAE stage left of them (they bound the whole run)."""
+        run = self.config.run
+        budget = Budget.from_config(run, self.vae_seconds)
+        if self.vae_seconds and run.minutes:  # the bar says how --minutes are split
+            self.label = f"UNet ({budget.seconds / 60:.2g} of --minutes {run.minutes:g})"
+        return budget
 
-        if not self.accelerator.is_main_process:
-            return
-        c = self.config
-        flags = dict(
-            height=image_size, width=image_size, batch=c.optim.batch_size,
-            # textual inversion trains a few embedding rows: like LoRA, a sliver of the weights trains; its
-            # frozen networks stay in fp32 (use_memory_features), so its weights are counted at full size
-            lora=bool(c.model.lora_rank) or textual_inversion, checkpointing=c.optim.gradient_checkpointing,
-            optimizer=c.optim.optimizer, precision="no" if textual_inversion else self.accelerator.mixed_precision,
-            train_text_encoder=trains_text and model.prompts is not None and not textual_inversion,
-            # DreamBooth's prior preservation mixes class images into the data (a batch of 2 holds one of each on
-            # average, training/dreambooth.py make_data) rather than doubling the batch as diffusers' script does
-            prior_preservation=False)
-        shape = ModelShape.of_model(model)
-        said = check_training_memory(shape, self.accelerator.device, yes=self.yes,
-                                     lora_flag="--lora" if hasattr(c, "dreambooth") else "--lora-rank 4", **flags)
-        if self.yes or estimate_training(shape, **flags).total >= SAY_MEMORY_FROM:
-            log.info(said)
-
-    def made_data(self, maker: DataMaker, base: DiffusionModel) -> tuple[ImageDataset, DiffusionModel]:
-        """The data a DataMaker makes for the run (the main process first: it may write files the others
-        then read), fitted to the pretrained model; and that model, described as a model of this data."""
-        acc = self.accelerator
-        if not acc.is_main_process:
-            acc.wait_for_everyone()
-        data = finetune.fit_data(maker(self.config, base, self.run), self.config)
-        if acc.is_main_process:
-            acc.wait_for_everyone()
-        return data, finetune.fine_tuned(base, self.config, data)
-
-    def add_lora(self) -> None:
-        """LoRA as the choice of trainable parameters: adapters on the attention projections (of the text
-        encoder too when it trains), every other weight frozen (models/lora.py)."""
-        from difflab.models.lora import add_lora
-
-        if self.text is None:
-            raise ConfigError("--lora-rank adapts text-to-image models; this model has no text encoder")
-        with torch.random.fork_rng(devices=[]):  # the adapters' first weights from the run's seed: same seed, same run
-            torch.manual_seed(self.config.run.seed)
-            add_lora(self.model, self.config.model.lora_rank, text_encoder=self.text.train_text_encoder)
-
-    def use_memory_features(self) -> dict:
-        """--gradient-checkpointing, and the frozen networks in the half type of fp16/bf16 mixed precision;
-        returns the full-precision weights of frozen networks that the saved model holds (memory_features)."""
-        trains_text = bool(self.text and self.text.train_text_encoder)
-        if self.config.optim.gradient_checkpointing:
-            memory_features.enable_gradient_checkpointing(self.model, text_encoder=trains_text)
-        lora = bool(self.config.model.lora_rank)
-        if self.part is not None:  # textual inversion: its text encoder runs in the step; left as it is
-            return {}
-        return memory_features.hold_frozen_in_half(self.model, self.accelerator.mixed_precision, keep_full=not lora,
-                                                   device=self.accelerator.device)
-
-    def new_model(self, data: ImageDataset, clock, given=None) -> DiffusionModel:
-        c = self.config
-        if c.model.conditioning == "text":
-            self.text = build_text_model(c, data, self.run.root, self.accelerator, clock, given)
-            return self.text.model
-        names = data.class_names if c.model.conditioning == "class" else None
-        return build_model(c.model, data.image_size, data.channels, data.source, c.run.seed, names)
-
-    def describe_training(self, data: ImageDataset) -> None:
-        """What the model card and difflab.json say about the training (completed by save_model)."""
-        training = self.model.info.training = TrainingRecord(images=len(data))
-        if self.config.model.preset != finetune.BASE_PRESET:
-            training.preset = self.config.model.preset
-        if self.model.class_names or self.text:
-            training.cond_dropout = self.config.model.cond_dropout
-        if self.text:
-            training.update(self.text.training_rows(self.config, data))
-        if self.config.model.lora_rank:
-            training.lora_rank = self.config.model.lora_rank
-        if self.config.optim.timestep_shift != 1:
-            training.timestep_shift = self.config.optim.timestep_shift
-        training.update(getattr(data, "notes", None) or {})  # what made data says of itself (DreamBooth's prompts)
+    @property
+    def vae_seconds(self) -> float:
+        """Training seconds of the run's VAE stage (0 when the run has none)."""
+        report = self.text.vae_report if self.text else None
+        return report.seconds if report else 0.0
 
     def start_reporting(self, data: ImageDataset) -> None:
         """metrics.csv, and on the main process the trackers of --log-with and the evaluator of --eval-every."""
         acc, config = self.accelerator, self.config
-        self.metrics = MetricsLog(self.run.metrics)
-        self.evaluator = None
+        self.evaluator, self.evaluator_seconds = None, 0.0
         if not acc.is_main_process:
             return
         if config.run.log_with:
@@ -384,7 +146,9 @@ class Trainer:
         if config.run.eval_every:
             from difflab.metrics.evaluate import Evaluator
 
+            started = time.perf_counter()  # its classifier (or attribute reader) trains now: said apart, not counted
             self.evaluator = Evaluator.for_data(config.data.spec, data.image_size, data.channels)
+            self.evaluator_seconds = time.perf_counter() - started
 
     def make_optimizer(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, object | None]:
         """The trainable parameters (moved to the device), the optimizer over them (--optimizer), and their
@@ -398,28 +162,6 @@ class Trainer:
         ema = EMAModel(params, decay=o.ema_decay, foreach=True) if o.ema_decay else None
         return params, optimizer, ema
 
-    def data_order(self, data: ImageDataset) -> tuple[BatchStream, torch.Generator]:
-        """This process's share of the batches, and its generator of noise, timesteps and label dropout."""
-        acc, seed = self.accelerator, self.config.run.seed
-        if self.model.latent and self.config.data.cache_latents and isinstance(data, ImageDataset):
-            data = CachedLatents(data, self.model.codec, self.config.data.flip, acc.device)  # batches sized by memory
-        if self.captions is not None:
-            self.captions.check_lengths(data.data.captions if isinstance(data, CachedLatents) else data.captions)
-        stream = BatchStream(data, self.config.optim.batch_size, seed=seed, flip=self.config.data.flip,
-                             rank=acc.process_index, world_size=acc.num_processes)
-        return stream, torch.Generator().manual_seed(seed * 7919 + acc.process_index)
-
-    def cache_prompts(self, data: ImageDataset) -> PromptCache | None:
-        """A frozen text encoder's embeddings of the data's distinct captions (and of the empty caption that
-        caption dropout uses), computed once, when they fit the memory set aside for them."""
-        if not self.text or self.text_in_step:
-            return None
-        captions = getattr(data, "captions", None)
-        if not captions:
-            return None
-        distinct = list(dict.fromkeys([*captions, *([""] if self.config.model.cond_dropout else [])]))
-        return PromptCache.build(distinct, self.model.prompts.text_encoder, self.captions)
-
     def train_mode(self) -> None:
         """The trained networks in training mode, the frozen ones (a given VAE or text encoder) not."""
         for network in self.model.modules():
@@ -431,18 +173,12 @@ class Trainer:
     @property
     def text_in_step(self) -> bool:
         """Whether the step runs the text encoder forward: it trains, or a part of it does."""
-        if self.text is None:
-            return False
-        return self.text.train_text_encoder or bool(getattr(self, "part", None) and self.part.text_encoder_in_step)
+        return self.built.text_in_step
 
     # ---- where the run stands ----------------------------------------------------------------------
     @property
     def state(self) -> TrainState:
-        return self.steps.state
-
-    @property
-    def budget(self) -> Budget:
-        return self.steps.budget
+        return self.loop.state
 
     @property
     def images_per_step(self) -> int:
@@ -450,83 +186,32 @@ class Trainer:
         return o.batch_size * o.grad_accum * self.accelerator.num_processes
 
     def fraction_done(self) -> float:
-        return self.steps.fraction_done(self.stream.epochs_done)
+        return self.loop.fraction_done()
 
-    # ---- the loop --------------------------------------------------------------------------------
+    # ---- the task: what the one loop runs --------------------------------------------------------------
     def fit(self, after_step: Callable[[TrainState], None] | None = None) -> Path:
         """Train until the budget is used; then the last checkpoint, samples, evaluation and the model.
         `after_step(state)` runs after each step and what it writes (a notebook's or a test's hook): a
         KeyboardInterrupt raised there stops the run as Ctrl-C does, with a checkpoint."""
-        bar = progress_bar(total=self.budget.steps, initial=self.state.step, unit="step", desc="training",
-                           enabled=self.accelerator.is_main_process)
-        try:
-            while self.fraction_done() < 1.0:
-                self.steps.start_step()
-                self.steps.end_step(self.train_step(self.next_micro_batches()))
-                bar.update()
-                self.write_what_is_due(bar)
-                stop_if_signalled(last=self.fraction_done() >= 1.0)  # SIGTERM/SIGHUP: through the Ctrl-C path
-                if after_step is not None:
-                    after_step(self.state)
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_checkpoint()
-            raise
-        bar.close()
-        self.save_checkpoint()
+        self.loop.run(after_step)
         self.write_samples()
         if self.config.run.eval_every:
             self.evaluate()
         return self.save_model()
 
-    def write_what_is_due(self, bar) -> None:
-        """The metrics row, checkpoint, sample grid and evaluation due at this step (the last step's are
-        written by fit)."""
-        run, step, finished = self.config.run, self.state.step, self.fraction_done() >= 1.0
-        if step % run.log_every == 0 or finished:
-            self.log(bar)
-        if finished:
-            return
-        if run.checkpoint_every and step % run.checkpoint_every == 0:
-            self.save_checkpoint()
-        if run.sample_every and step % run.sample_every == 0:
-            self.write_samples()
-        if run.eval_every and step % run.eval_every == 0:
-            self.evaluate()
+    def step(self, loop: Loop) -> StepStats:
+        return self.train_step(self.batches.next_step())
 
-    def next_micro_batches(self) -> list[MicroBatch]:
-        """The next optimizer step's `grad_accum` micro-batches, in the run's data order and noise."""
-        return [self.micro_batch(next(self.stream)) for _ in range(self.config.optim.grad_accum)]
+    def at_grid(self, loop: Loop) -> None:
+        self.write_samples()
 
-    def micro_batch(self, batch: dict) -> MicroBatch:
-        x0 = self.model_space(batch)
-        noise, timesteps = self.draw_noise(x0)
-        groups = batch["groups"].to(self.accelerator.device) if "groups" in batch else None
-        if self.captions is None:
-            return MicroBatch(x0, self.training_labels(batch), noise, timesteps, groups=groups)
-        captions = self.captions.drop(batch["captions"], self.noise_rng)
-        if self.prompt_cache is not None:
-            return MicroBatch(x0, Conditioning(text=self.prompt_cache(captions)), noise, timesteps, groups=groups)
-        token_ids = self.captions.token_ids(captions).to(self.accelerator.device)
-        if self.text_in_step:
-            return MicroBatch(x0, None, noise, timesteps, token_ids, groups)
-        with torch.no_grad():  # a frozen text encoder: its output is an input
-            embeddings = self.model.prompts.text_encoder(token_ids)[0]
-        return MicroBatch(x0, Conditioning(text=embeddings), noise, timesteps, groups=groups)
+    def at_eval(self, loop: Loop) -> None:
+        self.evaluate()
 
-    def model_space(self, batch: dict) -> torch.Tensor:
-        """The batch as the diffusion model sees it: images, or latents drawn from the VAE's posterior
-        (cached before training, or encoded now)."""
-        device = self.accelerator.device
-        if "latent_mean" in batch:
-            return sample_latents(batch, self.model.codec.scaling_factor, self.noise_rng).to(device)
-        images = batch["images"].to(device, non_blocking=True)
-        if not self.model.latent:
-            return images
-        with torch.no_grad():
-            posterior = self.model.codec.vae.encode(images.to(self.model.codec.dtype)).latent_dist
-        return sample_latents({"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()},
-                              self.model.codec.scaling_factor, self.noise_rng)
+    def advice(self) -> str:
+        """What to do when the loss or the gradients stop being numbers."""
+        return (f"lower --lr (now {self.config.optim.lr}), lengthen --warmup-steps or set --clip-grad, then run "
+                "again with --resume")
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepStats:
         """One optimizer step over the micro-batches (their mean loss); the statistics stay on the device."""
@@ -572,19 +257,6 @@ class Trainer:
             weights = weights * torch.tensor(self.loss_groups.weights, device=weights.device)[b.groups]
         return weights
 
-    def draw_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gaussian noise like `x0` and a random timestep per image (uniform, or shifted towards high noise by
-        --timestep-shift), from the run's noise generator."""
-        device = self.accelerator.device
-        noise = torch.randn(x0.shape, generator=self.noise_rng).to(device)
-        steps = self.model.noise_schedule.config.num_train_timesteps
-        shift = self.config.optim.timestep_shift
-        if shift == 1:  # the uniform draw as it always was: the same seed gives the same run as before
-            t = torch.randint(0, steps, (x0.shape[0],), generator=self.noise_rng)
-        else:
-            t = shifted_timesteps(torch.rand(x0.shape[0], generator=self.noise_rng), shift, steps)
-        return noise, t.to(device)
-
     def gradient_norm(self, clip: float) -> torch.Tensor:
         """The gradients' total norm, after clipping it to `clip` if that is set. With fp16 loss scaling
         an overflow is routine (the scaler skips that step), so it is not reported: zero is returned."""
@@ -598,48 +270,10 @@ class Trainer:
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         return torch.zeros((), device=acc.device) if norm is None else norm.detach().float()
 
-    def training_labels(self, batch: dict) -> torch.Tensor | None:
-        """Class labels, each dropped to the null class with chance `cond_dropout` (for guidance)."""
-        denoiser = self.model.denoiser
-        if denoiser.num_classes is None:
-            return None
-        labels = batch["labels"].clone()
-        dropped = torch.rand(labels.shape, generator=self.noise_rng) < self.config.model.cond_dropout
-        labels[dropped] = denoiser.null_class
-        return labels.to(self.accelerator.device)
-
-    # ---- what the loop writes ----------------------------------------------------------------------
-    def divergence_advice(self) -> str:
-        """What to do when the loss or the gradients stop being numbers."""
-        return (f"{checkpoints.last_good(self.run.checkpoints)}: lower --lr (now {self.config.optim.lr}), "
-                "lengthen --warmup-steps or set --clip-grad, then run again with --resume")
-
-    def log(self, bar) -> None:
-        row = self.steps.row(self.stream.epochs_done, self.lr, self.divergence_advice)
-        show_progress(bar, row["loss"], row["images_per_s"], step=self.state.step, fraction_done=self.fraction_done(),
-                      step_budget=self.budget.steps)
-        if self.accelerator.is_main_process:
-            with self.writing(self.run.metrics):
-                self.metrics.append(row)
-            self.track(row)
-
+    # ---- what the task writes ---------------------------------------------------------------------
     def track(self, row: dict) -> None:
-        """Send a metrics row to the trackers of --log-with, if any (main process only)."""
-        if self.config.run.log_with:
-            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    @contextmanager
-    def writing(self, path: Path | None = None):
-        """A failed write (a full disk, a read-only folder) stops training with one line that names `path`
-        (default: the file the error names) and says what to do; checkpoints.save_checkpoint reports its own."""
-        try:
-            yield
-        except OSError as e:
-            raise TrainingError(
-                f"could not write {path or e.filename} ({e.strerror or e}); "
-                f"{checkpoints.last_good(self.run.checkpoints)}: "
-                "free some disk space or make the run folder writable, then run again with --resume"
-            ) from None
+        """Send a metrics row to the trackers of --log-with (main process only)."""
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     @contextmanager
     def ema_weights(self):
@@ -683,8 +317,8 @@ class Trainer:
             images = generate(self.model, request, batch_size=self.sample_batch_size(count))
         self.train_mode()
         settings = {"step": self.state.step, **request.settings(self.model)}
-        with self.writing():
-            self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.metrics)
+        with self.loop.writing():
+            self.run.save_samples(make_grid(images, columns, names), self.state.step, settings, self.loop.metrics)
 
     def sample_batch_size(self, count: int) -> int:
         """Images generated (and decoded) per call for the grids: as many as the VAE's decoder has memory for."""
@@ -713,19 +347,16 @@ class Trainer:
         row = {"step": self.state.step, "frechet_distance": result["frechet_distance"]}
         if "class_accuracy" in result:
             row["class_accuracy"] = result["class_accuracy"]
-        with self.writing(self.run.metrics):
-            self.metrics.append(row)
-        self.track(row)
+        self.loop.record(row)
         log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
         return result
 
-    def save_checkpoint(self) -> None:
+    def checkpoint_state(self) -> tuple[dict, dict] | None:
         from accelerate.utils import gather_object
 
-        self.steps.check_finite(self.divergence_advice)  # never save a diverged model
-        noise_states = gather_object([self.noise_rng.get_state()])
+        noise_states = gather_object([self.batches.noise_rng.get_state()])
         if not self.accelerator.is_main_process:
-            return
+            return None
         optimizer_tensors, optimizer_meta = checkpoints.flatten_optimizer(self.optimizer.state_dict())
         tensors = {
             # only what trains, when a part of the model does (textual inversion, LoRA); else the whole network
@@ -738,19 +369,12 @@ class Trainer:
             tensors["text_encoder"] = self.trained_state(self.model.prompts.text_encoder)
         if self.ema is not None:
             tensors["ema"] = {str(i): p for i, p in enumerate(self.ema.shadow_params)}
-        state = {
-            "train": dataclasses.asdict(self.state),
-            "data": self.stream.state_dict(),
-            "optimizer": optimizer_meta,
-            "ema_step": self.ema.optimization_step if self.ema is not None else 0,
-        }
+        state = {"optimizer": optimizer_meta, "ema_step": self.ema.optimization_step if self.ema is not None else 0}
         if self.text:
             state["tokenizer"] = tokenizer_fingerprint(self.model.prompts.tokenizer)
-        checkpoints.save_checkpoint(self.run.checkpoints, self.state.step, tensors, state,
-                                    self.config.run.keep_checkpoints)
+        return tensors, state
 
-    def load_checkpoint(self, path: Path) -> None:
-        tensors, state = checkpoints.load_checkpoint(path)
+    def load_checkpoint_state(self, tensors: dict, state: dict) -> None:
         if self.text:
             check_same_tokenizer(state.get("tokenizer"), self.model.prompts.tokenizer, self.run.root)
             if "text_encoder" in tensors:
@@ -766,12 +390,7 @@ class Trainer:
             self.ema.optimization_step = state["ema_step"]
         noise_state = tensors["rng"].get(f"noise.{self.accelerator.process_index}")
         if noise_state is not None:
-            self.noise_rng.set_state(noise_state)
-        self.stream.load_state_dict(state["data"])
-        self.steps.resume(TrainState(**state["train"]))
-        if self.accelerator.is_main_process:
-            self.metrics.truncate_after(self.state.step)
-        log.info("resuming from %s (step %d)", path, self.state.step)
+            self.batches.noise_rng.set_state(noise_state)
 
     def trained_state(self, network: torch.nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint holds of a network: all of it, or for a LoRA run only the adapters (the frozen base
@@ -785,44 +404,31 @@ class Trainer:
             network.load_state_dict(state)
 
     def save_model(self) -> Path:
+        """The run's model (main process), its training record completed: the moving-average weights, and
+        the frozen parts as they were given."""
         if self.accelerator.is_main_process:
-            self.model.info.training.update(
-                steps=self.state.step, images_seen=self.state.images_seen, minutes=round(self.state.seconds / 60, 2),
-                device=str(self.accelerator.device), ema_decay=self.config.optim.ema_decay, lr=self.config.optim.lr)
-            memory_features.restore_full(self.model, self.full_frozen)  # the frozen parts as they were given
-            with self.ema_weights(), self.writing(self.run.model):
-                if self.part is not None:
-                    self.part.save(self.run.model, self.model)
-                elif self.config.model.lora_rank:
-                    self.save_lora()
-                else:
-                    card = model_card(self.model, str(self.run.model), dumps_config(self.config))
-                    save_model(self.model, self.run.model, card)
+            split = time_split(self.state, self.text.vae_report if self.text else None, self.evaluator_seconds)
+            record_training(self.model, self.config, state=self.state, device=str(self.accelerator.device), **split)
+            log.info(time_split_line(split, self.state, self.config.run.minutes))
+            memory_features.restore_full(self.model, self.built.full_frozen)
+            with self.ema_weights(), self.loop.writing(self.run.model):
+                save_run_model(self.model, self.config, self.run.model, self.part,
+                               prompt=(self.validation_prompts or [None])[0])
         self.accelerator.wait_for_everyone()
         return self.run.model
 
-    def save_lora(self) -> None:
-        """A LoRA run's model: only the adapters, as pytorch_lora_weights.safetensors, with its card."""
-        from difflab.models.lora import lora_summary
-        from difflab.storage.card import lora_card
-        from difflab.storage.lora import save_lora
-
-        training = self.model.info.training
-        summary = lora_summary(self.model)
-        card = lora_card(str(self.run.model), str(self.config.model.base), rank=summary["rank"],
-                         alpha=summary["alpha"], targets=summary["targets"], parameters=summary["parameters"],
-                         instance_prompt=training.instance_prompt, token=training.token,
-                         prompt=(self.validation_prompts or [None])[0], data=self.model.info.data, training=training)
-        save_lora(self.model, self.run.model, card=card)
 
 @stop_signals()  # SIGTERM and SIGHUP save a checkpoint, like Ctrl-C
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          clock: Callable[[], float] = time.perf_counter, yes: bool = False) -> Path:
+          clock: Callable[[], float] = time.perf_counter, yes: bool = False, data: DataMaker | None = None,
+          trained: PartMaker | None = None, after_step: Callable[[TrainState], None] | None = None) -> Path:
     """Train a model; returns the folder of the saved model. `yes`: start even when the memory estimate
-    says it will not fit."""
-    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, yes=yes)
+    says it will not fit. DreamBooth and textual inversion are this call with their `data` maker (and
+    `trained` part)."""
+    trainer = Trainer(config, out, resume=resume, overwrite=overwrite, clock=clock, data=data, trained=trained,
+                      yes=yes)
     try:
-        model_dir = trainer.fit()
+        model_dir = trainer.fit(after_step)
     finally:
         trainer.stream.close()  # stops the processes that read a large folder ahead
         if config.run.log_with:
