@@ -111,11 +111,11 @@ def _folder_kind(path: Path) -> Kind:
     if (path / LORA_WEIGHTS).is_file():
         return Kind.LORA_FOLDER
     if (path / MODEL_INDEX).is_file():
-        name = _json_or_empty(path / MODEL_INDEX).get("_class_name")
+        name = json_or_empty(path / MODEL_INDEX).get("_class_name")
         return Kind.SD_FOLDER if isinstance(name, str) and name.startswith("StableDiffusion") else Kind.MODEL
     if (path / SCRATCH_INFO_FILE).is_file():
         return Kind.SCRATCH_MODEL
-    if (path / "unet" / "config.json").is_file() or "block_out_channels" in _json_or_empty(path / "config.json"):
+    if (path / "unet" / "config.json").is_file() or "block_out_channels" in json_or_empty(path / "config.json"):
         return Kind.MODEL  # a pixel-space text model's parts, or a bare UNet folder
     return Kind.FOLDER
 
@@ -180,7 +180,8 @@ def unfinished_run(folder: Path, consequence: str = "") -> str:
             f"difflab {command} --config {shlex.quote(str(folder / RUN_CONFIG))} --out {quoted}")
 
 
-def _json_or_empty(path: Path) -> dict:
+def json_or_empty(path: Path) -> dict:
+    """A JSON file's object, or {} where it is missing, unreadable or not an object (a question, not a load)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

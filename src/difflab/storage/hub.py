@@ -25,7 +25,6 @@ This module does not import torch: a push is a file upload.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -49,6 +48,7 @@ from difflab.layout import (
     SCRATCH_INFO_FILE,
     Kind,
     is_hub_id,
+    json_or_empty,
     run_of,
     unfinished_run,
     what_is_at,
@@ -179,8 +179,8 @@ def _model_metadata(model: Path, metadata: dict, notes: list[str]) -> dict:
     """The card's metadata, completed with what the Hub needs to file the model right."""
     metadata = dict(metadata)
     lora = (model / LORA_WEIGHTS).is_file()
-    info = _json_or_empty(model / INFO_FILE)
-    index = _json_or_empty(model / MODEL_INDEX)
+    info = json_or_empty(model / INFO_FILE)
+    index = json_or_empty(model / MODEL_INDEX)
     scratch = (model / SCRATCH_INFO_FILE).is_file()
     if not scratch:
         metadata.setdefault("library_name", "diffusers")
@@ -207,13 +207,6 @@ def _model_metadata(model: Path, metadata: dict, notes: list[str]) -> dict:
                      "matter so that the Hub links the LoRA to the model it adapts")
     return metadata
 
-
-def _json_or_empty(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ---- the card's body -------------------------------------------------------------------------------
