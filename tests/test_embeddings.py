@@ -88,7 +88,10 @@ def test_the_embedding_is_what_draws(sd, files, tmp_path):
 
 def test_an_a1111_file_is_named_by_its_file_name(sd, files):
     model = load_model(sd)
+    before = torch.random.get_rng_state()
     assert model.load_textual_inversion(files / "birb.safetensors")[0] == "birb"
+    # the new rows are set, not drawn: loading leaves the global generator as it was (no mean resizing)
+    assert torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_sample_takes_repeated_embeddings_and_records_them(sd, files, tmp_path):

@@ -164,7 +164,11 @@ def add_token_rows(prompts, tokens: list[str], rows: torch.Tensor) -> list[int]:
     tokenizer, encoder = prompts.tokenizer, prompts.text_encoder
     weight = encoder.get_input_embeddings().weight
     device, dtype = weight.device, weight.dtype
-    encoder.resize_token_embeddings(len(tokenizer) + len(tokens))
+    # Every new row is set below: transformers' mean resizing (a covariance of the whole matrix, with a note
+    # in the log) would be work thrown away, and the new matrix's random start must not move the caller's
+    # global generator (loading an embedding changes no later random draw).
+    with torch.random.fork_rng(devices=[weight.device.index or 0] if weight.is_cuda else []):
+        encoder.resize_token_embeddings(len(tokenizer) + len(tokens), mean_resizing=False)
     weight = encoder.get_input_embeddings().weight
     ids = []
     for token, row in zip(tokens, rows):
