@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, machine
+from common import GRID_PROMPTS, emit, machine
 from difflab.data import shapes
 from difflab.diffusion.cfg import ClassifierFreeGuidance, noise_levels, parse_interval
 from difflab.diffusion.generate import generate
@@ -32,13 +32,6 @@ from difflab.metrics.prompt_adherence import evaluate_prompts
 from difflab.storage.folder import load_model
 
 SETTINGS = ("1.5", "3", "5", "7.5", "7.5:0.3-5", "7.5:0.1-2", "7.5::0.7", "7.5:0.3-5:0.7")
-GRID_PROMPTS = (
-    "a large red circle in the centre on a white background",
-    "a small blue square at the top left on a black background",
-    "a large orange triangle at the bottom right on a grey background",
-    "a large green triangle in the centre on a white background",  # held out of training
-    "a small purple circle at the top right on a black background",  # held out of training
-)
 
 
 def parse_setting(text: str) -> ClassifierFreeGuidance:

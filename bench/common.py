@@ -12,6 +12,16 @@ import torch
 
 from difflab.devices import cpu_model_name
 
+# The `shapes` text-to-image benchmarks' grid: one column per prompt, the last two combinations held out of
+# training.
+GRID_PROMPTS = (
+    "a large red circle in the centre on a white background",
+    "a small blue square at the top left on a black background",
+    "a large orange triangle at the bottom right on a grey background",
+    "a large green triangle in the centre on a white background",  # held out of training
+    "a small purple circle at the top right on a black background",  # held out of training
+)
+
 
 def machine() -> dict:
     info = {

@@ -20,17 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import emit
+from common import GRID_PROMPTS, emit
 
 CFG_SCALES = (0, 1, 2, 3, 5, 7.5)
 STEPS = (5, 10, 20, 50)
-GRID_PROMPTS = (
-    "a large red circle in the centre on a white background",
-    "a small blue square at the top left on a black background",
-    "a large orange triangle at the bottom right on a grey background",
-    "a large green triangle in the centre on a white background",  # held out of training
-    "a small purple circle at the top right on a black background",  # held out of training
-)
 
 
 def difflab(*args: str) -> str:
