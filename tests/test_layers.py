@@ -14,7 +14,7 @@ PACKAGE = Path(difflab.__file__).parent
 # Lowest first. Entries of one layer sit side by side: neither imports the other.
 LAYERS = [
     ["errors.py", "testhooks.py", "progress.py", "seeds.py"],
-    ["files.py", "devices.py", "batch_memory.py", "layout.py"],
+    ["files.py", "devices.py", "cpu_threads.py", "batch_memory.py", "layout.py"],
     ["images.py", "plots.py", "memory.py"],
     ["data"],
     ["models"],

@@ -14,10 +14,12 @@ import sys
 import warnings
 
 from difflab import __version__
+from difflab.cpu_threads import set_threads
 from difflab.errors import DifflabError
 
 COMMANDS = ["quickstart", "train", "finetune", "dreambooth", "textual-inversion", "sample", "eval", "noise", "scratch",
             "demo", "push", "export"]
+NO_COMPUTE = {"push", "export"}  # the commands that run no network take no --threads
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"difflab.cli.{name.replace('-', '_')}").add_parser(subparsers)
+        if name not in NO_COMPUTE:
+            subparsers.choices[name].add_argument(
+                "--threads", type=int, metavar="N",
+                help="CPU threads (default: the cores that other work leaves free, by the load average; all of "
+                     "them on an idle machine, or OMP_NUM_THREADS when set)")
     return parser
 
 
@@ -67,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.quiet)
     try:
+        note = set_threads(getattr(args, "threads", None))
+        if note:
+            logging.getLogger("difflab").info(note)
         return args.run(args) or 0
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)

@@ -101,8 +101,19 @@ def check_memory(config: TrainConfig, accelerator, model: DiffusionModel, image_
 
     if not accelerator.is_main_process:
         return
+    flags = memory_flags(config, accelerator, model, image_size, trains_text, textual_inversion=textual_inversion)
+    shape = ModelShape.of_model(model)
+    said = check_training_memory(shape, accelerator.device, yes=yes,
+                                 lora_flag="--lora" if hasattr(config, "dreambooth") else "--lora-rank 4", **flags)
+    if yes or estimate_training(shape, **flags).total >= SAY_MEMORY_FROM:
+        log.info(said)
+
+
+def memory_flags(config: TrainConfig, accelerator, model: DiffusionModel, image_size: int, trains_text: bool, *,
+                 textual_inversion: bool) -> dict:
+    """What difflab.memory.estimate_training needs to know of this run, from its settings."""
     c = config
-    flags = dict(
+    return dict(
         height=image_size, width=image_size, batch=c.optim.batch_size,
         # textual inversion trains a few embedding rows: like LoRA, a sliver of the weights trains; its
         # frozen networks stay in fp32 (use_memory_features), so its weights are counted at full size
@@ -112,11 +123,6 @@ def check_memory(config: TrainConfig, accelerator, model: DiffusionModel, image_
         # DreamBooth's prior preservation mixes class images into the data (a batch of 2 holds one of each on
         # average, training/dreambooth.py make_data) rather than doubling the batch as diffusers' script does
         prior_preservation=False)
-    shape = ModelShape.of_model(model)
-    said = check_training_memory(shape, accelerator.device, yes=yes,
-                                 lora_flag="--lora" if hasattr(c, "dreambooth") else "--lora-rank 4", **flags)
-    if yes or estimate_training(shape, **flags).total >= SAY_MEMORY_FROM:
-        log.info(said)
 
 
 def made_data(config: TrainConfig, accelerator, run: RunFolder, maker: DataMaker, base: DiffusionModel
