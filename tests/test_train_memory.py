@@ -314,4 +314,5 @@ def test_the_real_scale_training_benchmark_runs_a_row_on_a_narrow_model(tmp_path
     # the benchmark skips rows by the very estimate the trainer makes before its first step
     before = real_scale_train.estimate_before(folder, "unet+te+ckpt+8bit+half", "cpu", size=64)
     assert before / 2**30 == pytest.approx(row["estimate_gib"], abs=0.001)
-    assert real_scale_train.estimate_before(folder, "unet", "cpu") > real_scale_train.estimate_before(folder, "lora", "cpu")
+    estimate = real_scale_train.estimate_before
+    assert estimate(folder, "unet", "cpu") > estimate(folder, "lora", "cpu")
