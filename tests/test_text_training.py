@@ -144,6 +144,27 @@ def test_cached_latents_are_the_vaes_posterior_of_each_image_and_its_mirror(trai
     assert batch["captions"] == data.batch(index, flips)["captions"]  # mirrored captions say right for left
 
 
+def test_a_dataset_that_repeats_its_images_is_encoded_once_per_image(trained):
+    """Textual inversion pairs each image with every caption template: the cache encodes each image once
+    (at 512 px on a CPU each repeat is minutes) and gives every copy its latents."""
+    from difflab.data import open_dataset
+    from difflab.data.dataset import ImageDataset
+
+    model = load_model(trained)
+    four = open_dataset("shapes:n=4", 16, 3)
+    repeated = ImageDataset(four.images.repeat_interleave(5, dim=0), source="repeated",
+                            captions=[f"caption {i}" for i in range(20)])
+    encoded = []
+    encode = model.codec.vae.encode
+    model.codec.vae.encode = lambda images: encoded.append(len(images)) or encode(images)
+    cache = CachedLatents(repeated, model.codec, flip=True, device="cpu")
+    assert sum(encoded) == 2 * 4  # four images and their mirrors, not twenty and twenty
+    alone = CachedLatents(four, model.codec, flip=True, device="cpu")
+    assert torch.equal(cache.mean, alone.mean.repeat_interleave(5, dim=0))
+    assert torch.equal(cache.flipped[1], alone.flipped[1].repeat_interleave(5, dim=0))
+    assert cache.batch(torch.tensor([7]))["captions"] == ["caption 7"]
+
+
 def test_training_without_the_cache_sees_the_same_latents(tmp_path):
     cached, fresh = text_config(steps=4), text_config(steps=4)
     fresh.data.cache_latents = False

@@ -5,6 +5,7 @@ And the module the step runs forward: the denoiser, behind the text encoder when
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -120,18 +121,19 @@ class CachedLatents:
     @torch.no_grad()
     def _encode(data, codec, flip: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
-        n = len(data)
+        distinct, position = distinct_images(data)
+        n = len(distinct)
         step = vae_batch(data.image_size, data.image_size, codec.dtype, device, ENCODE_BATCH, decode=False)
         bar = progress_bar(total=n, unit="image", desc="caching latents" + (" (mirrored)" if flip else ""))
         for start in range(0, n, step):
-            index = torch.arange(start, min(n, start + step))
+            index = distinct[start:start + step]
             images = data.batch(index, torch.ones(len(index), dtype=torch.bool) if flip else None)["images"]
             posterior = codec.vae.encode(images.to(device, codec.dtype)).latent_dist
             means.append(posterior.mean.float().cpu())
             stds.append(posterior.std.float().cpu())
             bar.update(len(index))
         bar.close()
-        return torch.cat(means), torch.cat(stds)
+        return torch.cat(means)[position], torch.cat(stds)[position]
 
     def __len__(self) -> int:
         return len(self.data)
@@ -151,6 +153,26 @@ class CachedLatents:
 
     def close(self) -> None:
         self.data.close()
+
+
+def distinct_images(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the dataset's distinct images, each image's place among them), so that a dataset that
+    repeats its images is encoded once per image: textual inversion pairs each image with every caption
+    template (27 of them), which at 512 px on a CPU is minutes per repeat. Images held on disk (streamed
+    datasets) are taken as they come."""
+    images = getattr(data, "images", None)
+    if not isinstance(images, torch.Tensor):
+        everything = torch.arange(len(data))
+        return everything, everything
+    first: dict[bytes, int] = {}
+    position = []
+    for i in range(images.shape[0]):
+        key = hashlib.blake2b(images[i].contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+        position.append(first.setdefault(key, len(first)))
+    distinct = torch.empty(len(first), dtype=torch.long)
+    for i, place in enumerate(position):
+        distinct[place] = i  # any one of the copies: they are the same image
+    return distinct, torch.tensor(position, dtype=torch.long)
 
 
 def sample_latents(batch: dict, scale: float, generator: torch.Generator) -> torch.Tensor:
