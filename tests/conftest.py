@@ -30,6 +30,22 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_folders(tmp_path_factory):
+    """Tiny Stable Diffusion folders by kind (text, inpaint, depth, upscale), each built once per session.
+    Read-only: a test that changes one works on a copy."""
+    import tiny_sd
+
+    built = {}
+
+    def folder(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = tiny_sd.build(tmp_path_factory.mktemp(f"tiny-sd-{kind}"), kind)
+        return built[kind]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIPModel and a CLIPTokenizer over single letters, saved as a folder."""
     import torch

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import tiny_sd
 from difflab.cli import main
 from difflab.config import ModelConfig
 from difflab.diffusion.generate import generate
@@ -41,9 +40,8 @@ def classes():
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("request")
-    return {kind: tiny_sd.build(root / kind, kind) for kind in ("text", "upscale")}
+def folders(tiny_sd_folders):
+    return {kind: tiny_sd_folders(kind) for kind in ("text", "upscale")}
 
 
 @pytest.fixture(scope="module")

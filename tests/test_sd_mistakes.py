@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tiny_sd
 from difflab.cli import main
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd-mistakes")
-    return {kind: tiny_sd.build(root / kind, kind) for kind in ("text", "upscale")}
+def models(tiny_sd_folders):
+    return {kind: tiny_sd_folders(kind) for kind in ("text", "upscale")}
 
 
 @pytest.fixture(scope="module")
