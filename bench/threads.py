@@ -1,8 +1,9 @@
 """Threads for the work: training and sampling throughput at 1 and 2 threads, alone and beside a busy process.
 
 Each job runs as a user runs it — `difflab train` / `difflab sample` in its own process — with
-`--threads 1` or `--threads 2`, once with the machine to itself and once beside another process that
-keeps one core busy (a Python loop, as a second job or a browser would). Training rates are steps per
+`--threads 1`, `--threads 2` and without (`auto`: difflab's own choice, cpu_threads.py), once with the
+machine to itself and once beside another process that keeps one core busy (a Python loop, as a second
+job or a browser would). Training rates are steps per
 second from the run's metrics.csv, after its first logged row (the set-up and the first steps, which
 choose kernels, are not counted); sampling rates are images per second of `difflab sample`'s own work,
 the model's loading not counted.
@@ -10,7 +11,7 @@ the model's loading not counted.
 Jobs: the `small` pixel model on digits (class-conditional, as the quickstart); the text model's VAE
 stage and its UNet on `shapes` (quickstart --text's `small` preset); sampling both.
 
-    python bench/threads.py [--steps 60] [--jobs pixel,vae,unet,sample-pixel,sample-text]
+    python bench/threads.py [--steps 60] [--jobs 0,1,2,3,4]   # all jobs, or some (the samplers need 0 and 2)
 
 Run it alone on the machine: it makes its own busy neighbour.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,12 +31,13 @@ from pathlib import Path
 from common import GRID_PROMPTS, emit
 
 DIFFLAB = [sys.executable, "-m", "difflab", "-q"]
+ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # "auto" is difflab's own choice
 SPIN = [sys.executable, "-c", "while True: pass"]
 
 
 def training_rate(command: list[str], metrics: Path) -> float:
     """Steps per second between the first and the last row of metrics.csv."""
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True, env=ENV)
     rows = list(csv.DictReader(metrics.open()))
     first, last = rows[0], rows[-1]
     return (int(last["step"]) - int(first["step"])) / (float(last["seconds"]) - float(first["seconds"]))
@@ -43,18 +46,21 @@ def training_rate(command: list[str], metrics: Path) -> float:
 def sampling_rate(model: Path, count: int, steps: int, threads: int, out: Path) -> float:
     """Images per second of `generate` on a model loaded first (a child process: `--sample`)."""
     done = subprocess.run([sys.executable, __file__, "--sample", str(model), "--count", str(count), "--steps",
-                           str(steps), "--threads", str(threads)], check=True, capture_output=True, text=True)
+                           str(steps), *threads_flag(threads)], check=True, capture_output=True, text=True, env=ENV)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def sample_here(model: str, count: int, steps: int, threads: int) -> float:
-    import torch
+def threads_flag(threads: int | None) -> list[str]:
+    return [] if threads is None else ["--threads", str(threads)]
 
+
+def sample_here(model: str, count: int, steps: int, threads: int | None) -> float:
+    from difflab.cpu_threads import set_threads
     from difflab.diffusion.generate import generate
     from difflab.diffusion.request import GenerationRequest
     from difflab.storage.folder import load_model
 
-    torch.set_num_threads(threads)
+    set_threads(threads)  # as the command line does
     loaded = load_model(model)
     text, classes = loaded.prompts is not None, len(loaded.class_names or [])
 
@@ -73,20 +79,20 @@ def jobs(work: Path, steps: int) -> dict:
     pixel, text = work / "pixel", work / "text"
 
     def train_pixel(threads):
-        return training_rate([*DIFFLAB, "train", "--data", "digits", "--conditioning", "class", "--preset", "small",
+        return training_rate([*DIFFLAB, "train", "--data", "digits", "--conditioning", "class", "--model", "small",
                               "--steps", str(steps), "--log-every", "10", "--sample-every", "0", "--eval-every", "0",
-                              "--threads", str(threads), "--out", str(pixel), "--overwrite"], pixel / "metrics.csv")
+                              *threads_flag(threads), "--out", str(pixel), "--overwrite"], pixel / "metrics.csv")
 
     def train_vae(threads):
-        return training_rate([*DIFFLAB, "train", "--data", "shapes", "--conditioning", "text", "--preset", "small",
+        return training_rate([*DIFFLAB, "train", "--data", "shapes", "--conditioning", "text", "--model", "small",
                               "--vae-steps", str(steps), "--steps", "1", "--log-every", "10", "--sample-every", "0",
-                              "--eval-every", "0", "--threads", str(threads), "--out", str(text), "--overwrite"],
+                              "--eval-every", "0", *threads_flag(threads), "--out", str(text), "--overwrite"],
                              text / "vae" / "metrics.csv")
 
     def train_unet(threads):  # a short VAE stage first (not counted)
-        return training_rate([*DIFFLAB, "train", "--data", "shapes", "--conditioning", "text", "--preset", "small",
+        return training_rate([*DIFFLAB, "train", "--data", "shapes", "--conditioning", "text", "--model", "small",
                               "--vae-steps", "10", "--steps", str(steps), "--log-every", "10", "--sample-every",
-                              "0", "--eval-every", "0", "--threads", str(threads), "--out", str(text),
+                              "0", "--eval-every", "0", *threads_flag(threads), "--out", str(text),
                               "--overwrite"], text / "metrics.csv")
 
     return {
@@ -101,6 +107,7 @@ def jobs(work: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
+    parser.add_argument("--jobs", default="0,1,2,3,4", help="which jobs, by number (default all)")
     parser.add_argument("--sample", help=argparse.SUPPRESS)  # a child: sample from this model, print images/s
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -110,15 +117,18 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for name, run in jobs(Path(work), args.steps).items():
+        chosen = [int(j) for j in args.jobs.split(",")]
+        for number, (name, run) in enumerate(jobs(Path(work), args.steps).items()):
+            if number not in chosen:
+                continue
             row = {"job": name}
             for busy in (False, True):
                 spinner = subprocess.Popen(SPIN) if busy else None
                 try:
                     time.sleep(1.0 if busy else 0)
-                    for threads in (1, 2):
-                        row[f"{threads} thread{'s' * (threads > 1)}, {'busy' if busy else 'alone'}"] = \
-                            round(run(threads), 3)
+                    for threads in (1, 2, None):
+                        said = "auto" if threads is None else f"{threads} thread{'s' * (threads > 1)}"
+                        row[f"{said}, {'busy' if busy else 'alone'}"] = round(run(threads), 3)
                 finally:
                     if spinner:
                         spinner.kill()
