@@ -255,7 +255,8 @@ def test_training_estimates_follow_the_flags_and_name_what_fits():
 
     sd15 = ModelShape(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, latent_factor=8)
     full = estimate_training(sd15, height=512, width=512, prior_preservation=True)
-    assert 15e9 < full.total < 22e9  # the issue's arithmetic: about 18 GB, more than a T4's 16
+    # measured on the CPU: 15.7 GB (bench/real_scale_train.py); with a GPU's CUDA context, more than a T4's 16
+    assert 15e9 < full.total < 22e9
     lean = dict(checkpointing=True, optimizer="adamw8bit", precision="fp16")
     assert estimate_training(sd15, height=512, width=512, prior_preservation=True, **lean).total < 15e9
     lora = estimate_training(sd15, height=512, width=512, prior_preservation=True, lora=True, precision="fp16")
@@ -273,10 +274,10 @@ def test_a_training_run_that_will_not_fit_is_refused_with_the_flags_that_fit(mon
     sd15 = ModelShape(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, latent_factor=8)
     monkeypatch.setattr(memory, "free_memory", lambda device: 15e9)  # a T4, less the CUDA context
     flags = dict(height=512, width=512, prior_preservation=True)
-    with pytest.raises(ConfigError, match=r"training on cuda: about 18\.\d GB .* 15\.0 GB is available on cuda: "
+    with pytest.raises(ConfigError, match=r"training on cuda: about 15\.\d GB .* 15\.0 GB is available on cuda: "
                                           r"add --gradient-checkpointing --optimizer adamw8bit, or pass --yes"):
         check_training_memory(sd15, "cuda", yes=False, **flags)
-    assert "about 18" in check_training_memory(sd15, "cuda", yes=True, **flags)
+    assert "about 15.7 GB" in check_training_memory(sd15, "cuda", yes=True, **flags)
     assert "15.0 GB available" in check_training_memory(sd15, "cuda", yes=False, lora=True, **flags)
 
 

@@ -39,10 +39,18 @@ DECODE_TENSORS = 3.76
 # SD 1.5: 1.74 GiB of saved activations for one forward; 0.29 GiB with gradient checkpointing).
 TRAIN_ACTIVATIONS = 1.74 * 2**30
 TRAIN_ACTIVATIONS_CHECKPOINTED = 0.29 * 2**30
+# The backward pass allocates the gradients as it frees the activations it has used: when the gradients
+# are all there, this share of the activations is still held (the down blocks' at full resolution). Measured
+# on SD 1.5 at 512 px, 2 images, fp32 AdamW on the CPU (bench/real_scale_train.py): 14.65 GiB at the
+# second step = weights 3.97 + AdamW state 6.40 + 4.28 GiB, with 3.20 GiB of gradients and 3.48 of activations.
+ACTIVATIONS_HELD_WITH_GRADIENTS = 0.3
 # Optimizer state per trained parameter, bytes: AdamW's two fp32 moments; bitsandbytes' 8-bit AdamW's
 # two 8-bit moments (+ block scales); Adafactor's factored second moment (rows + columns of each matrix).
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.1, "adafactor": 0.1}
 LORA_FRACTION = 0.004  # a rank-4 LoRA on SD 1.5's attention: 3.2 M of 860 M parameters
+# The flags a refusal names must make the run fit with room to spare: the estimates are within 10% of the
+# measured peaks (docs/real-scale.md), so a remedy leaves that much of the free memory unused.
+REMEDY_HEADROOM = 0.9
 
 
 @dataclass(frozen=True)
@@ -161,11 +169,12 @@ def estimate_sampling(shape: ModelShape, *, height: int, width: int, batch: int 
 def estimate_training(shape: ModelShape, *, height: int, width: int, batch: int = 1, lora: bool = False,
                       checkpointing: bool = False, optimizer: str = "adamw", precision: str = "no",
                       train_text_encoder: bool = False, prior_preservation: bool = False) -> Estimate:
-    """Peak memory of one training step of the UNet (and the text encoder when trained), as diffusers'
-    DreamBooth scripts hold it: trained weights in fp32 with their gradients and optimizer state;
-    frozen networks in the half type under fp16/bf16; autocast's half copies of trained weights;
-    activations saved for the backward pass (a fraction with gradient checkpointing). Prior
-    preservation doubles the batch (instance + class images)."""
+    """Peak memory of a training step of the UNet (and the text encoder when trained), as diffusers'
+    DreamBooth scripts hold it, from the second step on (when the optimizer state exists): trained
+    weights in fp32 with their gradients and optimizer state; frozen networks in the half type under
+    fp16/bf16; autocast's half copies of trained weights; activations saved for the backward pass (a
+    fraction with gradient checkpointing), of which a share is freed before the gradients are all
+    there. Prior preservation doubles the batch (instance + class images)."""
     if optimizer not in OPTIMIZER_BYTES:
         raise ConfigError(f"unknown optimizer {optimizer!r}; choose {', '.join(OPTIMIZER_BYTES)}")
     half = precision in HALF
@@ -174,11 +183,14 @@ def estimate_training(shape: ModelShape, *, height: int, width: int, batch: int 
     scale = samples * latent_pixels / 64 ** 2 * shape.unet_channels / 320 * (0.6 if half else 1.0)
     trained = shape.unet * (LORA_FRACTION if lora else 1.0)
     frozen_bytes = weight_bytes(precision)
+    activations = (TRAIN_ACTIVATIONS_CHECKPOINTED if checkpointing else TRAIN_ACTIVATIONS) * scale
+    gradients = trained * 4
     parts = {
         "UNet weights": shape.unet * (frozen_bytes if lora else 4) + (trained * 4 if lora else 0),
-        "gradients": trained * 4,
+        "gradients": gradients,
         "optimizer state": trained * OPTIMIZER_BYTES[optimizer],
-        "activations": (TRAIN_ACTIVATIONS_CHECKPOINTED if checkpointing else TRAIN_ACTIVATIONS) * scale,
+        # what the forward pass saved and the backward pass still holds at the peak (ACTIVATIONS_HELD_...)
+        "activations": max(activations - gradients, ACTIVATIONS_HELD_WITH_GRADIENTS * activations),
     }
     if half and not lora:  # autocast keeps half copies of the fp32 weights it runs (convolutions, linears)
         parts["autocast copies"] = 0.8 * shape.unet * 2
@@ -199,14 +211,16 @@ def training_remedies(shape: ModelShape, free: float, lora_flag: str = "--lora",
     steps = [("--gradient-checkpointing", {"checkpointing": True}),
              ("--optimizer adamw8bit", {"optimizer": "adamw8bit"}),
              ("--precision fp16", {"precision": "fp16"}), (lora_flag, {"lora": True})]
-    return first_fitting(steps, flags, lambda changed: estimate_training(shape, **changed).total <= free)
+    return first_fitting(steps, flags,
+                         lambda changed: estimate_training(shape, **changed).total <= free * REMEDY_HEADROOM)
 
 
 def sampling_remedies(shape: ModelShape, free: float, on_gpu: bool, **flags) -> list[str]:
     """As training_remedies, for sampling: half precision, offload (GPUs only), a smaller batch."""
     steps = [("--precision fp16", {"precision": "fp16"})] + ([("--offload", {"offload": True})] if on_gpu else [])
     steps.append(("--batch-size 1", {"batch": 1}))
-    return first_fitting(steps, flags, lambda changed: estimate_sampling(shape, **changed).total <= free)
+    return first_fitting(steps, flags,
+                         lambda changed: estimate_sampling(shape, **changed).total <= free * REMEDY_HEADROOM)
 
 
 def first_fitting(steps: list[tuple[str, dict]], flags: dict, fits) -> list[str]:
