@@ -38,7 +38,7 @@ SPIN = [sys.executable, "-c", "while True: pass"]
 def training_rate(command: list[str], metrics: Path) -> float:
     """Steps per second between the first and the last row of metrics.csv."""
     subprocess.run(command, check=True, capture_output=True, env=ENV)
-    rows = list(csv.DictReader(metrics.open()))
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("seconds")]  # not the evaluation's rows
     first, last = rows[0], rows[-1]
     return (int(last["step"]) - int(first["step"])) / (float(last["seconds"]) - float(first["seconds"]))
 
