@@ -127,8 +127,36 @@ def test_a_lora_run_given_as_the_model_names_a_command_that_works(files, capsys,
     assert main(["-q", "demo", *shlex.split(suggested)]) == 0
     (picker,) = [c for c in served[0].config["components"] if c["props"].get("elem_id") == "lora"]
     assert [value for _, value in picker["props"]["choices"]] == ["", "lora-run"]
-    assert main(["-q", "demo", *shlex.split(suggested), "--export", str(files["base"].parent / "space")]) == 2
-    assert "--export does not carry LoRAs" in capsys.readouterr().err
+
+
+
+def test_an_exported_space_carries_its_loras_and_embeddings(files, tmp_path, monkeypatch):
+    """`--export` copies each LoRA and embedding in; the Space's app.py offers the same picker and tokens."""
+    import runpy
+
+    import gradio
+    import torch
+    from safetensors.torch import save_file
+
+    from difflab.storage.folder import load_model
+
+    width = load_model(files["base"]).prompts.text_encoder.config.hidden_size
+    embedding = tmp_path / "toy.safetensors"
+    save_file({"<toy>": torch.randn(2, width, generator=torch.Generator().manual_seed(0))}, str(embedding))
+    space = tmp_path / "space"
+    assert main(["-q", "demo", "--model", str(files["base"]), "--lora", str(files["a"]), "--lora", str(files["b"]),
+                 "--embedding", f"{embedding}:<shiny>", "--export", str(space)]) == 0
+    assert {p.name for p in space.iterdir()} >= {"loras", "embeddings", "model", "app.py"}
+    served = []
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda demo, **kwargs: served.append(demo))
+    runpy.run_path(str(space / "app.py"))
+    (picker,) = [c for c in served[0].config["components"] if c["props"].get("elem_id") == "lora"]
+    assert [value for _, value in picker["props"]["choices"]] == ["", "lora-run", "lora-b"]
+    app = (space / "app.py").read_text()
+    assert str(files["a"]) not in app and str(embedding) not in app  # the Space reads its own copies
+    assert (space / "loras" / "lora-run" / "pytorch_lora_weights.safetensors").is_file()
+    shown = " ".join(str(c["props"].get("value", "")) for c in served[0].config["components"])
+    assert "<shiny>" in shown  # the embedding's token, as it was given, listed under the prompt
 
 
 @pytest.mark.parametrize("host, message", [

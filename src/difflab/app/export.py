@@ -8,6 +8,8 @@
     difflab/          difflab's own source, vendored: difflab is not on PyPI, and next to app.py it
                       imports without being installed
     clip/             a local CLIP model, when one was given (a Hub id is fetched by the Space instead)
+    loras/            the LoRAs of --lora, one folder each named as the picker names it (a Hub id: named)
+    embeddings/       the textual inversion files of --embedding, with the tokens they were given
 
 `python app.py` in the folder serves it locally.
 """
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import difflab
 from difflab.app.demo import model_label
+from difflab.app.loras import LoraMenu
 from difflab.app.service import Limits, check_model
 from difflab.errors import ConfigError
 from difflab.layout import PICKLE_SUFFIXES, is_hub_id
+from difflab.models.embeddings import embedding_file, load_embeddings, split_spec
 from difflab.storage.folder import atomic_folder, load_model, resolve_model_folder
 
 PROVIDED_BY_SPACE = {"gradio"}  # the Space installs gradio from README's sdk_version
@@ -36,7 +40,7 @@ from difflab.app import Limits, build_demo
 
 here = Path(__file__).parent
 limits = {limits}
-build_demo({model}, {clip}limits=limits, title={title!r}).launch()
+build_demo({model}, {clip}{extras}limits=limits, title={title!r}).launch()
 '''
 
 README = """---
@@ -74,9 +78,11 @@ side a request; requests queue (at most {limits.max_queue} waiting) and run one 
 
 
 def export_space(model_spec, out: str | Path, *, clip_model: str | None = None, limits: Limits | None = None,
-                 allow_pickle: bool = False) -> Path:
-    """Write the Space folder `out` (a previous export there is replaced) and return it."""
+                 allow_pickle: bool = False, loras=(), embeddings=()) -> Path:
+    """Write the Space folder `out` (a previous export there is replaced) and return it; `loras` and
+    `embeddings` as build_demo takes them, copied in (each checked against the model first)."""
     limits = limits or Limits()
+    menu = LoraMenu(loras, allow_pickle=allow_pickle)  # every LoRA found, before anything is copied
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "app.py").is_file())):
         raise ConfigError(f"{out} exists and is not an exported demo; choose a new folder for --export")
@@ -84,6 +90,9 @@ def export_space(model_spec, out: str | Path, *, clip_model: str | None = None, 
     source = resolve_model_folder(model_spec, allow_pickle)
     model = load_model(source, allow_pickle=allow_pickle)  # a model that cannot be served is refused here
     check_model(model, limits, model_spec)
+    if menu:
+        menu.load(model)  # a LoRA for another base is refused here, not when the Space starts
+    load_embeddings(model, list(embeddings), allow_pickle=allow_pickle)  # each checked against the model
     name = model_label(model_spec)
     title = f"difflab · {name}"
     clip_arg = ""
@@ -109,8 +118,9 @@ def export_space(model_spec, out: str | Path, *, clip_model: str | None = None, 
                 clip_arg = 'clip_model=str(here / "clip"), '
             else:
                 clip_arg = f"clip_model={str(clip_model)!r}, "
-        (partial / "app.py").write_text(APP.format(model=model_arg, clip=clip_arg, limits=limits, title=title),
-                                        encoding="utf-8")
+        extras = copy_loras(menu, partial) + copy_embeddings(embeddings, partial, allow_pickle)
+        (partial / "app.py").write_text(APP.format(model=model_arg, clip=clip_arg, extras=extras, limits=limits,
+                                                   title=title), encoding="utf-8")
         (partial / "requirements.txt").write_text(requirements(), encoding="utf-8")
         from difflab.app.demo import describe
 
@@ -121,6 +131,35 @@ def export_space(model_spec, out: str | Path, *, clip_model: str | None = None, 
             python_version=".".join(platform.python_version_tuple()[:2]),
         ), encoding="utf-8")
     return out
+
+
+def copy_loras(menu, partial: Path) -> str:
+    """Each LoRA file into loras/LABEL/, under its own file name, so that the Space's picker names it as
+    this one does; a Hub LoRA stays named by its id. The app.py argument, or nothing."""
+    specs = []
+    for label, source in menu.sources.items():
+        if source.file is None:
+            specs.append(repr(source.repo_id))
+            continue
+        folder = partial / "loras" / label.replace("/", "_")
+        folder.mkdir(parents=True)
+        shutil.copy2(source.file, folder / Path(source.file).name)
+        specs.append(f'str(here / "loras" / {folder.name!r} / {Path(source.file).name!r})')
+    return f"loras=[{', '.join(specs)}], " if specs else ""
+
+
+def copy_embeddings(embeddings, partial: Path, allow_pickle: bool) -> str:
+    """Each embedding file into embeddings/, with the token it was given. The app.py argument, or nothing."""
+    specs = []
+    for index, spec in enumerate(embeddings):
+        path, token = split_spec(spec)
+        file = embedding_file(path, allow_pickle)
+        folder = partial / "embeddings" / str(index)  # two files of one name stay apart
+        folder.mkdir(parents=True)
+        shutil.copy2(file, folder / file.name)
+        token_part = f" + {':' + token!r}" if token else ""
+        specs.append(f'str(here / "embeddings" / {str(index)!r} / {file.name!r}){token_part}')
+    return f"embeddings=[{', '.join(specs)}], " if specs else ""
 
 
 def installed_version(name: str) -> str | None:

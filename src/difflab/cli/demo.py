@@ -62,18 +62,13 @@ def run(args) -> int:
     limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_image_size=args.max_image_size,
                     max_queue=args.max_queue)
     if args.export:
-        if args.lora:
-            raise ConfigError("--export does not carry LoRAs into the Space yet: export the demo without --lora, or "
-                              "serve it here with --lora")
-        if args.embedding:
-            raise ConfigError("--embedding is not carried into an exported Space yet; serve the demo instead")
         from difflab.app.export import export_space
         from difflab.files import check_output_folder
 
         check_output_folder(args.export, "--export")  # before the model is loaded and copied
 
         out = export_space(args.model, args.export, clip_model=args.clip_model, limits=limits,
-                           allow_pickle=args.allow_pickle)
+                           allow_pickle=args.allow_pickle, loras=args.lora, embeddings=args.embedding or ())
         log.info("wrote a Hugging Face Space to %s: upload the folder, or run it here with "
                  "'cd %s && python app.py'", out, out)
         return 0
