@@ -9,13 +9,11 @@ from PIL import Image
 
 from difflab.cli import main
 from difflab.images import png_settings
-from difflab.metrics import classifier
 from difflab.models.model import DEFAULT_CFG_SCALE
 from difflab.storage.folder import load_model
 
 
-def test_quickstart_trains_samples_and_measures(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(classifier, "MIN_STEPS", 100)
+def test_quickstart_trains_samples_and_measures(capsys, tmp_path):
     out = tmp_path / "quick"
     # 100 steps is a fraction of the 3-minute run, and already draws the digits asked for (84% on this
     # machine; 12% after 10 steps, which is chance) at a distance below the real-data floor (5.4 at n = 50,

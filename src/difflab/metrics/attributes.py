@@ -27,7 +27,7 @@ from torch import nn
 
 from difflab.data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, draw_scenes, parse_caption
 from difflab.errors import DataError
-from difflab.metrics.trained import cache_stem, fit, load_cached, save_cached
+from difflab.metrics.trained import cache_stem, fit, load_cached, save_cached, stored_stem
 
 log = logging.getLogger("difflab")
 
@@ -229,21 +229,21 @@ def train_attributes(image_size: int, train_images: int = TRAIN_IMAGES, test_ima
     return classifier
 
 
-def _reader_stem(image_size: int, settings: dict):
+def reader_stem(image_size: int, settings: dict):
     key = ["attributes", image_size, ARCHITECTURE_VERSION, sorted(settings.items())]
     return cache_stem("shapes", "attributes", key)
 
 
 def attributes_cached(image_size: int) -> bool:
-    """Whether the reader for `image_size` is already trained and cached (an evaluation will not train it)."""
-    stem = _reader_stem(image_size, {})
-    return stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
+    """Whether the reader for `image_size` is already trained, cached or shipped (an evaluation will not
+    train it)."""
+    return stored_stem(reader_stem(image_size, {})) is not None
 
 
 def load_or_train_attributes(image_size: int, **settings) -> AttributeClassifier:
-    """The reader for `image_size`, from the cache (DIFFLAB_CACHE) or trained once (about a minute at
-    32x32 on two CPU cores)."""
-    stem = _reader_stem(image_size, settings)
+    """The reader for `image_size`, from the cache (DIFFLAB_CACHE), shipped with difflab (32 px, the default
+    settings), or trained once (about a minute at 32x32 on two free CPU cores)."""
+    stem = reader_stem(image_size, settings)
     what = "attribute reader"
     cached = load_cached(stem, lambda info: AttributeNet(), what)
     if cached is not None:

@@ -5,6 +5,13 @@ CNNs trained once — AdamW with a one-cycle learning rate — and kept as a saf
 JSON file of what they measured about themselves, next to the data when its folder is writable,
 otherwise in `DIFFLAB_CACHE` (default ~/.cache/difflab). A damaged entry is trained again; an
 unwritable cache only costs the training next time.
+
+The ones the quickstarts need (the built-in digits' yardstick, the 32-px `shapes` reader) also ship with
+difflab, in `readers/` under the same names, so that a fresh machine does not spend minutes training its
+instruments first (2.3 of the 8.8 minutes of `quickstart --text` on a busy core: docs/benchmarks.md).
+A name is a digest of everything the network depends on (architecture version, data, settings), so a
+shipped file whose network has since changed is never found: it is trained and cached as before.
+`python bench/ship_readers.py` writes them again.
 """
 
 from __future__ import annotations
@@ -56,14 +63,26 @@ def cache_stem(data_spec: str, name: str, key: list) -> Path:
     return cache_dir(data_spec) / f"{name}-{digest}"
 
 
+SHIPPED = Path(__file__).parent / "readers"
+
+
+def stored_stem(stem: Path) -> Path | None:
+    """Where the network of `stem` is kept: the cache, else what ships with difflab; None: nowhere."""
+    for candidate in (stem, SHIPPED / stem.name):
+        if candidate.with_suffix(".safetensors").is_file() and candidate.with_suffix(".json").is_file():
+            return candidate
+    return None
+
+
 def load_cached(stem: Path, build: Callable[[dict], nn.Module], what: str) -> tuple[nn.Module, dict] | None:
-    """The cached network (made by `build(meta)`, in eval mode) and its meta data, or None when there is
-    none or it is damaged (then it is trained again)."""
+    """The cached (or shipped) network, made by `build(meta)`, in eval mode, and its meta data; or None
+    when there is none or it is damaged (then it is trained again)."""
     from safetensors.torch import load_file
 
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if not (weights.is_file() and meta.is_file()):
+    stored = stored_stem(stem)
+    if stored is None:
         return None
+    weights, meta = stored.with_suffix(".safetensors"), stored.with_suffix(".json")
     try:
         info = json.loads(meta.read_text(encoding="utf-8"))
         network = build(info)
