@@ -526,3 +526,20 @@ def test_every_generation_mode_runs_on_a_trained_text_model(trained):
     assert not torch.allclose(inpainted, generate(model, GenerationRequest(2, sampler="ddim", steps=4, prompts=prompt,
                                                                            image=other, mask=mask)), atol=1e-3)
     assert guided[:, 2].mean() > plain[:, 2].mean()  # bluer
+
+
+def test_a_quick_preset_model_samples_with_its_gentler_guidance_and_others_with_the_plain_default(tmp_path, trained):
+    from difflab.images import png_settings
+    from difflab.models.text_presets import QUICK_GUIDANCE
+    from difflab.storage.folder import load_model
+
+    config = text_config(steps=1, vae_steps=1)
+    config.model.preset = "quick"
+    quick = train(config, tmp_path / "quick")
+    assert json.loads((quick / "difflab.json").read_text())["guidance"] == QUICK_GUIDANCE
+    model = load_model(quick)
+    assert model.default_cfg_scale == 3.0 and model.default_guidance["cfg_rescale"] == 0.7
+    grid = png_settings(next((tmp_path / "quick" / "samples").glob("step_*.png")))
+    assert grid["cfg_scale"] == 3.0 and grid["cfg_rescale"] == 0.7  # the run's own grid samples with it too
+    plain = load_model(trained / "model")  # the tiny preset: the kind's plain 7.5
+    assert plain.default_guidance == {} and plain.default_cfg_scale == 7.5

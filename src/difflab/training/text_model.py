@@ -123,7 +123,7 @@ def build_text_model(config, data, run_root: Path, accelerator, clock, given: Gi
         torch.manual_seed(config.run.seed)
         unet = UNet2DConditionModel.from_config({**preset.unet_config(side, channels),
                                                  "cross_attention_dim": text_encoder.config.hidden_size})
-    info = ModelInfo(data.image_size, 3, data=data.source, guidance=dict(TRAINED_TEXT_GUIDANCE))
+    info = ModelInfo(data.image_size, 3, data=data.source, guidance=dict(preset.guidance or TRAINED_TEXT_GUIDANCE))
     schedule = noise_scheduler(m.schedule, m.prediction, m.timesteps, latent=not pixel)
     model = DiffusionModel(Denoiser(unet), schedule, info, codec=codec, prompts=PromptEncoder(tokenizer, text_encoder))
     train_text = trained_here if m.train_text_encoder is None else m.train_text_encoder
