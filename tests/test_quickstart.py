@@ -8,6 +8,7 @@ import logging
 from PIL import Image
 
 from difflab.cli import main
+from difflab.config import TrainConfig
 from difflab.images import png_settings
 from difflab.models.model import DEFAULT_CFG_SCALE
 from difflab.storage.folder import load_model
@@ -67,7 +68,6 @@ def test_quickstart_text_trains_draws_its_prompts_and_measures_adherence(capsys,
 
 def text_config(vae_steps: int, steps: int):
     from difflab.cli import quickstart
-    from difflab.config import TrainConfig
 
     config = TrainConfig()
     quickstart.text_settings(config)
@@ -106,6 +106,7 @@ def test_quickstart_text_plan_keeps_the_steps_on_a_fast_machine_or_when_chosen(c
     with caplog.at_level("INFO", logger="difflab"):
         quickstart.plan_text_run(config, 200, chosen=False, log=logging.getLogger("difflab"))
     assert (config.model.preset, config.vae.steps, config.run.steps) == ("small", 1200, 1000)  # the full model
+    assert config.optim.lr == TrainConfig().optim.lr  # at the default learning rate
     assert "should take about 6.3 minutes" in caplog.text and "too slow" not in caplog.text  # 30 + 120 + 200 + 30 s
 
     # the full plan over 8 minutes, the quick model within 12: the quick model's steps, as they are
@@ -118,6 +119,7 @@ def test_quickstart_text_plan_keeps_the_steps_on_a_fast_machine_or_when_chosen(c
         quickstart.plan_text_run(config, 200, chosen=False, log=logging.getLogger("difflab"))
     assert (config.model.preset, config.optim.batch_size) == ("quick", 32) and "too slow" not in caplog.text
     assert (config.vae.steps, config.run.steps) == (quickstart.QUICK_PLAN["vae_steps"], quickstart.QUICK_PLAN["steps"])
+    assert config.optim.lr == quickstart.QUICK_PLAN["lr"] != TrainConfig().optim.lr
     assert "full text quickstart would take about 17.0 minutes" in caplog.text  # 30 + 360 + 600 + 30 s
 
     slow = quickstart.TextSpeed(vae_step=1.0, unet_step=2.0, evaluation=60.0, reader=0.0)

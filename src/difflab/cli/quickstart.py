@@ -22,7 +22,8 @@ TEXT_PROMPTS = (
 # elsewhere the `quick` model (a UNet a quarter the size, a cheaper VAE); where even that takes over
 # TOO_SLOW_MINUTES, fewer of its steps, with a warning. docs/benchmarks.md, "quickstart --text".
 FULL_PLAN = {"preset": "small", "batch_size": 64, "vae_steps": 600, "steps": 800}
-QUICK_PLAN = {"preset": "quick", "batch_size": 32, "vae_steps": 1200, "steps": 1000}
+QUICK_PLAN = {"preset": "quick", "batch_size": 32, "vae_steps": 1200, "steps": 1000,
+              "lr": 2e-3}  # twice the default: 1,000 steps of a small UNet gain from it (docs/benchmarks.md)
 PROMISED_MINUTES = 8
 TOO_SLOW_MINUTES = 12
 LEAST_SHARE = 0.25  # below a quarter of the steps the grid is blobs: then take longer instead
@@ -102,6 +103,7 @@ def text_settings(config) -> None:
 def use_plan(config, plan: dict) -> None:
     config.model.preset, config.optim.batch_size = plan["preset"], plan["batch_size"]
     config.vae.steps, config.run.steps = plan["vae_steps"], plan["steps"]
+    config.optim.lr = plan.get("lr", config.optim.lr)
 
 
 # What a text quickstart's parts cost beyond the stand-ins timed before it starts (docs/benchmarks.md,
