@@ -213,28 +213,27 @@ def training_remedies(shape: ModelShape, free: float, lora_flag: str = "--lora",
     steps = [("--gradient-checkpointing", {"checkpointing": True}),
              ("--optimizer adamw8bit", {"optimizer": "adamw8bit"}),
              ("--precision fp16", {"precision": "fp16"}), (lora_flag, {"lora": True})]
-    return first_fitting(steps, flags,
-                         lambda changed: estimate_training(shape, **changed).total <= free * REMEDY_HEADROOM)
+    return first_fitting(steps, flags, lambda changed: estimate_training(shape, **changed).total, free)
 
 
 def sampling_remedies(shape: ModelShape, free: float, on_gpu: bool, **flags) -> list[str]:
     """As training_remedies, for sampling: half precision, offload (GPUs only), a smaller batch."""
     steps = [("--precision fp16", {"precision": "fp16"})] + ([("--offload", {"offload": True})] if on_gpu else [])
     steps.append(("--batch-size 1", {"batch": 1}))
-    return first_fitting(steps, flags,
-                         lambda changed: estimate_sampling(shape, **changed).total <= free * REMEDY_HEADROOM)
+    return first_fitting(steps, flags, lambda changed: estimate_sampling(shape, **changed).total, free)
 
 
-def first_fitting(steps: list[tuple[str, dict]], flags: dict, fits) -> list[str]:
+def first_fitting(steps: list[tuple[str, dict]], flags: dict, total, free: float) -> list[str]:
     """The flags of `steps` (each a flag and the settings it changes), added one by one to `flags` until
-    `fits(settings)`; empty if even all of them do not make it fit. Steps already in `flags` are skipped."""
+    the estimate `total(settings)` fits in `free` bytes with REMEDY_HEADROOM to spare; empty if even all of
+    them do not make it fit. Steps already in `flags` are skipped."""
     chosen, current = [], dict(flags)
     for flag, change in steps:
         if all(current.get(k) == v for k, v in change.items()):
             continue
         current.update(change)
         chosen.append(flag)
-        if fits(current):
+        if total(current) <= free * REMEDY_HEADROOM:
             return chosen
     return []
 

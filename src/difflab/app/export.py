@@ -141,10 +141,7 @@ def copy_loras(menu, partial: Path) -> str:
         if source.file is None:
             specs.append(repr(source.repo_id))
             continue
-        folder = partial / "loras" / label.replace("/", "_")
-        folder.mkdir(parents=True)
-        shutil.copy2(source.file, folder / Path(source.file).name)
-        specs.append(f'str(here / "loras" / {folder.name!r} / {Path(source.file).name!r})')
+        specs.append(vendor(Path(source.file), partial, "loras", label.replace("/", "_")))
     return f"loras=[{', '.join(specs)}], " if specs else ""
 
 
@@ -153,13 +150,16 @@ def copy_embeddings(embeddings, partial: Path, allow_pickle: bool) -> str:
     specs = []
     for index, spec in enumerate(embeddings):
         path, token = split_spec(spec)
-        file = embedding_file(path, allow_pickle)
-        folder = partial / "embeddings" / str(index)  # two files of one name stay apart
-        folder.mkdir(parents=True)
-        shutil.copy2(file, folder / file.name)
-        token_part = f" + {':' + token!r}" if token else ""
-        specs.append(f'str(here / "embeddings" / {str(index)!r} / {file.name!r}){token_part}')
+        file = vendor(embedding_file(path, allow_pickle), partial, "embeddings", str(index))  # two of one name apart
+        specs.append(file + (f" + {':' + token!r}" if token else ""))
     return f"embeddings=[{', '.join(specs)}], " if specs else ""
+
+
+def vendor(file: Path, partial: Path, kind: str, folder: str) -> str:
+    """`file` copied into KIND/FOLDER/ under its own name; app.py's expression for its path there."""
+    (partial / kind / folder).mkdir(parents=True)
+    shutil.copy2(file, partial / kind / folder / file.name)
+    return f"str(here / {kind!r} / {folder!r} / {file.name!r})"
 
 
 def installed_version(name: str) -> str | None:
