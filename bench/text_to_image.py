@@ -4,7 +4,7 @@ Trains `difflab train --data shapes --conditioning text` (a VAE stage, then the 
 encoder), measures it with `difflab eval` (colour, shape and position adherence on combinations seen
 in training and held out of it, Fréchet distance in the attribute reader's feature space and its
 real-data floor), then the same model against the classifier-free guidance scale and the sampler's
-steps, writes a prompt grid per guidance scale, and trains the same data in pixel space (`--vae none`)
+steps, writes a prompt grid per guidance scale, and trains the same data in pixel space (`--model pixel`)
 for the same wall-clock time as a row for comparison. Each command is a fresh process.
 
     python bench/text_to_image.py --minutes 16.5 -n 500 --workdir runs/bench-t2i   # VAE ~3 min + UNet: 20 min
@@ -74,17 +74,16 @@ CIFAR_CFG_SCALES = (1.5, 3, 7.5)  # the class model's default, between, the text
 
 
 def cifar_rows(args) -> list[dict]:
-    """CIFAR-10 with captions from its labels (a latent text model) against the class-conditional pixel
-    model, for the same minutes in all (the text model's VAE stage counted in them); each at a few CFG
-    scales, with the latent model's VAE ceiling."""
+    """CIFAR-10 with captions from its labels, as a latent text model and as a pixel-space one (`--model
+    pixel`), against the class-conditional pixel model, for the same minutes in all (the latent model's VAE
+    stage takes its share of them); each at a few CFG scales, with the latent model's VAE ceiling."""
     rows = []
     work = Path(args.workdir)
-    vae = args.cifar_vae_minutes
-    text = ["--conditioning", "text", "--caption-template", "a photo of a {label}", "--vae-minutes", str(vae)]
-    for name, minutes, flags in (("text (latent)", args.cifar_minutes - vae, text),
-                                 ("class (pixel)", args.cifar_minutes, ["--conditioning", "class"])):
-        out = work / ("cifar-text" if "text" in name else "cifar-class")
-        difflab("train", "--data", args.cifar, "--split", "all", "--minutes", str(minutes),
+    text = ["--conditioning", "text", "--caption-template", "a photo of a {label}"]
+    for name, flags in (("text (latent)", text), ("text (pixel)", [*text, "--model", "pixel"]),
+                        ("class (pixel)", ["--conditioning", "class"])):
+        out = work / ("cifar-" + name.replace(" (", "-").rstrip(")"))
+        difflab("train", "--data", args.cifar, "--split", "all", "--minutes", str(args.cifar_minutes),
                 "--sample-every", "0", "--checkpoint-every", "0", "--out", str(out), "--overwrite", *flags)
         training = json.loads((out / "model" / "difflab.json").read_text())["training"]
         for scale in CIFAR_CFG_SCALES:
@@ -109,8 +108,6 @@ def main() -> None:
     parser.add_argument("--skip-pixel", action="store_true")
     parser.add_argument("--cifar", help="the CIFAR-10 folder, to add its rows")
     parser.add_argument("--cifar-minutes", type=float, default=30.0, help="each CIFAR-10 model's minutes in all")
-    parser.add_argument("--cifar-vae-minutes", type=float, default=4.0,
-                        help="of those, the text model's VAE stage (the rest is its UNet's)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, measures nothing")
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -131,7 +128,7 @@ def main() -> None:
     result["grids"] = grids(latent, work)
     if not args.skip_pixel:  # the same wall-clock time in pixel space
         pixel = work / "pixel"
-        result["pixel"] = {**train(pixel, result["latent"]["total_minutes"], "--vae", "none", *extra),
+        result["pixel"] = {**train(pixel, result["latent"]["total_minutes"], *extra, "--model", "pixel"),
                            **evaluate(pixel, args.n)}
     if args.cifar:
         result["cifar10"] = cifar_rows(args)

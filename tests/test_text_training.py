@@ -417,6 +417,10 @@ def test_a_pixel_space_text_model_saves_and_loads_with_its_text_encoder(tmp_path
     again = generate(load_model(model_dir), GenerationRequest(2, steps=2, prompts=prompts))
     assert images.shape == (2, 3, 16, 16) and torch.equal(images, again)
     assert not torch.equal(images, generate(model, GenerationRequest(2, steps=2, prompts=["a large blue square"] * 2)))
+    from difflab.cli.train import output_kind
+
+    kind = output_kind(config, model_dir)  # what the command prints it saved: no diffusers pipeline takes it
+    assert "pixel-space" in kind and "StableDiffusionPipeline" not in kind
 
 
 def test_measured_adherence_is_written_into_the_models_card(trained, tmp_path):

@@ -129,7 +129,8 @@ class ModelConfig:
                               flag="--from")
     allow_pickle: bool = option(False, "let --from load weights stored as a pickle (.bin), with "
                                        "torch.load(weights_only=True)", resumable=True)
-    preset: str = option("small", "UNet preset (tiny, small, medium, course) or a diffusers UNet config.json",
+    preset: str = option("small", "UNet preset (tiny, small, medium, course; for text models tiny, small, quick, "
+                                  "pixel, medium) or a diffusers UNet config.json",
                          flag="--model", set_by_base=True)
     schedule: str = option("cosine", "noise schedule", choices=tuple(SCHEDULES), set_by_base=True)
     prediction: str = option("v", "what the network predicts (v is robust at every noise level)",

@@ -69,6 +69,8 @@ def output_kind(config: TrainConfig, model_dir: Path) -> str:
     if config.model.lora_rank:
         return "LoRA: pytorch_lora_weights.safetensors with a model card"
     if (model_dir / "text_encoder").is_dir():
+        if not (model_dir / "vae").is_dir():  # pixel space: no diffusers pipeline takes it
+            return "a pixel-space text-to-image folder for difflab, with a model card"
         return "StableDiffusionPipeline folder with a model card"
     return "diffusers DDPMPipeline folder with a model card"
 

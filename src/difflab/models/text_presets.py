@@ -6,7 +6,8 @@ CPU (the built-in `shapes` at 32×32 become 8×8×4 latents; 8 channels keep col
 but made the whole model no better in the same UNet steps: docs/benchmarks.md), and its text encoder
 has no transformer layers — each word reaches the UNet as itself, not mixed with the words before it,
 which is what lets a colour-shape pair never seen in training be drawn (docs/text-to-image.md);
-`quick` is `small` cut for `difflab quickstart --text` on a slow or busy machine;
+`quick` is `small` cut for `difflab quickstart --text` on a slow or busy machine; `pixel` works on the
+images themselves (no VAE), its caption reaching every ResNet block as a class label does;
 `medium` for GPUs and larger images (a VAE with Stable Diffusion's ×8 factor, a 6-layer text encoder
 for captions whose word order matters).
 """
@@ -22,13 +23,14 @@ from difflab.errors import ModelError
 class TextPreset:
     unet_channels: tuple[int, ...]      # feature channels at each latent resolution, highest first
     unet_cross_attention: tuple[bool, ...]  # cross-attention (and self-attention) at that resolution
-    head_dim: int
+    heads: int | tuple[int, ...]         # attention heads, for every level or per level (below)
     text_width: int                      # the text encoder's hidden size = the UNet's cross_attention_dim
     text_layers: int
     text_heads: int
-    vae_channels: tuple[int, ...]       # the VAE's levels: each but the last halves the image
+    vae_channels: tuple[int, ...] = ()  # the VAE's levels, each but the last halving the image; none: pixel space
     latent_channels: int = 4
     norm_groups: int = 32
+    pooled_text: bool = False  # the caption, attention-pooled, also joins the timestep embedding (every ResNet)
     guidance: dict | None = None  # what a model of this preset records as its default guidance (None: the kind's)
     about: str = ""
 
@@ -38,7 +40,12 @@ class TextPreset:
         return {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
                 "block_out_channels": list(self.unet_channels), "down_block_types": down, "up_block_types": up,
                 "layers_per_block": 1 if self.unet_channels[0] < 128 else 2, "cross_attention_dim": self.text_width,
-                "attention_head_dim": self.head_dim, "norm_num_groups": self.norm_groups}
+                # UNet2DConditionModel reads `attention_head_dim` as the number of heads (a naming slip
+                # diffusers keeps for Stable Diffusion's configs)
+                "attention_head_dim": list(self.heads) if isinstance(self.heads, tuple) else self.heads,
+                "norm_num_groups": self.norm_groups,
+                **({"addition_embed_type": "text", "addition_embed_type_num_heads": self.text_heads}
+                   if self.pooled_text else {})}
 
     def text_config(self, vocab_size: int, max_tokens: int, bos: int, eos: int) -> dict:
         return {"vocab_size": vocab_size, "hidden_size": self.text_width, "intermediate_size": 4 * self.text_width,
@@ -53,9 +60,19 @@ class TextPreset:
                 "norm_num_groups": min(self.vae_channels[0], 32), "sample_size": image_size}
 
     @property
+    def pixel_space(self) -> bool:
+        """A new model of this preset works on the images themselves unless given a --vae."""
+        return not self.vae_channels
+
+    @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae_channels) - 1)
 
+
+# Heads: `small` and `quick` have 32 narrow heads (2–4 channels each). Heads of 32 channels made the `quick` UNet's
+# step 1.24× faster on a CPU but cost the quickstart seen shape 64% → 47% and position 100% → 57% in its
+# 1,000 steps (many heads can each attend to a different word); in pixel space, where attention runs at
+# 8×8 or finer, 32-channel heads are 1.3–2.75× faster (`pixel` has them). docs/benchmarks.md.
 
 # A model trained as briefly as the quickstart's follows its prompts better, closer to the data, with gentler
 # guidance: on `quick`'s 1,000 steps CFG 3 with rescale 0.7 against plain 7.5 took seen colour / shape / position
@@ -74,6 +91,11 @@ TEXT_PRESETS = {
                         about="`quickstart --text` on a slow or busy CPU: `small` with a quarter of its UNet "
                               "(1.0 M parameters, a step about 2.5× as fast) and a VAE of half its width (a step "
                               "2× as fast); it samples with CFG 3 and rescale 0.7 by default"),
+    "pixel": TextPreset((32, 64, 64), (False, False, True), (1, 2, 2), text_width=128, text_layers=0, text_heads=4,
+                        pooled_text=True,
+                        about="pixel space (no VAE) for photographs up to 32 px: the class-conditional `small` "
+                              "UNet with cross-attention at its lowest level and the caption, pooled, beside the "
+                              "timestep (1.5 M parameters)"),
     "medium": TextPreset((128, 256, 512), (True, True, True), 64, text_width=512, text_layers=6, text_heads=8,
                          vae_channels=(64, 128, 256, 256),
                          about="for GPU work on 64-256 px images: latents ×8 smaller, as Stable Diffusion's"),

@@ -16,6 +16,7 @@ from difflab.data import ImageDataset, open_dataset
 from difflab.errors import ConfigError, DataError
 from difflab.models.model import DiffusionModel
 from difflab.models.prompt_syntax import parse_prompt
+from difflab.models.text_presets import TEXT_PRESETS
 from difflab.training import finetune
 from difflab.training.run_folder import RunFolder
 from difflab.training.text_model import PIXEL_SPACE
@@ -41,7 +42,16 @@ def settle_settings(config: TrainConfig, made_data: bool = False
     if config.run.sample_prompts is not None:
         validation_prompts(config.run, None)  # an empty --sample-prompts is refused before any work
     config, data, base = settings_and_data(config, made_data)
-    return resolve_vae_budget(resolve_timestep_shift(config)), data, base
+    return resolve_vae_budget(resolve_timestep_shift(resolve_pixel_space(config))), data, base
+
+
+def resolve_pixel_space(config: TrainConfig) -> TrainConfig:
+    """A new text model of a pixel-space preset (`--model pixel`) given no --vae records --vae none."""
+    m = config.model
+    pixel_preset = m.preset in TEXT_PRESETS and TEXT_PRESETS[m.preset].pixel_space
+    if m.base or m.conditioning != "text" or m.vae or not pixel_preset:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(m, vae=PIXEL_SPACE))
 
 
 def trains_vae_stage(config: TrainConfig) -> bool:
