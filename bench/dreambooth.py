@@ -2,7 +2,8 @@
 
 Four runs of `difflab dreambooth` (full fine-tune and LoRA, each with and without prior preservation) and
 one of `difflab textual-inversion` (only the new token "sks"'s embedding rows learn, from --ti-init-word),
-each a fresh process, measured DreamBooth-paper style with the shapes attribute reader's features:
+each run in this process (its seconds leave out Python's start-up), measured DreamBooth-paper style with
+the shapes attribute reader's features:
 
 - subject fidelity: mean cosine similarity of the reader's features of "a sks shape" samples to those of
   the instance images (and the base model's samples of the same prompt, as the floor);
@@ -25,8 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -70,8 +69,8 @@ def write_instances(folder: Path, count: int, size: int) -> torch.Tensor:
 
 
 def run_dreambooth(base: str, instances: Path, out: Path, lora: bool, prior: bool, a) -> float:
-    """One `difflab dreambooth` run in a fresh process; its wall-clock seconds."""
-    command = [sys.executable, "-m", "difflab", "-q", "dreambooth", "--model", base, "--instance-data", str(instances),
+    """One `difflab dreambooth` run; its wall-clock seconds."""
+    command = ["-q", "dreambooth", "--model", base, "--instance-data", str(instances),
                "--instance-prompt", INSTANCE_PROMPT, "--out", str(out), "--overwrite", "--steps", str(a.steps),
                "--sample-steps", str(a.sample_steps), "--validation-prompt", f"{INSTANCE_PROMPT}|{RECONTEXT_PROMPT}",
                "--sample-every", str(max(1, a.steps // 4)), "--checkpoint-every", "0"]
@@ -81,24 +80,29 @@ def run_dreambooth(base: str, instances: Path, out: Path, lora: bool, prior: boo
         command += ["--prior-preservation", "--class-prompt", CLASS_PROMPT, "--num-class-images", str(a.class_images)]
     if a.lr:
         command += ["--lr", str(a.lr_lora if lora else a.lr)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    started = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
-    return time.perf_counter() - started
+    return timed_run(command)
 
 
 def run_textual_inversion(base: str, instances: Path, out: Path, a) -> float:
-    """One `difflab textual-inversion` run in a fresh process; its wall-clock seconds."""
-    command = [sys.executable, "-m", "difflab", "-q", "textual-inversion", "--model", base, "--data", str(instances),
+    """One `difflab textual-inversion` run; its wall-clock seconds."""
+    command = ["-q", "textual-inversion", "--model", base, "--data", str(instances),
                "--token", TOKEN, "--init-word", a.ti_init_word, "--num-vectors", str(a.ti_vectors), "--out", str(out),
                "--overwrite", "--steps", str(a.ti_steps or a.steps), "--sample-steps", str(a.sample_steps),
                "--validation-prompt", f"{INSTANCE_PROMPT}|{RECONTEXT_PROMPT}",
                "--sample-every", str(max(1, (a.ti_steps or a.steps) // 4)), "--checkpoint-every", "0"]
     if a.ti_lr:
         command += ["--lr", str(a.ti_lr)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return timed_run(command)
+
+
+def timed_run(argv: list[str]) -> float:
+    """One difflab command run in this process (the imports a fresh one repeats took a quarter of a quick
+    run); its wall-clock seconds."""
+    from difflab.cli import main as difflab_main
+
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    if difflab_main(argv) != 0:
+        raise SystemExit(f"difflab {' '.join(argv[:2])} failed")
     return time.perf_counter() - started
 
 

@@ -62,6 +62,7 @@ ZYGOTE = r"""
 import json, os, sys
 import difflab.cli, difflab.training.trainer, diffusers.training_utils, sklearn.datasets  # once, slowly
 import difflab.training.autoencoder, difflab.training.dreambooth, transformers  # text runs, DreamBooth
+import difflab.plots  # matplotlib: the loss curve every run ends with
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -187,6 +188,7 @@ def losses(run: Path) -> list[tuple[str, str]]:
         return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_at_any_moment_resumed_with_nothing_lost(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -268,6 +270,7 @@ def same_run(a: Path, b: Path, tensors) -> None:
     assert losses(a) == losses(b)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_text_run_killed_in_its_vae_stage_resumes_bit_exactly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -301,6 +304,7 @@ DREAMBOOTH_KILLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_dreambooth_run_killed_at_any_moment_resumes_bit_exactly(tmp_path):
     from PIL import Image

@@ -137,6 +137,7 @@ def test_app_turns_bad_input_into_a_page_message(conditional_model):
     assert png_settings(files[1])["seed"] == 10
 
 
+@pytest.mark.slow
 def test_export_is_a_space_that_runs(conditional_model, tmp_path):
     from difflab.cli import main
 

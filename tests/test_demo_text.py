@@ -165,6 +165,7 @@ def test_inpainting_a_pixel_model_keeps_the_unmasked_region_exactly(trained_mode
     assert caption == "seed 3 · ddim, 4 steps · 8×8 · inpainting, strength 1"
 
 
+@pytest.mark.slow
 def test_export_of_a_text_model_is_a_space_that_runs(folders, tmp_path):
     from difflab.cli import main
 

@@ -182,17 +182,22 @@ def error_message(driver, screenshot=None) -> str:
 
 
 def paint_right_half(driver, elem_id: str) -> None:
-    """Vertical brush strokes over the right half of the picture in Gradio's image editor."""
+    """One zigzag brush stroke, down and up columns one pixel apart, over the right half of the picture in
+    Gradio's image editor (the editor takes about half a second to finish each stroke: one per column took 9 s)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     zoom = float(driver.find_element(By.CSS_SELECTOR, f"#{elem_id} .zoom-number span").text.rstrip("%")) / 100
     canvas = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} canvas")[-1]  # the picture is centred in it
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-    for x in np.arange(SIZE / 2 + 1, SIZE, 1.0):  # strokes start and end inside the picture
-        offset = int((x - SIZE / 2) * zoom), int((0.5 - SIZE / 2) * zoom)
-        ActionChains(driver).move_to_element_with_offset(canvas, *offset).click_and_hold()\
-            .move_by_offset(0, int((SIZE - 1) * zoom)).release().perform()
+    columns = [int((x - SIZE / 2) * zoom) for x in np.arange(SIZE / 2 + 1, SIZE, 1.0)]  # inside the picture
+    top, bottom = int((0.5 - SIZE / 2) * zoom), int((SIZE / 2 - 0.5) * zoom)
+    stroke = ActionChains(driver, duration=20).move_to_element_with_offset(canvas, columns[0], top).click_and_hold()
+    for i, x in enumerate(columns):
+        if i:
+            stroke.move_by_offset(x - columns[i - 1], 0)  # along the top or bottom edge to the next column
+        stroke.move_by_offset(0, bottom - top if i % 2 == 0 else top - bottom)
+    stroke.release().perform()
 
 
 @needs_chromium
@@ -271,6 +276,7 @@ def test_bad_requests_show_one_line(served, browser, tmp_path):
     assert all("\n" not in m and "Traceback" not in m for m in messages)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_img2img_strength_and_inpainting(served, browser, text_model, picture, tmp_path):
     """img2img at strength 0.3 stays closer to the input than at 0.9; inpainting a mask painted over the

@@ -135,7 +135,7 @@ def test_class_images_are_generated_once_by_the_one_sampler_and_topped_up(base, 
     assert torch.equal(again[:2], first) and len(again) == 3
     assert [f.stat().st_mtime_ns for f in files] == stamps  # kept, not made again
     expected = generate(model, GenerationRequest(3, sampler=config.run.sample_sampler, steps=2, seed=0,
-                                                 prompts=CLASS_PROMPT))
+                                                 prompts=CLASS_PROMPT, precision=config.optim.precision))
     assert (again.float() - expected.mul(255)).abs().max() <= 1.0  # image i from seed i, as PNG
 
 
@@ -301,6 +301,7 @@ def test_finetune_takes_a_text_to_image_model_on_captioned_data(base, tmp_path):
     assert "loss_instance" not in MetricsLog(out / "metrics.csv").rows[0]  # one loss group: no extra columns
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_on_a_tiny_model(base, tmp_path):
     import subprocess
     import sys

@@ -129,6 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, capsys
     assert [line.split(",")[:3] for line in (run / "metrics.csv").read_text().splitlines()] == strip
 
 
+@pytest.mark.slow
 def test_a_real_sigterm_from_outside_stops_a_run_with_status_143(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}

@@ -67,6 +67,7 @@ def check_ranks(reports: dict[int, dict]) -> None:
     assert any("checkpoints/" in w for w in first["writes"]) and any("model" in w for w in first["writes"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_processes_train_checkpoint_and_resume_alike(tmp_path):
     first = launch(tmp_path / "run", tmp_path / "report")
@@ -111,6 +112,7 @@ def workers(launcher_pid: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
 def test_sigterm_to_one_process_stops_every_process_after_a_checkpoint(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 from PIL import Image
 
 from difflab.cli import main
@@ -14,7 +15,11 @@ from difflab.models.model import DEFAULT_CFG_SCALE
 from difflab.storage.folder import load_model
 
 
-def test_quickstart_trains_samples_and_measures(capsys, tmp_path):
+@pytest.mark.slow
+def test_quickstart_trains_samples_and_measures(capsys, tmp_path, monkeypatch):
+    from difflab.cli import quickstart
+
+    monkeypatch.setattr(quickstart, "DIGITS_GRID", 20)  # two per digit: the grid's 80 took a fifth of the test
     out = tmp_path / "quick"
     # 100 steps is a fraction of the 3-minute run, and already draws the digits asked for (84% on this
     # machine; 12% after 10 steps, which is chance) at a distance below the real-data floor (5.4 at n = 50,

@@ -25,6 +25,7 @@ FULL_PLAN = {"preset": "small", "batch_size": 64, "vae_steps": 600, "steps": 800
 QUICK_PLAN = {"preset": "quick", "batch_size": 32, "vae_steps": 1200, "steps": 1000,
               "lr": 2e-3}  # twice the default: 1,000 steps of a small UNet gain from it (docs/benchmarks.md)
 PROMISED_MINUTES = 8
+DIGITS_GRID = 80  # the digits quickstart's grid: eight images per digit
 TOO_SLOW_MINUTES = 12
 LEAST_SHARE = 0.25  # below a quarter of the steps the grid is blobs: then take longer instead
 
@@ -85,7 +86,7 @@ def run(args) -> int:
     config.run.minutes, config.run.steps = (None, args.steps) if args.steps else (minutes, None)
     config.data.spec = "digits"
     config.model.conditioning = "class"
-    config.run.sample_count = 80  # eight per digit
+    config.run.sample_count = DIGITS_GRID
     config.validate()  # --minutes, before saying what will be done
     budget = f"{args.steps} steps" if args.steps else f"{minutes:.1f} minutes"
     log.info("training a class-conditional diffusion model on the built-in digits for %s", budget)
