@@ -171,4 +171,3 @@ def labelled_folder(tmp_path) -> Path:
             solid(colour).save(root / name / f"{i}.png")
         solid(colour).save(root / name / "deeper" / "x.jpg")
     return root
-

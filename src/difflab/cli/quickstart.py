@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+DIGITS_GRID = 80  # the digits quickstart's grid: eight images per digit
+
 # The prompt grid of --text: seen combinations, then ones held out of training (shapes.HELD_OUT).
 TEXT_PROMPTS = (
     "a large red circle in the centre on a white background",
@@ -25,7 +27,6 @@ FULL_PLAN = {"preset": "small", "batch_size": 64, "vae_steps": 600, "steps": 800
 QUICK_PLAN = {"preset": "quick", "batch_size": 32, "vae_steps": 1200, "steps": 1000,
               "lr": 2e-3}  # twice the default: 1,000 steps of a small UNet gain from it (docs/benchmarks.md)
 PROMISED_MINUTES = 8
-DIGITS_GRID = 80  # the digits quickstart's grid: eight images per digit
 TOO_SLOW_MINUTES = 12
 LEAST_SHARE = 0.25  # below a quarter of the steps the grid is blobs: then take longer instead
 
